@@ -1,0 +1,254 @@
+//! Builds the pipeline from a validated [`Config`], runs it, and owns the shutdown sequence.
+//!
+//! Shutdown (SIGTERM/SIGINT, or "idle" in demo/replay mode): cancel the sources only; the read
+//! channel closes when the last source ends; the ingest task commits its final group and ends;
+//! the spool thread finishes its queue; then the forwarder is stopped (an in-flight request may
+//! finish). Every step is bounded by the grace period, and stragglers are named in the log.
+
+use crate::config::{Config, SpoolConfig};
+use crate::event::EventBody;
+use crate::forward::Forwarder;
+use crate::metrics::Metrics;
+use crate::source::{self, SourceRead};
+use crate::spool::actor::{self, SpoolHandle};
+use crate::spool::{Spool, SpoolError, SpoolOptions};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Capacity of the read channel (sources → ingest). At 5,000 reads/s this is ~1.6 s of reads:
+/// enough to ride out an fsync stall; when full, serial reads are dropped and counted.
+pub const READ_CHANNEL: usize = 8192;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error(transparent)]
+    Forward(#[from] crate::forward::ForwardError),
+    #[error("cannot start the spool thread: {0}")]
+    Thread(std::io::Error),
+    #[error("cannot listen on admin address {addr}: {source}")]
+    Admin { addr: std::net::SocketAddr, source: std::io::Error },
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub grace: Duration,
+    /// Stop by itself once every source has ended and the spool is empty (demo, `replay`).
+    pub exit_when_idle: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { grace: Duration::from_secs(10), exit_when_idle: false }
+    }
+}
+
+/// What a run did, for the demo summary and tests.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    pub backlog_left: u64,
+    pub dead_letters: u64,
+}
+
+/// A running pipeline's handle for status pages and the demo's progress line.
+#[derive(Clone)]
+pub struct Running {
+    pub spool: SpoolHandle,
+    pub metrics: Arc<Metrics>,
+}
+
+fn body_of(read: SourceRead, sources: &[crate::config::SourceConfig]) -> EventBody {
+    let src = &sources[read.source];
+    let r = read.read;
+    EventBody {
+        kind: r.kind,
+        tag: r.tag,
+        source: src.name.clone(),
+        location: src.location.clone(),
+        device: src.device.clone(),
+        scan_type: src.scan_type.clone(),
+        antenna: r.antenna,
+        rssi_cdbm: r.rssi_dbm.map(|d| (d * 100.0).round() as i32),
+        read_count: 1,
+        first_seen_ms: read.wall_ms,
+        last_seen_ms: read.wall_ms,
+        symbology: r.symbology,
+        value: r.value,
+    }
+}
+
+/// Group commit: collect reads for up to `commit_interval` (or `commit_max_events`), then
+/// hand the group to the spool thread without waiting for its fsync, so the next group
+/// fills while the previous one commits.
+async fn ingest(mut rx: mpsc::Receiver<SourceRead>, spool: SpoolHandle, cfg: Config, metrics: Arc<Metrics>) {
+    let sources = cfg.sources.clone();
+    let spool_cfg: SpoolConfig = cfg.spool.clone();
+    let floor = cfg.suppress.min_rssi_dbm;
+    let mut group: Vec<EventBody> = Vec::new();
+    let mut deadline: Option<Instant> = None;
+    let mut waiting: JoinSet<()> = JoinSet::new();
+    let disk_full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    loop {
+        let flush = tokio::select! {
+            r = rx.recv() => match r {
+                Some(read) => {
+                    if let (Some(floor), Some(rssi)) = (floor, read.read.rssi_dbm) {
+                        if (rssi as f64) < floor {
+                            metrics.count_drop("below_rssi_floor", 1);
+                            continue;
+                        }
+                    }
+                    group.push(body_of(read, &sources));
+                    if deadline.is_none() {
+                        deadline = Some(Instant::now() + spool_cfg.commit_interval);
+                    }
+                    group.len() >= spool_cfg.commit_max_events
+                }
+                None => {
+                    if !group.is_empty() {
+                        commit(&spool, std::mem::take(&mut group), &metrics, &disk_full, &mut waiting).await;
+                    }
+                    break;
+                }
+            },
+            _ = async { if let Some(d) = deadline { sleep_until(d).await } else { std::future::pending().await } } => true,
+        };
+        if flush && !group.is_empty() {
+            deadline = None;
+            commit(&spool, std::mem::take(&mut group), &metrics, &disk_full, &mut waiting).await;
+        }
+        while waiting.try_join_next().is_some() {}
+    }
+    while waiting.join_next().await.is_some() {}
+}
+
+async fn commit(spool: &SpoolHandle, group: Vec<EventBody>, metrics: &Arc<Metrics>, disk_full: &Arc<std::sync::atomic::AtomicBool>, waiting: &mut JoinSet<()>) {
+    let n = group.len() as u64;
+    let rx = match spool.append_nowait(group).await {
+        Ok(rx) => rx,
+        Err(e) => {
+            metrics.count_drop("spool_unavailable", n);
+            tracing::error!(error = %e, events = n, "Spool is gone; reads dropped");
+            return;
+        }
+    };
+    let metrics = metrics.clone();
+    let disk_full = disk_full.clone();
+    waiting.spawn(async move {
+        use std::sync::atomic::Ordering;
+        match rx.await {
+            Ok(Ok(_)) => {
+                if disk_full.swap(false, Ordering::Relaxed) {
+                    metrics.spool_disk_full.set(0);
+                    tracing::info!("Spool is accepting events again");
+                }
+            }
+            Ok(Err(SpoolError::Full { max_bytes })) => {
+                if !disk_full.swap(true, Ordering::Relaxed) {
+                    tracing::error!(max_bytes, "Spool full with when_full = \"reject\": new reads are dropped until the upstream drains it");
+                }
+            }
+            Ok(Err(SpoolError::DiskFull)) => {
+                metrics.count_drop("disk_full", n);
+                metrics.spool_disk_full.set(1);
+                if !disk_full.swap(true, Ordering::Relaxed) {
+                    tracing::error!(events = n, "Disk full: reads are dropped until space is freed");
+                }
+            }
+            Ok(Err(e)) => {
+                metrics.count_drop("spool_error", n);
+                tracing::error!(error = %e, events = n, "Spool commit failed; reads dropped");
+            }
+            Err(_) => metrics.count_drop("spool_unavailable", n),
+        }
+    });
+}
+
+/// Run the gateway until `shutdown` is cancelled (or, with `exit_when_idle`, until done).
+/// `on_start` receives a handle once the spool is open and the sources are started.
+pub async fn run(cfg: Config, metrics: Arc<Metrics>, shutdown: CancellationToken, opts: RunOptions, on_start: impl FnOnce(Running)) -> Result<RunSummary, AppError> {
+    let state_dir = cfg.gateway.state_dir.clone();
+    let sopts = SpoolOptions { max_bytes: cfg.spool.max_bytes, when_full: cfg.spool.when_full, sync: cfg.spool.sync };
+    let m = metrics.clone();
+    let (spool, report) = tokio::task::spawn_blocking(move || Spool::open(&state_dir, sopts, m)).await.map_err(|e| AppError::Thread(std::io::Error::other(e)))??;
+    if let Some((aside, reason)) = &report.moved_aside {
+        tracing::error!(moved_to = %aside.display(), reason = %reason, "Spool file was corrupt: moved aside, started a fresh spool. Events in the old file are NOT being sent; inspect it");
+    }
+    tracing::info!(path = %spool.path().display(), backlog = report.backlog, created = report.created, "Spool open");
+    let (handle, spool_thread) = actor::spawn(spool).map_err(AppError::Thread)?;
+
+    let forwarder = Forwarder::new(cfg.upstream.clone(), cfg.gateway.id.clone(), cfg.gateway.site.clone(), handle.clone(), metrics.clone())?;
+    let forward_stop = CancellationToken::new();
+    let forward_task = tokio::spawn(forwarder.run(forward_stop.clone()));
+
+    let admin_task = match cfg.admin.listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| AppError::Admin { addr, source })?;
+            tracing::info!(addr = %addr, "Admin HTTP listening (/health, /metrics, /status)");
+            Some(tokio::spawn(crate::admin::serve(listener, Running { spool: handle.clone(), metrics: metrics.clone() }, cfg.clone())))
+        }
+        None => None,
+    };
+
+    let (tx, rx) = mpsc::channel(READ_CHANNEL);
+    let ingest_task = tokio::spawn(ingest(rx, handle.clone(), cfg.clone(), metrics.clone()));
+    let source_stop = shutdown.child_token();
+    let mut sources = JoinSet::new();
+    for (i, s) in cfg.sources.iter().enumerate() {
+        sources.spawn(source::run(i, s.clone(), tx.clone(), metrics.clone(), source_stop.clone()));
+    }
+    drop(tx);
+    on_start(Running { spool: handle.clone(), metrics: metrics.clone() });
+    crate::service::notify_ready(&format!("running; backlog {}", report.backlog));
+    let watchdog = crate::service::spawn_watchdog(handle.clone());
+
+    // Wait for a reason to stop.
+    let mut committed = handle.committed();
+    loop {
+        if opts.exit_when_idle && sources.is_empty() && ingest_task.is_finished() && metrics.spool_backlog.get() == 0 {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(_) = sources.join_next(), if !sources.is_empty() => {}
+            _ = committed.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(100)), if opts.exit_when_idle => {}
+        }
+    }
+
+    crate::service::notify_stopping();
+    tracing::info!(grace = ?opts.grace, "Stopping: sources first, then the spool flushes, then the forwarder");
+    let deadline = Instant::now() + opts.grace;
+    source_stop.cancel();
+    let sources_done = tokio::time::timeout_at(deadline, async { while sources.join_next().await.is_some() {} }).await;
+    if sources_done.is_err() {
+        tracing::warn!(left = sources.len(), "Sources did not stop within the grace period; aborting them");
+        sources.abort_all();
+    }
+    if tokio::time::timeout_at(deadline, ingest_task).await.is_err() {
+        tracing::warn!("The ingest stage did not flush within the grace period");
+    }
+    forward_stop.cancel();
+    if tokio::time::timeout_at(deadline, forward_task).await.is_err() {
+        tracing::warn!("The forwarder did not stop within the grace period (a request was in flight); it was abandoned, its events stay in the spool");
+    }
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    let stats = handle.stats().await.ok();
+    if let Some(a) = admin_task {
+        a.abort();
+        let _ = a.await;
+    }
+    drop(handle);
+    drop(committed);
+    let _ = tokio::task::spawn_blocking(move || spool_thread.join()).await;
+    let summary = RunSummary { backlog_left: stats.as_ref().map(|s| s.backlog).unwrap_or(0), dead_letters: stats.as_ref().map(|s| s.dead_letters).unwrap_or(0) };
+    tracing::info!(backlog = summary.backlog_left, dead_letters = summary.dead_letters, "Stopped");
+    Ok(summary)
+}

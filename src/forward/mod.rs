@@ -1,0 +1,444 @@
+//! The forwarder: committed events → batches → HTTP POST → outcome → ack / dead letter / retry.
+//!
+//! Owns: batching (count, bytes, age), the wire profile, compression, headers, the response
+//! policy and backoff. Does not own: durability (events stay in the spool until an outcome
+//! removes them, so a crash at any point only causes a resend with the same event ids).
+//!
+//! Order: `fifo` sends strictly in commit order. `live-first` keeps two cursors: events
+//! committed after the forwarder (re)gained the upstream are *live* and go first; older ones are
+//! *backlog* and go at `backlog_max_eps` at most.
+
+pub mod outcome;
+pub mod profile;
+
+use crate::config::{Compression, Order, UpstreamConfig};
+use crate::event::{Loc, SpooledEvent};
+use crate::metrics::Metrics;
+use crate::spool::actor::SpoolHandle;
+use backon::BackoffBuilder;
+use outcome::Outcome;
+use profile::{batch_key, batch_type, Encoder};
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::time::{sleep, Instant};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("cannot read CA file {path}: {source}")]
+    CaFile { path: std::path::PathBuf, source: std::io::Error },
+    #[error("CA file {path} is not a PEM certificate: {source}")]
+    CaPem { path: std::path::PathBuf, source: reqwest::Error },
+    #[error("cannot build the HTTP client: {0}")]
+    Client(reqwest::Error),
+}
+
+pub fn compress(body: &[u8], c: Compression) -> Vec<u8> {
+    match c {
+        Compression::None => body.to_vec(),
+        Compression::Gzip(level) => {
+            let mut e = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4), flate2::Compression::new(level));
+            // Writing into a Vec cannot fail.
+            let _ = e.write_all(body);
+            e.finish().unwrap_or_default()
+        }
+        Compression::Zstd(level) => zstd::bulk::compress(body, level).unwrap_or_default(),
+    }
+}
+
+pub struct Forwarder {
+    cfg: UpstreamConfig,
+    client: reqwest::Client,
+    encoder: Encoder,
+    spool: SpoolHandle,
+    metrics: Arc<Metrics>,
+    token: Option<String>,
+    /// Largest batch size known to pass after a 413 (None until a 413 is seen).
+    max_ok: Option<usize>,
+    down_since: Option<Instant>,
+    last_error: Option<String>,
+    /// live-first: chunks with id ≥ this are live.
+    live_floor: i64,
+    backoff: backon::ExponentialBackoff,
+}
+
+fn read_token(path: &std::path::Path) -> Option<String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Some(t.trim().to_string()),
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "Cannot read the upstream token file; sending without a token");
+            None
+        }
+    }
+}
+
+enum Wait {
+    Shutdown,
+    Done,
+}
+
+impl Forwarder {
+    pub fn new(cfg: UpstreamConfig, gateway_id: String, site: String, spool: SpoolHandle, metrics: Arc<Metrics>) -> Result<Self, ForwardError> {
+        let mut b = reqwest::Client::builder()
+            .timeout(cfg.timeout)
+            .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
+            .user_agent(concat!("scangate/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(Duration::from_secs(30));
+        if let Some(ca) = &cfg.ca_file {
+            let pem = std::fs::read(ca).map_err(|source| ForwardError::CaFile { path: ca.clone(), source })?;
+            let cert = reqwest::Certificate::from_pem(&pem).map_err(|source| ForwardError::CaPem { path: ca.clone(), source })?;
+            b = b.add_root_certificate(cert);
+        }
+        let client = b.build().map_err(ForwardError::Client)?;
+        let token = cfg.token_file.as_deref().and_then(read_token);
+        let encoder = Encoder { profile: cfg.profile, gateway_id, site, event_type: cfg.event_type.clone(), fields: cfg.fields.clone() };
+        let backoff = Self::new_backoff(&cfg);
+        Ok(Forwarder { cfg, client, encoder, spool, metrics, token, max_ok: None, down_since: None, last_error: None, live_floor: 0, backoff })
+    }
+
+    fn new_backoff(cfg: &UpstreamConfig) -> backon::ExponentialBackoff {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(cfg.retry_min)
+            .with_max_delay(cfg.retry_max)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    async fn pause(&self, d: Duration, shutdown: &CancellationToken) -> Wait {
+        tokio::select! {
+            _ = sleep(d) => Wait::Done,
+            _ = shutdown.cancelled() => Wait::Shutdown,
+        }
+    }
+
+    /// Run until `shutdown` is cancelled. An in-flight request is allowed to finish (bounded by
+    /// `timeout_ms`); everything not yet acknowledged stays in the spool.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut committed = self.spool.committed();
+        let mut cursor: Option<Loc> = None;
+        let mut backlog_cursor: Option<Loc> = None;
+        let mut tokens: f64 = 0.0;
+        let mut last_refill = Instant::now();
+        if self.cfg.order == Order::LiveFirst {
+            self.live_floor = self.spool.head_chunk().await.unwrap_or(0) + 1;
+        }
+        let mut partial_since: Option<Instant> = None;
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let max = self.cfg.batch_max_events;
+            let floor = if self.cfg.order == Order::LiveFirst { self.live_floor } else { 0 };
+            let batch = match self.spool.read_after(cursor, floor, max).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, "Cannot read from the spool");
+                    if let Wait::Shutdown = self.pause(Duration::from_secs(1), &shutdown).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let aged = partial_since.is_some_and(|t| t.elapsed() >= self.cfg.batch_max_delay);
+            if !batch.is_empty() && (batch.len() >= max || aged || self.cfg.batch_max_delay.is_zero()) {
+                partial_since = None;
+                let last = batch.last().map(|e| e.loc);
+                if self.deliver(batch, &shutdown).await.is_err() {
+                    return;
+                }
+                cursor = last;
+                continue;
+            }
+            // live-first: spend the backlog budget while live traffic is not ready to go.
+            if self.cfg.order == Order::LiveFirst {
+                let now = Instant::now();
+                let rate = self.cfg.backlog_max_eps as f64;
+                tokens = (tokens + now.duration_since(last_refill).as_secs_f64() * rate).min(rate.max(max as f64));
+                last_refill = now;
+                if tokens >= 1.0 {
+                    let want = (tokens as usize).min(max);
+                    match self.spool.read_after(backlog_cursor, 0, want).await {
+                        Ok(b) => {
+                            let b: Vec<SpooledEvent> = b.into_iter().filter(|e| e.loc.chunk < self.live_floor).collect();
+                            if !b.is_empty() {
+                                tokens -= b.len() as f64;
+                                let last = b.last().map(|e| e.loc);
+                                if self.deliver(b, &shutdown).await.is_err() {
+                                    return;
+                                }
+                                backlog_cursor = last;
+                                continue;
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, "Cannot read backlog from the spool"),
+                    }
+                }
+            }
+            // Wait for more events, the batch age, or (live-first) the next backlog tokens.
+            let mut wait = Duration::from_secs(3600);
+            if !batch.is_empty() {
+                let since = *partial_since.get_or_insert_with(Instant::now);
+                wait = self.cfg.batch_max_delay.saturating_sub(since.elapsed());
+            }
+            if self.cfg.order == Order::LiveFirst {
+                wait = wait.min(Duration::from_millis(100));
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = committed.changed() => { if r.is_err() && batch.is_empty() { return; } }
+                _ = sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Deliver one batch to an outcome for every event (delivered or dead-lettered). Err only on
+    /// shutdown: the remaining events stay in the spool.
+    async fn deliver(&mut self, batch: Vec<SpooledEvent>, shutdown: &CancellationToken) -> Result<(), ()> {
+        // Split by event type (one type per batch in the bag-events contract), keeping order.
+        let mut groups: Vec<Vec<SpooledEvent>> = Vec::new();
+        for e in batch {
+            match groups.last_mut() {
+                Some(g) if batch_type(&g[0]) == batch_type(&e) => g.push(e),
+                _ => groups.push(vec![e]),
+            }
+        }
+        let mut stack: Vec<(Vec<SpooledEvent>, bool)> = groups.into_iter().rev().map(|g| (g, false)).collect();
+        while let Some((b, from_413)) = stack.pop() {
+            if let Some(cap) = self.max_ok {
+                if b.len() > cap {
+                    let parts: Vec<Vec<SpooledEvent>> = b.chunks(cap).map(|c| c.to_vec()).collect();
+                    stack.extend(parts.into_iter().rev().map(|p| (p, from_413)));
+                    continue;
+                }
+            }
+            let key = batch_key(&b);
+            let json = self.encoder.encode(&b, key);
+            if json.len() > self.cfg.batch_max_bytes && b.len() > 1 {
+                push_halves(&mut stack, b, from_413);
+                continue;
+            }
+            let body = bytes::Bytes::from(compress(&json, self.cfg.compression));
+            loop {
+                let outcome = self.send(body.clone(), key).await;
+                match outcome {
+                    Outcome::Delivered => {
+                        self.on_success(b.len(), from_413).await;
+                        self.ack(&b).await;
+                        break;
+                    }
+                    Outcome::Partial { rejected } => {
+                        self.on_success(b.len(), from_413).await;
+                        let (dead, ok): (Vec<SpooledEvent>, Vec<SpooledEvent>) =
+                            b.into_iter().partition(|e| rejected.iter().any(|(id, _)| *id == e.event_id.to_string()));
+                        if rejected.is_empty() {
+                            tracing::warn!("Upstream answered 207 without listing rejected events; treating the batch as delivered");
+                        }
+                        let items = dead
+                            .into_iter()
+                            .map(|e| {
+                                let reason = rejected.iter().find(|(id, _)| *id == e.event_id.to_string()).map(|(_, r)| r.clone()).unwrap_or_default();
+                                (e, Some(207u16), reason)
+                            })
+                            .collect::<Vec<_>>();
+                        self.dead_letter(items).await;
+                        self.ack(&ok).await;
+                        break;
+                    }
+                    Outcome::TooLarge => {
+                        self.metrics.response(413);
+                        if b.len() == 1 {
+                            tracing::error!(event_id = %b[0].event_id, "Upstream refuses a single event as too large (413); moved to dead letters");
+                            let items = b.into_iter().map(|e| (e, Some(413), "HTTP 413: event too large even alone".to_string())).collect();
+                            self.dead_letter(items).await;
+                        } else {
+                            let half = b.len().div_ceil(2);
+                            self.max_ok = Some(self.max_ok.map_or(half, |m| m.min(half)));
+                            tracing::warn!(size = b.len(), next = half, "Upstream says the batch is too large (413); splitting");
+                            push_halves(&mut stack, b, true);
+                        }
+                        break;
+                    }
+                    Outcome::Rejected { status, reason } => {
+                        self.metrics.response(status);
+                        if b.len() == 1 {
+                            tracing::warn!(event_id = %b[0].event_id, status, reason = %reason, "Upstream rejects an event; moved to dead letters");
+                            let items = b.into_iter().map(|e| (e, Some(status), reason.clone())).collect();
+                            self.dead_letter(items).await;
+                        } else {
+                            tracing::warn!(size = b.len(), status, reason = %reason, "Upstream rejects the batch; bisecting to find the refused events");
+                            push_halves(&mut stack, b, from_413);
+                        }
+                        break;
+                    }
+                    Outcome::Unauthorized { status, reason } | Outcome::Misconfigured { status, reason } => {
+                        self.metrics.response(status);
+                        if matches!(status, 401 | 403) {
+                            self.metrics.upstream_auth_failures.inc();
+                        }
+                        let msg = if matches!(status, 401 | 403) {
+                            format!("{reason} — check token_file; nothing is deleted, retrying every {:?}", self.cfg.auth_retry)
+                        } else {
+                            format!("{reason} — check upstream url/path/profile; nothing is deleted, retrying every {:?}", self.cfg.auth_retry)
+                        };
+                        self.on_failure(&msg, true).await;
+                        if let Wait::Shutdown = self.pause(self.cfg.auth_retry, shutdown).await {
+                            return Err(());
+                        }
+                        if let Some(p) = &self.cfg.token_file {
+                            self.token = read_token(p);
+                        }
+                    }
+                    Outcome::Throttled { status, retry_after } => {
+                        self.metrics.response(status);
+                        let wait = match retry_after {
+                            Some(d) => d.min(self.cfg.retry_after_max),
+                            None => self.backoff.next().unwrap_or(self.cfg.retry_max),
+                        };
+                        self.on_failure(&format!("HTTP {status}, retrying in {wait:?}"), false).await;
+                        if let Wait::Shutdown = self.pause(wait, shutdown).await {
+                            return Err(());
+                        }
+                    }
+                    Outcome::Retry { status, reason } => {
+                        if let Some(s) = status {
+                            self.metrics.response(s);
+                        }
+                        let wait = self.backoff.next().unwrap_or(self.cfg.retry_max);
+                        self.on_failure(&reason, false).await;
+                        if let Wait::Shutdown = self.pause(wait, shutdown).await {
+                            return Err(());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn send(&self, body: bytes::Bytes, key: uuid::Uuid) -> Outcome {
+        let mut req = self
+            .client
+            .post(&self.cfg.endpoint)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("Idempotency-Key", key.to_string())
+            .header("X-Gateway-Id", &self.encoder.gateway_id);
+        if let Some(enc) = self.cfg.compression.content_encoding() {
+            req = req.header(reqwest::header::CONTENT_ENCODING, enc);
+        }
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let len = body.len() as u64;
+        match req.body(body).send().await {
+            Err(e) => {
+                let what = if e.is_timeout() {
+                    "timeout"
+                } else if e.is_connect() {
+                    "connection failed"
+                } else {
+                    "request failed"
+                };
+                Outcome::Retry { status: None, reason: format!("{what}: {}", error_chain(&e)) }
+            }
+            Ok(resp) => {
+                self.metrics.upstream_bytes_sent.add(len);
+                let status = resp.status().as_u16();
+                let retry_after = resp.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_string);
+                let mut body = Vec::new();
+                let mut resp = resp;
+                // Read at most 1 MiB of the answer: enough for any per-event report.
+                loop {
+                    match resp.chunk().await {
+                        Ok(Some(c)) if body.len() < (1 << 20) => body.extend_from_slice(&c),
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(e) if (200..300).contains(&status) && status != 207 => {
+                            tracing::debug!(error = %e, "Upstream answer body cut short after a 2xx status");
+                            break;
+                        }
+                        Err(e) => return Outcome::Retry { status: Some(status), reason: format!("answer cut short: {}", error_chain(&e)) },
+                    }
+                }
+                outcome::classify(status, retry_after.as_deref(), &body, SystemTime::now())
+            }
+        }
+    }
+
+    async fn on_success(&mut self, n: usize, from_413: bool) {
+        self.metrics.batches_ok.inc();
+        self.metrics.response(200);
+        if from_413 {
+            // Remember the size that worked.
+            self.max_ok = Some(self.max_ok.map_or(n, |m| m.max(n)));
+        }
+        self.backoff = Self::new_backoff(&self.cfg);
+        if let Some(since) = self.down_since.take() {
+            self.metrics.upstream_down.set(0);
+            tracing::info!(down_for = ?since.elapsed(), "Upstream is accepting events again; delivering the backlog");
+            self.last_error = None;
+            self.spool.set_upstream_error(None).await;
+            if self.cfg.order == Order::LiveFirst {
+                self.live_floor = self.spool.head_chunk().await.unwrap_or(0) + 1;
+            }
+        }
+    }
+
+    async fn on_failure(&mut self, reason: &str, loud: bool) {
+        self.metrics.batches_failed.inc();
+        self.metrics.upstream_down.set(1);
+        if self.down_since.is_none() {
+            self.down_since = Some(Instant::now());
+        }
+        if self.last_error.as_deref() != Some(reason) {
+            if loud {
+                tracing::error!(url = %self.cfg.endpoint, reason = %reason, "Upstream refuses our requests");
+            } else {
+                tracing::warn!(url = %self.cfg.endpoint, reason = %reason, "Upstream unavailable; events stay in the spool");
+            }
+            self.last_error = Some(reason.to_string());
+            self.spool.set_upstream_error(Some(reason.to_string())).await;
+        }
+    }
+
+    async fn ack(&self, events: &[SpooledEvent]) {
+        if events.is_empty() {
+            return;
+        }
+        let locs: Vec<Loc> = events.iter().map(|e| e.loc).collect();
+        match self.spool.ack(locs).await {
+            Ok(()) => self.metrics.delivered.add(events.len() as u64),
+            // The events were delivered but stay in the spool: they will be resent with the
+            // same ids (a duplicate the upstream de-duplicates), never lost.
+            Err(e) => tracing::error!(error = %e, "Cannot record delivery in the spool; events will be resent"),
+        }
+    }
+
+    async fn dead_letter(&self, items: Vec<(SpooledEvent, Option<u16>, String)>) {
+        if items.is_empty() {
+            return;
+        }
+        if let Err(e) = self.spool.dead_letter(items).await {
+            tracing::error!(error = %e, "Cannot move events to dead letters; they will be retried");
+        }
+    }
+}
+
+fn push_halves(stack: &mut Vec<(Vec<SpooledEvent>, bool)>, mut b: Vec<SpooledEvent>, from_413: bool) {
+    let second = b.split_off(b.len().div_ceil(2));
+    stack.push((second, from_413));
+    stack.push((b, from_413));
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,349 @@
+//! Wire profiles: events → request body JSON, exactly as the upstream contracts define them,
+//! then `[upstream.fields]` renames (top-level event keys) and constants.
+//!
+//! JSON is written directly (no intermediate `serde_json::Value`): encoding is on the hot path
+//! of every event, and this costs a fraction of a microsecond per event.
+
+use crate::config::{FieldMapping, Profile};
+use crate::event::{rfc3339_ms, ReadKind, SpooledEvent};
+use uuid::Uuid;
+
+/// Which `event_type` a batch carries (the bag-events contract allows one per batch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchType {
+    Scan,
+    Sensor,
+}
+
+pub fn batch_type(e: &SpooledEvent) -> BatchType {
+    if e.body.kind == ReadKind::Sensor {
+        BatchType::Sensor
+    } else {
+        BatchType::Scan
+    }
+}
+
+/// Stable key of a batch: UUIDv5 over its event ids. The same events give the same key on
+/// every retry; it is sent as `Idempotency-Key` and as the collect profile's `batch_id`.
+pub fn batch_key(events: &[SpooledEvent]) -> Uuid {
+    const NS: Uuid = Uuid::from_u128(0x6a1c_3f0e_5b7d_4c2a_9e11_0d5c_a7f3_2b60);
+    let mut bytes = Vec::with_capacity(events.len() * 16);
+    for e in events {
+        bytes.extend_from_slice(e.event_id.as_bytes());
+    }
+    Uuid::new_v5(&NS, &bytes)
+}
+
+pub struct Encoder {
+    pub profile: Profile,
+    pub gateway_id: String,
+    pub site: String,
+    pub event_type: String,
+    pub fields: FieldMapping,
+}
+
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: Option<&[u8]> = match b {
+            b'"' => Some(b"\\\""),
+            b'\\' => Some(b"\\\\"),
+            b'\n' => Some(b"\\n"),
+            b'\r' => Some(b"\\r"),
+            b'\t' => Some(b"\\t"),
+            0..=0x1F => None,
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        match esc {
+            Some(e) => out.extend_from_slice(e),
+            None => out.extend_from_slice(format!("\\u{:04x}", b).as_bytes()),
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+/// Writes one JSON object, applying renames to its keys.
+struct Obj<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
+    rename: &'a [(String, String)],
+}
+
+impl<'a> Obj<'a> {
+    fn open(out: &'a mut Vec<u8>, rename: &'a [(String, String)]) -> Self {
+        out.push(b'{');
+        Obj { out, first: true, rename }
+    }
+    fn key(&mut self, k: &str) {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        let k = self.rename.iter().find(|(from, _)| from == k).map(|(_, to)| to.as_str()).unwrap_or(k);
+        push_json_str(self.out, k);
+        self.out.push(b':');
+    }
+    fn str(&mut self, k: &str, v: &str) {
+        self.key(k);
+        push_json_str(self.out, v);
+    }
+    fn opt_str(&mut self, k: &str, v: Option<&str>) {
+        if let Some(v) = v {
+            self.str(k, v);
+        }
+    }
+    fn int(&mut self, k: &str, v: i64) {
+        self.key(k);
+        let mut b = itoa_buf(v);
+        self.out.append(&mut b);
+    }
+    fn raw(&mut self, k: &str, v: &str) {
+        self.key(k);
+        self.out.extend_from_slice(v.as_bytes());
+    }
+    fn close(self) {
+        self.out.push(b'}');
+    }
+}
+
+fn itoa_buf(v: i64) -> Vec<u8> {
+    v.to_string().into_bytes()
+}
+
+fn fmt_f64(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v}")
+    } else {
+        "null".into()
+    }
+}
+
+const NO_RENAME: &[(String, String)] = &[];
+
+impl Encoder {
+    /// The request body for `events` (all of one [`BatchType`]).
+    pub fn encode(&self, events: &[SpooledEvent], key: Uuid) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + events.len() * 360);
+        match self.profile {
+            Profile::BagEvents => {
+                let kind = events.first().map(batch_type).unwrap_or(BatchType::Scan);
+                out.extend_from_slice(b"{\"events\":[");
+                for (i, e) in events.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    self.bag_event(&mut out, e);
+                }
+                out.extend_from_slice(b"],\"source_system\":");
+                push_json_str(&mut out, &self.gateway_id);
+                out.extend_from_slice(b",\"event_type\":");
+                push_json_str(&mut out, if kind == BatchType::Sensor { "sensor" } else { "scan" });
+                out.push(b'}');
+            }
+            Profile::Collect => {
+                out.extend_from_slice(b"{\"batch_id\":");
+                push_json_str(&mut out, &key.to_string());
+                out.extend_from_slice(b",\"events\":[");
+                for (i, e) in events.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    self.collect_event(&mut out, e);
+                }
+                out.extend_from_slice(b"],\"metadata\":");
+                let mut m = Obj::open(&mut out, NO_RENAME);
+                m.str("source", "scangate");
+                m.str("version", env!("CARGO_PKG_VERSION"));
+                m.str("gateway_id", &self.gateway_id);
+                m.close();
+                out.push(b'}');
+            }
+        }
+        out
+    }
+
+    fn constants(&self, o: &mut Obj<'_>) {
+        for (k, v) in &self.fields.constant {
+            o.str(k, v);
+        }
+    }
+
+    fn bag_event(&self, out: &mut Vec<u8>, e: &SpooledEvent) {
+        let b = &e.body;
+        let mut o = Obj::open(out, &self.fields.rename);
+        o.str("event_id", &e.event_id.to_string());
+        o.str("timestamp", &rfc3339_ms(b.first_seen_ms));
+        if b.kind == ReadKind::Sensor {
+            o.str("sensor_id", &b.tag);
+            o.str("location", &b.location);
+            o.str("device_id", &b.device);
+            o.raw("value", &b.value.map(fmt_f64).unwrap_or_else(|| "null".into()));
+        } else {
+            o.str("bag_id", &b.tag);
+            o.str("location", &b.location);
+            o.str("device_id", &b.device);
+            o.str("scan_type", b.scan_type.as_deref().unwrap_or(b.kind.default_scan_type()));
+            // The contract's signal_strength is an integer: peak RSSI in dBm, rounded.
+            match b.rssi_cdbm {
+                Some(c) => o.int("signal_strength", ((c as f64) / 100.0).round() as i64),
+                None => o.raw("signal_strength", "null"),
+            }
+            o.int("read_count", b.read_count as i64);
+            match b.antenna {
+                Some(a) => o.int("antenna", a as i64),
+                None => o.raw("antenna", "null"),
+            }
+            o.str("tag_kind", b.kind.as_str());
+            o.opt_str("symbology", b.symbology.as_deref());
+        }
+        o.str("first_seen", &rfc3339_ms(b.first_seen_ms));
+        o.str("last_seen", &rfc3339_ms(b.last_seen_ms));
+        o.str("gateway_id", &self.gateway_id);
+        o.int("seq", e.seq as i64);
+        if b.clock_unsynced() {
+            o.raw("clock_unsynced", "true");
+        }
+        self.constants(&mut o);
+        o.close();
+    }
+
+    fn collect_event(&self, out: &mut Vec<u8>, e: &SpooledEvent) {
+        let b = &e.body;
+        let mut o = Obj::open(out, &self.fields.rename);
+        o.str("event_id", &e.event_id.to_string());
+        o.str("learner_id", &b.tag);
+        o.str("tenant_id", &self.site);
+        o.str("event_type", &self.event_type);
+        o.str("timestamp", &rfc3339_ms(b.first_seen_ms));
+        o.str("source_service", &self.gateway_id);
+        o.key("event_data");
+        {
+            let mut d = Obj::open(o.out, NO_RENAME);
+            d.str("tag_kind", b.kind.as_str());
+            d.str("location", &b.location);
+            d.str("device_id", &b.device);
+            d.str("source", &b.source);
+            d.str("scan_type", b.scan_type.as_deref().unwrap_or(b.kind.default_scan_type()));
+            if let Some(a) = b.antenna {
+                d.int("antenna", a as i64);
+            }
+            if let Some(r) = b.rssi_dbm() {
+                d.raw("rssi_dbm", &fmt_f64(r));
+            }
+            d.int("read_count", b.read_count as i64);
+            d.str("first_seen", &rfc3339_ms(b.first_seen_ms));
+            d.str("last_seen", &rfc3339_ms(b.last_seen_ms));
+            d.opt_str("symbology", b.symbology.as_deref());
+            if let Some(v) = b.value {
+                d.raw("value", &fmt_f64(v));
+            }
+            d.close();
+        }
+        o.key("metadata");
+        {
+            let mut m = Obj::open(o.out, NO_RENAME);
+            m.str("gateway_id", &self.gateway_id);
+            m.int("seq", e.seq as i64);
+            m.str("boot_id", &e.boot_id.to_string());
+            if b.clock_unsynced() {
+                m.raw("clock_unsynced", "true");
+            }
+            m.close();
+        }
+        self.constants(&mut o);
+        o.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{event_id, EventBody, Loc};
+
+    pub fn sample(seq: u64, kind: ReadKind) -> SpooledEvent {
+        SpooledEvent {
+            loc: Loc { chunk: 1, idx: seq as u32 },
+            seq,
+            committed_ms: 1_763_289_000_000,
+            event_id: event_id(9, seq, 1_763_289_000_000),
+            boot_id: Uuid::nil(),
+            body: EventBody {
+                kind,
+                tag: "0125728359".into(),
+                source: "belt".into(),
+                location: "PTY_SORT_\"3\"".into(),
+                device: "RFID_1".into(),
+                scan_type: None,
+                antenna: Some(2),
+                rssi_cdbm: Some(-5260),
+                read_count: 3,
+                first_seen_ms: 1_763_289_000_000,
+                last_seen_ms: 1_763_289_000_500,
+                symbology: None,
+                value: None,
+            },
+        }
+    }
+
+    fn enc(profile: Profile) -> Encoder {
+        Encoder { profile, gateway_id: "gw1".into(), site: "PTY".into(), event_type: "interaction".into(), fields: FieldMapping::default() }
+    }
+
+    #[test]
+    fn bag_events_envelope_and_scan_fields() {
+        let evs = vec![sample(1, ReadKind::BagTag), sample(2, ReadKind::Epc)];
+        let v: serde_json::Value = serde_json::from_slice(&enc(Profile::BagEvents).encode(&evs, batch_key(&evs))).unwrap();
+        assert_eq!(v["source_system"], "gw1");
+        assert_eq!(v["event_type"], "scan");
+        let e = &v["events"][0];
+        assert_eq!(e["event_id"], evs[0].event_id.to_string());
+        assert_eq!(e["bag_id"], "0125728359");
+        assert_eq!(e["location"], "PTY_SORT_\"3\"");
+        assert_eq!(e["scan_type"], "barcode");
+        assert_eq!(v["events"][1]["scan_type"], "rfid");
+        assert_eq!(e["signal_strength"], -53);
+        assert_eq!(e["read_count"], 3);
+        assert_eq!(e["timestamp"], "2025-11-16T10:30:00.000Z");
+        assert_eq!(e["last_seen"], "2025-11-16T10:30:00.500Z");
+        assert_eq!(e["seq"], 1);
+    }
+
+    #[test]
+    fn collect_envelope_and_mapping() {
+        let evs = vec![sample(7, ReadKind::Epc)];
+        let mut en = enc(Profile::Collect);
+        en.fields.rename.push(("learner_id".into(), "tag".into()));
+        en.fields.constant.push(("airport".into(), "PTY".into()));
+        let key = batch_key(&evs);
+        let v: serde_json::Value = serde_json::from_slice(&en.encode(&evs, key)).unwrap();
+        assert_eq!(v["batch_id"], key.to_string());
+        let e = &v["events"][0];
+        assert_eq!(e["tag"], "0125728359");
+        assert!(e.get("learner_id").is_none());
+        assert_eq!(e["tenant_id"], "PTY");
+        assert_eq!(e["event_type"], "interaction");
+        assert_eq!(e["airport"], "PTY");
+        assert_eq!(e["event_data"]["rssi_dbm"], -52.6);
+        assert_eq!(e["metadata"]["seq"], 7);
+    }
+
+    #[test]
+    fn batch_key_is_stable_and_content_dependent() {
+        let a = vec![sample(1, ReadKind::Epc), sample(2, ReadKind::Epc)];
+        assert_eq!(batch_key(&a), batch_key(&a.clone()));
+        assert_ne!(batch_key(&a), batch_key(&a[..1]));
+    }
+
+    #[test]
+    fn control_chars_are_escaped() {
+        let mut out = Vec::new();
+        push_json_str(&mut out, "a\u{1d}b\"\\");
+        let s: String = serde_json::from_slice(&out).unwrap();
+        assert_eq!(s, "a\u{1d}b\"\\");
+    }
+}

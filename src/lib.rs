@@ -1,0 +1,55 @@
+//! # scangate — architecture
+//!
+//! An edge gateway daemon: raw reader frames in, clean durable de-duplicated events out to a
+//! central ingest API.
+//!
+//! ```text
+//!  sources ──reads──► ingest (group commit) ──groups──► spool thread ◄──► forwarder ──HTTP──► upstream
+//!  serial, replay     min-RSSI floor, timer   SQLite    (one owner)    batches, gzip,
+//!  (+ decoder each)                                                    outcome → ack / dead letter
+//! ```
+//!
+//! ## Tasks and channels
+//! | stage | runs as | input | capacity | when full |
+//! |---|---|---|---|---|
+//! | source (serial) | tokio task per port | the port | kernel buffer | must never happen: the task never waits on the pipeline |
+//! | source (replay) | tokio task per file | the file | — | waits (a file can be paused) |
+//! | ingest | one tokio task | read channel | [`app::READ_CHANNEL`] = 8192 reads | serial reads dropped, counted `pipeline_full`; replay waits |
+//! | spool | one OS thread (blocking SQLite) | command channel | [`spool::actor::COMMAND_CAPACITY`] = 4 commands | ingest waits; its read channel absorbs the burst |
+//! | forwarder | one tokio task | the spool (pull) | one batch (≤ 1000 events) in memory | — |
+//! | admin | axum on loopback | HTTP | — | — |
+//!
+//! ## Invariants
+//! - An event is *accepted* when its spool transaction commits (fsync with `sync = "full"`).
+//!   From then on only a 2xx/207 outcome, a dead letter, or a counted `drop_oldest` eviction
+//!   removes it (`spool` docs).
+//! - `seq` and `event_id` (UUIDv7) are fixed at commit; retries and replays resend the same ids
+//!   (`event` docs).
+//! - Memory is bounded: channels are bounded, the forwarder holds one batch, the spool decodes
+//!   one chunk at a time; the backlog lives only on disk.
+//! - Bad input never stops the daemon: decoders skip and count; a corrupt spool is moved aside;
+//!   a full disk refuses new events (counted) and recovers by itself.
+//! - Shutdown cancels the sources only; each later stage ends when its input closes
+//!   ([`app`] docs), within a grace period.
+//!
+//! ## Modules
+//! - [`config`]: TOML → validated [`config::Config`], every error with line and column.
+//! - [`event`]: reads, event bodies, ids, clocks.
+//! - [`protocol`]: one decoder per reader protocol.
+//! - [`source`]: serial and replay sources, capture format.
+//! - [`spool`]: SQLite spool (chunks, acks, dead letters) and its owner thread.
+//! - [`forward`]: batching, wire profiles, compression, response handling, backoff.
+//! - [`app`]: wiring and the shutdown sequence. [`admin`]: local HTTP. [`service`]: systemd,
+//!   logging, signals. [`demo`]: the no-hardware demonstration.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod demo;
+pub mod event;
+pub mod forward;
+pub mod metrics;
+pub mod protocol;
+pub mod service;
+pub mod source;
+pub mod spool;

@@ -1,0 +1,278 @@
+//! The `scangate` binary: CLI parsing and exit codes only; everything else is in the library.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use scangate::config::{Config, ConfigError};
+use scangate::metrics::Metrics;
+use scangate::spool;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// EX_CONFIG from sysexits.h: configuration error.
+const EXIT_CONFIG: u8 = 78;
+/// EX_CANTCREAT: cannot create/write the state (spool) files.
+const EXIT_CANTCREAT: u8 = 73;
+
+#[derive(Parser)]
+#[command(name = "scangate", version, about = "Edge gateway for RFID readers, barcode scanners and IoT sensors")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the gateway.
+    Run {
+        #[arg(long, short, default_value = "/etc/scangate/scangate.toml")]
+        config: PathBuf,
+        /// Seconds to drain on SIGTERM before giving up.
+        #[arg(long, default_value_t = 10)]
+        grace_secs: u64,
+    },
+    /// Check a config file; lists every error with line and column. Exit 0 valid, 78 invalid.
+    Validate {
+        #[arg(long, short, default_value = "/etc/scangate/scangate.toml")]
+        config: PathBuf,
+    },
+    /// Print a fully commented example config.
+    PrintConfig,
+    /// Show the spool's backlog, oldest event, dead letters and the upstream's last state.
+    Status {
+        #[arg(long, short, default_value = "/etc/scangate/scangate.toml")]
+        config: PathBuf,
+    },
+    /// Inspect and manage the spool.
+    Spool {
+        #[arg(long, short, default_value = "/etc/scangate/scangate.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        cmd: SpoolCmd,
+    },
+    /// Run the real pipeline on a bundled capture with an in-process ingest endpoint.
+    Demo {
+        /// Replay speed factor (1 = recorded speed).
+        #[arg(long, default_value_t = 2.0)]
+        speed: f64,
+    },
+    /// Run the pipeline with a capture file as the only source, until it is all delivered.
+    Replay {
+        #[arg(long, short, default_value = "/etc/scangate/scangate.toml")]
+        config: PathBuf,
+        /// The capture file (see hardware-fixtures/README.md).
+        file: PathBuf,
+        /// "recorded", "max", or a factor.
+        #[arg(long, default_value = "max")]
+        speed: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SpoolCmd {
+    /// Counts and sizes.
+    Stats,
+    /// List dead letters (newest last).
+    DeadLetters {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Write dead letters as JSON lines to stdout.
+    Export,
+    /// Put dead letters back in the queue (all, or the given ids), keeping their event ids.
+    Requeue { ids: Vec<i64> },
+}
+
+fn load(config: &Path) -> Result<Config, ExitCode> {
+    Config::load(config).map_err(|e| {
+        eprintln!("{e}");
+        match e {
+            ConfigError::Invalid { .. } => ExitCode::from(EXIT_CONFIG),
+            ConfigError::Read { .. } => ExitCode::from(EXIT_CONFIG),
+        }
+    })
+}
+
+fn fmt_ms(ms: Option<i64>) -> String {
+    ms.map(scangate::event::rfc3339_ms).unwrap_or_else(|| "never".into())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::PrintConfig => {
+            print!("{}", scangate::config::EXAMPLE);
+            ExitCode::SUCCESS
+        }
+        Cmd::Validate { config } => match load(&config) {
+            Ok(cfg) => {
+                println!("{}: valid ({} source(s), upstream {})", config.display(), cfg.sources.len(), cfg.upstream.endpoint);
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Cmd::Run { config, grace_secs } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            run_daemon(cfg, Duration::from_secs(grace_secs), false)
+        }
+        Cmd::Replay { config, file, speed } => {
+            let mut cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let speed = match speed.as_str() {
+                "max" => scangate::config::ReplaySpeed::Max,
+                "recorded" => scangate::config::ReplaySpeed::Recorded,
+                f => match f.parse::<f64>() {
+                    Ok(f) if f > 0.0 => scangate::config::ReplaySpeed::Factor(f),
+                    _ => {
+                        eprintln!("--speed must be \"max\", \"recorded\" or a positive factor");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            let template = cfg.sources.first().cloned();
+            let Some(mut src) = template else { return ExitCode::from(EXIT_CONFIG) };
+            src.kind = scangate::config::SourceKind::Replay { file, speed, repeat: 1 };
+            cfg.sources = vec![src];
+            run_daemon(cfg, Duration::from_secs(10), true)
+        }
+        Cmd::Demo { speed } => {
+            scangate::service::init_logging_quiet();
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => return report(e),
+            };
+            rt.block_on(async {
+                let token = CancellationToken::new();
+                scangate::service::spawn_signal_handler(token.clone());
+                match scangate::demo::run(speed, token).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => report(e),
+                }
+            })
+        }
+        Cmd::Status { config } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match status(&cfg) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => report(e),
+            }
+        }
+        Cmd::Spool { config, cmd } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match spool_cmd(&cfg, cmd) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => report(e),
+            }
+        }
+    }
+}
+
+fn report(e: anyhow::Error) -> ExitCode {
+    eprintln!("error: {e:#}");
+    ExitCode::FAILURE
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the async runtime")
+}
+
+fn run_daemon(cfg: Config, grace: Duration, exit_when_idle: bool) -> ExitCode {
+    scangate::service::init_logging();
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return report(e),
+    };
+    rt.block_on(async move {
+        let token = CancellationToken::new();
+        scangate::service::spawn_signal_handler(token.clone());
+        let metrics = Arc::new(Metrics::default());
+        tracing::info!(gateway = %cfg.gateway.id, sources = cfg.sources.len(), upstream = %cfg.upstream.endpoint, "scangate starting");
+        match scangate::app::run(cfg, metrics, token, scangate::app::RunOptions { grace, exit_when_idle }, |_| {}).await {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e @ scangate::app::AppError::Spool(spool::SpoolError::StateDir { .. } | spool::SpoolError::Open { .. } | spool::SpoolError::ReadOnly(_))) => {
+                tracing::error!(error = %e, "Cannot open the spool");
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_CANTCREAT)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "scangate stopped with an error");
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn status(cfg: &Config) -> anyhow::Result<()> {
+    let conn = spool::Spool::open_read_only(&cfg.gateway.state_dir)?;
+    let s = spool::stats_of(&conn)?;
+    let now = scangate::event::wall_now_ms();
+    println!("gateway:         {}", cfg.gateway.id);
+    println!("spool:           {}", spool::Spool::path_in(&cfg.gateway.state_dir).display());
+    println!("backlog:         {} events", s.backlog);
+    println!("oldest event:    {}", s.oldest_committed_ms.map(|t| format!("{} ({}s ago)", scangate::event::rfc3339_ms(t), (now - t) / 1000)).unwrap_or_else(|| "none".into()));
+    println!("dead letters:    {}", s.dead_letters);
+    println!("last delivery:   {}", fmt_ms(s.last_delivery_ms));
+    println!("upstream error:  {}", s.last_error.as_deref().map(|e| format!("{e} (since {})", fmt_ms(s.last_error_ms))).unwrap_or_else(|| "none".into()));
+    println!("spool size:      {} bytes used of {} max", s.used_bytes, cfg.spool.max_bytes);
+    if s.corrupt_incidents > 0 {
+        println!("WARNING:         a corrupt spool file was moved aside ({} incident(s)); see the log", s.corrupt_incidents);
+    }
+    Ok(())
+}
+
+fn spool_cmd(cfg: &Config, cmd: SpoolCmd) -> anyhow::Result<()> {
+    match cmd {
+        SpoolCmd::Stats => {
+            let conn = spool::Spool::open_read_only(&cfg.gateway.state_dir)?;
+            let s = spool::stats_of(&conn)?;
+            println!("backlog_events {}\nchunks {}\ndead_letters {}\nnext_seq {}\nused_bytes {}\nfile_bytes {}\nmax_bytes {}", s.backlog, s.chunks, s.dead_letters, s.next_seq, s.used_bytes, s.file_bytes, cfg.spool.max_bytes);
+        }
+        SpoolCmd::DeadLetters { limit } => {
+            let conn = spool::Spool::open_read_only(&cfg.gateway.state_dir)?;
+            let list = spool::dead_letters_of(&conn, usize::MAX)?;
+            let skip = list.len().saturating_sub(limit);
+            for d in list.into_iter().skip(skip) {
+                let tag = d.body.as_ref().map(|b| b.tag.clone()).unwrap_or_else(|| format!("<{} raw bytes>", d.raw.len()));
+                println!("#{} seq={} event_id={} tag={} status={} failed={} reason={}", d.id, d.seq, d.event_id, tag, d.status.map(|s| s.to_string()).unwrap_or("-".into()), fmt_ms(Some(d.failed_ms)), d.reason);
+            }
+        }
+        SpoolCmd::Export => {
+            let conn = spool::Spool::open_read_only(&cfg.gateway.state_dir)?;
+            let mut out = std::io::stdout().lock();
+            for d in spool::dead_letters_of(&conn, usize::MAX)? {
+                let v = serde_json::json!({
+                    "id": d.id, "seq": d.seq, "event_id": d.event_id, "committed": fmt_ms(Some(d.committed_ms)),
+                    "failed": fmt_ms(Some(d.failed_ms)), "status": d.status, "reason": d.reason,
+                    "event": d.body.as_ref().map(|b| serde_json::json!({
+                        "kind": b.kind.as_str(), "tag": b.tag, "source": b.source, "location": b.location, "device": b.device,
+                        "antenna": b.antenna, "rssi_dbm": b.rssi_dbm(), "read_count": b.read_count,
+                        "first_seen": fmt_ms(Some(b.first_seen_ms)), "last_seen": fmt_ms(Some(b.last_seen_ms)),
+                    })),
+                    "raw_hex": if d.raw.is_empty() { None } else { Some(d.raw.iter().map(|b| format!("{b:02x}")).collect::<String>()) },
+                });
+                use std::io::Write;
+                writeln!(out, "{v}")?;
+            }
+        }
+        SpoolCmd::Requeue { ids } => {
+            let (mut sp, _) = spool::Spool::open(&cfg.gateway.state_dir, spool::SpoolOptions { max_bytes: cfg.spool.max_bytes, when_full: cfg.spool.when_full, sync: cfg.spool.sync }, Arc::new(Metrics::default()))?;
+            let n = sp.requeue(if ids.is_empty() { None } else { Some(&ids) }, scangate::event::wall_now_ms())?;
+            println!("requeued {n} dead letter(s); a running scangate sends them with their original event ids");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,210 @@
+//! `lines`: ASCII scanners (barcode, and text-mode RFID readers). One read per line, ended by
+//! CR, LF or CRLF (a CRLF pair is one terminator, even when split across reads).
+//!
+//! Interpretation of a line, after stripping an STX (0x02) prefix and ETX (0x03) suffix:
+//! - an AIM symbology identifier (`]` + 2 chars) is removed and kept as `symbology`;
+//! - exactly 10 ASCII digits is an IATA bag-tag licence plate (no check digit exists);
+//! - anything else printable is a barcode. GS (0x1D) inside GS1 data is kept.
+//!
+//! Skipped (counted, never fatal): empty lines, lines over [`MAX_LINE`] bytes (resync at the
+//! next terminator), lines with other control bytes or invalid UTF-8.
+
+use super::Decoded;
+use crate::event::{Read, ReadKind};
+use bytes::{Buf, BytesMut};
+use tokio_util::codec::Decoder;
+
+/// Longest accepted line. Longer input is garbage or a missing terminator.
+pub const MAX_LINE: usize = 4096;
+
+#[derive(Debug, Default)]
+pub struct LinesDecoder {
+    /// The previous terminator was CR: an LF right after it belongs to it.
+    after_cr: bool,
+    /// Skipping an over-long line until its terminator.
+    discarding: usize,
+}
+
+impl LinesDecoder {
+    fn interpret(line: &[u8]) -> Decoded {
+        let mut l = line;
+        if l.first() == Some(&0x02) {
+            l = &l[1..];
+        }
+        if l.last() == Some(&0x03) {
+            l = &l[..l.len() - 1];
+        }
+        if l.is_empty() {
+            return Decoded::Skipped { reason: "empty_line", bytes: line.len() };
+        }
+        if l.iter().any(|&b| (b < 0x20 && b != 0x1D && b != b'\t') || b == 0x7F) {
+            return Decoded::Skipped { reason: "control_bytes", bytes: line.len() };
+        }
+        let Ok(text) = std::str::from_utf8(l) else {
+            return Decoded::Skipped { reason: "invalid_utf8", bytes: line.len() };
+        };
+        let text = text.trim_matches(|c| c == ' ' || c == '\t');
+        let (symbology, data) = if text.len() >= 3 && text.starts_with(']') && text.is_char_boundary(3) {
+            (Some(text[..3].to_string()), &text[3..])
+        } else {
+            (None, text)
+        };
+        if data.is_empty() {
+            return Decoded::Skipped { reason: "empty_line", bytes: line.len() };
+        }
+        let kind = if data.len() == 10 && data.bytes().all(|b| b.is_ascii_digit()) {
+            ReadKind::BagTag
+        } else {
+            ReadKind::Barcode
+        };
+        Decoded::Read(Read { kind, tag: data.to_string(), antenna: None, rssi_dbm: None, symbology, value: None })
+    }
+}
+
+impl Decoder for LinesDecoder {
+    type Item = Decoded;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Decoded>, std::io::Error> {
+        loop {
+            if self.after_cr && src.first() == Some(&b'\n') {
+                src.advance(1);
+            }
+            if !src.is_empty() {
+                self.after_cr = false;
+            }
+            let Some(pos) = src.iter().position(|&b| b == b'\r' || b == b'\n') else {
+                if src.len() > MAX_LINE {
+                    // No terminator in sight: drop what we have and keep discarding until one.
+                    self.discarding += src.len();
+                    src.clear();
+                }
+                return Ok(None);
+            };
+            let line = src.split_to(pos);
+            self.after_cr = src[0] == b'\r';
+            src.advance(1);
+            if self.discarding > 0 {
+                let bytes = self.discarding + line.len();
+                self.discarding = 0;
+                return Ok(Some(Decoded::Skipped { reason: "line_too_long", bytes }));
+            }
+            if line.len() > MAX_LINE {
+                return Ok(Some(Decoded::Skipped { reason: "line_too_long", bytes: line.len() }));
+            }
+            if line.is_empty() {
+                // A bare terminator (e.g. "\n\n"): nothing to report.
+                continue;
+            }
+            return Ok(Some(Self::interpret(&line)));
+        }
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Decoded>, std::io::Error> {
+        if let Some(d) = self.decode(src)? {
+            return Ok(Some(d));
+        }
+        if src.is_empty() {
+            return Ok(None);
+        }
+        let line = src.split();
+        if self.discarding > 0 || line.len() > MAX_LINE {
+            let bytes = self.discarding + line.len();
+            self.discarding = 0;
+            return Ok(Some(Decoded::Skipped { reason: "line_too_long", bytes }));
+        }
+        Ok(Some(Self::interpret(&line)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{decode_all, Protocol};
+    use proptest::prelude::*;
+
+    fn reads(bytes: &[u8]) -> Vec<Decoded> {
+        decode_all(&mut Protocol::Lines(LinesDecoder::default()), bytes, false)
+    }
+
+    fn tag(d: &Decoded) -> (&str, ReadKind, Option<&str>) {
+        match d {
+            Decoded::Read(r) => (r.tag.as_str(), r.kind, r.symbology.as_deref()),
+            other => panic!("expected a read, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn iata_bag_tag_and_aim_ean13_from_reference() {
+        let out = reads(b"0125728359\r\n]E04006381333931\r\n");
+        assert_eq!(out.len(), 2);
+        assert_eq!(tag(&out[0]), ("0125728359", ReadKind::BagTag, None));
+        assert_eq!(tag(&out[1]), ("4006381333931", ReadKind::Barcode, Some("]E0")));
+    }
+
+    #[test]
+    fn cr_lf_and_crlf_are_each_one_terminator() {
+        let out = reads(b"A1\rB2\nC3\r\nD4\r\n");
+        let tags: Vec<_> = out.iter().map(|d| tag(d).0.to_string()).collect();
+        assert_eq!(tags, ["A1", "B2", "C3", "D4"]);
+    }
+
+    #[test]
+    fn crlf_split_across_chunks_is_one_terminator() {
+        let mut d = LinesDecoder::default();
+        let mut buf = BytesMut::from(&b"ABC\r"[..]);
+        assert!(matches!(d.decode(&mut buf).unwrap(), Some(Decoded::Read(_))));
+        buf.extend_from_slice(b"\nDEF\n");
+        let next = d.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(tag(&next).0, "DEF");
+        assert_eq!(d.decode(&mut buf).unwrap(), None);
+    }
+
+    #[test]
+    fn stx_etx_stripped_and_gs_kept() {
+        let out = reads(b"\x02]C1010012345678902\x1d10ABC\x03\r\n");
+        let (t, _, sym) = tag(&out[0]);
+        assert_eq!(t, "010012345678902\x1d10ABC");
+        assert_eq!(sym, Some("]C1"));
+    }
+
+    #[test]
+    fn garbage_is_skipped_with_a_reason_and_decoding_resumes() {
+        let mut input = vec![0xFFu8, 0x00, 0x07, b'\n'];
+        input.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
+        input.extend_from_slice(b"\n0125728359\n");
+        let out = reads(&input);
+        assert!(matches!(out[0], Decoded::Skipped { reason: "control_bytes", .. }));
+        assert!(matches!(out[1], Decoded::Skipped { reason: "line_too_long", .. }));
+        assert_eq!(tag(&out[2]).0, "0125728359");
+    }
+
+    proptest! {
+        #[test]
+        fn any_chunking_decodes_like_the_whole(
+            lines in proptest::collection::vec("[ -~]{0,20}", 0..20),
+            cuts in proptest::collection::vec(0usize..400, 0..10),
+        ) {
+            let whole: Vec<u8> = lines.iter().flat_map(|l| format!("{l}\r\n").into_bytes()).collect();
+            let expected = reads(&whole);
+            let mut d = LinesDecoder::default();
+            let mut buf = BytesMut::new();
+            let mut out = Vec::new();
+            let mut points: Vec<usize> = cuts.into_iter().map(|c| c.min(whole.len())).collect();
+            points.push(whole.len());
+            points.sort_unstable();
+            let mut last = 0;
+            for p in points {
+                buf.extend_from_slice(&whole[last..p]);
+                last = p;
+                while let Some(x) = d.decode(&mut buf).unwrap() { out.push(x); }
+            }
+            prop_assert_eq!(out, expected);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let _ = decode_all(&mut Protocol::Lines(LinesDecoder::default()), &bytes, true);
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! The spool's owner thread. SQLite calls block (an fsync per commit), so the [`Spool`] lives
+//! on a dedicated thread and async stages talk to it through a bounded command channel
+//! ([`SpoolHandle`]). Consecutive queued appends are merged into one transaction.
+//!
+//! The thread ends when every handle is dropped, after finishing the queued commands: the
+//! pipeline's shutdown drops the last sender, so the final group is always committed.
+
+use super::{AppendResult, DeadLetter, Spool, SpoolError, Stats};
+use crate::event::{wall_now_ms, EventBody, Loc, SpooledEvent};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Capacity of the command channel. Appends are whole groups, so 4 is plenty of slack; when it
+/// is full the group timer's task waits, and its own bounded input absorbs the burst.
+pub const COMMAND_CAPACITY: usize = 4;
+
+type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
+
+pub enum Cmd {
+    Append { bodies: Vec<EventBody>, reply: Option<Reply<AppendResult>> },
+    Read { after: Option<Loc>, min_chunk: i64, max: usize, reply: Reply<Vec<SpooledEvent>> },
+    Ack { locs: Vec<Loc>, reply: Reply<()> },
+    DeadLetter { items: Vec<(SpooledEvent, Option<u16>, String)>, reply: Reply<()> },
+    UpstreamError { error: Option<String> },
+    Stats { reply: Reply<Stats> },
+    DeadLetters { limit: usize, reply: Reply<Vec<DeadLetter>> },
+    HeadChunk { reply: Reply<i64> },
+}
+
+#[derive(Clone)]
+pub struct SpoolHandle {
+    tx: mpsc::Sender<Cmd>,
+    committed: watch::Receiver<i64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    #[error("spool thread has stopped")]
+    Closed,
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+}
+
+/// Start the spool thread. The returned watch carries the id of the newest committed chunk.
+pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::JoinHandle<()>)> {
+    let (tx, mut rx) = mpsc::channel::<Cmd>(COMMAND_CAPACITY);
+    let head = spool.head_chunk().unwrap_or(0);
+    let (committed_tx, committed) = watch::channel(head);
+    let join = std::thread::Builder::new().name("spool".into()).spawn(move || {
+        let mut pending: Option<Cmd> = None;
+        loop {
+            let cmd = match pending.take() {
+                Some(c) => c,
+                None => match rx.blocking_recv() {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
+            match cmd {
+                Cmd::Append { mut bodies, reply } => {
+                    // Merge appends that are already queued into this transaction.
+                    let mut replies = vec![(reply, bodies.len())];
+                    while bodies.len() < 65_536 {
+                        match rx.try_recv() {
+                            Ok(Cmd::Append { bodies: more, reply }) => {
+                                replies.push((reply, more.len()));
+                                bodies.extend(more);
+                            }
+                            Ok(other) => {
+                                pending = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let result = spool.append(bodies, wall_now_ms());
+                    match result {
+                        Ok(r) => {
+                            let _ = committed_tx.send(r.chunk);
+                            let mut seq = r.first_seq;
+                            let mut evicted = r.evicted;
+                            for (reply, n) in replies {
+                                if let Some(reply) = reply {
+                                    let _ = reply.send(Ok(AppendResult { first_seq: seq, count: n, chunk: r.chunk, evicted }));
+                                }
+                                evicted = 0;
+                                seq += n as u64;
+                            }
+                        }
+                        Err(e) => {
+                            let msg = e.to_string();
+                            let kind = match e {
+                                SpoolError::Full { max_bytes } => Some(SpoolError::Full { max_bytes }),
+                                SpoolError::DiskFull => Some(SpoolError::DiskFull),
+                                _ => None,
+                            };
+                            for (reply, _) in replies {
+                                if let Some(reply) = reply {
+                                    let err = match &kind {
+                                        Some(SpoolError::Full { max_bytes }) => SpoolError::Full { max_bytes: *max_bytes },
+                                        Some(SpoolError::DiskFull) => SpoolError::DiskFull,
+                                        _ => SpoolError::Sqlite(rusqlite::Error::InvalidParameterName(msg.clone())),
+                                    };
+                                    let _ = reply.send(Err(err));
+                                }
+                            }
+                        }
+                    }
+                }
+                Cmd::Read { after, min_chunk, max, reply } => {
+                    let _ = reply.send(spool.read_after(after, min_chunk, max));
+                }
+                Cmd::Ack { locs, reply } => {
+                    let _ = reply.send(spool.ack(&locs, wall_now_ms()));
+                }
+                Cmd::DeadLetter { items, reply } => {
+                    let _ = reply.send(spool.dead_letter(&items, wall_now_ms()));
+                }
+                Cmd::UpstreamError { error } => {
+                    if let Err(e) = spool.set_upstream_error(error.as_deref(), wall_now_ms()) {
+                        tracing::warn!(error = %e, "Could not record upstream state in the spool");
+                    }
+                }
+                Cmd::Stats { reply } => {
+                    let _ = reply.send(spool.stats());
+                }
+                Cmd::DeadLetters { limit, reply } => {
+                    let _ = reply.send(spool.dead_letters(limit));
+                }
+                Cmd::HeadChunk { reply } => {
+                    let _ = reply.send(spool.head_chunk().map_err(SpoolError::from));
+                }
+            }
+        }
+        tracing::debug!("Spool thread finished");
+    })?;
+    Ok((SpoolHandle { tx, committed }, join))
+}
+
+impl SpoolHandle {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, HandleError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| HandleError::Closed)?;
+        Ok(rx.await.map_err(|_| HandleError::Closed)??)
+    }
+
+    /// Commit a group; resolves once it is durable (or refused).
+    pub async fn append(&self, bodies: Vec<EventBody>) -> Result<AppendResult, HandleError> {
+        self.call(|reply| Cmd::Append { bodies, reply: Some(reply) }).await
+    }
+
+    /// Queue a group for commit and return a receiver for the outcome, without waiting for it.
+    pub async fn append_nowait(&self, bodies: Vec<EventBody>) -> Result<oneshot::Receiver<Result<AppendResult, SpoolError>>, HandleError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Cmd::Append { bodies, reply: Some(reply) }).await.map_err(|_| HandleError::Closed)?;
+        Ok(rx)
+    }
+
+    pub async fn read_after(&self, after: Option<Loc>, min_chunk: i64, max: usize) -> Result<Vec<SpooledEvent>, HandleError> {
+        self.call(|reply| Cmd::Read { after, min_chunk, max, reply }).await
+    }
+
+    pub async fn ack(&self, locs: Vec<Loc>) -> Result<(), HandleError> {
+        self.call(|reply| Cmd::Ack { locs, reply }).await
+    }
+
+    pub async fn dead_letter(&self, items: Vec<(SpooledEvent, Option<u16>, String)>) -> Result<(), HandleError> {
+        self.call(|reply| Cmd::DeadLetter { items, reply }).await
+    }
+
+    pub async fn set_upstream_error(&self, error: Option<String>) {
+        let _ = self.tx.send(Cmd::UpstreamError { error }).await;
+    }
+
+    pub async fn stats(&self) -> Result<Stats, HandleError> {
+        self.call(|reply| Cmd::Stats { reply }).await
+    }
+
+    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, HandleError> {
+        self.call(|reply| Cmd::DeadLetters { limit, reply }).await
+    }
+
+    pub async fn head_chunk(&self) -> Result<i64, HandleError> {
+        self.call(|reply| Cmd::HeadChunk { reply }).await
+    }
+
+    /// A receiver that changes whenever a chunk is committed (value: its id).
+    pub fn committed(&self) -> watch::Receiver<i64> {
+        self.committed.clone()
+    }
+}

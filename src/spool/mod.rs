@@ -1,0 +1,693 @@
+//! The spool: a durable, bounded queue of committed events in one SQLite file.
+//!
+//! Owns: the file (`<state_dir>/spool.db`), its schema and migrations, group commits, seq and
+//! event-id assignment, acknowledgement, dead letters, the size bound and integrity recovery.
+//! Does not own: when to commit (the pipeline's group timer) or what to send (the forwarder).
+//!
+//! Layout (schema version 1):
+//! - `chunks`: one row per group commit; `data` is a zstd-compressed postcard list of events.
+//!   One row per *event* costs ~690 bytes of disk writes per event (insert, checkpoint and
+//!   delete each rewrite pages); one row per commit costs a few tens of bytes.
+//! - `chunk_done`: a bitmap per partially delivered chunk. It lives in its own table because
+//!   updating the chunk row itself would rewrite its whole overflow chain. A chunk (and its
+//!   bitmap) is deleted when every event in it is delivered or dead-lettered.
+//! - `dead_letters`: one row per event the upstream refused for good, with status and reason.
+//! - `meta`: salt (for event ids), next seq, upstream state for `scangate status`.
+//!
+//! Invariants:
+//! - An event is *accepted* when `append` returns Ok: its transaction is committed (with
+//!   `sync = full`, the WAL is fsynced). Only `ack`, `dead_letter` (which moves it) and the
+//!   `drop_oldest` eviction (counted) remove it.
+//! - Reads never load more than the requested batch plus one decoded chunk into memory.
+//! - A chunk that cannot be decoded is moved whole into `dead_letters` (raw bytes kept).
+
+pub mod actor;
+pub mod chunk;
+
+use crate::config::{SyncMode, WhenFull};
+use crate::event::{event_id, EventBody, Loc, SpooledEvent};
+use crate::metrics::Metrics;
+use chunk::{ChunkData, Record};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use uuid::Uuid;
+
+const SCHEMA_VERSION: i64 = 1;
+/// Small pages: every commit rewrites a few non-overflow pages (table leaf, meta), so their
+/// size is paid per commit; blobs use overflow pages either way.
+const PAGE_SIZE: u32 = 1024;
+
+#[derive(Debug, Clone)]
+pub struct SpoolOptions {
+    pub max_bytes: u64,
+    pub when_full: WhenFull,
+    pub sync: SyncMode,
+}
+
+impl Default for SpoolOptions {
+    fn default() -> Self {
+        SpoolOptions { max_bytes: 512 * 1024 * 1024, when_full: WhenFull::DropOldest, sync: SyncMode::Full }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("cannot use state directory {path}: {source} (it must exist or be creatable, and be writable by the scangate user)")]
+    StateDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot open spool {path}: {source} (is state_dir writable and on a local filesystem?)")]
+    Open { path: PathBuf, source: rusqlite::Error },
+    #[error("spool is full (max_bytes = {max_bytes}) and when_full = \"reject\"")]
+    Full { max_bytes: u64 },
+    #[error("the disk holding the spool is full; new events are refused until space is freed")]
+    DiskFull,
+    #[error("spool is read-only: {0}")]
+    ReadOnly(rusqlite::Error),
+    #[error("spool database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot encode events: {0}")]
+    Encode(#[from] postcard::Error),
+}
+
+/// What happened when the spool was opened.
+#[derive(Debug, Clone, Default)]
+pub struct OpenReport {
+    /// A corrupt file was found and moved here; a fresh spool was created.
+    pub moved_aside: Option<(PathBuf, String)>,
+    pub created: bool,
+    pub backlog: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    pub backlog: u64,
+    pub chunks: u64,
+    pub oldest_committed_ms: Option<i64>,
+    pub dead_letters: u64,
+    pub next_seq: u64,
+    pub used_bytes: u64,
+    pub file_bytes: u64,
+    pub last_delivery_ms: Option<i64>,
+    pub last_error: Option<String>,
+    pub last_error_ms: Option<i64>,
+    pub corrupt_incidents: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub seq: u64,
+    pub event_id: String,
+    pub committed_ms: i64,
+    pub failed_ms: i64,
+    pub status: Option<u16>,
+    pub reason: String,
+    /// None for a corrupt chunk (its raw bytes are kept in `raw`).
+    pub body: Option<EventBody>,
+    pub raw: Vec<u8>,
+}
+
+pub struct AppendResult {
+    pub first_seq: u64,
+    pub count: usize,
+    pub chunk: i64,
+    /// Events evicted (drop_oldest) to make room for this commit.
+    pub evicted: u64,
+}
+
+struct DecodedChunk {
+    id: i64,
+    first_seq: u64,
+    created_ms: i64,
+    data: ChunkData,
+}
+
+pub struct Spool {
+    conn: Connection,
+    path: PathBuf,
+    opts: SpoolOptions,
+    salt: u64,
+    next_seq: u64,
+    boot_id: Uuid,
+    page_size: u64,
+    used_bytes: u64,
+    cache: Option<DecodedChunk>,
+    metrics: Arc<Metrics>,
+}
+
+fn is_code(e: &rusqlite::Error, code: ErrorCode) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == code)
+}
+
+fn classify(e: rusqlite::Error) -> SpoolError {
+    if is_code(&e, ErrorCode::DiskFull) {
+        SpoolError::DiskFull
+    } else if is_code(&e, ErrorCode::ReadOnly) || is_code(&e, ErrorCode::CannotOpen) {
+        SpoolError::ReadOnly(e)
+    } else {
+        SpoolError::Sqlite(e)
+    }
+}
+
+fn meta_get<T: rusqlite::types::FromSql>(conn: &Connection, key: &str) -> rusqlite::Result<Option<T>> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()
+}
+
+fn meta_set(conn: &Connection, key: &str, value: impl rusqlite::ToSql) -> rusqlite::Result<()> {
+    conn.execute("INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value", params![key, value])?;
+    Ok(())
+}
+
+/// Check an existing file; Err(reason) when it is not a healthy spool.
+fn check_existing(path: &Path) -> Result<(), String> {
+    let conn = Connection::open(path).map_err(|e| e.to_string())?;
+    let res: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(|e| e.to_string())?;
+    if res != "ok" {
+        return Err(format!("quick_check: {res}"));
+    }
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| e.to_string())?;
+    if version > SCHEMA_VERSION {
+        // Not corruption: a newer scangate wrote it. Refusing is safer than moving it aside.
+        return Ok(());
+    }
+    Ok(())
+}
+
+impl Spool {
+    pub fn path_in(state_dir: &Path) -> PathBuf {
+        state_dir.join("spool.db")
+    }
+
+    /// Open (or create) the spool in `state_dir`. A corrupt file is moved aside with a
+    /// timestamp and a fresh spool is created; the report says so (the caller logs ERROR).
+    pub fn open(state_dir: &Path, opts: SpoolOptions, metrics: Arc<Metrics>) -> Result<(Spool, OpenReport), SpoolError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| SpoolError::StateDir { path: state_dir.to_path_buf(), source })?;
+        let path = Self::path_in(state_dir);
+        let mut report = OpenReport::default();
+        let mut carried_seq = None;
+        if path.exists() {
+            if let Err(reason) = check_existing(&path) {
+                // Best effort: learn the old seq so seq stays monotonic for this gateway.
+                carried_seq = Connection::open(&path).ok().and_then(|c| meta_get::<i64>(&c, "next_seq").ok().flatten());
+                let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string().replace(':', "");
+                let aside = path.with_file_name(format!("spool.db.corrupt-{stamp}"));
+                std::fs::rename(&path, &aside).map_err(|source| SpoolError::StateDir { path: state_dir.to_path_buf(), source })?;
+                for ext in ["-wal", "-shm"] {
+                    let side = PathBuf::from(format!("{}{ext}", path.display()));
+                    if side.exists() {
+                        let _ = std::fs::rename(&side, format!("{}{ext}", aside.display()));
+                    }
+                }
+                metrics.spool_corrupt_incidents.inc();
+                report.moved_aside = Some((aside, reason));
+            }
+        }
+        let conn = Connection::open(&path).map_err(|source| SpoolError::Open { path: path.clone(), source })?;
+        let open_err = |source| SpoolError::Open { path: path.clone(), source };
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
+        conn.pragma_update(None, "page_size", PAGE_SIZE).map_err(open_err)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(open_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(SpoolError::Open { path: path.clone(), source: rusqlite::Error::InvalidQuery });
+        }
+        let sync = match opts.sync {
+            SyncMode::Full => "FULL",
+            SyncMode::Normal => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", sync).map_err(open_err)?;
+        // Keep memory small and flat: the backlog is never cached wholesale.
+        conn.pragma_update(None, "cache_size", -1024).map_err(open_err)?;
+        conn.pragma_update(None, "journal_size_limit", 4 * 1024 * 1024).map_err(open_err)?;
+
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(open_err)?;
+        if version > SCHEMA_VERSION {
+            return Err(SpoolError::Open { path: path.clone(), source: rusqlite::Error::InvalidParameterName(format!("schema version {version} is newer than this scangate understands ({SCHEMA_VERSION}); upgrade scangate")) });
+        }
+        if version == 0 {
+            report.created = true;
+            migrate_to_1(&conn).map_err(classify)?;
+            let salt = u64::from_le_bytes(Uuid::new_v4().as_bytes()[..8].try_into().unwrap_or([7; 8]));
+            let tx = conn.unchecked_transaction()?;
+            meta_set(&tx, "salt", salt as i64)?;
+            meta_set(&tx, "next_seq", carried_seq.unwrap_or(1))?;
+            meta_set(&tx, "created_ms", crate::event::wall_now_ms())?;
+            if report.moved_aside.is_some() {
+                meta_set(&tx, "corrupt_incidents", 1)?;
+            }
+            tx.commit().map_err(classify)?;
+        }
+        let salt = meta_get::<i64>(&conn, "salt")?.unwrap_or(0) as u64;
+        let next_seq = meta_get::<i64>(&conn, "next_seq")?.unwrap_or(1) as u64;
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let mut spool = Spool {
+            conn,
+            path,
+            opts,
+            salt,
+            next_seq,
+            boot_id: crate::event::boot_id(),
+            page_size: page_size as u64,
+            used_bytes: 0,
+            cache: None,
+            metrics,
+        };
+        spool.refresh_used()?;
+        report.backlog = spool.backlog()?;
+        spool.metrics.spool_backlog.set(report.backlog);
+        Ok((spool, report))
+    }
+
+    /// Open an existing spool read-only, for `scangate status` / `spool stats` while the daemon runs.
+    pub fn open_read_only(state_dir: &Path) -> Result<Connection, SpoolError> {
+        let path = Self::path_in(state_dir);
+        Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|source| SpoolError::Open { path, source })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.used_bytes
+    }
+
+    fn refresh_used(&mut self) -> rusqlite::Result<()> {
+        let pages: i64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let free: i64 = self.conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        self.used_bytes = (pages - free).max(0) as u64 * self.page_size;
+        self.metrics.spool_used_bytes.set(self.used_bytes);
+        Ok(())
+    }
+
+    pub fn backlog(&self) -> rusqlite::Result<u64> {
+        backlog_of(&self.conn)
+    }
+
+    /// Commit `bodies` as one chunk (one transaction). Ok means accepted (durable per `sync`).
+    pub fn append(&mut self, bodies: Vec<EventBody>, now_ms: i64) -> Result<AppendResult, SpoolError> {
+        let count = bodies.len();
+        let first_seq = self.next_seq;
+        let records: Vec<Record> = bodies
+            .into_iter()
+            .enumerate()
+            .map(|(i, body)| Record { seq_delta: i as i64, committed_delta: 0, body })
+            .collect();
+        let data = ChunkData { boot_id: *self.boot_id.as_bytes(), records };
+        let blob = chunk::encode(&data)?;
+        let chunk = self.insert_chunk(first_seq, now_ms, &blob, count, first_seq + count as u64, &[])?;
+        self.next_seq = first_seq + count as u64;
+        Ok(AppendResult { first_seq, count, chunk: chunk.0, evicted: chunk.1 })
+    }
+
+    /// Insert one chunk row (and advance next_seq / delete requeued dead letters) in one
+    /// transaction, making room first per `when_full`. Returns (chunk id, events evicted).
+    fn insert_chunk(&mut self, first_seq: u64, created_ms: i64, blob: &[u8], count: usize, next_seq: u64, requeued: &[i64]) -> Result<(i64, u64), SpoolError> {
+        let need = blob.len() as u64 + 2 * self.page_size;
+        let mut evicted = 0;
+        if self.used_bytes + need > self.opts.max_bytes {
+            match self.opts.when_full {
+                WhenFull::Reject => {
+                    self.metrics.count_drop("spool_full", count as u64);
+                    return Err(SpoolError::Full { max_bytes: self.opts.max_bytes });
+                }
+                WhenFull::DropOldest => {
+                    evicted = self.evict_until(self.opts.max_bytes.saturating_sub(need))?;
+                }
+            }
+        }
+        let mut attempt = 0;
+        loop {
+            match self.try_insert(first_seq, created_ms, blob, count, next_seq, requeued) {
+                Ok(id) => {
+                    self.refresh_used()?;
+                    self.metrics.spool_committed.add(count as u64);
+                    self.metrics.spool_commits.inc();
+                    self.metrics.spool_backlog.add(count as u64);
+                    return Ok((id, evicted));
+                }
+                Err(SpoolError::DiskFull) if attempt == 0 && self.opts.when_full == WhenFull::DropOldest => {
+                    // Freed pages are reused in place: evicting the oldest chunks can make
+                    // room even on a full disk.
+                    attempt += 1;
+                    let target = self.used_bytes.saturating_sub(need.max(64 * 1024));
+                    let n = self.evict_until(target).unwrap_or(0);
+                    if n == 0 {
+                        return Err(SpoolError::DiskFull);
+                    }
+                    evicted += n;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn try_insert(&mut self, first_seq: u64, created_ms: i64, blob: &[u8], count: usize, next_seq: u64, requeued: &[i64]) -> Result<i64, SpoolError> {
+        let tx = self.conn.transaction().map_err(classify)?;
+        tx.execute("INSERT INTO chunks(first_seq, count, created_ms, data) VALUES (?1, ?2, ?3, ?4)", params![first_seq as i64, count as i64, created_ms, blob])
+            .map_err(classify)?;
+        let id = tx.last_insert_rowid();
+        if next_seq > first_seq {
+            tx.execute("UPDATE meta SET value = ?1 WHERE key = 'next_seq'", [next_seq as i64]).map_err(classify)?;
+        }
+        for dl in requeued {
+            tx.execute("DELETE FROM dead_letters WHERE id = ?1", [dl]).map_err(classify)?;
+        }
+        tx.commit().map_err(classify)?;
+        Ok(id)
+    }
+
+    /// Delete the oldest chunks until used bytes ≤ target (approximately). Returns the number
+    /// of undelivered events evicted, counted as dropped with reason "evicted".
+    fn evict_until(&mut self, target: u64) -> Result<u64, SpoolError> {
+        let mut evicted = 0u64;
+        let mut used = self.used_bytes;
+        let tx = self.conn.transaction().map_err(classify)?;
+        {
+            let mut q = tx.prepare("SELECT c.id, c.count, length(c.data), COALESCE(d.done, 0) FROM chunks c LEFT JOIN chunk_done d ON d.chunk_id = c.id ORDER BY c.id")?;
+            let mut rows = q.query([])?;
+            let mut victims = Vec::new();
+            while used > target {
+                let Some(row) = rows.next()? else { break };
+                let (id, count, len, done): (i64, i64, i64, i64) = (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+                victims.push(id);
+                used = used.saturating_sub(len as u64 + 64);
+                evicted += (count - done).max(0) as u64;
+            }
+            drop(rows);
+            for id in victims {
+                tx.execute("DELETE FROM chunks WHERE id = ?1", [id]).map_err(classify)?;
+                tx.execute("DELETE FROM chunk_done WHERE chunk_id = ?1", [id]).map_err(classify)?;
+            }
+        }
+        tx.commit().map_err(classify)?;
+        self.cache = None;
+        if evicted > 0 {
+            self.metrics.count_drop("evicted", evicted);
+            self.metrics.spool_backlog.sub(evicted);
+            tracing::warn!(events = evicted, max_bytes = self.opts.max_bytes, "Spool full: evicted the oldest undelivered events (when_full = \"drop_oldest\")");
+        }
+        self.refresh_used()?;
+        Ok(evicted)
+    }
+
+    fn load_chunk(&mut self, id: i64) -> Result<Option<&DecodedChunk>, SpoolError> {
+        if self.cache.as_ref().map(|c| c.id) != Some(id) {
+            let row: Option<(i64, i64, Vec<u8>)> = self
+                .conn
+                .query_row("SELECT first_seq, created_ms, data FROM chunks WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?;
+            let Some((first_seq, created_ms, blob)) = row else { return Ok(None) };
+            match chunk::decode(&blob) {
+                Ok(data) => self.cache = Some(DecodedChunk { id, first_seq: first_seq as u64, created_ms, data }),
+                Err(e) => {
+                    tracing::error!(chunk = id, error = %e, "Spool chunk cannot be decoded; moved to dead letters with its raw bytes");
+                    self.quarantine_chunk(id, first_seq, created_ms, &blob, &e.to_string())?;
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(self.cache.as_ref())
+    }
+
+    fn quarantine_chunk(&mut self, id: i64, first_seq: i64, created_ms: i64, blob: &[u8], reason: &str) -> Result<(), SpoolError> {
+        let count: i64 = self.conn.query_row("SELECT count FROM chunks WHERE id = ?1", [id], |r| r.get(0))?;
+        let tx = self.conn.transaction().map_err(classify)?;
+        tx.execute(
+            "INSERT INTO dead_letters(seq, event_id, committed_ms, failed_ms, status, reason, body) VALUES (?1, '', ?2, ?3, NULL, ?4, ?5)",
+            params![first_seq, created_ms, crate::event::wall_now_ms(), format!("corrupt chunk ({count} events): {reason}"), blob],
+        )
+        .map_err(classify)?;
+        tx.execute("DELETE FROM chunks WHERE id = ?1", [id]).map_err(classify)?;
+        tx.execute("DELETE FROM chunk_done WHERE chunk_id = ?1", [id]).map_err(classify)?;
+        tx.commit().map_err(classify)?;
+        self.metrics.spool_corrupt_chunks.inc();
+        self.metrics.spool_backlog.sub(count as u64);
+        Ok(())
+    }
+
+    fn done_bits(&self, chunk: i64) -> rusqlite::Result<Vec<u8>> {
+        Ok(self.conn.query_row("SELECT bits FROM chunk_done WHERE chunk_id = ?1", [chunk], |r| r.get(0)).optional()?.unwrap_or_default())
+    }
+
+    /// Up to `max` undelivered events after `after` (exclusive), in commit order, from chunks
+    /// with id ≥ `min_chunk`.
+    pub fn read_after(&mut self, after: Option<Loc>, min_chunk: i64, max: usize) -> Result<Vec<SpooledEvent>, SpoolError> {
+        let mut out = Vec::new();
+        let mut next_id = after.map(|l| l.chunk).unwrap_or(i64::MIN).max(min_chunk);
+        let mut first = true;
+        while out.len() < max {
+            let id: Option<i64> = if first && after.is_some_and(|a| a.chunk >= min_chunk) {
+                Some(next_id)
+            } else {
+                self.conn.query_row("SELECT id FROM chunks WHERE id >= ?1 ORDER BY id LIMIT 1", [next_id], |r| r.get(0)).optional()?
+            };
+            let start_idx = if first { after.filter(|a| a.chunk >= min_chunk).map(|a| a.idx + 1).unwrap_or(0) } else { 0 };
+            first = false;
+            let Some(id) = id else { break };
+            next_id = id + 1;
+            let bits = self.done_bits(id)?;
+            let salt = self.salt;
+            let Some(c) = self.load_chunk(id)? else { continue };
+            let boot = Uuid::from_bytes(c.data.boot_id);
+            for (i, rec) in c.data.records.iter().enumerate().skip(start_idx as usize) {
+                if out.len() >= max {
+                    break;
+                }
+                if bit(&bits, i) {
+                    continue;
+                }
+                let seq = (c.first_seq as i64 + rec.seq_delta) as u64;
+                let committed_ms = c.created_ms + rec.committed_delta;
+                out.push(SpooledEvent {
+                    loc: Loc { chunk: c.id, idx: i as u32 },
+                    seq,
+                    committed_ms,
+                    event_id: event_id(salt, seq, committed_ms),
+                    boot_id: boot,
+                    body: rec.body.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Id of the newest chunk (0 when empty).
+    pub fn head_chunk(&self) -> rusqlite::Result<i64> {
+        self.conn.query_row("SELECT COALESCE(MAX(id), 0) FROM chunks", [], |r| r.get(0))
+    }
+
+    /// Mark events delivered; chunks whose events are all done are deleted.
+    pub fn ack(&mut self, locs: &[Loc], now_ms: i64) -> Result<(), SpoolError> {
+        let tx = self.conn.transaction().map_err(classify)?;
+        let n = mark_done(&tx, locs)?;
+        meta_set(&tx, "last_delivery_ms", now_ms).map_err(classify)?;
+        tx.commit().map_err(classify)?;
+        self.metrics.spool_backlog.sub(n);
+        self.after_delete()?;
+        Ok(())
+    }
+
+    /// Move events to the dead-letter table with the upstream's status and reason.
+    pub fn dead_letter(&mut self, items: &[(SpooledEvent, Option<u16>, String)], now_ms: i64) -> Result<(), SpoolError> {
+        let tx = self.conn.transaction().map_err(classify)?;
+        {
+            let mut ins = tx.prepare_cached("INSERT INTO dead_letters(seq, event_id, committed_ms, failed_ms, status, reason, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?;
+            for (ev, status, reason) in items {
+                let body = postcard::to_stdvec(&ev.body)?;
+                ins.execute(params![ev.seq as i64, ev.event_id.to_string(), ev.committed_ms, now_ms, status.map(i64::from), reason, body]).map_err(classify)?;
+            }
+        }
+        let locs: Vec<Loc> = items.iter().map(|(e, _, _)| e.loc).collect();
+        let n = mark_done(&tx, &locs)?;
+        tx.commit().map_err(classify)?;
+        self.metrics.spool_backlog.sub(n);
+        self.metrics.dead_lettered.add(items.len() as u64);
+        self.after_delete()?;
+        Ok(())
+    }
+
+    fn after_delete(&mut self) -> Result<(), SpoolError> {
+        if let Some(c) = &self.cache {
+            let exists: Option<i64> = self.conn.query_row("SELECT id FROM chunks WHERE id = ?1", [c.id], |r| r.get(0)).optional()?;
+            if exists.is_none() {
+                self.cache = None;
+            }
+        }
+        self.refresh_used()?;
+        Ok(())
+    }
+
+    /// Record the upstream's state for `scangate status` (call on state changes only).
+    pub fn set_upstream_error(&mut self, error: Option<&str>, now_ms: i64) -> Result<(), SpoolError> {
+        let tx = self.conn.transaction().map_err(classify)?;
+        match error {
+            Some(e) => {
+                meta_set(&tx, "last_error", e)?;
+                meta_set(&tx, "last_error_ms", now_ms)?;
+            }
+            None => {
+                tx.execute("DELETE FROM meta WHERE key IN ('last_error', 'last_error_ms')", [])?;
+            }
+        }
+        tx.commit().map_err(classify)?;
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Result<Stats, SpoolError> {
+        let mut s = stats_of(&self.conn)?;
+        s.used_bytes = self.used_bytes;
+        Ok(s)
+    }
+
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError> {
+        dead_letters_of(&self.conn, limit)
+    }
+
+    /// Put dead letters back into the queue with their original seq and event id (so an
+    /// ingest API that de-duplicates by event_id still sees each event once). `ids = None`
+    /// requeues all. Corrupt-chunk entries cannot be requeued and are left in place.
+    pub fn requeue(&mut self, ids: Option<&[i64]>, now_ms: i64) -> Result<usize, SpoolError> {
+        let all = dead_letters_of(&self.conn, usize::MAX)?;
+        let chosen: Vec<DeadLetter> = all.into_iter().filter(|d| d.body.is_some() && ids.is_none_or(|ids| ids.contains(&d.id))).collect();
+        let mut done = 0;
+        for group in chosen.chunks(1000) {
+            let base_seq = group[0].seq;
+            let base_ms = now_ms;
+            let records: Vec<Record> = group
+                .iter()
+                .filter_map(|d| {
+                    d.body.clone().map(|body| Record { seq_delta: d.seq as i64 - base_seq as i64, committed_delta: d.committed_ms - base_ms, body })
+                })
+                .collect();
+            let data = ChunkData { boot_id: *self.boot_id.as_bytes(), records };
+            let blob = chunk::encode(&data)?;
+            let dl_ids: Vec<i64> = group.iter().map(|d| d.id).collect();
+            let next = self.next_seq;
+            self.insert_chunk(base_seq, base_ms, &blob, group.len(), next, &dl_ids)?;
+            done += group.len();
+        }
+        Ok(done)
+    }
+}
+
+fn bit(bits: &[u8], i: usize) -> bool {
+    bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+}
+
+/// Set done bits for `locs`; delete chunks that become fully done. Returns newly-done events.
+fn mark_done(tx: &rusqlite::Transaction<'_>, locs: &[Loc]) -> Result<u64, SpoolError> {
+    let mut sorted = locs.to_vec();
+    sorted.sort_unstable();
+    let mut newly = 0u64;
+    let mut i = 0;
+    while i < sorted.len() {
+        let chunk = sorted[i].chunk;
+        let mut j = i;
+        while j < sorted.len() && sorted[j].chunk == chunk {
+            j += 1;
+        }
+        let count: Option<i64> = tx.query_row("SELECT count FROM chunks WHERE id = ?1", [chunk], |r| r.get(0)).optional()?;
+        if let Some(count) = count {
+            let count = count as usize;
+            let mut bits: Vec<u8> = tx.query_row("SELECT bits FROM chunk_done WHERE chunk_id = ?1", [chunk], |r| r.get(0)).optional()?.unwrap_or_default();
+            bits.resize(count.div_ceil(8), 0);
+            for l in &sorted[i..j] {
+                let k = l.idx as usize;
+                if k < count && !bit(&bits, k) {
+                    bits[k / 8] |= 1 << (k % 8);
+                    newly += 1;
+                }
+            }
+            let done = (0..count).filter(|&k| bit(&bits, k)).count();
+            if done == count {
+                tx.execute("DELETE FROM chunks WHERE id = ?1", [chunk]).map_err(classify)?;
+                tx.execute("DELETE FROM chunk_done WHERE chunk_id = ?1", [chunk]).map_err(classify)?;
+            } else {
+                tx.execute(
+                    "INSERT INTO chunk_done(chunk_id, bits, done) VALUES (?1, ?2, ?3) ON CONFLICT(chunk_id) DO UPDATE SET bits = excluded.bits, done = excluded.done",
+                    params![chunk, bits, done as i64],
+                )
+                .map_err(classify)?;
+            }
+        }
+        i = j;
+    }
+    Ok(newly)
+}
+
+fn migrate_to_1(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "BEGIN;
+         CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS chunks(
+             id INTEGER PRIMARY KEY,
+             first_seq INTEGER NOT NULL,
+             count INTEGER NOT NULL,
+             created_ms INTEGER NOT NULL,
+             data BLOB NOT NULL);
+         CREATE TABLE IF NOT EXISTS chunk_done(
+             chunk_id INTEGER PRIMARY KEY,
+             bits BLOB NOT NULL,
+             done INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS dead_letters(
+             id INTEGER PRIMARY KEY,
+             seq INTEGER NOT NULL,
+             event_id TEXT NOT NULL,
+             committed_ms INTEGER NOT NULL,
+             failed_ms INTEGER NOT NULL,
+             status INTEGER,
+             reason TEXT NOT NULL,
+             body BLOB NOT NULL);
+         PRAGMA user_version = 1;
+         COMMIT;",
+    )
+}
+
+pub fn backlog_of(conn: &Connection) -> rusqlite::Result<u64> {
+    let n: i64 = conn.query_row("SELECT COALESCE(SUM(c.count - COALESCE(d.done, 0)), 0) FROM chunks c LEFT JOIN chunk_done d ON d.chunk_id = c.id", [], |r| r.get(0))?;
+    Ok(n.max(0) as u64)
+}
+
+/// Statistics from any connection (the daemon's, or a read-only one for `scangate status`).
+pub fn stats_of(conn: &Connection) -> Result<Stats, SpoolError> {
+    let backlog = backlog_of(conn)?;
+    let (chunks, oldest): (i64, Option<i64>) = conn.query_row("SELECT COUNT(*), MIN(created_ms) FROM chunks", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let dead: i64 = conn.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))?;
+    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    Ok(Stats {
+        backlog,
+        chunks: chunks as u64,
+        oldest_committed_ms: oldest,
+        dead_letters: dead as u64,
+        next_seq: meta_get::<i64>(conn, "next_seq")?.unwrap_or(1) as u64,
+        used_bytes: ((pages - free).max(0) * page_size) as u64,
+        file_bytes: (pages * page_size) as u64,
+        last_delivery_ms: meta_get(conn, "last_delivery_ms")?,
+        last_error: meta_get(conn, "last_error")?,
+        last_error_ms: meta_get(conn, "last_error_ms")?,
+        corrupt_incidents: meta_get::<i64>(conn, "corrupt_incidents")?.unwrap_or(0) as u64,
+    })
+}
+
+pub fn dead_letters_of(conn: &Connection, limit: usize) -> Result<Vec<DeadLetter>, SpoolError> {
+    let mut q = conn.prepare("SELECT id, seq, event_id, committed_ms, failed_ms, status, reason, body FROM dead_letters ORDER BY id LIMIT ?1")?;
+    let rows = q.query_map([limit.min(i64::MAX as usize) as i64], |r| {
+        let raw: Vec<u8> = r.get(7)?;
+        let event_id: String = r.get(2)?;
+        let body = if event_id.is_empty() { None } else { postcard::from_bytes::<EventBody>(&raw).ok() };
+        Ok(DeadLetter {
+            id: r.get(0)?,
+            seq: r.get::<_, i64>(1)? as u64,
+            event_id,
+            committed_ms: r.get(3)?,
+            failed_ms: r.get(4)?,
+            status: r.get::<_, Option<i64>>(5)?.map(|s| s as u16),
+            reason: r.get(6)?,
+            raw: if body.is_some() { Vec::new() } else { raw },
+            body,
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
