@@ -70,9 +70,9 @@ pub fn spawn_signal_handler(token: CancellationToken) {
     });
 }
 
-/// For the demo: only warnings and errors, so the progress line stays readable.
+/// For the demo: errors only, so the progress line stays readable.
 pub fn init_logging_quiet() {
-    let filter = std::env::var("SCANGATE_LOG").unwrap_or_else(|_| "warn".into());
-    let env = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let filter = std::env::var("SCANGATE_LOG").unwrap_or_else(|_| "error".into());
+    let env = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
     let _ = tracing_subscriber::fmt().with_env_filter(env).with_writer(std::io::stderr).with_target(false).try_init();
 }

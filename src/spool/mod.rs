@@ -128,6 +128,10 @@ pub struct Spool {
     opts: SpoolOptions,
     salt: u64,
     next_seq: u64,
+    /// Chunk ids come from this counter, never from SQLite's rowid choice: SQLite reuses the
+    /// id of a deleted newest row, and a reused id would hide a new chunk behind a reader's
+    /// cursor.
+    next_chunk: i64,
     boot_id: Uuid,
     page_size: u64,
     used_bytes: u64,
@@ -239,12 +243,15 @@ impl Spool {
         let salt = meta_get::<i64>(&conn, "salt")?.unwrap_or(0) as u64;
         let next_seq = meta_get::<i64>(&conn, "next_seq")?.unwrap_or(1) as u64;
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let max_id: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM chunks", [], |r| r.get(0))?;
+        let next_chunk = meta_get::<i64>(&conn, "next_chunk")?.unwrap_or(1).max(max_id + 1);
         let mut spool = Spool {
             conn,
             path,
             opts,
             salt,
             next_seq,
+            next_chunk,
             boot_id: crate::event::boot_id(),
             page_size: page_size as u64,
             used_bytes: 0,
@@ -342,17 +349,18 @@ impl Spool {
     }
 
     fn try_insert(&mut self, first_seq: u64, created_ms: i64, blob: &[u8], count: usize, next_seq: u64, requeued: &[i64]) -> Result<i64, SpoolError> {
+        let id = self.next_chunk;
         let tx = self.conn.transaction().map_err(classify)?;
-        tx.execute("INSERT INTO chunks(first_seq, count, created_ms, data) VALUES (?1, ?2, ?3, ?4)", params![first_seq as i64, count as i64, created_ms, blob])
+        tx.execute("INSERT INTO chunks(id, first_seq, count, created_ms, data) VALUES (?1, ?2, ?3, ?4, ?5)", params![id, first_seq as i64, count as i64, created_ms, blob])
             .map_err(classify)?;
-        let id = tx.last_insert_rowid();
-        if next_seq > first_seq {
-            tx.execute("UPDATE meta SET value = ?1 WHERE key = 'next_seq'", [next_seq as i64]).map_err(classify)?;
-        }
+        // Both counters sit in the small meta table: one page rewritten per commit.
+        meta_set(&tx, "next_chunk", id + 1).map_err(classify)?;
+        meta_set(&tx, "next_seq", next_seq as i64).map_err(classify)?;
         for dl in requeued {
             tx.execute("DELETE FROM dead_letters WHERE id = ?1", [dl]).map_err(classify)?;
         }
         tx.commit().map_err(classify)?;
+        self.next_chunk = id + 1;
         Ok(id)
     }
 
