@@ -1,0 +1,355 @@
+//! A loopback ingest server implementing both upstream contracts, for tests and benchmarks.
+//!
+//! - `POST /api/v1/events/batch` (bag-events) and `POST /api/v1/collect` (collect): envelope
+//!   validation per contract, `Content-Encoding` gzip / zstd / identity, de-duplication by
+//!   `event_id`, and a record of every request and every unique event.
+//! - Behaviours a test can script: a queue of one-shot replies (any status, 207 with chosen
+//!   rejections, 429/503 with Retry-After, slow answers, dropped connections), and standing
+//!   rules (413 above a batch size, 422/400 for poison tags, 401 without the right token,
+//!   "down" = 503 to everything). `stop()` / `restart()` make the port refuse connections.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::task::JoinSet;
+
+#[derive(Debug, Clone)]
+pub enum Reply {
+    Status(u16),
+    /// 207 rejecting these event ids (collect shape: `dlq_events` objects with `error`).
+    Partial(Vec<String>),
+    RetryAfter(u16, u64),
+    Slow(Duration, Box<Reply>),
+    /// Close the connection without answering.
+    Drop,
+}
+
+#[derive(Debug, Clone)]
+pub struct RequestLog {
+    pub at: tokio::time::Instant,
+    pub path: String,
+    pub status: u16,
+    pub events: usize,
+    pub encoding: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub gateway: Option<String>,
+    pub auth: Option<String>,
+}
+
+#[derive(Default)]
+pub struct State {
+    pub script: VecDeque<Reply>,
+    pub max_batch: Option<usize>,
+    pub poison: HashSet<String>,
+    pub poison_status: u16,
+    pub token: Option<String>,
+    pub down: bool,
+    /// Unique events in arrival order.
+    pub events: Vec<Value>,
+    pub seen: HashMap<String, u32>,
+    pub duplicates: u64,
+    pub requests: Vec<RequestLog>,
+    pub envelopes: Vec<Value>,
+}
+
+impl State {
+    pub fn unique(&self) -> usize {
+        self.events.len()
+    }
+}
+
+pub struct Ingest {
+    pub addr: SocketAddr,
+    pub state: Arc<Mutex<State>>,
+    tasks: Option<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct DropConnection;
+impl std::fmt::Display for DropConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("scripted connection drop")
+    }
+}
+impl std::error::Error for DropConnection {}
+
+fn json(status: u16, v: Value) -> Result<Response<Full<Bytes>>, DropConnection> {
+    Ok(Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(v.to_string())))
+        .expect("valid response"))
+}
+
+fn decode_body(encoding: Option<&str>, body: &[u8]) -> Result<Vec<u8>, String> {
+    match encoding {
+        None | Some("identity") => Ok(body.to_vec()),
+        Some("gzip") => {
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(body).read_to_end(&mut out).map_err(|e| format!("bad gzip: {e}"))?;
+            Ok(out)
+        }
+        Some("zstd") => zstd::stream::decode_all(body).map_err(|e| format!("bad zstd: {e}")),
+        Some(other) => Err(format!("unsupported encoding {other}")),
+    }
+}
+
+/// Contract validation. Err = (status, detail).
+fn validate(path: &str, v: &Value) -> Result<Vec<Value>, (u16, String)> {
+    let events = v.get("events").and_then(|e| e.as_array()).ok_or((422, "events: field required".to_string()))?;
+    if path.ends_with("/collect") {
+        if v.get("batch_id").and_then(|b| b.as_str()).is_none() {
+            return Err((400, "batch_id required".into()));
+        }
+        if events.is_empty() || events.len() > 1000 {
+            return Err((413, format!("batch must hold 1-1000 events, got {}", events.len())));
+        }
+        for e in events {
+            for k in ["event_id", "learner_id", "tenant_id", "timestamp"] {
+                if e.get(k).and_then(|x| x.as_str()).is_none() {
+                    return Err((400, format!("{k} required")));
+                }
+            }
+            let t = e.get("event_type").and_then(|x| x.as_str()).unwrap_or("");
+            if !["interaction", "progress", "assessment", "error", "system"].contains(&t) {
+                return Err((400, format!("invalid event_type {t}")));
+            }
+            if !e.get("event_data").is_some_and(|d| d.is_object()) {
+                return Err((400, "event_data must be an object".into()));
+            }
+        }
+    } else {
+        if v.get("source_system").and_then(|s| s.as_str()).is_none() {
+            return Err((422, "source_system: field required".into()));
+        }
+        let et = v.get("event_type").and_then(|s| s.as_str()).unwrap_or("");
+        if et != "scan" && et != "sensor" {
+            return Err((422, format!("event_type: invalid {et}")));
+        }
+        for e in events {
+            for k in ["event_id", "timestamp", "location"] {
+                if e.get(k).and_then(|x| x.as_str()).is_none() {
+                    return Err((422, format!("{k}: field required")));
+                }
+            }
+            if et == "scan" {
+                if e.get("bag_id").and_then(|x| x.as_str()).is_none() {
+                    return Err((422, "bag_id: field required".into()));
+                }
+                if !e.get("read_count").is_some_and(|x| x.is_u64()) {
+                    return Err((422, "read_count: must be an integer".into()));
+                }
+                if !e.get("signal_strength").is_some_and(|x| x.is_null() || x.is_i64()) {
+                    return Err((422, "signal_strength: must be an integer".into()));
+                }
+            }
+        }
+    }
+    Ok(events.clone())
+}
+
+fn tag_of(e: &Value) -> String {
+    e.get("bag_id").or_else(|| e.get("learner_id")).and_then(|x| x.as_str()).unwrap_or_default().to_string()
+}
+
+async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, DropConnection> {
+    let path = req.uri().path().to_string();
+    let header = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let encoding = header("content-encoding");
+    let mut log = RequestLog { at: tokio::time::Instant::now(), path: path.clone(), status: 0, events: 0, encoding: encoding.clone(), idempotency_key: header("idempotency-key"), gateway: header("x-gateway-id"), auth: header("authorization") };
+    let body = req.into_body().collect().await.map_err(|_| DropConnection)?.to_bytes();
+
+    let mut scripted = state.lock().expect("state").script.pop_front();
+    while let Some(Reply::Slow(d, inner)) = scripted {
+        tokio::time::sleep(d).await;
+        scripted = Some(*inner);
+    }
+    let finish = |status: u16, log: &mut RequestLog, st: &mut State| {
+        log.status = status;
+        st.requests.push(log.clone());
+    };
+    match scripted {
+        Some(Reply::Drop) => {
+            let mut st = state.lock().expect("state");
+            finish(0, &mut log, &mut st);
+            return Err(DropConnection);
+        }
+        Some(Reply::Status(s)) if !(200..300).contains(&s) => {
+            finish(s, &mut log, &mut state.lock().expect("state"));
+            return json(s, serde_json::json!({"detail": format!("scripted {s}")}));
+        }
+        Some(Reply::RetryAfter(s, secs)) => {
+            finish(s, &mut log, &mut state.lock().expect("state"));
+            return Ok(Response::builder().status(s).header("retry-after", secs.to_string()).body(Full::new(Bytes::from_static(b"{}"))).expect("valid"));
+        }
+        _ => {}
+    }
+    if path != "/api/v1/events/batch" && path != "/api/v1/collect" {
+        finish(404, &mut log, &mut state.lock().expect("state"));
+        return json(404, serde_json::json!({"detail": "Not Found"}));
+    }
+    let mut st = state.lock().expect("state");
+    if st.down {
+        finish(503, &mut log, &mut st);
+        return json(503, serde_json::json!({"detail": "Service unavailable"}));
+    }
+    if let Some(t) = &st.token {
+        if log.auth.as_deref() != Some(&format!("Bearer {t}")) {
+            finish(401, &mut log, &mut st);
+            return json(401, serde_json::json!({"detail": "Not authenticated"}));
+        }
+    }
+    let raw = match decode_body(encoding.as_deref(), &body) {
+        Ok(r) => r,
+        Err(e) => {
+            finish(400, &mut log, &mut st);
+            return json(400, serde_json::json!({"detail": e}));
+        }
+    };
+    let v: Value = match serde_json::from_slice(&raw) {
+        Ok(v) => v,
+        Err(e) => {
+            finish(400, &mut log, &mut st);
+            return json(400, serde_json::json!({"detail": format!("invalid JSON: {e}")}));
+        }
+    };
+    let events = match validate(&path, &v) {
+        Ok(e) => e,
+        Err((s, d)) => {
+            finish(s, &mut log, &mut st);
+            return json(s, serde_json::json!({"detail": d}));
+        }
+    };
+    log.events = events.len();
+    if let Some(max) = st.max_batch {
+        if events.len() > max {
+            finish(413, &mut log, &mut st);
+            return json(413, serde_json::json!({"detail": format!("batch too large (> {max})")}));
+        }
+    }
+    if !st.poison.is_empty() && events.iter().any(|e| st.poison.contains(&tag_of(e))) {
+        let s = if st.poison_status == 0 { 422 } else { st.poison_status };
+        finish(s, &mut log, &mut st);
+        return json(s, serde_json::json!({"detail": "poison tag in batch"}));
+    }
+    let rejected: Vec<String> = match &scripted {
+        Some(Reply::Partial(ids)) => ids.clone(),
+        _ => Vec::new(),
+    };
+    let mut ingested = 0;
+    let mut dups = 0;
+    for e in &events {
+        let id = e.get("event_id").and_then(|x| x.as_str()).unwrap_or_default().to_string();
+        if rejected.contains(&id) {
+            continue;
+        }
+        let n = st.seen.entry(id).or_default();
+        *n += 1;
+        if *n == 1 {
+            st.events.push(e.clone());
+            ingested += 1;
+        } else {
+            dups += 1;
+        }
+    }
+    st.duplicates += dups;
+    let mut env = v.clone();
+    if let Some(o) = env.as_object_mut() {
+        o.remove("events");
+    }
+    st.envelopes.push(env);
+    if !rejected.is_empty() {
+        finish(207, &mut log, &mut st);
+        let dlq: Vec<Value> = rejected.iter().map(|id| serde_json::json!({"event_id": id, "error": "schema: learner unknown"})).collect();
+        return json(207, serde_json::json!({"batch_id": v.get("batch_id"), "accepted_count": ingested, "rejected_count": rejected.len(), "dlq_events": dlq, "warnings": []}));
+    }
+    let status = match scripted {
+        Some(Reply::Status(s)) => s,
+        _ => 200,
+    };
+    finish(status, &mut log, &mut st);
+    json(status, serde_json::json!({"status": "success", "total_events": events.len(), "ingested_events": ingested, "duplicates_filtered": dups}))
+}
+
+impl Ingest {
+    pub async fn start() -> Ingest {
+        Self::start_on("127.0.0.1:0".parse().expect("addr"), Arc::new(Mutex::new(State::default()))).await
+    }
+
+    async fn start_on(addr: SocketAddr, state: Arc<Mutex<State>>) -> Ingest {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.set_reuseaddr(true).expect("reuseaddr");
+        sock.bind(addr).expect("bind ingest port");
+        let listener = sock.listen(1024).expect("listen");
+        let addr = listener.local_addr().expect("local addr");
+        let st = state.clone();
+        let tasks = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let st = st.clone();
+                conns.spawn(async move {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Ingest { addr, state, tasks: Some(tasks) }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Refuse connections (listener and open connections closed).
+    pub async fn stop(&mut self) {
+        if let Some(t) = self.tasks.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    /// Listen again on the same port, keeping the recorded state.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let mut again = Self::start_on(self.addr, self.state.clone()).await;
+        self.tasks = again.tasks.take();
+    }
+
+    pub fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        f(&mut self.state.lock().expect("state"))
+    }
+
+    pub fn unique(&self) -> usize {
+        self.with(|s| s.unique())
+    }
+}
+
+impl Drop for Ingest {
+    fn drop(&mut self) {
+        if let Some(t) = self.tasks.take() {
+            t.abort();
+        }
+    }
+}
+
+/// Poll `cond` every 10 ms until it holds or `deadline` passes (then panic with `what`).
+pub async fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let end = tokio::time::Instant::now() + deadline;
+    while !cond() {
+        if tokio::time::Instant::now() > end {
+            panic!("timed out after {deadline:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
