@@ -113,7 +113,7 @@ async fn too_large_413_splits_remembers_the_size_and_dead_letters_a_lone_giant()
     // A single event the server refuses as too large is dead-lettered, not retried forever.
     ingest.with(|s| s.max_batch = Some(0));
     rig.commit("giant", 1, 1).await;
-    wait_until("giant dead-lettered", T, || rig.metrics.dead_lettered.get() == 1).await;
+    wait_until("giant dead-lettered", T, || rig.metrics.dead_lettered.get() == 1 && rig.metrics.delivered.get() == 80).await;
     let dl = rig.spool.dead_letters(5).await.unwrap();
     assert_eq!(dl[0].status, Some(413));
     assert_eq!(dl[0].body.as_ref().unwrap().tag, "giant-0");
@@ -130,7 +130,7 @@ async fn bisect_case(status: u16) {
     let url = ingest.base_url();
     let rig = Rig::new(|d| config(d, &url, "bag-events", "batch_max_events = 16")).await;
     rig.commit("p", 16, 16).await;
-    wait_until("14 delivered", T, || ingest.unique() == 14).await;
+    wait_until("14 delivered", T, || ingest.unique() == 14 && rig.metrics.delivered.get() == 14).await;
     wait_until("2 dead letters", T, || rig.metrics.dead_lettered.get() == 2).await;
     let dl = rig.spool.dead_letters(10).await.unwrap();
     let mut tags: Vec<String> = dl.iter().map(|d| d.body.as_ref().unwrap().tag.clone()).collect();
@@ -174,7 +174,7 @@ async fn unauthorized_401_keeps_everything_and_recovers_when_the_token_file_is_f
         assert!(s.requests.iter().all(|r| r.auth.as_deref() == Some("Bearer wrong")));
     });
     std::fs::write(&token, "s3cret\n").unwrap();
-    wait_until("delivered after token fix", T, || ingest.unique() == 5).await;
+    wait_until("delivered after token fix", T, || ingest.unique() == 5 && rig.metrics.delivered.get() == 5).await;
     assert_eq!(rig.backlog().await, 0);
     rig.shutdown().await;
 }

@@ -94,7 +94,9 @@ impl Forwarder {
         let token = cfg.token_file.as_deref().and_then(read_token);
         let encoder = Encoder { profile: cfg.profile, gateway_id, site, event_type: cfg.event_type.clone(), fields: cfg.fields.clone() };
         let backoff = Self::new_backoff(&cfg);
-        Ok(Forwarder { cfg, client, encoder, spool, metrics, token, max_ok: None, down_since: None, last_error: None, live_floor: 0, backoff })
+        // Everything committed before the forwarder exists is backlog (live-first).
+        let live_floor = *spool.committed().borrow() + 1;
+        Ok(Forwarder { cfg, client, encoder, spool, metrics, token, max_ok: None, down_since: None, last_error: None, live_floor, backoff })
     }
 
     fn new_backoff(cfg: &UpstreamConfig) -> backon::ExponentialBackoff {
@@ -122,9 +124,6 @@ impl Forwarder {
         let mut backlog_cursor: Option<Loc> = None;
         let mut tokens: f64 = 0.0;
         let mut last_refill = Instant::now();
-        if self.cfg.order == Order::LiveFirst {
-            self.live_floor = self.spool.head_chunk().await.unwrap_or(0) + 1;
-        }
         let mut partial_since: Option<Instant> = None;
         loop {
             if shutdown.is_cancelled() {
@@ -380,9 +379,8 @@ impl Forwarder {
             tracing::info!(down_for = ?since.elapsed(), "Upstream is accepting events again; delivering the backlog");
             self.last_error = None;
             self.spool.set_upstream_error(None).await;
-            if self.cfg.order == Order::LiveFirst {
-                self.live_floor = self.spool.head_chunk().await.unwrap_or(0) + 1;
-            }
+            // What piled up during the outage is backlog now; what comes next is live.
+            self.live_floor = *self.spool.committed().borrow() + 1;
         }
     }
 
