@@ -34,6 +34,10 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 const SCHEMA_VERSION: i64 = 1;
+/// Size of `spool.reserve`, a preallocated file released when the disk is full so that
+/// acknowledgements, evictions and dead-lettering (which must write WAL frames to free space)
+/// still work. Appends never use it: the reserve exists to get data *out* of a full spool.
+pub const RESERVE_BYTES: usize = 512 * 1024;
 /// Small pages: every commit rewrites a few non-overflow pages (table leaf, meta), so their
 /// size is paid per commit; blobs use overflow pages either way.
 const PAGE_SIZE: u32 = 1024;
@@ -137,6 +141,9 @@ pub struct Spool {
     used_bytes: u64,
     cache: Option<DecodedChunk>,
     metrics: Arc<Metrics>,
+    reserve: PathBuf,
+    /// Commits since the reserve was released (it is recreated every so often, not per commit).
+    reserve_missing_commits: Option<u32>,
 }
 
 fn is_code(e: &rusqlite::Error, code: ErrorCode) -> bool {
@@ -257,7 +264,12 @@ impl Spool {
             used_bytes: 0,
             cache: None,
             metrics,
+            reserve: state_dir.join("spool.reserve"),
+            reserve_missing_commits: None,
         };
+        if !spool.make_reserve() {
+            spool.reserve_missing_commits = Some(0);
+        }
         spool.refresh_used()?;
         report.backlog = spool.backlog()?;
         spool.metrics.spool_backlog.set(report.backlog);
@@ -272,6 +284,43 @@ impl Spool {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Create the reserve file if it is missing. False when the disk has no room for it.
+    fn make_reserve(&self) -> bool {
+        if std::fs::metadata(&self.reserve).is_ok_and(|m| m.len() >= RESERVE_BYTES as u64) {
+            return true;
+        }
+        let res = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&self.reserve)?;
+            f.write_all(&vec![0u8; RESERVE_BYTES])?;
+            f.sync_all()
+        })();
+        if res.is_err() {
+            let _ = std::fs::remove_file(&self.reserve);
+        }
+        res.is_ok()
+    }
+
+    /// Release the reserve (disk full). True if there was one to release.
+    fn release_reserve(&mut self) -> bool {
+        if std::fs::remove_file(&self.reserve).is_ok() {
+            tracing::warn!(path = %self.reserve.display(), "Disk full: released the spool's emergency reserve so deliveries can still be recorded");
+            self.reserve_missing_commits = Some(0);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Run a write that frees space (ack, eviction, dead letter); on a full disk, release the
+    /// reserve and try once more.
+    fn freeing<T>(&mut self, mut f: impl FnMut(&mut Self) -> Result<T, SpoolError>) -> Result<T, SpoolError> {
+        match f(self) {
+            Err(SpoolError::DiskFull) if self.release_reserve() => f(self),
+            other => other,
+        }
     }
 
     pub fn used_bytes(&self) -> u64 {
@@ -318,7 +367,8 @@ impl Spool {
                     return Err(SpoolError::Full { max_bytes: self.opts.max_bytes });
                 }
                 WhenFull::DropOldest => {
-                    evicted = self.evict_until(self.opts.max_bytes.saturating_sub(need))?;
+                    let target = self.opts.max_bytes.saturating_sub(need);
+                    evicted = self.freeing(|sp| sp.evict_until(target))?;
                 }
             }
         }
@@ -327,6 +377,13 @@ impl Spool {
             match self.try_insert(first_seq, created_ms, blob, count, next_seq, requeued) {
                 Ok(id) => {
                     self.refresh_used()?;
+                    if let Some(n) = self.reserve_missing_commits {
+                        if n % 256 == 0 && self.make_reserve() {
+                            self.reserve_missing_commits = None;
+                        } else {
+                            self.reserve_missing_commits = Some(n.wrapping_add(1));
+                        }
+                    }
                     self.metrics.spool_committed.add(count as u64);
                     self.metrics.spool_commits.inc();
                     self.metrics.spool_backlog.add(count as u64);
@@ -337,7 +394,7 @@ impl Spool {
                     // room even on a full disk.
                     attempt += 1;
                     let target = self.used_bytes.saturating_sub(need.max(64 * 1024));
-                    let n = self.evict_until(target).unwrap_or(0);
+                    let n = self.freeing(|sp| sp.evict_until(target)).unwrap_or(0);
                     if n == 0 {
                         return Err(SpoolError::DiskFull);
                     }
@@ -486,6 +543,10 @@ impl Spool {
 
     /// Mark events delivered; chunks whose events are all done are deleted.
     pub fn ack(&mut self, locs: &[Loc], now_ms: i64) -> Result<(), SpoolError> {
+        self.freeing(|sp| sp.ack_once(locs, now_ms))
+    }
+
+    fn ack_once(&mut self, locs: &[Loc], now_ms: i64) -> Result<(), SpoolError> {
         let tx = self.conn.transaction().map_err(classify)?;
         let n = mark_done(&tx, locs)?;
         meta_set(&tx, "last_delivery_ms", now_ms).map_err(classify)?;
@@ -497,6 +558,10 @@ impl Spool {
 
     /// Move events to the dead-letter table with the upstream's status and reason.
     pub fn dead_letter(&mut self, items: &[(SpooledEvent, Option<u16>, String)], now_ms: i64) -> Result<(), SpoolError> {
+        self.freeing(|sp| sp.dead_letter_once(items, now_ms))
+    }
+
+    fn dead_letter_once(&mut self, items: &[(SpooledEvent, Option<u16>, String)], now_ms: i64) -> Result<(), SpoolError> {
         let tx = self.conn.transaction().map_err(classify)?;
         {
             let mut ins = tx.prepare_cached("INSERT INTO dead_letters(seq, event_id, committed_ms, failed_ms, status, reason, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?;

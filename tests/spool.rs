@@ -1,0 +1,364 @@
+//! The spool against a simple in-memory model, plus fault cases on real files and real
+//! (small, mounted) filesystems.
+
+mod common;
+
+use common::body;
+use proptest::prelude::*;
+use scangate::config::{SyncMode, WhenFull};
+use scangate::event::Loc;
+use scangate::metrics::Metrics;
+use scangate::spool::{Spool, SpoolError, SpoolOptions};
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+fn opts() -> SpoolOptions {
+    SpoolOptions { sync: SyncMode::Normal, ..SpoolOptions::default() }
+}
+
+fn open(dir: &Path) -> Spool {
+    Spool::open(dir, opts(), Arc::new(Metrics::default())).expect("open").0
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append(usize),
+    /// Read a batch of up to n after the model cursor.
+    Read(usize),
+    /// Ack the first k events of the last read batch (k as a fraction of 8).
+    Ack(u8),
+    /// Dead-letter the event at index i (mod len) of the last read batch.
+    DeadLetter(usize),
+    Reopen,
+    Requeue,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (1usize..40).prop_map(Op::Append),
+        3 => (1usize..60).prop_map(Op::Read),
+        3 => (0u8..=8).prop_map(Op::Ack),
+        1 => (0usize..100).prop_map(Op::DeadLetter),
+        1 => Just(Op::Reopen),
+        1 => Just(Op::Requeue),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+    #[test]
+    fn spool_matches_a_queue_model(ops in proptest::collection::vec(op(), 1..40)) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sp = open(dir.path());
+        // Model: pending (seq, tag) in delivery order; dead letters (seq, tag).
+        let mut pending: VecDeque<(u64, String)> = VecDeque::new();
+        let mut dead: Vec<(u64, String)> = Vec::new();
+        let mut ids: HashMap<u64, uuid::Uuid> = HashMap::new();
+        let mut next_tag = 0usize;
+        let mut last_read: Vec<scangate::event::SpooledEvent> = Vec::new();
+        let mut cursor: Option<Loc> = None;
+        let mut last_seq = 0u64;
+        for op in ops {
+            match op {
+                Op::Append(n) => {
+                    let bodies: Vec<_> = (0..n).map(|i| body(&format!("t{}", next_tag + i), 1_700_000_000_000)).collect();
+                    let r = sp.append(bodies, 1_763_289_000_000).unwrap();
+                    prop_assert!(r.first_seq > last_seq, "seq must increase");
+                    for i in 0..n {
+                        pending.push_back((r.first_seq + i as u64, format!("t{}", next_tag + i)));
+                    }
+                    last_seq = r.first_seq + n as u64 - 1;
+                    next_tag += n;
+                }
+                Op::Read(n) => {
+                    let b = sp.read_after(cursor, 0, n).unwrap();
+                    for e in &b {
+                        prop_assert!(pending.iter().any(|(s, t)| *s == e.seq && *t == e.body.tag), "read an event the model does not have pending: {} {}", e.seq, e.body.tag);
+                        if let Some(old) = ids.insert(e.seq, e.event_id) {
+                            prop_assert_eq!(old, e.event_id, "event_id must be stable");
+                        }
+                    }
+                    let seqs: Vec<u64> = b.iter().map(|e| e.seq).collect();
+                    let mut sorted = seqs.clone();
+                    sorted.sort_unstable();
+                    sorted.dedup();
+                    prop_assert_eq!(sorted.len(), seqs.len(), "no event twice in a batch");
+                    if let Some(l) = b.last() { cursor = Some(l.loc); }
+                    last_read = b;
+                }
+                Op::Ack(k) => {
+                    let k = last_read.len() * k as usize / 8;
+                    let acked: Vec<_> = last_read.drain(..k).collect();
+                    sp.ack(&acked.iter().map(|e| e.loc).collect::<Vec<_>>(), 0).unwrap();
+                    pending.retain(|(s, _)| !acked.iter().any(|e| e.seq == *s));
+                }
+                Op::DeadLetter(i) => {
+                    if !last_read.is_empty() {
+                        let e = last_read.remove(i % last_read.len());
+                        sp.dead_letter(&[(e.clone(), Some(422), "bad".into())], 0).unwrap();
+                        pending.retain(|(s, _)| *s != e.seq);
+                        dead.push((e.seq, e.body.tag.clone()));
+                    }
+                }
+                Op::Reopen => {
+                    drop(sp);
+                    sp = open(dir.path());
+                    cursor = None;
+                    last_read.clear();
+                }
+                Op::Requeue => {
+                    let n = sp.requeue(None, 1_763_289_000_000).unwrap();
+                    prop_assert_eq!(n, dead.len());
+                    for d in dead.drain(..) {
+                        pending.push_back(d);
+                    }
+                    // Requeued events sit at the end of the queue: restart reading from the top.
+                    cursor = None;
+                    last_read.clear();
+                }
+            }
+            // Invariants after every step.
+            prop_assert_eq!(sp.backlog().unwrap(), pending.len() as u64);
+            let all = sp.read_after(None, 0, usize::MAX).unwrap();
+            let got: Vec<(u64, String)> = all.iter().map(|e| (e.seq, e.body.tag.clone())).collect();
+            let mut want: Vec<(u64, String)> = pending.iter().cloned().collect();
+            // Requeued events come after newer ones in commit order; compare as sets + per-chunk order.
+            let mut got_sorted = got.clone();
+            got_sorted.sort();
+            want.sort();
+            prop_assert_eq!(got_sorted, want);
+            for e in &all {
+                if let Some(old) = ids.insert(e.seq, e.event_id) {
+                    prop_assert_eq!(old, e.event_id, "event_id must survive reopen and requeue");
+                }
+            }
+            let dl = sp.dead_letters(usize::MAX).unwrap();
+            let mut dl_got: Vec<(u64, String)> = dl.iter().map(|d| (d.seq, d.body.as_ref().unwrap().tag.clone())).collect();
+            let mut dl_want = dead.clone();
+            dl_got.sort();
+            dl_want.sort();
+            prop_assert_eq!(dl_got, dl_want);
+        }
+    }
+}
+
+/// Regression: SQLite reuses the rowid of a deleted newest row; a chunk committed after the
+/// newest chunk was fully acknowledged must still be found after a cursor into the old one.
+#[test]
+fn regression_chunk_committed_after_newest_chunk_was_acked_is_not_hidden() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sp = open(dir.path());
+    sp.append(vec![body("a", 1), body("b", 2)], 0).unwrap();
+    let b = sp.read_after(None, 0, 10).unwrap();
+    let cursor = b.last().map(|e| e.loc);
+    sp.ack(&b.iter().map(|e| e.loc).collect::<Vec<_>>(), 0).unwrap();
+    sp.append(vec![body("c", 3)], 0).unwrap();
+    let next = sp.read_after(cursor, 0, 10).unwrap();
+    assert_eq!(next.iter().map(|e| e.body.tag.as_str()).collect::<Vec<_>>(), ["c"]);
+    drop(sp);
+    let mut sp = open(dir.path());
+    assert_eq!(sp.read_after(None, 0, 10).unwrap().len(), 1);
+}
+
+#[test]
+fn seq_and_event_ids_survive_restart_and_never_repeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sp = open(dir.path());
+    sp.append(vec![body("a", 1)], 10).unwrap();
+    let first = sp.read_after(None, 0, 1).unwrap().remove(0);
+    sp.ack(&[first.loc], 0).unwrap();
+    drop(sp);
+    let mut sp = open(dir.path());
+    let r = sp.append(vec![body("b", 2)], 10).unwrap();
+    assert_eq!(r.first_seq, first.seq + 1, "seq continues after restart even with an empty spool");
+    let second = sp.read_after(None, 0, 1).unwrap().remove(0);
+    assert_ne!(second.event_id, first.event_id);
+}
+
+fn corrupt_cases(garble: impl Fn(&Path)) {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut sp = open(dir.path());
+        for i in 0..50 {
+            sp.append((0..20).map(|j| body(&format!("x{i}-{j}"), 1)).collect(), 0).unwrap();
+        }
+    }
+    garble(&dir.path().join("spool.db"));
+    let metrics = Arc::new(Metrics::default());
+    let (mut sp, report) = Spool::open(dir.path(), opts(), metrics.clone()).expect("a corrupt spool must not stop the daemon");
+    let (aside, reason) = report.moved_aside.expect("corruption must be reported");
+    assert!(aside.file_name().unwrap().to_string_lossy().starts_with("spool.db.corrupt-"), "{aside:?}");
+    assert!(aside.exists(), "the corrupt file is kept for inspection");
+    assert!(!reason.is_empty());
+    assert_eq!(metrics.spool_corrupt_incidents.get(), 1);
+    assert_eq!(sp.stats().unwrap().corrupt_incidents, 1, "the incident is visible in status");
+    // The fresh spool works and seq keeps going where it can be recovered from.
+    let r = sp.append(vec![body("fresh", 1)], 0).unwrap();
+    assert!(r.first_seq >= 1);
+    assert_eq!(sp.read_after(None, 0, 10).unwrap()[0].body.tag, "fresh");
+}
+
+#[test]
+fn corrupt_file_of_garbage_is_moved_aside_and_a_fresh_spool_opened() {
+    corrupt_cases(|p| std::fs::write(p, b"this is not a database, it is a shopping list\n".repeat(200)).unwrap());
+}
+
+#[test]
+fn corrupt_pages_inside_a_valid_file_are_detected() {
+    corrupt_cases(|p| {
+        // Checkpoint first so the data is in the main file, then scribble over b-tree pages.
+        let c = rusqlite::Connection::open(p).unwrap();
+        c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+        drop(c);
+        let mut bytes = std::fs::read(p).unwrap();
+        for page in 1..bytes.len() / 1024 {
+            let off = page * 1024;
+            bytes[off..off + 16].copy_from_slice(&[0xAB; 16]);
+        }
+        std::fs::write(p, bytes).unwrap();
+    });
+}
+
+#[test]
+fn an_undecodable_chunk_goes_to_dead_letters_with_its_raw_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sp = open(dir.path());
+    sp.append(vec![body("ok1", 1)], 0).unwrap();
+    sp.append(vec![body("bad", 1)], 0).unwrap();
+    sp.append(vec![body("ok2", 1)], 0).unwrap();
+    drop(sp);
+    let c = rusqlite::Connection::open(dir.path().join("spool.db")).unwrap();
+    c.execute("UPDATE chunks SET data = x'01deadbeef' WHERE id = 2", []).unwrap();
+    drop(c);
+    let metrics = Arc::new(Metrics::default());
+    let (mut sp, _) = Spool::open(dir.path(), opts(), metrics.clone()).unwrap();
+    let tags: Vec<String> = sp.read_after(None, 0, 10).unwrap().into_iter().map(|e| e.body.tag).collect();
+    assert_eq!(tags, ["ok1", "ok2"]);
+    assert_eq!(metrics.spool_corrupt_chunks.get(), 1);
+    let dl = sp.dead_letters(10).unwrap();
+    assert_eq!(dl.len(), 1);
+    assert!(dl[0].reason.contains("corrupt chunk"));
+    assert_eq!(dl[0].raw, vec![0x01, 0xde, 0xad, 0xbe, 0xef]);
+}
+
+#[test]
+fn max_bytes_drop_oldest_evicts_and_counts_reject_refuses() {
+    for policy in [WhenFull::DropOldest, WhenFull::Reject] {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let o = SpoolOptions { max_bytes: 1 << 20, when_full: policy, sync: SyncMode::Normal };
+        let (mut sp, _) = Spool::open(dir.path(), o, metrics.clone()).unwrap();
+        let mut accepted = 0u64;
+        let mut refused = 0;
+        for i in 0..800 {
+            // Incompressible tags so the spool really fills.
+            let bodies: Vec<_> = (0..50).map(|j| body(&format!("{:016x}{:032x}", ((i * 50 + j) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15), uuid::Uuid::new_v4().as_u128()), 1)).collect();
+            match sp.append(bodies, 0) {
+                Ok(_) => accepted += 50,
+                Err(SpoolError::Full { .. }) => refused += 1,
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+        assert!(sp.used_bytes() <= 1 << 20, "bounded: {}", sp.used_bytes());
+        match policy {
+            WhenFull::DropOldest => {
+                assert_eq!(refused, 0);
+                let evicted = metrics.dropped("evicted");
+                assert!(evicted > 0);
+                assert_eq!(sp.backlog().unwrap(), accepted - evicted, "every event is either here or counted as evicted");
+                // The oldest went first: the newest event is still there.
+                let all = sp.read_after(None, 0, usize::MAX).unwrap();
+                assert_eq!(all.last().unwrap().seq, accepted);
+            }
+            WhenFull::Reject => {
+                assert!(refused > 0);
+                assert_eq!(metrics.dropped("spool_full"), refused * 50);
+                assert_eq!(sp.backlog().unwrap(), accepted, "nothing accepted is evicted under reject");
+            }
+        }
+    }
+}
+
+/// Mount a small tmpfs (root only). Returns None, with a printed reason, where that is not possible.
+fn mount_tmpfs(dir: &Path, opts: &str) -> Option<()> {
+    if unsafe_is_root() {
+        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", opts, "tmpfs"]).arg(dir).status().map(|s| s.success()).unwrap_or(false);
+        if ok {
+            return Some(());
+        }
+        eprintln!("SKIPPED: cannot mount a tmpfs here (mount failed; a container without CAP_SYS_ADMIN?)");
+        None
+    } else {
+        eprintln!("SKIPPED: not root, cannot mount a small filesystem for the full-disk case");
+        None
+    }
+}
+
+fn unsafe_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn umount(dir: &Path) {
+    let _ = Command::new("umount").arg(dir).status();
+}
+
+#[test]
+fn full_disk_refuses_new_events_keeps_old_ones_and_recovers_when_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    if mount_tmpfs(dir.path(), "size=2m").is_none() {
+        return;
+    }
+    let result = std::panic::catch_unwind(|| {
+        let metrics = Arc::new(Metrics::default());
+        let o = SpoolOptions { max_bytes: 1 << 30, when_full: WhenFull::Reject, sync: SyncMode::Full };
+        let (mut sp, _) = Spool::open(dir.path(), o, metrics).unwrap();
+        let mut accepted = 0;
+        let mut disk_full = false;
+        for i in 0..2000 {
+            let bodies: Vec<_> = (0..50).map(|j| body(&format!("{:032x}", uuid::Uuid::new_v4().as_u128() ^ (i * 50 + j) as u128), 1)).collect();
+            match sp.append(bodies, 0) {
+                Ok(_) => accepted += 50,
+                Err(SpoolError::DiskFull) => {
+                    disk_full = true;
+                    break;
+                }
+                Err(e) => panic!("disk full must be reported as DiskFull, got: {e}"),
+            }
+        }
+        assert!(disk_full, "a 2 MiB filesystem must fill up");
+        // Still running: everything accepted is intact and readable.
+        let all = sp.read_after(None, 0, usize::MAX).unwrap();
+        assert_eq!(all.len(), accepted);
+        // Refused again while full, not crashed.
+        assert!(matches!(sp.append(vec![body("x", 1)], 0), Err(SpoolError::DiskFull)));
+        // Delivering frees pages inside the file; new events fit again.
+        let locs: Vec<Loc> = all.iter().take(accepted / 2).map(|e| e.loc).collect();
+        sp.ack(&locs, 0).unwrap();
+        sp.append(vec![body("after-recovery", 1)], 0).expect("space returned: accepting again");
+        let all = sp.read_after(None, 0, usize::MAX).unwrap();
+        assert_eq!(all.last().unwrap().body.tag, "after-recovery");
+    });
+    umount(dir.path());
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
+
+#[test]
+fn read_only_state_dir_is_a_clear_error_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    if mount_tmpfs(&state, "ro,size=1m").is_none() {
+        return;
+    }
+    let err = Spool::open(&state, opts(), Arc::new(Metrics::default())).err();
+    umount(&state);
+    let err = err.expect("a read-only state dir cannot hold a spool");
+    let msg = err.to_string();
+    assert!(msg.contains(&state.display().to_string()), "the message names the directory: {msg}");
+    assert!(msg.contains("writable"), "the message says what to fix: {msg}");
+}
