@@ -105,6 +105,7 @@ impl Metrics {
         line("dead_letters_total", "counter", "Events moved to dead letters.", self.dead_lettered.get());
         line("upstream_bytes_sent_total", "counter", "Compressed request bytes sent.", self.upstream_bytes_sent.get());
         line("upstream_auth_failures_total", "counter", "401/403 answers (nothing is deleted).", self.upstream_auth_failures.get());
+        line("sources_connected", "gauge", "Serial ports currently open.", self.sources_connected.get());
         line("upstream_down", "gauge", "1 while the upstream is failing.", self.upstream_down.get());
         line("disk_write_bytes_total", "counter", "Bytes this process caused to be written to storage (/proc/self/io).", proc_write_bytes().unwrap_or(0));
         s.push_str("# HELP scangate_dropped_total Reads or events dropped, by reason.\n# TYPE scangate_dropped_total counter\n");

@@ -1,6 +1,7 @@
 //! Shared test helpers: the ingest server and a rig running the real spool + forwarder.
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod ingest;
 
 use scangate::config::{Config, UpstreamConfig};
