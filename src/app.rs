@@ -32,7 +32,10 @@ pub enum AppError {
     #[error("cannot start the spool thread: {0}")]
     Thread(std::io::Error),
     #[error("cannot listen on admin address {addr}: {source}")]
-    Admin { addr: std::net::SocketAddr, source: std::io::Error },
+    Admin {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -44,7 +47,10 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { grace: Duration::from_secs(10), exit_when_idle: false }
+        RunOptions {
+            grace: Duration::from_secs(10),
+            exit_when_idle: false,
+        }
     }
 }
 
@@ -85,7 +91,12 @@ fn body_of(read: SourceRead, sources: &[crate::config::SourceConfig]) -> EventBo
 /// Group commit: collect reads for up to `commit_interval` (or `commit_max_events`), then
 /// hand the group to the spool thread without waiting for its fsync, so the next group
 /// fills while the previous one commits.
-async fn ingest(mut rx: mpsc::Receiver<SourceRead>, spool: SpoolHandle, cfg: Config, metrics: Arc<Metrics>) {
+async fn ingest(
+    mut rx: mpsc::Receiver<SourceRead>,
+    spool: SpoolHandle,
+    cfg: Config,
+    metrics: Arc<Metrics>,
+) {
     let sources = cfg.sources.clone();
     let spool_cfg: SpoolConfig = cfg.spool.clone();
     let floor = cfg.suppress.min_rssi_dbm;
@@ -120,14 +131,27 @@ async fn ingest(mut rx: mpsc::Receiver<SourceRead>, spool: SpoolHandle, cfg: Con
         };
         if flush && !group.is_empty() {
             deadline = None;
-            commit(&spool, std::mem::take(&mut group), &metrics, &disk_full, &mut waiting).await;
+            commit(
+                &spool,
+                std::mem::take(&mut group),
+                &metrics,
+                &disk_full,
+                &mut waiting,
+            )
+            .await;
         }
         while waiting.try_join_next().is_some() {}
     }
     while waiting.join_next().await.is_some() {}
 }
 
-async fn commit(spool: &SpoolHandle, group: Vec<EventBody>, metrics: &Arc<Metrics>, disk_full: &Arc<std::sync::atomic::AtomicBool>, waiting: &mut JoinSet<()>) {
+async fn commit(
+    spool: &SpoolHandle,
+    group: Vec<EventBody>,
+    metrics: &Arc<Metrics>,
+    disk_full: &Arc<std::sync::atomic::AtomicBool>,
+    waiting: &mut JoinSet<()>,
+) {
     let n = group.len() as u64;
     let rx = match spool.append_nowait(group).await {
         Ok(rx) => rx,
@@ -171,26 +195,53 @@ async fn commit(spool: &SpoolHandle, group: Vec<EventBody>, metrics: &Arc<Metric
 
 /// Run the gateway until `shutdown` is cancelled (or, with `exit_when_idle`, until done).
 /// `on_start` receives a handle once the spool is open and the sources are started.
-pub async fn run(cfg: Config, metrics: Arc<Metrics>, shutdown: CancellationToken, opts: RunOptions, on_start: impl FnOnce(Running)) -> Result<RunSummary, AppError> {
+pub async fn run(
+    cfg: Config,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    opts: RunOptions,
+    on_start: impl FnOnce(Running),
+) -> Result<RunSummary, AppError> {
     let state_dir = cfg.gateway.state_dir.clone();
-    let sopts = SpoolOptions { max_bytes: cfg.spool.max_bytes, when_full: cfg.spool.when_full, sync: cfg.spool.sync };
+    let sopts = SpoolOptions {
+        max_bytes: cfg.spool.max_bytes,
+        when_full: cfg.spool.when_full,
+        sync: cfg.spool.sync,
+    };
     let m = metrics.clone();
-    let (spool, report) = tokio::task::spawn_blocking(move || Spool::open(&state_dir, sopts, m)).await.map_err(|e| AppError::Thread(std::io::Error::other(e)))??;
+    let (spool, report) = tokio::task::spawn_blocking(move || Spool::open(&state_dir, sopts, m))
+        .await
+        .map_err(|e| AppError::Thread(std::io::Error::other(e)))??;
     if let Some((aside, reason)) = &report.moved_aside {
         tracing::error!(moved_to = %aside.display(), reason = %reason, "Spool file was corrupt: moved aside, started a fresh spool. Events in the old file are NOT being sent; inspect it");
     }
     tracing::info!(path = %spool.path().display(), backlog = report.backlog, created = report.created, "Spool open");
     let (handle, spool_thread) = actor::spawn(spool).map_err(AppError::Thread)?;
 
-    let forwarder = Forwarder::new(cfg.upstream.clone(), cfg.gateway.id.clone(), cfg.gateway.site.clone(), handle.clone(), metrics.clone())?;
+    let forwarder = Forwarder::new(
+        cfg.upstream.clone(),
+        cfg.gateway.id.clone(),
+        cfg.gateway.site.clone(),
+        handle.clone(),
+        metrics.clone(),
+    )?;
     let forward_stop = CancellationToken::new();
     let forward_task = tokio::spawn(forwarder.run(forward_stop.clone()));
 
     let admin_task = match cfg.admin.listen {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| AppError::Admin { addr, source })?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AppError::Admin { addr, source })?;
             tracing::info!(addr = %addr, "Admin HTTP listening (/health, /metrics, /status)");
-            Some(tokio::spawn(crate::admin::serve(listener, Running { spool: handle.clone(), metrics: metrics.clone() }, cfg.clone())))
+            Some(tokio::spawn(crate::admin::serve(
+                listener,
+                Running {
+                    spool: handle.clone(),
+                    metrics: metrics.clone(),
+                },
+                cfg.clone(),
+            )))
         }
         None => None,
     };
@@ -200,17 +251,30 @@ pub async fn run(cfg: Config, metrics: Arc<Metrics>, shutdown: CancellationToken
     let source_stop = shutdown.child_token();
     let mut sources = JoinSet::new();
     for (i, s) in cfg.sources.iter().enumerate() {
-        sources.spawn(source::run(i, s.clone(), tx.clone(), metrics.clone(), source_stop.clone()));
+        sources.spawn(source::run(
+            i,
+            s.clone(),
+            tx.clone(),
+            metrics.clone(),
+            source_stop.clone(),
+        ));
     }
     drop(tx);
-    on_start(Running { spool: handle.clone(), metrics: metrics.clone() });
+    on_start(Running {
+        spool: handle.clone(),
+        metrics: metrics.clone(),
+    });
     crate::service::notify_ready(&format!("running; backlog {}", report.backlog));
     let watchdog = crate::service::spawn_watchdog(handle.clone());
 
     // Wait for a reason to stop.
     let mut committed = handle.committed();
     loop {
-        if opts.exit_when_idle && sources.is_empty() && ingest_task.is_finished() && metrics.spool_backlog.get() == 0 {
+        if opts.exit_when_idle
+            && sources.is_empty()
+            && ingest_task.is_finished()
+            && metrics.spool_backlog.get() == 0
+        {
             break;
         }
         tokio::select! {
@@ -225,16 +289,28 @@ pub async fn run(cfg: Config, metrics: Arc<Metrics>, shutdown: CancellationToken
     tracing::info!(grace = ?opts.grace, "Stopping: sources first, then the spool flushes, then the forwarder");
     let deadline = Instant::now() + opts.grace;
     source_stop.cancel();
-    let sources_done = tokio::time::timeout_at(deadline, async { while sources.join_next().await.is_some() {} }).await;
+    let sources_done = tokio::time::timeout_at(deadline, async {
+        while sources.join_next().await.is_some() {}
+    })
+    .await;
     if sources_done.is_err() {
-        tracing::warn!(left = sources.len(), "Sources did not stop within the grace period; aborting them");
+        tracing::warn!(
+            left = sources.len(),
+            "Sources did not stop within the grace period; aborting them"
+        );
         sources.abort_all();
     }
-    if tokio::time::timeout_at(deadline, ingest_task).await.is_err() {
+    if tokio::time::timeout_at(deadline, ingest_task)
+        .await
+        .is_err()
+    {
         tracing::warn!("The ingest stage did not flush within the grace period");
     }
     forward_stop.cancel();
-    if tokio::time::timeout_at(deadline, forward_task).await.is_err() {
+    if tokio::time::timeout_at(deadline, forward_task)
+        .await
+        .is_err()
+    {
         tracing::warn!("The forwarder did not stop within the grace period (a request was in flight); it was abandoned, its events stay in the spool");
     }
     if let Some(w) = watchdog {
@@ -248,7 +324,14 @@ pub async fn run(cfg: Config, metrics: Arc<Metrics>, shutdown: CancellationToken
     drop(handle);
     drop(committed);
     let _ = tokio::task::spawn_blocking(move || spool_thread.join()).await;
-    let summary = RunSummary { backlog_left: stats.as_ref().map(|s| s.backlog).unwrap_or(0), dead_letters: stats.as_ref().map(|s| s.dead_letters).unwrap_or(0) };
-    tracing::info!(backlog = summary.backlog_left, dead_letters = summary.dead_letters, "Stopped");
+    let summary = RunSummary {
+        backlog_left: stats.as_ref().map(|s| s.backlog).unwrap_or(0),
+        dead_letters: stats.as_ref().map(|s| s.dead_letters).unwrap_or(0),
+    };
+    tracing::info!(
+        backlog = summary.backlog_left,
+        dead_letters = summary.dead_letters,
+        "Stopped"
+    );
     Ok(summary)
 }

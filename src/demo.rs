@@ -38,25 +38,56 @@ struct Endpoint {
     outage: (Duration, Duration),
 }
 
-async fn batch(State(ep): State<Endpoint>, headers: HeaderMap, body: Bytes) -> (StatusCode, String) {
+async fn batch(
+    State(ep): State<Endpoint>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, String) {
     let t = ep.started.elapsed();
-    let Ok(mut r) = ep.rx.lock() else { return (StatusCode::INTERNAL_SERVER_ERROR, String::new()) };
+    let Ok(mut r) = ep.rx.lock() else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, String::new());
+    };
     if t >= ep.outage.0 && t < ep.outage.1 {
         r.refused += 1;
-        return (StatusCode::SERVICE_UNAVAILABLE, "{\"detail\":\"demo outage\"}".into());
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{\"detail\":\"demo outage\"}".into(),
+        );
     }
     let mut raw = Vec::new();
     let gz = headers.get("content-encoding").is_some_and(|v| v == "gzip");
-    let ok = if gz { flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut raw).is_ok() } else { raw.extend_from_slice(&body); true };
-    let parsed: Option<serde_json::Value> = if ok { serde_json::from_slice(&raw).ok() } else { None };
-    let Some(events) = parsed.as_ref().and_then(|v| v.get("events")).and_then(|e| e.as_array()) else {
-        return (StatusCode::BAD_REQUEST, "{\"detail\":\"invalid body\"}".into());
+    let ok = if gz {
+        flate2::read::GzDecoder::new(&body[..])
+            .read_to_end(&mut raw)
+            .is_ok()
+    } else {
+        raw.extend_from_slice(&body);
+        true
+    };
+    let parsed: Option<serde_json::Value> = if ok {
+        serde_json::from_slice(&raw).ok()
+    } else {
+        None
+    };
+    let Some(events) = parsed
+        .as_ref()
+        .and_then(|v| v.get("events"))
+        .and_then(|e| e.as_array())
+    else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "{\"detail\":\"invalid body\"}".into(),
+        );
     };
     r.batches += 1;
     r.bytes += body.len() as u64;
     let (mut ingested, mut dups) = (0, 0);
     for e in events {
-        let id = e.get("event_id").and_then(|x| x.as_str()).unwrap_or_default().to_string();
+        let id = e
+            .get("event_id")
+            .and_then(|x| x.as_str())
+            .unwrap_or_default()
+            .to_string();
         if r.ids.insert(id) {
             ingested += 1;
         } else {
@@ -70,14 +101,25 @@ async fn batch(State(ep): State<Endpoint>, headers: HeaderMap, body: Bytes) -> (
 
 /// Run the demo. `speed` scales the capture's recorded timing.
 pub async fn run(speed: f64, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new().prefix("scangate-demo-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("scangate-demo-")
+        .tempdir()?;
     let capture = dir.path().join("belt-bagtags.cap");
     std::fs::write(&capture, CAPTURE)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let outage = (Duration::from_secs_f64(2.0 / speed * 2.0), Duration::from_secs_f64(5.0 / speed * 2.0));
-    let ep = Endpoint { rx: Arc::new(Mutex::new(Received::default())), started: Instant::now(), outage };
-    let router = Router::new().route("/api/v1/events/batch", post(batch)).with_state(ep.clone());
+    let outage = (
+        Duration::from_secs_f64(2.0 / speed * 2.0),
+        Duration::from_secs_f64(5.0 / speed * 2.0),
+    );
+    let ep = Endpoint {
+        rx: Arc::new(Mutex::new(Received::default())),
+        started: Instant::now(),
+        outage,
+    };
+    let router = Router::new()
+        .route("/api/v1/events/batch", post(batch))
+        .with_state(ep.clone());
     let server = tokio::spawn(async move { axum::serve(listener, router).await });
 
     let toml = format!(
@@ -108,23 +150,34 @@ listen = "off"
         state = dir.path().join("state").display(),
         file = capture.display(),
     );
-    let cfg = Config::parse(&toml, dir.path()).map_err(|e| anyhow::anyhow!("demo config invalid: {e:?}"))?;
+    let cfg = Config::parse(&toml, dir.path())
+        .map_err(|e| anyhow::anyhow!("demo config invalid: {e:?}"))?;
     let metrics = Arc::new(Metrics::default());
 
-    eprintln!("scangate demo: replaying a baggage-belt capture ({} lines) at {speed}x", CAPTURE.lines().count());
-    eprintln!("  spool:    {}", dir.path().join("state/spool.db").display());
+    eprintln!(
+        "scangate demo: replaying a baggage-belt capture ({} lines) at {speed}x",
+        CAPTURE.lines().count()
+    );
+    eprintln!(
+        "  spool:    {}",
+        dir.path().join("state/spool.db").display()
+    );
     eprintln!("  upstream: http://{addr}/api/v1/events/batch (in-process; down {:.1}s–{:.1}s to show the backlog replay)", outage.0.as_secs_f64(), outage.1.as_secs_f64());
     let tty = std::io::stderr().is_terminal();
     let m = metrics.clone();
     let rx = ep.rx.clone();
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let progress = tokio::spawn(async move {
         let mut last = (0u64, started);
         loop {
             tokio::time::sleep(Duration::from_millis(if tty { 250 } else { 1000 })).await;
-            let (got, dups) = rx.lock().map(|r| (r.events, r.duplicates)).unwrap_or_default();
-            let now = std::time::Instant::now();
-            let rate = (m.reads_in.get() - last.0) as f64 / now.duration_since(last.1).as_secs_f64();
+            let (got, dups) = rx
+                .lock()
+                .map(|r| (r.events, r.duplicates))
+                .unwrap_or_default();
+            let now = Instant::now();
+            let rate =
+                (m.reads_in.get() - last.0) as f64 / now.duration_since(last.1).as_secs_f64();
             last = (m.reads_in.get(), now);
             let line = format!(
                 "  t={:>5.1}s reads {:>4} ({:>4.0}/s) | committed {:>4} | delivered {:>4} (upstream has {got}, dups {dups}) | backlog {:>3} | upstream {}",
@@ -145,23 +198,63 @@ listen = "off"
         }
     });
 
-    let summary = app::run(cfg, metrics.clone(), shutdown, RunOptions { grace: Duration::from_secs(5), exit_when_idle: true }, |_| {}).await?;
+    let summary = app::run(
+        cfg,
+        metrics.clone(),
+        shutdown,
+        RunOptions {
+            grace: Duration::from_secs(5),
+            exit_when_idle: true,
+        },
+        |_| {},
+    )
+    .await?;
     progress.abort();
     server.abort();
     if tty {
         eprintln!();
     }
-    let r = ep.rx.lock().map_err(|_| anyhow::anyhow!("demo endpoint state poisoned"))?;
+    let r = ep
+        .rx
+        .lock()
+        .map_err(|_| anyhow::anyhow!("demo endpoint state poisoned"))?;
     let elapsed = started.elapsed().as_secs_f64();
     println!("scangate demo finished in {elapsed:.1}s");
-    println!("  frames in:            {} ({} bytes)", metrics.frames_in.get(), metrics.bytes_in.get());
+    println!(
+        "  frames in:            {} ({} bytes)",
+        metrics.frames_in.get(),
+        metrics.bytes_in.get()
+    );
     println!("  reads decoded:        {}", metrics.reads_in.get());
-    println!("  skipped (bad bytes):  {}", metrics.dropped("control_bytes") + metrics.dropped("invalid_utf8") + metrics.dropped("line_too_long"));
-    println!("  events committed:     {} in {} group commits (sync = full)", metrics.spool_committed.get(), metrics.spool_commits.get());
-    println!("  refused while down:   {} requests (HTTP 503), events kept in the spool", r.refused);
-    println!("  delivered:            {} events in {} gzip batches ({} bytes on the wire)", metrics.delivered.get(), r.batches, r.bytes);
-    println!("  upstream received:    {} unique events, {} duplicates", r.events, r.duplicates);
-    println!("  left in spool:        {} (dead letters: {})", summary.backlog_left, summary.dead_letters);
+    println!(
+        "  skipped (bad bytes):  {}",
+        metrics.dropped("control_bytes")
+            + metrics.dropped("invalid_utf8")
+            + metrics.dropped("line_too_long")
+    );
+    println!(
+        "  events committed:     {} in {} group commits (sync = full)",
+        metrics.spool_committed.get(),
+        metrics.spool_commits.get()
+    );
+    println!(
+        "  refused while down:   {} requests (HTTP 503), events kept in the spool",
+        r.refused
+    );
+    println!(
+        "  delivered:            {} events in {} gzip batches ({} bytes on the wire)",
+        metrics.delivered.get(),
+        r.batches,
+        r.bytes
+    );
+    println!(
+        "  upstream received:    {} unique events, {} duplicates",
+        r.events, r.duplicates
+    );
+    println!(
+        "  left in spool:        {} (dead letters: {})",
+        summary.backlog_left, summary.dead_letters
+    );
     println!("  note: repeat suppression is not applied yet, so each repeated read of a bag is its own event.");
     Ok(())
 }

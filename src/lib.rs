@@ -42,6 +42,8 @@
 //! - [`app`]: wiring and the shutdown sequence. [`admin`]: local HTTP. [`service`]: systemd,
 //!   logging, signals. [`demo`]: the no-hardware demonstration.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod admin;
 pub mod app;
 pub mod config;

@@ -17,7 +17,11 @@ const EXIT_CONFIG: u8 = 78;
 const EXIT_CANTCREAT: u8 = 73;
 
 #[derive(Parser)]
-#[command(name = "scangate", version, about = "Edge gateway for RFID readers, barcode scanners and IoT sensors")]
+#[command(
+    name = "scangate",
+    version,
+    about = "Edge gateway for RFID readers, barcode scanners and IoT sensors"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -96,7 +100,8 @@ fn load(config: &Path) -> Result<Config, ExitCode> {
 }
 
 fn fmt_ms(ms: Option<i64>) -> String {
-    ms.map(scangate::event::rfc3339_ms).unwrap_or_else(|| "never".into())
+    ms.map(scangate::event::rfc3339_ms)
+        .unwrap_or_else(|| "never".into())
 }
 
 fn main() -> ExitCode {
@@ -108,7 +113,12 @@ fn main() -> ExitCode {
         }
         Cmd::Validate { config } => match load(&config) {
             Ok(cfg) => {
-                println!("{}: valid ({} source(s), upstream {})", config.display(), cfg.sources.len(), cfg.upstream.endpoint);
+                println!(
+                    "{}: valid ({} source(s), upstream {})",
+                    config.display(),
+                    cfg.sources.len(),
+                    cfg.upstream.endpoint
+                );
                 ExitCode::SUCCESS
             }
             Err(code) => code,
@@ -120,7 +130,11 @@ fn main() -> ExitCode {
             };
             run_daemon(cfg, Duration::from_secs(grace_secs), false)
         }
-        Cmd::Replay { config, file, speed } => {
+        Cmd::Replay {
+            config,
+            file,
+            speed,
+        } => {
             let mut cfg = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -137,8 +151,14 @@ fn main() -> ExitCode {
                 },
             };
             let template = cfg.sources.first().cloned();
-            let Some(mut src) = template else { return ExitCode::from(EXIT_CONFIG) };
-            src.kind = scangate::config::SourceKind::Replay { file, speed, repeat: 1 };
+            let Some(mut src) = template else {
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            src.kind = scangate::config::SourceKind::Replay {
+                file,
+                speed,
+                repeat: 1,
+            };
             cfg.sources = vec![src];
             run_daemon(cfg, Duration::from_secs(10), true)
         }
@@ -186,7 +206,11 @@ fn report(e: anyhow::Error) -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 fn run_daemon(cfg: Config, grace: Duration, exit_when_idle: bool) -> ExitCode {
@@ -221,15 +245,39 @@ fn status(cfg: &Config) -> anyhow::Result<()> {
     let s = spool::stats_of(&conn)?;
     let now = scangate::event::wall_now_ms();
     println!("gateway:         {}", cfg.gateway.id);
-    println!("spool:           {}", spool::Spool::path_in(&cfg.gateway.state_dir).display());
+    println!(
+        "spool:           {}",
+        spool::Spool::path_in(&cfg.gateway.state_dir).display()
+    );
     println!("backlog:         {} events", s.backlog);
-    println!("oldest event:    {}", s.oldest_committed_ms.map(|t| format!("{} ({}s ago)", scangate::event::rfc3339_ms(t), (now - t) / 1000)).unwrap_or_else(|| "none".into()));
+    println!(
+        "oldest event:    {}",
+        s.oldest_committed_ms
+            .map(|t| format!(
+                "{} ({}s ago)",
+                scangate::event::rfc3339_ms(t),
+                (now - t) / 1000
+            ))
+            .unwrap_or_else(|| "none".into())
+    );
     println!("dead letters:    {}", s.dead_letters);
     println!("last delivery:   {}", fmt_ms(s.last_delivery_ms));
-    println!("upstream error:  {}", s.last_error.as_deref().map(|e| format!("{e} (since {})", fmt_ms(s.last_error_ms))).unwrap_or_else(|| "none".into()));
-    println!("spool size:      {} bytes used of {} max", s.used_bytes, cfg.spool.max_bytes);
+    println!(
+        "upstream error:  {}",
+        s.last_error
+            .as_deref()
+            .map(|e| format!("{e} (since {})", fmt_ms(s.last_error_ms)))
+            .unwrap_or_else(|| "none".into())
+    );
+    println!(
+        "spool size:      {} bytes used of {} max",
+        s.used_bytes, cfg.spool.max_bytes
+    );
     if s.corrupt_incidents > 0 {
-        println!("WARNING:         a corrupt spool file was moved aside ({} incident(s)); see the log", s.corrupt_incidents);
+        println!(
+            "WARNING:         a corrupt spool file was moved aside ({} incident(s)); see the log",
+            s.corrupt_incidents
+        );
     }
     Ok(())
 }
@@ -246,8 +294,21 @@ fn spool_cmd(cfg: &Config, cmd: SpoolCmd) -> anyhow::Result<()> {
             let list = spool::dead_letters_of(&conn, usize::MAX)?;
             let skip = list.len().saturating_sub(limit);
             for d in list.into_iter().skip(skip) {
-                let tag = d.body.as_ref().map(|b| b.tag.clone()).unwrap_or_else(|| format!("<{} raw bytes>", d.raw.len()));
-                println!("#{} seq={} event_id={} tag={} status={} failed={} reason={}", d.id, d.seq, d.event_id, tag, d.status.map(|s| s.to_string()).unwrap_or("-".into()), fmt_ms(Some(d.failed_ms)), d.reason);
+                let tag = d
+                    .body
+                    .as_ref()
+                    .map(|b| b.tag.clone())
+                    .unwrap_or_else(|| format!("<{} raw bytes>", d.raw.len()));
+                println!(
+                    "#{} seq={} event_id={} tag={} status={} failed={} reason={}",
+                    d.id,
+                    d.seq,
+                    d.event_id,
+                    tag,
+                    d.status.map(|s| s.to_string()).unwrap_or("-".into()),
+                    fmt_ms(Some(d.failed_ms)),
+                    d.reason
+                );
             }
         }
         SpoolCmd::Export => {
@@ -269,8 +330,19 @@ fn spool_cmd(cfg: &Config, cmd: SpoolCmd) -> anyhow::Result<()> {
             }
         }
         SpoolCmd::Requeue { ids } => {
-            let (mut sp, _) = spool::Spool::open(&cfg.gateway.state_dir, spool::SpoolOptions { max_bytes: cfg.spool.max_bytes, when_full: cfg.spool.when_full, sync: cfg.spool.sync }, Arc::new(Metrics::default()))?;
-            let n = sp.requeue(if ids.is_empty() { None } else { Some(&ids) }, scangate::event::wall_now_ms())?;
+            let (mut sp, _) = spool::Spool::open(
+                &cfg.gateway.state_dir,
+                spool::SpoolOptions {
+                    max_bytes: cfg.spool.max_bytes,
+                    when_full: cfg.spool.when_full,
+                    sync: cfg.spool.sync,
+                },
+                Arc::new(Metrics::default()),
+            )?;
+            let n = sp.requeue(
+                if ids.is_empty() { None } else { Some(&ids) },
+                scangate::event::wall_now_ms(),
+            )?;
             println!("requeued {n} dead letter(s); a running scangate sends them with their original event ids");
         }
     }

@@ -31,7 +31,11 @@ impl Gauge {
         self.0.fetch_add(n, Ordering::Relaxed);
     }
     pub fn sub(&self, n: u64) {
-        let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(n)));
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
     }
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -71,7 +75,11 @@ impl Metrics {
     }
 
     pub fn dropped(&self, reason: &str) -> u64 {
-        self.dropped.lock().ok().and_then(|m| m.get(reason).copied()).unwrap_or(0)
+        self.dropped
+            .lock()
+            .ok()
+            .and_then(|m| m.get(reason).copied())
+            .unwrap_or(0)
     }
 
     pub fn dropped_total(&self) -> u64 {
@@ -89,35 +97,134 @@ impl Metrics {
         let mut line = |name: &str, kind: &str, help: &str, v: u64| {
             s.push_str(&format!("# HELP scangate_{name} {help}\n# TYPE scangate_{name} {kind}\nscangate_{name} {v}\n"));
         };
-        line("frames_in_total", "counter", "Frames/records received from sources.", self.frames_in.get());
-        line("bytes_in_total", "counter", "Bytes received from sources.", self.bytes_in.get());
-        line("reads_total", "counter", "Reads decoded.", self.reads_in.get());
-        line("spool_committed_total", "counter", "Events committed to the spool (accepted).", self.spool_committed.get());
-        line("spool_commits_total", "counter", "Spool transactions (group commits).", self.spool_commits.get());
-        line("spool_backlog_events", "gauge", "Events waiting for the upstream.", self.spool_backlog.get());
-        line("spool_used_bytes", "gauge", "Bytes used in the spool database.", self.spool_used_bytes.get());
-        line("spool_corrupt_incidents_total", "counter", "Corrupt spool files moved aside at startup.", self.spool_corrupt_incidents.get());
-        line("spool_corrupt_chunks_total", "counter", "Undecodable chunks moved to dead letters.", self.spool_corrupt_chunks.get());
-        line("spool_disk_full", "gauge", "1 while the spool's disk is full.", self.spool_disk_full.get());
-        line("delivered_total", "counter", "Events acknowledged by the upstream.", self.delivered.get());
-        line("batches_ok_total", "counter", "Batches the upstream accepted.", self.batches_ok.get());
-        line("batches_failed_total", "counter", "Batch attempts that failed and will be retried.", self.batches_failed.get());
-        line("dead_letters_total", "counter", "Events moved to dead letters.", self.dead_lettered.get());
-        line("upstream_bytes_sent_total", "counter", "Compressed request bytes sent.", self.upstream_bytes_sent.get());
-        line("upstream_auth_failures_total", "counter", "401/403 answers (nothing is deleted).", self.upstream_auth_failures.get());
-        line("sources_connected", "gauge", "Serial ports currently open.", self.sources_connected.get());
-        line("upstream_down", "gauge", "1 while the upstream is failing.", self.upstream_down.get());
-        line("disk_write_bytes_total", "counter", "Bytes this process caused to be written to storage (/proc/self/io).", proc_write_bytes().unwrap_or(0));
+        line(
+            "frames_in_total",
+            "counter",
+            "Frames/records received from sources.",
+            self.frames_in.get(),
+        );
+        line(
+            "bytes_in_total",
+            "counter",
+            "Bytes received from sources.",
+            self.bytes_in.get(),
+        );
+        line(
+            "reads_total",
+            "counter",
+            "Reads decoded.",
+            self.reads_in.get(),
+        );
+        line(
+            "spool_committed_total",
+            "counter",
+            "Events committed to the spool (accepted).",
+            self.spool_committed.get(),
+        );
+        line(
+            "spool_commits_total",
+            "counter",
+            "Spool transactions (group commits).",
+            self.spool_commits.get(),
+        );
+        line(
+            "spool_backlog_events",
+            "gauge",
+            "Events waiting for the upstream.",
+            self.spool_backlog.get(),
+        );
+        line(
+            "spool_used_bytes",
+            "gauge",
+            "Bytes used in the spool database.",
+            self.spool_used_bytes.get(),
+        );
+        line(
+            "spool_corrupt_incidents_total",
+            "counter",
+            "Corrupt spool files moved aside at startup.",
+            self.spool_corrupt_incidents.get(),
+        );
+        line(
+            "spool_corrupt_chunks_total",
+            "counter",
+            "Undecodable chunks moved to dead letters.",
+            self.spool_corrupt_chunks.get(),
+        );
+        line(
+            "spool_disk_full",
+            "gauge",
+            "1 while the spool's disk is full.",
+            self.spool_disk_full.get(),
+        );
+        line(
+            "delivered_total",
+            "counter",
+            "Events acknowledged by the upstream.",
+            self.delivered.get(),
+        );
+        line(
+            "batches_ok_total",
+            "counter",
+            "Batches the upstream accepted.",
+            self.batches_ok.get(),
+        );
+        line(
+            "batches_failed_total",
+            "counter",
+            "Batch attempts that failed and will be retried.",
+            self.batches_failed.get(),
+        );
+        line(
+            "dead_letters_total",
+            "counter",
+            "Events moved to dead letters.",
+            self.dead_lettered.get(),
+        );
+        line(
+            "upstream_bytes_sent_total",
+            "counter",
+            "Compressed request bytes sent.",
+            self.upstream_bytes_sent.get(),
+        );
+        line(
+            "upstream_auth_failures_total",
+            "counter",
+            "401/403 answers (nothing is deleted).",
+            self.upstream_auth_failures.get(),
+        );
+        line(
+            "sources_connected",
+            "gauge",
+            "Serial ports currently open.",
+            self.sources_connected.get(),
+        );
+        line(
+            "upstream_down",
+            "gauge",
+            "1 while the upstream is failing.",
+            self.upstream_down.get(),
+        );
+        line(
+            "disk_write_bytes_total",
+            "counter",
+            "Bytes this process caused to be written to storage (/proc/self/io).",
+            proc_write_bytes().unwrap_or(0),
+        );
         s.push_str("# HELP scangate_dropped_total Reads or events dropped, by reason.\n# TYPE scangate_dropped_total counter\n");
         if let Ok(m) = self.dropped.lock() {
             for (reason, v) in m.iter() {
-                s.push_str(&format!("scangate_dropped_total{{reason=\"{reason}\"}} {v}\n"));
+                s.push_str(&format!(
+                    "scangate_dropped_total{{reason=\"{reason}\"}} {v}\n"
+                ));
             }
         }
         s.push_str("# HELP scangate_upstream_responses_total Upstream answers by HTTP status.\n# TYPE scangate_upstream_responses_total counter\n");
         if let Ok(m) = self.responses.lock() {
             for (status, v) in m.iter() {
-                s.push_str(&format!("scangate_upstream_responses_total{{status=\"{status}\"}} {v}\n"));
+                s.push_str(&format!(
+                    "scangate_upstream_responses_total{{status=\"{status}\"}} {v}\n"
+                ));
             }
         }
         s
@@ -131,5 +238,8 @@ pub fn proc_write_bytes() -> Option<u64> {
 
 pub fn proc_io_field(pid: &str, field: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
-    text.lines().find_map(|l| l.strip_prefix(field).and_then(|r| r.trim_start_matches(':').trim().parse().ok()))
+    text.lines().find_map(|l| {
+        l.strip_prefix(field)
+            .and_then(|r| r.trim_start_matches(':').trim().parse().ok())
+    })
 }

@@ -28,7 +28,10 @@ async fn kill_9_at_random_moments_never_loses_an_accepted_event() {
     let log = dir.path().join("log");
 
     // A fixed seed per run would hide nothing here; vary it and print it for reproduction.
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
     eprintln!("crash test seed {seed}");
     let mut rng = seed | 1;
     let mut next = || {
@@ -41,31 +44,59 @@ async fn kill_9_at_random_moments_never_loses_an_accepted_event() {
         let d = Daemon::spawn(&cfg, &log);
         // Wait until this incarnation is really working (new events arrive upstream) ...
         let before = ingest.unique();
-        wait_until("the daemon delivers in this round", Duration::from_secs(30), || ingest.unique() > before).await;
+        wait_until(
+            "the daemon delivers in this round",
+            Duration::from_secs(30),
+            || ingest.unique() > before,
+        )
+        .await;
         // ... then kill it at a random moment of its commit/forward cycle.
         let delay = Duration::from_micros(next() % 300_000);
         tokio::time::sleep(delay).await;
         d.kill9();
-        eprintln!("round {round}: killed after +{delay:?}, upstream has {}", ingest.unique());
+        eprintln!(
+            "round {round}: killed after +{delay:?}, upstream has {}",
+            ingest.unique()
+        );
     }
 
     // Final incarnation: no new input (empty replay), drain everything, then stop cleanly.
     let empty = dir.path().join("empty.cap");
     std::fs::write(&empty, "scangate-capture v1 serial\n").unwrap();
-    let sources = format!("[[source]]\nname = \"r\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\n", empty.display());
+    let sources = format!(
+        "[[source]]\nname = \"r\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\n",
+        empty.display()
+    );
     let cfg = write_config(dir.path(), &state, &sources, &ingest.base_url(), "", None);
     let mut d = Daemon::spawn(&cfg, &log);
     let conn = scangate::spool::Spool::open_read_only(&state).unwrap();
     let accepted = scangate::spool::stats_of(&conn).unwrap().next_seq - 1;
     drop(conn);
-    let seqs = || ingest.with(|s| s.events.iter().filter_map(|e| e["seq"].as_u64()).collect::<std::collections::HashSet<u64>>());
-    wait_until("every accepted event delivered", Duration::from_secs(60), || seqs().len() as u64 >= accepted).await;
+    let seqs = || {
+        ingest.with(|s| {
+            s.events
+                .iter()
+                .filter_map(|e| e["seq"].as_u64())
+                .collect::<std::collections::HashSet<u64>>()
+        })
+    };
+    wait_until(
+        "every accepted event delivered",
+        Duration::from_secs(60),
+        || seqs().len() as u64 >= accepted,
+    )
+    .await;
     d.sigterm();
     assert!(d.wait_exit(Duration::from_secs(15)).await.success());
 
     let got = seqs();
     let missing: Vec<u64> = (1..=accepted).filter(|s| !got.contains(s)).collect();
-    assert!(missing.is_empty(), "lost {} accepted events, first: {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    assert!(
+        missing.is_empty(),
+        "lost {} accepted events, first: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
     // One seq, one event id: retries resend the same id.
     let mut by_seq: HashMap<u64, String> = HashMap::new();
     ingest.with(|s| {

@@ -19,7 +19,14 @@ async fn serial_pty_lines_to_ingest_end_to_end_then_sigterm_exits_zero() {
     let slave_path = slave.name().expect("pty name");
     let admin = free_port();
     let sources = format!("[[source]]\nname = \"belt\"\nkind = \"serial\"\nprotocol = \"lines\"\npath = \"{slave_path}\"\nbaud = 115200\nlocation = \"PTY_BELT_1\"\nscan_type = \"sortation\"\n");
-    let cfg = write_config(dir.path(), &dir.path().join("state"), &sources, &ingest.base_url(), "", Some(admin));
+    let cfg = write_config(
+        dir.path(),
+        &dir.path().join("state"),
+        &sources,
+        &ingest.base_url(),
+        "",
+        Some(admin),
+    );
     let mut d = Daemon::spawn(&cfg, &dir.path().join("log"));
     let mut connected = false;
     for _ in 0..1000 {
@@ -29,7 +36,11 @@ async fn serial_pty_lines_to_ingest_end_to_end_then_sigterm_exits_zero() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(connected, "daemon never opened the pty; log:\n{}", d.log_text());
+    assert!(
+        connected,
+        "daemon never opened the pty; log:\n{}",
+        d.log_text()
+    );
 
     let mut wire = Vec::new();
     for i in 0..200 {
@@ -50,14 +61,26 @@ async fn serial_pty_lines_to_ingest_end_to_end_then_sigterm_exits_zero() {
         assert_eq!(e["location"], "PTY_BELT_1");
         assert_eq!(e["scan_type"], "sortation");
         assert_eq!(e["device_id"], "belt");
-        let tags: Vec<&str> = s.events.iter().map(|e| e["bag_id"].as_str().unwrap()).collect();
+        let tags: Vec<&str> = s
+            .events
+            .iter()
+            .map(|e| e["bag_id"].as_str().unwrap())
+            .collect();
         let want: Vec<String> = (0..200).map(|i| format!("0125{i:06}")).collect();
         assert_eq!(tags, want, "serial order is kept");
     });
-    assert_eq!(metric(admin, "scangate_dropped_total{reason=\"control_bytes\"}").await, Some(1), "the garbage line is counted");
+    assert_eq!(
+        metric(admin, "scangate_dropped_total{reason=\"control_bytes\"}").await,
+        Some(1),
+        "the garbage line is counted"
+    );
     d.sigterm();
     let status = d.wait_exit(Duration::from_secs(15)).await;
-    assert!(status.success(), "SIGTERM must drain and exit 0: {status:?}\n{}", d.log_text());
+    assert!(
+        status.success(),
+        "SIGTERM must drain and exit 0: {status:?}\n{}",
+        d.log_text()
+    );
     drop(slave);
 }
 
@@ -90,7 +113,12 @@ async fn sigterm_mid_stream_flushes_the_spool_and_loses_nothing() {
     let committed = stats.next_seq - 1;
     let delivered = ingest.unique() as u64;
     assert!(committed >= 300);
-    assert_eq!(delivered + stats.backlog, committed, "delivered {delivered} + backlog {} != committed {committed}", stats.backlog);
+    assert_eq!(
+        delivered + stats.backlog,
+        committed,
+        "delivered {delivered} + backlog {} != committed {committed}",
+        stats.backlog
+    );
     assert!(committed < 20_000, "stopped mid-stream");
 }
 
@@ -102,11 +130,22 @@ async fn status_command_reports_backlog_and_last_upstream_error() {
     let state = dir.path().join("state");
     let sources = format!("[[source]]\nname = \"r\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\nspeed = \"max\"\n", cap.display());
     // Nothing listens on this port: the upstream is down.
-    let cfg = write_config(dir.path(), &state, &sources, &format!("http://127.0.0.1:{}", free_port()), "", None);
+    let cfg = write_config(
+        dir.path(),
+        &state,
+        &sources,
+        &format!("http://127.0.0.1:{}", free_port()),
+        "",
+        None,
+    );
     let mut d = Daemon::spawn(&cfg, &dir.path().join("log"));
     let mut out = String::new();
     for _ in 0..1500 {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_scangate")).args(["status", "--config"]).arg(&cfg).output().unwrap();
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_scangate"))
+            .args(["status", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
         out = String::from_utf8_lossy(&o.stdout).to_string();
         if out.contains("backlog:         50 events") && out.contains("connection failed") {
             break;
@@ -118,4 +157,38 @@ async fn status_command_reports_backlog_and_last_upstream_error() {
     assert!(out.contains("last delivery:   never"), "{out}");
     d.sigterm();
     assert!(d.wait_exit(Duration::from_secs(15)).await.success());
+}
+
+#[test]
+fn demo_runs_the_whole_pipeline_and_delivers_everything() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_scangate"))
+        .args(["demo", "--speed", "20"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |name: &str| -> u64 {
+        let line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{stdout}"));
+        line.split(':')
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let committed = field("events committed");
+    assert_eq!(committed, 59, "the capture has 59 good reads\n{stdout}");
+    assert_eq!(field("delivered"), committed);
+    assert_eq!(field("upstream received"), committed);
+    assert_eq!(field("left in spool"), 0);
+    assert_eq!(field("skipped (bad bytes)"), 1);
 }

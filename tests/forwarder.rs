@@ -20,14 +20,33 @@ async fn ok_200_delivers_everything_once_with_contract_envelope_and_headers() {
     assert_eq!(rig.backlog().await, 0);
     ingest.with(|s| {
         assert_eq!(s.duplicates, 0);
-        assert!(s.requests.iter().all(|r| r.path == "/api/v1/events/batch" && r.status == 200));
-        assert!(s.requests.iter().all(|r| r.encoding.as_deref() == Some("gzip")));
-        assert!(s.requests.iter().all(|r| r.gateway.as_deref() == Some("gw-test")));
-        assert!(s.requests.iter().all(|r| r.idempotency_key.as_ref().is_some_and(|k| k.len() == 36)));
+        assert!(s
+            .requests
+            .iter()
+            .all(|r| r.path == "/api/v1/events/batch" && r.status == 200));
+        assert!(s
+            .requests
+            .iter()
+            .all(|r| r.encoding.as_deref() == Some("gzip")));
+        assert!(s
+            .requests
+            .iter()
+            .all(|r| r.gateway.as_deref() == Some("gw-test")));
+        assert!(s
+            .requests
+            .iter()
+            .all(|r| r.idempotency_key.as_ref().is_some_and(|k| k.len() == 36)));
         assert!(s.requests.iter().all(|r| r.events <= 10));
-        assert!(s.envelopes.iter().all(|e| e["source_system"] == "gw-test" && e["event_type"] == "scan"));
+        assert!(s
+            .envelopes
+            .iter()
+            .all(|e| e["source_system"] == "gw-test" && e["event_type"] == "scan"));
         // fifo: commit order is delivery order.
-        let tags: Vec<String> = s.events.iter().map(|e| e["bag_id"].as_str().unwrap().to_string()).collect();
+        let tags: Vec<String> = s
+            .events
+            .iter()
+            .map(|e| e["bag_id"].as_str().unwrap().to_string())
+            .collect();
         let want: Vec<String> = (0..35).map(|i| format!("bag-{i}")).collect();
         assert_eq!(tags, want);
         let e = &s.events[0];
@@ -43,13 +62,21 @@ async fn collect_profile_with_zstd_and_field_mapping() {
     let ingest = Ingest::start().await;
     let url = ingest.base_url();
     let rig = Rig::new(|d| {
-        config(d, &url, "collect", "compression = \"zstd\"\n[upstream.fields.constant]\nairport = \"PTY\"\n")
+        config(
+            d,
+            &url,
+            "collect",
+            "compression = \"zstd\"\n[upstream.fields.constant]\nairport = \"PTY\"\n",
+        )
     })
     .await;
     rig.commit("tag", 12, 12).await;
     wait_until("12 events delivered", T, || ingest.unique() == 12).await;
     ingest.with(|s| {
-        assert!(s.requests.iter().all(|r| r.path == "/api/v1/collect" && r.encoding.as_deref() == Some("zstd")));
+        assert!(s
+            .requests
+            .iter()
+            .all(|r| r.path == "/api/v1/collect" && r.encoding.as_deref() == Some("zstd")));
         let env = &s.envelopes[0];
         assert_eq!(env["batch_id"].as_str().map(str::len), Some(36));
         assert_eq!(env["metadata"]["gateway_id"], "gw-test");
@@ -59,7 +86,10 @@ async fn collect_profile_with_zstd_and_field_mapping() {
         assert_eq!(e["airport"], "PTY");
         assert_eq!(e["event_data"]["location"], "PTY_SORT_3");
         // The batch_id is the Idempotency-Key: one stable key per batch.
-        assert_eq!(Some(env["batch_id"].as_str().unwrap().to_string()), s.requests[0].idempotency_key);
+        assert_eq!(
+            Some(env["batch_id"].as_str().unwrap().to_string()),
+            s.requests[0].idempotency_key
+        );
     });
     rig.shutdown().await;
 }
@@ -79,11 +109,16 @@ async fn partial_207_dead_letters_exactly_the_listed_events_with_reason() {
         s.down = false;
     });
     wait_until("batch resolved", T, || rig.metrics.delivered.get() == 8).await;
-    wait_until("two dead letters", T, || rig.metrics.dead_lettered.get() == 2).await;
+    wait_until("two dead letters", T, || {
+        rig.metrics.dead_lettered.get() == 2
+    })
+    .await;
     let dl = rig.spool.dead_letters(10).await.unwrap();
     let ids: Vec<&str> = dl.iter().map(|d| d.event_id.as_str()).collect();
     assert_eq!(ids, reject.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(dl.iter().all(|d| d.status == Some(207) && d.reason == "schema: learner unknown"));
+    assert!(dl
+        .iter()
+        .all(|d| d.status == Some(207) && d.reason == "schema: learner unknown"));
     assert_eq!(rig.backlog().await, 0);
     assert_eq!(ingest.unique(), 8);
     rig.shutdown().await;
@@ -103,8 +138,19 @@ async fn too_large_413_splits_remembers_the_size_and_dead_letters_a_lone_giant()
         let first_ok = s.requests.iter().position(|r| r.status == 200).unwrap();
         let after: Vec<_> = s.requests[first_ok..].iter().collect();
         // Once a size worked, no request is larger than it: no more 413s.
-        assert!(after.iter().all(|r| r.status == 200 && r.events <= 6), "{:?}", after.iter().map(|r| (r.status, r.events)).collect::<Vec<_>>());
-        let tags: Vec<&str> = s.events.iter().map(|e| e["bag_id"].as_str().unwrap()).collect();
+        assert!(
+            after.iter().all(|r| r.status == 200 && r.events <= 6),
+            "{:?}",
+            after
+                .iter()
+                .map(|r| (r.status, r.events))
+                .collect::<Vec<_>>()
+        );
+        let tags: Vec<&str> = s
+            .events
+            .iter()
+            .map(|e| e["bag_id"].as_str().unwrap())
+            .collect();
         assert_eq!(tags[0], "b-0");
         assert_eq!(tags[39], "b-39");
     });
@@ -113,7 +159,10 @@ async fn too_large_413_splits_remembers_the_size_and_dead_letters_a_lone_giant()
     // A single event the server refuses as too large is dead-lettered, not retried forever.
     ingest.with(|s| s.max_batch = Some(0));
     rig.commit("giant", 1, 1).await;
-    wait_until("giant dead-lettered", T, || rig.metrics.dead_lettered.get() == 1 && rig.metrics.delivered.get() == 80).await;
+    wait_until("giant dead-lettered", T, || {
+        rig.metrics.dead_lettered.get() == 1 && rig.metrics.delivered.get() == 80
+    })
+    .await;
     let dl = rig.spool.dead_letters(5).await.unwrap();
     assert_eq!(dl[0].status, Some(413));
     assert_eq!(dl[0].body.as_ref().unwrap().tag, "giant-0");
@@ -124,21 +173,36 @@ async fn too_large_413_splits_remembers_the_size_and_dead_letters_a_lone_giant()
 async fn bisect_case(status: u16) {
     let ingest = Ingest::start().await;
     ingest.with(|s| {
-        s.poison = ["p-3".to_string(), "p-12".to_string()].into_iter().collect();
+        s.poison = ["p-3".to_string(), "p-12".to_string()]
+            .into_iter()
+            .collect();
         s.poison_status = status;
     });
     let url = ingest.base_url();
     let rig = Rig::new(|d| config(d, &url, "bag-events", "batch_max_events = 16")).await;
     rig.commit("p", 16, 16).await;
-    wait_until("14 delivered", T, || ingest.unique() == 14 && rig.metrics.delivered.get() == 14).await;
+    wait_until("14 delivered", T, || {
+        ingest.unique() == 14 && rig.metrics.delivered.get() == 14
+    })
+    .await;
     wait_until("2 dead letters", T, || rig.metrics.dead_lettered.get() == 2).await;
     let dl = rig.spool.dead_letters(10).await.unwrap();
-    let mut tags: Vec<String> = dl.iter().map(|d| d.body.as_ref().unwrap().tag.clone()).collect();
+    let mut tags: Vec<String> = dl
+        .iter()
+        .map(|d| d.body.as_ref().unwrap().tag.clone())
+        .collect();
     tags.sort();
     assert_eq!(tags, ["p-12", "p-3"]);
-    assert!(dl.iter().all(|d| d.status == Some(status) && d.reason.contains("poison tag")));
+    assert!(dl
+        .iter()
+        .all(|d| d.status == Some(status) && d.reason.contains("poison tag")));
     assert_eq!(rig.backlog().await, 0);
-    ingest.with(|s| assert!(s.events.iter().all(|e| e["bag_id"] != "p-3" && e["bag_id"] != "p-12")));
+    ingest.with(|s| {
+        assert!(s
+            .events
+            .iter()
+            .all(|e| e["bag_id"] != "p-3" && e["bag_id"] != "p-12"))
+    });
     rig.shutdown().await;
 }
 
@@ -163,18 +227,33 @@ async fn unauthorized_401_keeps_everything_and_recovers_when_the_token_file_is_f
     let extra = format!("token_file = \"{}\"\nauth_retry_ms = 100", token.display());
     let rig = Rig::new(|d| config(d, &url, "bag-events", &extra)).await;
     rig.commit("a", 5, 5).await;
-    wait_until("three 401s", T, || ingest.with(|s| s.requests.iter().filter(|r| r.status == 401).count() >= 3)).await;
-    assert_eq!(rig.backlog().await, 5, "a wrong token must never delete data");
+    wait_until("three 401s", T, || {
+        ingest.with(|s| s.requests.iter().filter(|r| r.status == 401).count() >= 3)
+    })
+    .await;
+    assert_eq!(
+        rig.backlog().await,
+        5,
+        "a wrong token must never delete data"
+    );
     assert_eq!(rig.metrics.dead_lettered.get(), 0);
     assert!(rig.metrics.upstream_auth_failures.get() >= 3);
     // The retry interval is slow: no hammering.
     ingest.with(|s| {
         let t: Vec<_> = s.requests.iter().map(|r| r.at).collect();
-        assert!(t.windows(2).all(|w| w[1] - w[0] >= Duration::from_millis(90)));
-        assert!(s.requests.iter().all(|r| r.auth.as_deref() == Some("Bearer wrong")));
+        assert!(t
+            .windows(2)
+            .all(|w| w[1] - w[0] >= Duration::from_millis(90)));
+        assert!(s
+            .requests
+            .iter()
+            .all(|r| r.auth.as_deref() == Some("Bearer wrong")));
     });
     std::fs::write(&token, "s3cret\n").unwrap();
-    wait_until("delivered after token fix", T, || ingest.unique() == 5 && rig.metrics.delivered.get() == 5).await;
+    wait_until("delivered after token fix", T, || {
+        ingest.unique() == 5 && rig.metrics.delivered.get() == 5
+    })
+    .await;
     assert_eq!(rig.backlog().await, 0);
     rig.shutdown().await;
 }
@@ -191,7 +270,10 @@ async fn throttled_429_waits_as_long_as_retry_after_says() {
         assert_eq!(s.requests[0].status, 429);
         assert_eq!(s.requests[1].status, 200);
         let gap = s.requests[1].at - s.requests[0].at;
-        assert!(gap >= Duration::from_millis(950), "retried after {gap:?}, Retry-After said 1 s");
+        assert!(
+            gap >= Duration::from_millis(950),
+            "retried after {gap:?}, Retry-After said 1 s"
+        );
     });
     rig.shutdown().await;
 }
@@ -203,7 +285,10 @@ async fn unavailable_503_500_dropped_connection_and_timeout_are_retried_without_
         s.script.push_back(Reply::Status(503));
         s.script.push_back(Reply::Status(500));
         s.script.push_back(Reply::Drop);
-        s.script.push_back(Reply::Slow(Duration::from_millis(1500), Box::new(Reply::Status(200))));
+        s.script.push_back(Reply::Slow(
+            Duration::from_millis(1500),
+            Box::new(Reply::Status(200)),
+        ));
         s.script.push_back(Reply::RetryAfter(503, 0));
     });
     let url = ingest.base_url();
@@ -216,7 +301,11 @@ async fn unavailable_503_500_dropped_connection_and_timeout_are_retried_without_
         let statuses: Vec<u16> = s.requests.iter().map(|r| r.status).collect();
         assert_eq!(&statuses[..3], &[503, 500, 0], "{statuses:?}");
         // Every attempt carried the same batch: the same idempotency key.
-        let keys: std::collections::HashSet<_> = s.requests.iter().map(|r| r.idempotency_key.clone()).collect();
+        let keys: std::collections::HashSet<_> = s
+            .requests
+            .iter()
+            .map(|r| r.idempotency_key.clone())
+            .collect();
         assert_eq!(keys.len(), 1);
     });
     assert!(rig.metrics.batches_failed.get() >= 4);
@@ -227,9 +316,20 @@ async fn unavailable_503_500_dropped_connection_and_timeout_are_retried_without_
 async fn wrong_path_404_keeps_everything() {
     let ingest = Ingest::start().await;
     let url = ingest.base_url();
-    let rig = Rig::new(|d| config(d, &url, "bag-events", "path = \"/wrong\"\nauth_retry_ms = 100")).await;
+    let rig = Rig::new(|d| {
+        config(
+            d,
+            &url,
+            "bag-events",
+            "path = \"/wrong\"\nauth_retry_ms = 100",
+        )
+    })
+    .await;
     rig.commit("w", 3, 3).await;
-    wait_until("two 404s", T, || ingest.with(|s| s.requests.iter().filter(|r| r.status == 404).count() >= 2)).await;
+    wait_until("two 404s", T, || {
+        ingest.with(|s| s.requests.iter().filter(|r| r.status == 404).count() >= 2)
+    })
+    .await;
     assert_eq!(rig.backlog().await, 3);
     assert_eq!(rig.metrics.dead_lettered.get(), 0);
     rig.shutdown().await;
@@ -240,7 +340,12 @@ async fn live_first_sends_fresh_events_before_the_backlog() {
     let ingest = Ingest::start().await;
     let url = ingest.base_url();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &url, "bag-events", "order = \"live-first\"\nbatch_max_events = 50\nbacklog_max_eps = 200");
+    let cfg = config(
+        dir.path(),
+        &url,
+        "bag-events",
+        "order = \"live-first\"\nbatch_max_events = 50\nbacklog_max_eps = 200",
+    );
     // A backlog committed while no forwarder runs.
     {
         let rig = Rig::open(dir, cfg.upstream.clone(), false).await;
@@ -248,13 +353,35 @@ async fn live_first_sends_fresh_events_before_the_backlog() {
         let dir = rig.shutdown().await;
         let rig = Rig::open(dir, cfg.upstream.clone(), true).await;
         rig.commit("new", 20, 20).await;
-        wait_until("fresh events delivered", T, || ingest.with(|s| s.events.iter().filter(|e| e["bag_id"].as_str().unwrap().starts_with("new-")).count() == 20)).await;
-        let old_when_fresh_done = ingest.with(|s| s.events.iter().filter(|e| e["bag_id"].as_str().unwrap().starts_with("old-")).count());
-        assert!(old_when_fresh_done < 600, "fresh events waited for the whole backlog");
+        wait_until("fresh events delivered", T, || {
+            ingest.with(|s| {
+                s.events
+                    .iter()
+                    .filter(|e| e["bag_id"].as_str().unwrap().starts_with("new-"))
+                    .count()
+                    == 20
+            })
+        })
+        .await;
+        let old_when_fresh_done = ingest.with(|s| {
+            s.events
+                .iter()
+                .filter(|e| e["bag_id"].as_str().unwrap().starts_with("old-"))
+                .count()
+        });
+        assert!(
+            old_when_fresh_done < 600,
+            "fresh events waited for the whole backlog"
+        );
         wait_until("backlog drained too", T, || ingest.unique() == 620).await;
         // The backlog itself went in commit order.
         ingest.with(|s| {
-            let old: Vec<&str> = s.events.iter().filter_map(|e| e["bag_id"].as_str()).filter(|t| t.starts_with("old-")).collect();
+            let old: Vec<&str> = s
+                .events
+                .iter()
+                .filter_map(|e| e["bag_id"].as_str())
+                .filter(|t| t.starts_with("old-"))
+                .collect();
             let want: Vec<String> = (0..600).map(|i| format!("old-{i}")).collect();
             assert_eq!(old, want);
         });

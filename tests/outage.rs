@@ -15,19 +15,37 @@ async fn fifty_thousand_events_during_an_outage_are_all_delivered_once_in_order(
     let rig = Rig::new(|d| config(d, &url, "bag-events", "batch_max_events = 1000")).await;
     rig.commit("o", 50_000, 500).await;
     assert_eq!(rig.backlog().await, 50_000);
-    wait_until("the forwarder notices the outage", Duration::from_secs(10), || rig.metrics.upstream_down.get() == 1).await;
+    wait_until(
+        "the forwarder notices the outage",
+        Duration::from_secs(10),
+        || rig.metrics.upstream_down.get() == 1,
+    )
+    .await;
     assert_eq!(rig.metrics.delivered.get(), 0);
 
     ingest.restart().await;
     let back = tokio::time::Instant::now();
-    wait_until("all 50,000 delivered", Duration::from_secs(120), || rig.metrics.delivered.get() == 50_000).await;
-    eprintln!("backlog of 50,000 delivered {:?} after the upstream came back", back.elapsed());
+    wait_until("all 50,000 delivered", Duration::from_secs(120), || {
+        rig.metrics.delivered.get() == 50_000
+    })
+    .await;
+    eprintln!(
+        "backlog of 50,000 delivered {:?} after the upstream came back",
+        back.elapsed()
+    );
     assert_eq!(rig.backlog().await, 0);
     ingest.with(|s| {
         assert_eq!(s.events.len(), 50_000);
         assert_eq!(s.duplicates, 0, "a clean outage needs no resends");
-        let seqs: Vec<u64> = s.events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
-        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "fifo: delivered in commit order");
+        let seqs: Vec<u64> = s
+            .events
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "fifo: delivered in commit order"
+        );
         assert_eq!(seqs.first(), Some(&1));
         assert_eq!(seqs.last(), Some(&50_000));
     });

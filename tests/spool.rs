@@ -15,11 +15,16 @@ use std::process::Command;
 use std::sync::Arc;
 
 fn opts() -> SpoolOptions {
-    SpoolOptions { sync: SyncMode::Normal, ..SpoolOptions::default() }
+    SpoolOptions {
+        sync: SyncMode::Normal,
+        ..SpoolOptions::default()
+    }
 }
 
 fn open(dir: &Path) -> Spool {
-    Spool::open(dir, opts(), Arc::new(Metrics::default())).expect("open").0
+    Spool::open(dir, opts(), Arc::new(Metrics::default()))
+        .expect("open")
+        .0
 }
 
 #[derive(Debug, Clone)]
@@ -153,10 +158,14 @@ fn regression_chunk_committed_after_newest_chunk_was_acked_is_not_hidden() {
     sp.append(vec![body("a", 1), body("b", 2)], 0).unwrap();
     let b = sp.read_after(None, 0, 10).unwrap();
     let cursor = b.last().map(|e| e.loc);
-    sp.ack(&b.iter().map(|e| e.loc).collect::<Vec<_>>(), 0).unwrap();
+    sp.ack(&b.iter().map(|e| e.loc).collect::<Vec<_>>(), 0)
+        .unwrap();
     sp.append(vec![body("c", 3)], 0).unwrap();
     let next = sp.read_after(cursor, 0, 10).unwrap();
-    assert_eq!(next.iter().map(|e| e.body.tag.as_str()).collect::<Vec<_>>(), ["c"]);
+    assert_eq!(
+        next.iter().map(|e| e.body.tag.as_str()).collect::<Vec<_>>(),
+        ["c"]
+    );
     drop(sp);
     let mut sp = open(dir.path());
     assert_eq!(sp.read_after(None, 0, 10).unwrap().len(), 1);
@@ -172,7 +181,11 @@ fn seq_and_event_ids_survive_restart_and_never_repeat() {
     drop(sp);
     let mut sp = open(dir.path());
     let r = sp.append(vec![body("b", 2)], 10).unwrap();
-    assert_eq!(r.first_seq, first.seq + 1, "seq continues after restart even with an empty spool");
+    assert_eq!(
+        r.first_seq,
+        first.seq + 1,
+        "seq continues after restart even with an empty spool"
+    );
     let second = sp.read_after(None, 0, 1).unwrap().remove(0);
     assert_ne!(second.event_id, first.event_id);
 }
@@ -182,18 +195,31 @@ fn corrupt_cases(garble: impl Fn(&Path)) {
     {
         let mut sp = open(dir.path());
         for i in 0..50 {
-            sp.append((0..20).map(|j| body(&format!("x{i}-{j}"), 1)).collect(), 0).unwrap();
+            sp.append((0..20).map(|j| body(&format!("x{i}-{j}"), 1)).collect(), 0)
+                .unwrap();
         }
     }
     garble(&dir.path().join("spool.db"));
     let metrics = Arc::new(Metrics::default());
-    let (mut sp, report) = Spool::open(dir.path(), opts(), metrics.clone()).expect("a corrupt spool must not stop the daemon");
+    let (mut sp, report) = Spool::open(dir.path(), opts(), metrics.clone())
+        .expect("a corrupt spool must not stop the daemon");
     let (aside, reason) = report.moved_aside.expect("corruption must be reported");
-    assert!(aside.file_name().unwrap().to_string_lossy().starts_with("spool.db.corrupt-"), "{aside:?}");
+    assert!(
+        aside
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("spool.db.corrupt-"),
+        "{aside:?}"
+    );
     assert!(aside.exists(), "the corrupt file is kept for inspection");
     assert!(!reason.is_empty());
     assert_eq!(metrics.spool_corrupt_incidents.get(), 1);
-    assert_eq!(sp.stats().unwrap().corrupt_incidents, 1, "the incident is visible in status");
+    assert_eq!(
+        sp.stats().unwrap().corrupt_incidents,
+        1,
+        "the incident is visible in status"
+    );
     // The fresh spool works and seq keeps going where it can be recovered from.
     let r = sp.append(vec![body("fresh", 1)], 0).unwrap();
     assert!(r.first_seq >= 1);
@@ -202,7 +228,13 @@ fn corrupt_cases(garble: impl Fn(&Path)) {
 
 #[test]
 fn corrupt_file_of_garbage_is_moved_aside_and_a_fresh_spool_opened() {
-    corrupt_cases(|p| std::fs::write(p, b"this is not a database, it is a shopping list\n".repeat(200)).unwrap());
+    corrupt_cases(|p| {
+        std::fs::write(
+            p,
+            b"this is not a database, it is a shopping list\n".repeat(200),
+        )
+        .unwrap()
+    });
 }
 
 #[test]
@@ -210,7 +242,8 @@ fn corrupt_pages_inside_a_valid_file_are_detected() {
     corrupt_cases(|p| {
         // Checkpoint first so the data is in the main file, then scribble over b-tree pages.
         let c = rusqlite::Connection::open(p).unwrap();
-        c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+        c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
         drop(c);
         let mut bytes = std::fs::read(p).unwrap();
         for page in 1..bytes.len() / 1024 {
@@ -230,11 +263,17 @@ fn an_undecodable_chunk_goes_to_dead_letters_with_its_raw_bytes() {
     sp.append(vec![body("ok2", 1)], 0).unwrap();
     drop(sp);
     let c = rusqlite::Connection::open(dir.path().join("spool.db")).unwrap();
-    c.execute("UPDATE chunks SET data = x'01deadbeef' WHERE id = 2", []).unwrap();
+    c.execute("UPDATE chunks SET data = x'01deadbeef' WHERE id = 2", [])
+        .unwrap();
     drop(c);
     let metrics = Arc::new(Metrics::default());
     let (mut sp, _) = Spool::open(dir.path(), opts(), metrics.clone()).unwrap();
-    let tags: Vec<String> = sp.read_after(None, 0, 10).unwrap().into_iter().map(|e| e.body.tag).collect();
+    let tags: Vec<String> = sp
+        .read_after(None, 0, 10)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.body.tag)
+        .collect();
     assert_eq!(tags, ["ok1", "ok2"]);
     assert_eq!(metrics.spool_corrupt_chunks.get(), 1);
     let dl = sp.dead_letters(10).unwrap();
@@ -248,13 +287,28 @@ fn max_bytes_drop_oldest_evicts_and_counts_reject_refuses() {
     for policy in [WhenFull::DropOldest, WhenFull::Reject] {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::default());
-        let o = SpoolOptions { max_bytes: 1 << 20, when_full: policy, sync: SyncMode::Normal };
+        let o = SpoolOptions {
+            max_bytes: 1 << 20,
+            when_full: policy,
+            sync: SyncMode::Normal,
+        };
         let (mut sp, _) = Spool::open(dir.path(), o, metrics.clone()).unwrap();
         let mut accepted = 0u64;
         let mut refused = 0;
         for i in 0..800 {
             // Incompressible tags so the spool really fills.
-            let bodies: Vec<_> = (0..50).map(|j| body(&format!("{:016x}{:032x}", ((i * 50 + j) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15), uuid::Uuid::new_v4().as_u128()), 1)).collect();
+            let bodies: Vec<_> = (0..50)
+                .map(|j| {
+                    body(
+                        &format!(
+                            "{:016x}{:032x}",
+                            ((i * 50 + j) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                            uuid::Uuid::new_v4().as_u128()
+                        ),
+                        1,
+                    )
+                })
+                .collect();
             match sp.append(bodies, 0) {
                 Ok(_) => accepted += 50,
                 Err(SpoolError::Full { .. }) => refused += 1,
@@ -267,7 +321,11 @@ fn max_bytes_drop_oldest_evicts_and_counts_reject_refuses() {
                 assert_eq!(refused, 0);
                 let evicted = metrics.dropped("evicted");
                 assert!(evicted > 0);
-                assert_eq!(sp.backlog().unwrap(), accepted - evicted, "every event is either here or counted as evicted");
+                assert_eq!(
+                    sp.backlog().unwrap(),
+                    accepted - evicted,
+                    "every event is either here or counted as evicted"
+                );
                 // The oldest went first: the newest event is still there.
                 let all = sp.read_after(None, 0, usize::MAX).unwrap();
                 assert_eq!(all.last().unwrap().seq, accepted);
@@ -275,7 +333,11 @@ fn max_bytes_drop_oldest_evicts_and_counts_reject_refuses() {
             WhenFull::Reject => {
                 assert!(refused > 0);
                 assert_eq!(metrics.dropped("spool_full"), refused * 50);
-                assert_eq!(sp.backlog().unwrap(), accepted, "nothing accepted is evicted under reject");
+                assert_eq!(
+                    sp.backlog().unwrap(),
+                    accepted,
+                    "nothing accepted is evicted under reject"
+                );
             }
         }
     }
@@ -284,11 +346,18 @@ fn max_bytes_drop_oldest_evicts_and_counts_reject_refuses() {
 /// Mount a small tmpfs (root only). Returns None, with a printed reason, where that is not possible.
 fn mount_tmpfs(dir: &Path, opts: &str) -> Option<()> {
     if unsafe_is_root() {
-        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", opts, "tmpfs"]).arg(dir).status().map(|s| s.success()).unwrap_or(false);
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(dir)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         if ok {
             return Some(());
         }
-        eprintln!("SKIPPED: cannot mount a tmpfs here (mount failed; a container without CAP_SYS_ADMIN?)");
+        eprintln!(
+            "SKIPPED: cannot mount a tmpfs here (mount failed; a container without CAP_SYS_ADMIN?)"
+        );
         None
     } else {
         eprintln!("SKIPPED: not root, cannot mount a small filesystem for the full-disk case");
@@ -313,12 +382,26 @@ fn full_disk_refuses_new_events_keeps_old_ones_and_recovers_when_space_returns()
     }
     let result = std::panic::catch_unwind(|| {
         let metrics = Arc::new(Metrics::default());
-        let o = SpoolOptions { max_bytes: 1 << 30, when_full: WhenFull::Reject, sync: SyncMode::Full };
+        let o = SpoolOptions {
+            max_bytes: 1 << 30,
+            when_full: WhenFull::Reject,
+            sync: SyncMode::Full,
+        };
         let (mut sp, _) = Spool::open(dir.path(), o, metrics).unwrap();
         let mut accepted = 0;
         let mut disk_full = false;
         for i in 0..2000 {
-            let bodies: Vec<_> = (0..50).map(|j| body(&format!("{:032x}", uuid::Uuid::new_v4().as_u128() ^ (i * 50 + j) as u128), 1)).collect();
+            let bodies: Vec<_> = (0..50)
+                .map(|j| {
+                    body(
+                        &format!(
+                            "{:032x}",
+                            uuid::Uuid::new_v4().as_u128() ^ (i * 50 + j) as u128
+                        ),
+                        1,
+                    )
+                })
+                .collect();
             match sp.append(bodies, 0) {
                 Ok(_) => accepted += 50,
                 Err(SpoolError::DiskFull) => {
@@ -333,11 +416,15 @@ fn full_disk_refuses_new_events_keeps_old_ones_and_recovers_when_space_returns()
         let all = sp.read_after(None, 0, usize::MAX).unwrap();
         assert_eq!(all.len(), accepted);
         // Refused again while full, not crashed.
-        assert!(matches!(sp.append(vec![body("x", 1)], 0), Err(SpoolError::DiskFull)));
+        assert!(matches!(
+            sp.append(vec![body("x", 1)], 0),
+            Err(SpoolError::DiskFull)
+        ));
         // Delivering frees pages inside the file; new events fit again.
         let locs: Vec<Loc> = all.iter().take(accepted / 2).map(|e| e.loc).collect();
         sp.ack(&locs, 0).unwrap();
-        sp.append(vec![body("after-recovery", 1)], 0).expect("space returned: accepting again");
+        sp.append(vec![body("after-recovery", 1)], 0)
+            .expect("space returned: accepting again");
         let all = sp.read_after(None, 0, usize::MAX).unwrap();
         assert_eq!(all.last().unwrap().body.tag, "after-recovery");
     });
@@ -359,6 +446,12 @@ fn read_only_state_dir_is_a_clear_error_not_a_crash() {
     umount(&state);
     let err = err.expect("a read-only state dir cannot hold a spool");
     let msg = err.to_string();
-    assert!(msg.contains(&state.display().to_string()), "the message names the directory: {msg}");
-    assert!(msg.contains("writable"), "the message says what to fix: {msg}");
+    assert!(
+        msg.contains(&state.display().to_string()),
+        "the message names the directory: {msg}"
+    );
+    assert!(
+        msg.contains("writable"),
+        "the message says what to fix: {msg}"
+    );
 }

@@ -19,10 +19,18 @@ struct Ctx {
 pub async fn serve(listener: tokio::net::TcpListener, running: Running, cfg: Config) {
     let ctx = Ctx {
         running,
-        sources: cfg.sources.iter().map(|s| (s.name.clone(), s.location.clone())).collect(),
+        sources: cfg
+            .sources
+            .iter()
+            .map(|s| (s.name.clone(), s.location.clone()))
+            .collect(),
         gateway: cfg.gateway.id.clone(),
     };
-    let app = Router::new().route("/health", get(health)).route("/metrics", get(metrics)).route("/status", get(status)).with_state(ctx);
+    let app = Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .with_state(ctx);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "Admin HTTP server stopped");
     }
@@ -36,7 +44,10 @@ async fn health(State(c): State<Ctx>) -> impl IntoResponse {
 }
 
 async fn metrics(State(c): State<Ctx>) -> impl IntoResponse {
-    ([("content-type", "text/plain; version=0.0.4")], c.running.metrics.render())
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        c.running.metrics.render(),
+    )
 }
 
 async fn status(State(c): State<Ctx>) -> impl IntoResponse {

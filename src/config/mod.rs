@@ -87,8 +87,15 @@ pub enum ReplaySpeed {
 
 #[derive(Debug, Clone)]
 pub enum SourceKind {
-    Serial { path: PathBuf, baud: u32 },
-    Replay { file: PathBuf, speed: ReplaySpeed, repeat: u32 },
+    Serial {
+        path: PathBuf,
+        baud: u32,
+    },
+    Replay {
+        file: PathBuf,
+        speed: ReplaySpeed,
+        repeat: u32,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -178,9 +185,15 @@ pub struct AdminConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}", render_invalid(.path, .errors))]
-    Invalid { path: PathBuf, errors: Vec<LocatedError> },
+    Invalid {
+        path: PathBuf,
+        errors: Vec<LocatedError>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -194,7 +207,14 @@ pub struct LocatedError {
 fn render_invalid(path: &Path, errors: &[LocatedError]) -> String {
     let mut s = format!("{} has {} error(s):", path.display(), errors.len());
     for e in errors {
-        s.push_str(&format!("\n  {}:{}:{}: {}: {}", path.display(), e.line, e.column, e.key, e.message));
+        s.push_str(&format!(
+            "\n  {}:{}:{}: {}: {}",
+            path.display(),
+            e.line,
+            e.column,
+            e.key,
+            e.message
+        ));
     }
     s
 }
@@ -219,9 +239,15 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 impl Config {
     /// Read and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        Config::parse(&text, &base).map_err(|errors| ConfigError::Invalid { path: path.to_path_buf(), errors })
+        Config::parse(&text, &base).map_err(|errors| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            errors,
+        })
     }
 
     /// Validate config text; relative paths are resolved against `base_dir`.
@@ -231,7 +257,12 @@ impl Config {
             Err(e) => {
                 let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
                 let message = e.message().trim().to_string();
-                return Err(vec![LocatedError { line, column, key: "(syntax)".into(), message }]);
+                return Err(vec![LocatedError {
+                    line,
+                    column,
+                    key: "(syntax)".into(),
+                    message,
+                }]);
             }
         };
         let mut p = Problems::default();
@@ -241,17 +272,26 @@ impl Config {
                 return Ok(cfg);
             }
         }
-        let mut errors: Vec<LocatedError> = p
-            .0
-            .into_iter()
-            .map(|pr| {
-                let (line, column) = pr.span.map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-                LocatedError { line, column, key: pr.key, message: pr.message }
-            })
-            .collect();
+        let mut errors: Vec<LocatedError> =
+            p.0.into_iter()
+                .map(|pr| {
+                    let (line, column) = pr.span.map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+                    LocatedError {
+                        line,
+                        column,
+                        key: pr.key,
+                        message: pr.message,
+                    }
+                })
+                .collect();
         errors.sort_by_key(|e| (e.line, e.column));
         if errors.is_empty() {
-            errors.push(LocatedError { line: 1, column: 1, key: "(config)".into(), message: "invalid".into() });
+            errors.push(LocatedError {
+                line: 1,
+                column: 1,
+                key: "(config)".into(),
+                message: "invalid".into(),
+            });
         }
         Err(errors)
     }
@@ -278,17 +318,34 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
         Some(mut g) => {
             let id = g.required_string(p, "id");
             if let Some(id) = &id {
-                if !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) {
-                    p.push(g.span_of("id"), "gateway.id", "use only letters, digits and - _ . : (it is sent in HTTP headers)");
+                if !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+                {
+                    p.push(
+                        g.span_of("id"),
+                        "gateway.id",
+                        "use only letters, digits and - _ . : (it is sent in HTTP headers)",
+                    );
                 }
             }
             let site = g.string(p, "site");
-            let state_dir = g.string(p, "state_dir").unwrap_or_else(|| "/var/lib/scangate".into());
+            let state_dir = g
+                .string(p, "state_dir")
+                .unwrap_or_else(|| "/var/lib/scangate".into());
             g.finish(p);
-            id.map(|id| GatewayConfig { site: site.unwrap_or_else(|| id.clone()), id, state_dir: resolve(base, &state_dir) })
+            id.map(|id| GatewayConfig {
+                site: site.unwrap_or_else(|| id.clone()),
+                id,
+                state_dir: resolve(base, &state_dir),
+            })
         }
         None => {
-            p.push(Some(0..0), "gateway", "section [gateway] with at least `id` is required");
+            p.push(
+                Some(0..0),
+                "gateway",
+                "section [gateway] with at least `id` is required",
+            );
             None
         }
     };
@@ -313,8 +370,16 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
         }
         SpoolConfig {
             max_bytes: max_bytes.unwrap_or(512 * 1024 * 1024),
-            when_full: if when_full == Some("reject") { WhenFull::Reject } else { WhenFull::DropOldest },
-            sync: if sync == Some("normal") { SyncMode::Normal } else { SyncMode::Full },
+            when_full: if when_full == Some("reject") {
+                WhenFull::Reject
+            } else {
+                WhenFull::DropOldest
+            },
+            sync: if sync == Some("normal") {
+                SyncMode::Normal
+            } else {
+                SyncMode::Full
+            },
             commit_interval: ms(interval, 50),
             commit_max_events: max_events.unwrap_or(4096) as usize,
         }
@@ -331,7 +396,11 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
             floor = s.float(p, "min_rssi_dbm", -150.0, 50.0);
             if let (Some(w), Some(m)) = (window, max_pass) {
                 if m < w {
-                    p.push(s.span_of("max_pass_ms"), "suppress.max_pass_ms", format!("must be at least window_ms ({w})"));
+                    p.push(
+                        s.span_of("max_pass_ms"),
+                        "suppress.max_pass_ms",
+                        format!("must be at least window_ms ({w})"),
+                    );
                 }
             }
         }
@@ -339,7 +408,11 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
             s.finish(p);
         }
         SuppressConfig {
-            mode: if mode == Some("first") { SuppressMode::First } else { SuppressMode::Aggregate },
+            mode: if mode == Some("first") {
+                SuppressMode::First
+            } else {
+                SuppressMode::Aggregate
+            },
             window: ms(window, 2000),
             max_pass: ms(max_pass, 30_000),
             min_rssi_dbm: floor,
@@ -351,13 +424,21 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
     match root.item("source") {
         None => p.push(Some(0..0), "source", "at least one [[source]] is required"),
         Some(item) => match item.as_array_of_tables() {
-            None => p.push(item.span(), "source", "must be written as [[source]] (an array of tables)"),
+            None => p.push(
+                item.span(),
+                "source",
+                "must be written as [[source]] (an array of tables)",
+            ),
             Some(arr) => {
                 for (i, t) in arr.iter().enumerate() {
                     let mut s = Section::new(t, format!("source[{i}]"));
                     if let Some(src) = build_source(&mut s, base, p) {
                         if sources.iter().any(|o: &SourceConfig| o.name == src.name) {
-                            p.push(s.span_of("name"), &s.key_path("name"), format!("duplicate source name \"{}\"", src.name));
+                            p.push(
+                                s.span_of("name"),
+                                &s.key_path("name"),
+                                format!("duplicate source name \"{}\"", src.name),
+                            );
                         }
                         sources.push(src);
                     }
@@ -375,7 +456,11 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
             up
         }
         None => {
-            p.push(Some(0..0), "upstream", "section [upstream] with `url` and `profile` is required");
+            p.push(
+                Some(0..0),
+                "upstream",
+                "section [upstream] with `url` and `profile` is required",
+            );
             None
         }
     };
@@ -400,19 +485,34 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
     };
 
     root.finish(p);
-    Some(Config { gateway: gateway?, spool, suppress, sources, upstream: upstream?, admin })
+    Some(Config {
+        gateway: gateway?,
+        spool,
+        suppress,
+        sources,
+        upstream: upstream?,
+        admin,
+    })
 }
 
 fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<SourceConfig> {
     let name = s.required_string(p, "name");
     let kind = s.choice(p, "kind", &["serial", "mqtt", "replay"]);
     if s.table.get("kind").is_none() {
-        p.push(s.own_span(), &s.key_path("kind"), "is required: \"serial\", \"mqtt\" or \"replay\"");
+        p.push(
+            s.own_span(),
+            &s.key_path("kind"),
+            "is required: \"serial\", \"mqtt\" or \"replay\"",
+        );
     }
     let protocol = match s.choice(p, "protocol", &["lines"]) {
         Some(_) => Some(ProtocolKind::Lines),
         None if s.table.get("protocol").is_none() => {
-            p.push(s.own_span(), &s.key_path("protocol"), "is required (this version decodes \"lines\")");
+            p.push(
+                s.own_span(),
+                &s.key_path("protocol"),
+                "is required (this version decodes \"lines\")",
+            );
             None
         }
         None => None,
@@ -437,7 +537,13 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
                     "recorded" => ReplaySpeed::Recorded,
                     "max" => ReplaySpeed::Max,
                     other => {
-                        p.push(s.span_of("speed"), &s.key_path("speed"), format!("\"{other}\" is not \"recorded\", \"max\" or a factor such as 2.0"));
+                        p.push(
+                            s.span_of("speed"),
+                            &s.key_path("speed"),
+                            format!(
+                                "\"{other}\" is not \"recorded\", \"max\" or a factor such as 2.0"
+                            ),
+                        );
                         ReplaySpeed::Recorded
                     }
                 }
@@ -445,11 +551,19 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
                 if f > 0.0 && f <= 10_000.0 {
                     ReplaySpeed::Factor(f)
                 } else {
-                    p.push(s.span_of("speed"), &s.key_path("speed"), "a speed factor must be between 0 and 10000");
+                    p.push(
+                        s.span_of("speed"),
+                        &s.key_path("speed"),
+                        "a speed factor must be between 0 and 10000",
+                    );
                     ReplaySpeed::Recorded
                 }
             } else {
-                p.push(s.span_of("speed"), &s.key_path("speed"), "expected \"recorded\", \"max\" or a number");
+                p.push(
+                    s.span_of("speed"),
+                    &s.key_path("speed"),
+                    "expected \"recorded\", \"max\" or a number",
+                );
                 ReplaySpeed::Recorded
             }
         }
@@ -458,17 +572,32 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
     let kind = match kind? {
         "serial" => {
             let Some(path) = path else {
-                p.push(s.own_span(), &s.key_path("path"), "a serial source needs `path` (e.g. \"/dev/serial/by-id/usb-…\")");
+                p.push(
+                    s.own_span(),
+                    &s.key_path("path"),
+                    "a serial source needs `path` (e.g. \"/dev/serial/by-id/usb-…\")",
+                );
                 return None;
             };
-            SourceKind::Serial { path: PathBuf::from(path), baud: baud.unwrap_or(9600) as u32 }
+            SourceKind::Serial {
+                path: PathBuf::from(path),
+                baud: baud.unwrap_or(9600) as u32,
+            }
         }
         "replay" => {
             let Some(file) = file else {
-                p.push(s.own_span(), &s.key_path("file"), "a replay source needs `file` (a capture from hardware-fixtures/)");
+                p.push(
+                    s.own_span(),
+                    &s.key_path("file"),
+                    "a replay source needs `file` (a capture from hardware-fixtures/)",
+                );
                 return None;
             };
-            SourceKind::Replay { file: resolve(base, &file), speed, repeat: repeat.unwrap_or(1) as u32 }
+            SourceKind::Replay {
+                file: resolve(base, &file),
+                speed,
+                repeat: repeat.unwrap_or(1) as u32,
+            }
         }
         _ => {
             let _ = (broker, topics);
@@ -492,7 +621,11 @@ fn build_upstream(u: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<
     let url = u.required_string(p, "url");
     let profile = u.choice(p, "profile", &["bag-events", "collect"]);
     if u.table.get("profile").is_none() {
-        p.push(u.own_span(), "upstream.profile", "is required: \"bag-events\" or \"collect\"");
+        p.push(
+            u.own_span(),
+            "upstream.profile",
+            "is required: \"bag-events\" or \"collect\"",
+        );
     }
     let path = u.string(p, "path");
     let compression = u.choice(p, "compression", &["gzip", "zstd", "none"]);
@@ -509,7 +642,11 @@ fn build_upstream(u: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<
     let retry_after_max = u.integer(p, "retry_after_max_ms", 100, 86_400_000);
     let order = u.choice(p, "order", &["fifo", "live-first"]);
     let backlog_eps = u.integer(p, "backlog_max_eps", 1, 10_000_000);
-    let event_type = u.choice(p, "event_type", &["interaction", "progress", "assessment", "error", "system"]);
+    let event_type = u.choice(
+        p,
+        "event_type",
+        &["interaction", "progress", "assessment", "error", "system"],
+    );
     let mut fields = FieldMapping::default();
     if let Some(mut f) = u.table(p, "fields") {
         fields.rename = f.string_map(p, "rename");
@@ -519,7 +656,11 @@ fn build_upstream(u: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<
 
     if let (Some(a), Some(b)) = (retry_min, retry_max) {
         if a > b {
-            p.push(u.span_of("retry_min_ms"), "upstream.retry_min_ms", format!("must not exceed retry_max_ms ({b})"));
+            p.push(
+                u.span_of("retry_min_ms"),
+                "upstream.retry_min_ms",
+                format!("must not exceed retry_max_ms ({b})"),
+            );
         }
     }
     let endpoint = url.as_ref().and_then(|url| {
@@ -542,14 +683,22 @@ fn build_upstream(u: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<
         "none" => Compression::None,
         _ => {
             if level.is_some_and(|l| l > 9) {
-                p.push(u.span_of("compression_level"), "upstream.compression_level", "gzip levels are 1 to 9");
+                p.push(
+                    u.span_of("compression_level"),
+                    "upstream.compression_level",
+                    "gzip levels are 1 to 9",
+                );
             }
             Compression::Gzip(level.unwrap_or(1) as u32)
         }
     };
     Some(UpstreamConfig {
         endpoint: endpoint?,
-        profile: if profile? == "collect" { Profile::Collect } else { Profile::BagEvents },
+        profile: if profile? == "collect" {
+            Profile::Collect
+        } else {
+            Profile::BagEvents
+        },
         compression,
         token_file: token_file.map(|t| resolve(base, &t)),
         ca_file: ca_file.map(|t| resolve(base, &t)),
@@ -561,7 +710,11 @@ fn build_upstream(u: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<
         retry_max: ms(retry_max, 1000),
         auth_retry: ms(auth_retry, 30_000),
         retry_after_max: ms(retry_after_max, 300_000),
-        order: if order == Some("live-first") { Order::LiveFirst } else { Order::Fifo },
+        order: if order == Some("live-first") {
+            Order::LiveFirst
+        } else {
+            Order::Fifo
+        },
         backlog_max_eps: backlog_eps.unwrap_or(2000) as u32,
         event_type: event_type.unwrap_or("interaction").to_string(),
         fields,
@@ -588,6 +741,8 @@ mod tests {
         assert_eq!(cfg.upstream.endpoint, "http://h:8000/api/v1/collect");
         assert_eq!(cfg.spool.sync, SyncMode::Full);
         assert_eq!(cfg.gateway.site, "gw1");
-        assert!(matches!(&cfg.sources[0].kind, SourceKind::Replay { file, .. } if file == Path::new("/etc/scangate/x.cap")));
+        assert!(
+            matches!(&cfg.sources[0].kind, SourceKind::Replay { file, .. } if file == Path::new("/etc/scangate/x.cap"))
+        );
     }
 }

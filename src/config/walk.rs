@@ -15,8 +15,17 @@ pub struct Problem {
 pub struct Problems(pub Vec<Problem>);
 
 impl Problems {
-    pub fn push(&mut self, span: Option<std::ops::Range<usize>>, key: &str, message: impl Into<String>) {
-        self.0.push(Problem { span, key: key.to_string(), message: message.into() });
+    pub fn push(
+        &mut self,
+        span: Option<std::ops::Range<usize>>,
+        key: &str,
+        message: impl Into<String>,
+    ) {
+        self.0.push(Problem {
+            span,
+            key: key.to_string(),
+            message: message.into(),
+        });
     }
 }
 
@@ -46,7 +55,11 @@ fn type_name(item: &Item) -> &'static str {
 
 impl<'a> Section<'a> {
     pub fn new(table: &'a Table, path: impl Into<String>) -> Self {
-        Section { table, path: path.into(), seen: Vec::new() }
+        Section {
+            table,
+            path: path.into(),
+            seen: Vec::new(),
+        }
     }
 
     pub fn key_path(&self, key: &str) -> String {
@@ -58,12 +71,16 @@ impl<'a> Section<'a> {
     }
 
     pub fn span_of(&self, key: &str) -> Option<std::ops::Range<usize>> {
-        self.table.get_key_value(key).and_then(|(k, v)| v.span().or_else(|| k.span()))
+        self.table
+            .get_key_value(key)
+            .and_then(|(k, v)| v.span().or_else(|| k.span()))
     }
 
     /// Span to blame for a missing key: the table itself.
     pub fn own_span(&self) -> Option<std::ops::Range<usize>> {
-        self.table.span().or_else(|| self.table.iter().next().and_then(|(k, _)| self.span_of(k)))
+        self.table
+            .span()
+            .or_else(|| self.table.iter().next().and_then(|(k, _)| self.span_of(k)))
     }
 
     fn get(&mut self, key: &'static str) -> Option<&'a Item> {
@@ -80,7 +97,11 @@ impl<'a> Section<'a> {
         match item.as_str() {
             Some(s) => Some(s.to_string()),
             None => {
-                p.push(self.span_of(key), &self.key_path(key), format!("expected a string, found {}", type_name(item)));
+                p.push(
+                    self.span_of(key),
+                    &self.key_path(key),
+                    format!("expected a string, found {}", type_name(item)),
+                );
                 None
             }
         }
@@ -89,7 +110,11 @@ impl<'a> Section<'a> {
     pub fn required_string(&mut self, p: &mut Problems, key: &'static str) -> Option<String> {
         if self.table.get(key).is_none() {
             self.seen.push(key);
-            p.push(self.own_span(), &self.key_path(key), "is required but missing");
+            p.push(
+                self.own_span(),
+                &self.key_path(key),
+                "is required but missing",
+            );
             return None;
         }
         let s = self.string(p, key)?;
@@ -100,45 +125,84 @@ impl<'a> Section<'a> {
         Some(s)
     }
 
-    pub fn integer(&mut self, p: &mut Problems, key: &'static str, min: i64, max: i64) -> Option<i64> {
+    pub fn integer(
+        &mut self,
+        p: &mut Problems,
+        key: &'static str,
+        min: i64,
+        max: i64,
+    ) -> Option<i64> {
         let item = self.get(key)?;
         match item.as_integer() {
             Some(v) if v >= min && v <= max => Some(v),
             Some(v) => {
-                p.push(self.span_of(key), &self.key_path(key), format!("{v} is out of range ({min} to {max})"));
+                p.push(
+                    self.span_of(key),
+                    &self.key_path(key),
+                    format!("{v} is out of range ({min} to {max})"),
+                );
                 None
             }
             None => {
-                p.push(self.span_of(key), &self.key_path(key), format!("expected an integer, found {}", type_name(item)));
+                p.push(
+                    self.span_of(key),
+                    &self.key_path(key),
+                    format!("expected an integer, found {}", type_name(item)),
+                );
                 None
             }
         }
     }
 
-    pub fn float(&mut self, p: &mut Problems, key: &'static str, min: f64, max: f64) -> Option<f64> {
+    pub fn float(
+        &mut self,
+        p: &mut Problems,
+        key: &'static str,
+        min: f64,
+        max: f64,
+    ) -> Option<f64> {
         let item = self.get(key)?;
-        let v = item.as_float().or_else(|| item.as_integer().map(|i| i as f64));
+        let v = item
+            .as_float()
+            .or_else(|| item.as_integer().map(|i| i as f64));
         match v {
             Some(v) if v >= min && v <= max => Some(v),
             Some(v) => {
-                p.push(self.span_of(key), &self.key_path(key), format!("{v} is out of range ({min} to {max})"));
+                p.push(
+                    self.span_of(key),
+                    &self.key_path(key),
+                    format!("{v} is out of range ({min} to {max})"),
+                );
                 None
             }
             None => {
-                p.push(self.span_of(key), &self.key_path(key), format!("expected a number, found {}", type_name(item)));
+                p.push(
+                    self.span_of(key),
+                    &self.key_path(key),
+                    format!("expected a number, found {}", type_name(item)),
+                );
                 None
             }
         }
     }
 
     /// A string that must be one of `choices`.
-    pub fn choice(&mut self, p: &mut Problems, key: &'static str, choices: &[&'static str]) -> Option<&'static str> {
+    pub fn choice(
+        &mut self,
+        p: &mut Problems,
+        key: &'static str,
+        choices: &[&'static str],
+    ) -> Option<&'static str> {
         let s = self.string(p, key)?;
         match choices.iter().find(|c| **c == s) {
             Some(c) => Some(c),
             None => {
                 let list: Vec<String> = choices.iter().map(|c| format!("\"{c}\"")).collect();
-                p.push(self.span_of(key), &self.key_path(key), format!("\"{s}\" is not one of {}", list.join(", ")));
+                p.push(
+                    self.span_of(key),
+                    &self.key_path(key),
+                    format!("\"{s}\" is not one of {}", list.join(", ")),
+                );
                 None
             }
         }
@@ -157,11 +221,19 @@ impl<'a> Section<'a> {
         match parsed {
             Some(v) if v >= min => Some(v),
             Some(v) => {
-                p.push(self.span_of(key), &self.key_path(key), format!("{v} bytes is too small (at least {min})"));
+                p.push(
+                    self.span_of(key),
+                    &self.key_path(key),
+                    format!("{v} bytes is too small (at least {min})"),
+                );
                 None
             }
             None => {
-                p.push(self.span_of(key), &self.key_path(key), "expected a size such as 536870912 or \"512MiB\"");
+                p.push(
+                    self.span_of(key),
+                    &self.key_path(key),
+                    "expected a size such as 536870912 or \"512MiB\"",
+                );
                 None
             }
         }
@@ -170,14 +242,22 @@ impl<'a> Section<'a> {
     pub fn string_array(&mut self, p: &mut Problems, key: &'static str) -> Option<Vec<String>> {
         let item = self.get(key)?;
         let Some(arr) = item.as_array() else {
-            p.push(self.span_of(key), &self.key_path(key), format!("expected an array of strings, found {}", type_name(item)));
+            p.push(
+                self.span_of(key),
+                &self.key_path(key),
+                format!("expected an array of strings, found {}", type_name(item)),
+            );
             return None;
         };
         let mut out = Vec::new();
         for v in arr.iter() {
             match v.as_str() {
                 Some(s) => out.push(s.to_string()),
-                None => p.push(v.span(), &self.key_path(key), "every element must be a string"),
+                None => p.push(
+                    v.span(),
+                    &self.key_path(key),
+                    "every element must be a string",
+                ),
             }
         }
         Some(out)
@@ -186,15 +266,25 @@ impl<'a> Section<'a> {
     /// A sub-table (either `[a.b]` or an inline table), as key → string pairs.
     pub fn string_map(&mut self, p: &mut Problems, key: &'static str) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        let Some(item) = self.get(key) else { return out };
+        let Some(item) = self.get(key) else {
+            return out;
+        };
         let Some(t) = item.as_table_like() else {
-            p.push(self.span_of(key), &self.key_path(key), format!("expected a table, found {}", type_name(item)));
+            p.push(
+                self.span_of(key),
+                &self.key_path(key),
+                format!("expected a table, found {}", type_name(item)),
+            );
             return out;
         };
         for (k, v) in t.iter() {
             match v.as_str() {
                 Some(s) => out.push((k.to_string(), s.to_string())),
-                None => p.push(v.span(), &format!("{}.{}", self.key_path(key), k), "expected a string"),
+                None => p.push(
+                    v.span(),
+                    &format!("{}.{}", self.key_path(key), k),
+                    "expected a string",
+                ),
             }
         }
         out
@@ -206,7 +296,11 @@ impl<'a> Section<'a> {
         match item.as_table() {
             Some(t) => Some(Section::new(t, self.key_path(key))),
             None => {
-                p.push(self.span_of(key), &self.key_path(key), format!("expected a table, found {}", type_name(item)));
+                p.push(
+                    self.span_of(key),
+                    &self.key_path(key),
+                    format!("expected a table, found {}", type_name(item)),
+                );
                 None
             }
         }
@@ -217,8 +311,14 @@ impl<'a> Section<'a> {
         for (k, _) in self.table.iter() {
             if !self.seen.contains(&k) {
                 let known: Vec<&str> = self.seen.clone();
-                let hint = closest(k, &known).map(|c| format!(" (did you mean \"{c}\"?)")).unwrap_or_default();
-                p.push(self.span_of(k), &self.key_path(k), format!("unknown key{hint}"));
+                let hint = closest(k, &known)
+                    .map(|c| format!(" (did you mean \"{c}\"?)"))
+                    .unwrap_or_default();
+                p.push(
+                    self.span_of(k),
+                    &self.key_path(k),
+                    format!("unknown key{hint}"),
+                );
             }
         }
     }
@@ -227,7 +327,9 @@ impl<'a> Section<'a> {
 /// "512MiB", "64 MB", "1g", "1000" → bytes.
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let num: f64 = num.parse().ok()?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {

@@ -27,9 +27,15 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
     #[error("cannot read CA file {path}: {source}")]
-    CaFile { path: std::path::PathBuf, source: std::io::Error },
+    CaFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("CA file {path} is not a PEM certificate: {source}")]
-    CaPem { path: std::path::PathBuf, source: reqwest::Error },
+    CaPem {
+        path: std::path::PathBuf,
+        source: reqwest::Error,
+    },
     #[error("cannot build the HTTP client: {0}")]
     Client(reqwest::Error),
 }
@@ -38,7 +44,10 @@ pub fn compress(body: &[u8], c: Compression) -> Vec<u8> {
     match c {
         Compression::None => body.to_vec(),
         Compression::Gzip(level) => {
-            let mut e = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4), flate2::Compression::new(level));
+            let mut e = flate2::write::GzEncoder::new(
+                Vec::with_capacity(body.len() / 4),
+                flate2::Compression::new(level),
+            );
             // Writing into a Vec cannot fail.
             let _ = e.write_all(body);
             e.finish().unwrap_or_default()
@@ -79,24 +88,55 @@ enum Wait {
 }
 
 impl Forwarder {
-    pub fn new(cfg: UpstreamConfig, gateway_id: String, site: String, spool: SpoolHandle, metrics: Arc<Metrics>) -> Result<Self, ForwardError> {
+    pub fn new(
+        cfg: UpstreamConfig,
+        gateway_id: String,
+        site: String,
+        spool: SpoolHandle,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ForwardError> {
         let mut b = reqwest::Client::builder()
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
             .user_agent(concat!("scangate/", env!("CARGO_PKG_VERSION")))
             .pool_idle_timeout(Duration::from_secs(30));
         if let Some(ca) = &cfg.ca_file {
-            let pem = std::fs::read(ca).map_err(|source| ForwardError::CaFile { path: ca.clone(), source })?;
-            let cert = reqwest::Certificate::from_pem(&pem).map_err(|source| ForwardError::CaPem { path: ca.clone(), source })?;
+            let pem = std::fs::read(ca).map_err(|source| ForwardError::CaFile {
+                path: ca.clone(),
+                source,
+            })?;
+            let cert =
+                reqwest::Certificate::from_pem(&pem).map_err(|source| ForwardError::CaPem {
+                    path: ca.clone(),
+                    source,
+                })?;
             b = b.add_root_certificate(cert);
         }
         let client = b.build().map_err(ForwardError::Client)?;
         let token = cfg.token_file.as_deref().and_then(read_token);
-        let encoder = Encoder { profile: cfg.profile, gateway_id, site, event_type: cfg.event_type.clone(), fields: cfg.fields.clone() };
+        let encoder = Encoder {
+            profile: cfg.profile,
+            gateway_id,
+            site,
+            event_type: cfg.event_type.clone(),
+            fields: cfg.fields.clone(),
+        };
         let backoff = Self::new_backoff(&cfg);
         // Everything committed before the forwarder exists is backlog (live-first).
         let live_floor = *spool.committed().borrow() + 1;
-        Ok(Forwarder { cfg, client, encoder, spool, metrics, token, max_ok: None, down_since: None, last_error: None, live_floor, backoff })
+        Ok(Forwarder {
+            cfg,
+            client,
+            encoder,
+            spool,
+            metrics,
+            token,
+            max_ok: None,
+            down_since: None,
+            last_error: None,
+            live_floor,
+            backoff,
+        })
     }
 
     fn new_backoff(cfg: &UpstreamConfig) -> backon::ExponentialBackoff {
@@ -130,7 +170,11 @@ impl Forwarder {
                 return;
             }
             let max = self.cfg.batch_max_events;
-            let floor = if self.cfg.order == Order::LiveFirst { self.live_floor } else { 0 };
+            let floor = if self.cfg.order == Order::LiveFirst {
+                self.live_floor
+            } else {
+                0
+            };
             let batch = match self.spool.read_after(cursor, floor, max).await {
                 Ok(b) => b,
                 Err(e) => {
@@ -142,7 +186,9 @@ impl Forwarder {
                 }
             };
             let aged = partial_since.is_some_and(|t| t.elapsed() >= self.cfg.batch_max_delay);
-            if !batch.is_empty() && (batch.len() >= max || aged || self.cfg.batch_max_delay.is_zero()) {
+            if !batch.is_empty()
+                && (batch.len() >= max || aged || self.cfg.batch_max_delay.is_zero())
+            {
                 partial_since = None;
                 let last = batch.last().map(|e| e.loc);
                 if self.deliver(batch, &shutdown).await.is_err() {
@@ -155,13 +201,17 @@ impl Forwarder {
             if self.cfg.order == Order::LiveFirst {
                 let now = Instant::now();
                 let rate = self.cfg.backlog_max_eps as f64;
-                tokens = (tokens + now.duration_since(last_refill).as_secs_f64() * rate).min(rate.max(max as f64));
+                tokens = (tokens + now.duration_since(last_refill).as_secs_f64() * rate)
+                    .min(rate.max(max as f64));
                 last_refill = now;
                 if tokens >= 1.0 {
                     let want = (tokens as usize).min(max);
                     match self.spool.read_after(backlog_cursor, 0, want).await {
                         Ok(b) => {
-                            let b: Vec<SpooledEvent> = b.into_iter().filter(|e| e.loc.chunk < self.live_floor).collect();
+                            let b: Vec<SpooledEvent> = b
+                                .into_iter()
+                                .filter(|e| e.loc.chunk < self.live_floor)
+                                .collect();
                             if !b.is_empty() {
                                 tokens -= b.len() as f64;
                                 let last = b.last().map(|e| e.loc);
@@ -195,7 +245,11 @@ impl Forwarder {
 
     /// Deliver one batch to an outcome for every event (delivered or dead-lettered). Err only on
     /// shutdown: the remaining events stay in the spool.
-    async fn deliver(&mut self, batch: Vec<SpooledEvent>, shutdown: &CancellationToken) -> Result<(), ()> {
+    async fn deliver(
+        &mut self,
+        batch: Vec<SpooledEvent>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ()> {
         // Split by event type (one type per batch in the bag-events contract), keeping order.
         let mut groups: Vec<Vec<SpooledEvent>> = Vec::new();
         for e in batch {
@@ -204,7 +258,8 @@ impl Forwarder {
                 _ => groups.push(vec![e]),
             }
         }
-        let mut stack: Vec<(Vec<SpooledEvent>, bool)> = groups.into_iter().rev().map(|g| (g, false)).collect();
+        let mut stack: Vec<(Vec<SpooledEvent>, bool)> =
+            groups.into_iter().rev().map(|g| (g, false)).collect();
         while let Some((b, from_413)) = stack.pop() {
             if let Some(cap) = self.max_ok {
                 if b.len() > cap {
@@ -231,14 +286,20 @@ impl Forwarder {
                     Outcome::Partial { rejected } => {
                         self.on_success(b.len(), from_413).await;
                         let (dead, ok): (Vec<SpooledEvent>, Vec<SpooledEvent>) =
-                            b.into_iter().partition(|e| rejected.iter().any(|(id, _)| *id == e.event_id.to_string()));
+                            b.into_iter().partition(|e| {
+                                rejected.iter().any(|(id, _)| *id == e.event_id.to_string())
+                            });
                         if rejected.is_empty() {
                             tracing::warn!("Upstream answered 207 without listing rejected events; treating the batch as delivered");
                         }
                         let items = dead
                             .into_iter()
                             .map(|e| {
-                                let reason = rejected.iter().find(|(id, _)| *id == e.event_id.to_string()).map(|(_, r)| r.clone()).unwrap_or_default();
+                                let reason = rejected
+                                    .iter()
+                                    .find(|(id, _)| *id == e.event_id.to_string())
+                                    .map(|(_, r)| r.clone())
+                                    .unwrap_or_default();
                                 (e, Some(207u16), reason)
                             })
                             .collect::<Vec<_>>();
@@ -250,12 +311,25 @@ impl Forwarder {
                         self.metrics.response(413);
                         if b.len() == 1 {
                             tracing::error!(event_id = %b[0].event_id, "Upstream refuses a single event as too large (413); moved to dead letters");
-                            let items = b.into_iter().map(|e| (e, Some(413), "HTTP 413: event too large even alone".to_string())).collect();
+                            let items = b
+                                .into_iter()
+                                .map(|e| {
+                                    (
+                                        e,
+                                        Some(413),
+                                        "HTTP 413: event too large even alone".to_string(),
+                                    )
+                                })
+                                .collect();
                             self.dead_letter(items).await;
                         } else {
                             let half = b.len().div_ceil(2);
                             self.max_ok = Some(self.max_ok.map_or(half, |m| m.min(half)));
-                            tracing::warn!(size = b.len(), next = half, "Upstream says the batch is too large (413); splitting");
+                            tracing::warn!(
+                                size = b.len(),
+                                next = half,
+                                "Upstream says the batch is too large (413); splitting"
+                            );
                             push_halves(&mut stack, b, true);
                         }
                         break;
@@ -264,7 +338,10 @@ impl Forwarder {
                         self.metrics.response(status);
                         if b.len() == 1 {
                             tracing::warn!(event_id = %b[0].event_id, status, reason = %reason, "Upstream rejects an event; moved to dead letters");
-                            let items = b.into_iter().map(|e| (e, Some(status), reason.clone())).collect();
+                            let items = b
+                                .into_iter()
+                                .map(|e| (e, Some(status), reason.clone()))
+                                .collect();
                             self.dead_letter(items).await;
                         } else {
                             tracing::warn!(size = b.len(), status, reason = %reason, "Upstream rejects the batch; bisecting to find the refused events");
@@ -272,7 +349,8 @@ impl Forwarder {
                         }
                         break;
                     }
-                    Outcome::Unauthorized { status, reason } | Outcome::Misconfigured { status, reason } => {
+                    Outcome::Unauthorized { status, reason }
+                    | Outcome::Misconfigured { status, reason } => {
                         self.metrics.response(status);
                         if matches!(status, 401 | 403) {
                             self.metrics.upstream_auth_failures.inc();
@@ -290,13 +368,17 @@ impl Forwarder {
                             self.token = read_token(p);
                         }
                     }
-                    Outcome::Throttled { status, retry_after } => {
+                    Outcome::Throttled {
+                        status,
+                        retry_after,
+                    } => {
                         self.metrics.response(status);
                         let wait = match retry_after {
                             Some(d) => d.min(self.cfg.retry_after_max),
                             None => self.backoff.next().unwrap_or(self.cfg.retry_max),
                         };
-                        self.on_failure(&format!("HTTP {status}, retrying in {wait:?}"), false).await;
+                        self.on_failure(&format!("HTTP {status}, retrying in {wait:?}"), false)
+                            .await;
                         if let Wait::Shutdown = self.pause(wait, shutdown).await {
                             return Err(());
                         }
@@ -340,12 +422,19 @@ impl Forwarder {
                 } else {
                     "request failed"
                 };
-                Outcome::Retry { status: None, reason: format!("{what}: {}", error_chain(&e)) }
+                Outcome::Retry {
+                    status: None,
+                    reason: format!("{what}: {}", error_chain(&e)),
+                }
             }
             Ok(resp) => {
                 self.metrics.upstream_bytes_sent.add(len);
                 let status = resp.status().as_u16();
-                let retry_after = resp.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_string);
+                let retry_after = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
                 let mut body = Vec::new();
                 let mut resp = resp;
                 // Read at most 1 MiB of the answer: enough for any per-event report.
@@ -358,7 +447,12 @@ impl Forwarder {
                             tracing::debug!(error = %e, "Upstream answer body cut short after a 2xx status");
                             break;
                         }
-                        Err(e) => return Outcome::Retry { status: Some(status), reason: format!("answer cut short: {}", error_chain(&e)) },
+                        Err(e) => {
+                            return Outcome::Retry {
+                                status: Some(status),
+                                reason: format!("answer cut short: {}", error_chain(&e)),
+                            }
+                        }
                     }
                 }
                 outcome::classify(status, retry_after.as_deref(), &body, SystemTime::now())
@@ -397,7 +491,9 @@ impl Forwarder {
                 tracing::warn!(url = %self.cfg.endpoint, reason = %reason, "Upstream unavailable; events stay in the spool");
             }
             self.last_error = Some(reason.to_string());
-            self.spool.set_upstream_error(Some(reason.to_string())).await;
+            self.spool
+                .set_upstream_error(Some(reason.to_string()))
+                .await;
         }
     }
 
@@ -410,7 +506,9 @@ impl Forwarder {
             Ok(()) => self.metrics.delivered.add(events.len() as u64),
             // The events were delivered but stay in the spool: they will be resent with the
             // same ids (a duplicate the upstream de-duplicates), never lost.
-            Err(e) => tracing::error!(error = %e, "Cannot record delivery in the spool; events will be resent"),
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot record delivery in the spool; events will be resent")
+            }
         }
     }
 
@@ -424,7 +522,11 @@ impl Forwarder {
     }
 }
 
-fn push_halves(stack: &mut Vec<(Vec<SpooledEvent>, bool)>, mut b: Vec<SpooledEvent>, from_413: bool) {
+fn push_halves(
+    stack: &mut Vec<(Vec<SpooledEvent>, bool)>,
+    mut b: Vec<SpooledEvent>,
+    from_413: bool,
+) {
     let second = b.split_off(b.len().div_ceil(2));
     stack.push((second, from_413));
     stack.push((b, from_413));

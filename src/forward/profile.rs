@@ -77,14 +77,23 @@ struct Obj<'a> {
 impl<'a> Obj<'a> {
     fn open(out: &'a mut Vec<u8>, rename: &'a [(String, String)]) -> Self {
         out.push(b'{');
-        Obj { out, first: true, rename }
+        Obj {
+            out,
+            first: true,
+            rename,
+        }
     }
     fn key(&mut self, k: &str) {
         if !self.first {
             self.out.push(b',');
         }
         self.first = false;
-        let k = self.rename.iter().find(|(from, _)| from == k).map(|(_, to)| to.as_str()).unwrap_or(k);
+        let k = self
+            .rename
+            .iter()
+            .find(|(from, _)| from == k)
+            .map(|(_, to)| to.as_str())
+            .unwrap_or(k);
         push_json_str(self.out, k);
         self.out.push(b':');
     }
@@ -142,7 +151,14 @@ impl Encoder {
                 out.extend_from_slice(b"],\"source_system\":");
                 push_json_str(&mut out, &self.gateway_id);
                 out.extend_from_slice(b",\"event_type\":");
-                push_json_str(&mut out, if kind == BatchType::Sensor { "sensor" } else { "scan" });
+                push_json_str(
+                    &mut out,
+                    if kind == BatchType::Sensor {
+                        "sensor"
+                    } else {
+                        "scan"
+                    },
+                );
                 out.push(b'}');
             }
             Profile::Collect => {
@@ -182,12 +198,18 @@ impl Encoder {
             o.str("sensor_id", &b.tag);
             o.str("location", &b.location);
             o.str("device_id", &b.device);
-            o.raw("value", &b.value.map(fmt_f64).unwrap_or_else(|| "null".into()));
+            o.raw(
+                "value",
+                &b.value.map(fmt_f64).unwrap_or_else(|| "null".into()),
+            );
         } else {
             o.str("bag_id", &b.tag);
             o.str("location", &b.location);
             o.str("device_id", &b.device);
-            o.str("scan_type", b.scan_type.as_deref().unwrap_or(b.kind.default_scan_type()));
+            o.str(
+                "scan_type",
+                b.scan_type.as_deref().unwrap_or(b.kind.default_scan_type()),
+            );
             // The contract's signal_strength is an integer: peak RSSI in dBm, rounded.
             match b.rssi_cdbm {
                 Some(c) => o.int("signal_strength", ((c as f64) / 100.0).round() as i64),
@@ -228,7 +250,10 @@ impl Encoder {
             d.str("location", &b.location);
             d.str("device_id", &b.device);
             d.str("source", &b.source);
-            d.str("scan_type", b.scan_type.as_deref().unwrap_or(b.kind.default_scan_type()));
+            d.str(
+                "scan_type",
+                b.scan_type.as_deref().unwrap_or(b.kind.default_scan_type()),
+            );
             if let Some(a) = b.antenna {
                 d.int("antenna", a as i64);
             }
@@ -267,7 +292,10 @@ mod tests {
 
     pub fn sample(seq: u64, kind: ReadKind) -> SpooledEvent {
         SpooledEvent {
-            loc: Loc { chunk: 1, idx: seq as u32 },
+            loc: Loc {
+                chunk: 1,
+                idx: seq as u32,
+            },
             seq,
             committed_ms: 1_763_289_000_000,
             event_id: event_id(9, seq, 1_763_289_000_000),
@@ -291,13 +319,20 @@ mod tests {
     }
 
     fn enc(profile: Profile) -> Encoder {
-        Encoder { profile, gateway_id: "gw1".into(), site: "PTY".into(), event_type: "interaction".into(), fields: FieldMapping::default() }
+        Encoder {
+            profile,
+            gateway_id: "gw1".into(),
+            site: "PTY".into(),
+            event_type: "interaction".into(),
+            fields: FieldMapping::default(),
+        }
     }
 
     #[test]
     fn bag_events_envelope_and_scan_fields() {
         let evs = vec![sample(1, ReadKind::BagTag), sample(2, ReadKind::Epc)];
-        let v: serde_json::Value = serde_json::from_slice(&enc(Profile::BagEvents).encode(&evs, batch_key(&evs))).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&enc(Profile::BagEvents).encode(&evs, batch_key(&evs))).unwrap();
         assert_eq!(v["source_system"], "gw1");
         assert_eq!(v["event_type"], "scan");
         let e = &v["events"][0];

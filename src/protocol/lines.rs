@@ -35,29 +35,51 @@ impl LinesDecoder {
             l = &l[..l.len() - 1];
         }
         if l.is_empty() {
-            return Decoded::Skipped { reason: "empty_line", bytes: line.len() };
+            return Decoded::Skipped {
+                reason: "empty_line",
+                bytes: line.len(),
+            };
         }
-        if l.iter().any(|&b| (b < 0x20 && b != 0x1D && b != b'\t') || b == 0x7F) {
-            return Decoded::Skipped { reason: "control_bytes", bytes: line.len() };
+        if l.iter()
+            .any(|&b| (b < 0x20 && b != 0x1D && b != b'\t') || b == 0x7F)
+        {
+            return Decoded::Skipped {
+                reason: "control_bytes",
+                bytes: line.len(),
+            };
         }
         let Ok(text) = std::str::from_utf8(l) else {
-            return Decoded::Skipped { reason: "invalid_utf8", bytes: line.len() };
+            return Decoded::Skipped {
+                reason: "invalid_utf8",
+                bytes: line.len(),
+            };
         };
         let text = text.trim_matches(|c| c == ' ' || c == '\t');
-        let (symbology, data) = if text.len() >= 3 && text.starts_with(']') && text.is_char_boundary(3) {
-            (Some(text[..3].to_string()), &text[3..])
-        } else {
-            (None, text)
-        };
+        let (symbology, data) =
+            if text.len() >= 3 && text.starts_with(']') && text.is_char_boundary(3) {
+                (Some(text[..3].to_string()), &text[3..])
+            } else {
+                (None, text)
+            };
         if data.is_empty() {
-            return Decoded::Skipped { reason: "empty_line", bytes: line.len() };
+            return Decoded::Skipped {
+                reason: "empty_line",
+                bytes: line.len(),
+            };
         }
         let kind = if data.len() == 10 && data.bytes().all(|b| b.is_ascii_digit()) {
             ReadKind::BagTag
         } else {
             ReadKind::Barcode
         };
-        Decoded::Read(Read { kind, tag: data.to_string(), antenna: None, rssi_dbm: None, symbology, value: None })
+        Decoded::Read(Read {
+            kind,
+            tag: data.to_string(),
+            antenna: None,
+            rssi_dbm: None,
+            symbology,
+            value: None,
+        })
     }
 }
 
@@ -87,10 +109,16 @@ impl Decoder for LinesDecoder {
             if self.discarding > 0 {
                 let bytes = self.discarding + line.len();
                 self.discarding = 0;
-                return Ok(Some(Decoded::Skipped { reason: "line_too_long", bytes }));
+                return Ok(Some(Decoded::Skipped {
+                    reason: "line_too_long",
+                    bytes,
+                }));
             }
             if line.len() > MAX_LINE {
-                return Ok(Some(Decoded::Skipped { reason: "line_too_long", bytes: line.len() }));
+                return Ok(Some(Decoded::Skipped {
+                    reason: "line_too_long",
+                    bytes: line.len(),
+                }));
             }
             if line.is_empty() {
                 // A bare terminator (e.g. "\n\n"): nothing to report.
@@ -111,7 +139,10 @@ impl Decoder for LinesDecoder {
         if self.discarding > 0 || line.len() > MAX_LINE {
             let bytes = self.discarding + line.len();
             self.discarding = 0;
-            return Ok(Some(Decoded::Skipped { reason: "line_too_long", bytes }));
+            return Ok(Some(Decoded::Skipped {
+                reason: "line_too_long",
+                bytes,
+            }));
         }
         Ok(Some(Self::interpret(&line)))
     }
@@ -139,7 +170,10 @@ mod tests {
         let out = reads(b"0125728359\r\n]E04006381333931\r\n");
         assert_eq!(out.len(), 2);
         assert_eq!(tag(&out[0]), ("0125728359", ReadKind::BagTag, None));
-        assert_eq!(tag(&out[1]), ("4006381333931", ReadKind::Barcode, Some("]E0")));
+        assert_eq!(
+            tag(&out[1]),
+            ("4006381333931", ReadKind::Barcode, Some("]E0"))
+        );
     }
 
     #[test]
@@ -153,7 +187,10 @@ mod tests {
     fn crlf_split_across_chunks_is_one_terminator() {
         let mut d = LinesDecoder::default();
         let mut buf = BytesMut::from(&b"ABC\r"[..]);
-        assert!(matches!(d.decode(&mut buf).unwrap(), Some(Decoded::Read(_))));
+        assert!(matches!(
+            d.decode(&mut buf).unwrap(),
+            Some(Decoded::Read(_))
+        ));
         buf.extend_from_slice(b"\nDEF\n");
         let next = d.decode(&mut buf).unwrap().unwrap();
         assert_eq!(tag(&next).0, "DEF");
@@ -174,8 +211,20 @@ mod tests {
         input.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
         input.extend_from_slice(b"\n0125728359\n");
         let out = reads(&input);
-        assert!(matches!(out[0], Decoded::Skipped { reason: "control_bytes", .. }));
-        assert!(matches!(out[1], Decoded::Skipped { reason: "line_too_long", .. }));
+        assert!(matches!(
+            out[0],
+            Decoded::Skipped {
+                reason: "control_bytes",
+                ..
+            }
+        ));
+        assert!(matches!(
+            out[1],
+            Decoded::Skipped {
+                reason: "line_too_long",
+                ..
+            }
+        ));
         assert_eq!(tag(&out[2]).0, "0125728359");
     }
 

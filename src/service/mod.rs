@@ -8,10 +8,16 @@ use tokio_util::sync::CancellationToken;
 /// Journald when started by systemd (JOURNAL_STREAM is set), else text on stderr.
 /// `RUST_LOG` / `SCANGATE_LOG` choose the level (default info).
 pub fn init_logging() {
-    let filter = std::env::var("SCANGATE_LOG").or_else(|_| std::env::var("RUST_LOG")).unwrap_or_else(|_| "info".into());
+    let filter = std::env::var("SCANGATE_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into());
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         if let Ok(logger) = systemd_journal_logger::JournalLog::new() {
-            if logger.with_syslog_identifier("scangate".into()).install().is_ok() {
+            if logger
+                .with_syslog_identifier("scangate".into())
+                .install()
+                .is_ok()
+            {
                 let level = match filter.to_ascii_lowercase().as_str() {
                     "trace" => log::LevelFilter::Trace,
                     "debug" => log::LevelFilter::Debug,
@@ -25,12 +31,23 @@ pub fn init_logging() {
             }
         }
     }
-    let env = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(env).with_writer(std::io::stderr).with_target(false).try_init();
+    let env = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(env)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
 }
 
 pub fn notify_ready(status: &str) {
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(status)]);
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(status),
+        ],
+    );
 }
 
 pub fn notify_stopping() {
@@ -49,8 +66,17 @@ pub fn spawn_watchdog(spool: SpoolHandle) -> Option<tokio::task::JoinHandle<()>>
         loop {
             tokio::time::sleep(period).await;
             if let Ok(Ok(s)) = tokio::time::timeout(period, spool.stats()).await {
-                let status = format!("backlog {} events, {} dead letters", s.backlog, s.dead_letters);
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog, sd_notify::NotifyState::Status(&status)]);
+                let status = format!(
+                    "backlog {} events, {} dead letters",
+                    s.backlog, s.dead_letters
+                );
+                let _ = sd_notify::notify(
+                    false,
+                    &[
+                        sd_notify::NotifyState::Watchdog,
+                        sd_notify::NotifyState::Status(&status),
+                    ],
+                );
             }
         }
     }))
@@ -60,8 +86,12 @@ pub fn spawn_watchdog(spool: SpoolHandle) -> Option<tokio::task::JoinHandle<()>>
 pub fn spawn_signal_handler(token: CancellationToken) {
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut term) = signal(SignalKind::terminate()) else { return };
-        let Ok(mut int) = signal(SignalKind::interrupt()) else { return };
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            return;
+        };
+        let Ok(mut int) = signal(SignalKind::interrupt()) else {
+            return;
+        };
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM received"),
             _ = int.recv() => tracing::info!("SIGINT received"),
@@ -73,6 +103,11 @@ pub fn spawn_signal_handler(token: CancellationToken) {
 /// For the demo: errors only, so the progress line stays readable.
 pub fn init_logging_quiet() {
     let filter = std::env::var("SCANGATE_LOG").unwrap_or_else(|_| "error".into());
-    let env = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
-    let _ = tracing_subscriber::fmt().with_env_filter(env).with_writer(std::io::stderr).with_target(false).try_init();
+    let env = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(env)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
 }

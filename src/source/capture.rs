@@ -32,7 +32,10 @@ pub struct CaptureError {
 }
 
 fn err(line: usize, message: impl Into<String>) -> CaptureError {
-    CaptureError { line, message: message.into() }
+    CaptureError {
+        line,
+        message: message.into(),
+    }
 }
 
 pub fn parse_header(line: &str) -> Option<CaptureKind> {
@@ -48,7 +51,10 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
     if digits.len() % 2 != 0 {
         return None;
     }
-    digits.chunks(2).map(|p| u8::from_str_radix(std::str::from_utf8(p).ok()?, 16).ok()).collect()
+    digits
+        .chunks(2)
+        .map(|p| u8::from_str_radix(std::str::from_utf8(p).ok()?, 16).ok())
+        .collect()
 }
 
 pub fn unescape(s: &str) -> Option<Vec<u8>> {
@@ -100,22 +106,45 @@ pub fn escape(bytes: &[u8]) -> String {
 /// Parse one record line (not the header, not a comment). `line_no` is for messages.
 pub fn parse_record(kind: CaptureKind, line: &str, line_no: usize) -> Result<Record, CaptureError> {
     let line = line.trim_end_matches(['\r', '\n']);
-    let (offset, rest) = line.split_once(' ').ok_or_else(|| err(line_no, "expected `<offset_ms> ...`"))?;
-    let offset_ms: u64 = offset.parse().map_err(|_| err(line_no, format!("\"{offset}\" is not an offset in milliseconds")))?;
+    let (offset, rest) = line
+        .split_once(' ')
+        .ok_or_else(|| err(line_no, "expected `<offset_ms> ...`"))?;
+    let offset_ms: u64 = offset.parse().map_err(|_| {
+        err(
+            line_no,
+            format!("\"{offset}\" is not an offset in milliseconds"),
+        )
+    })?;
     let (topic, rest) = match kind {
         CaptureKind::Serial => (None, rest),
         CaptureKind::Mqtt => {
-            let (t, r) = rest.split_once(' ').ok_or_else(|| err(line_no, "expected `<offset_ms> <topic> hex|text <payload>`"))?;
+            let (t, r) = rest
+                .split_once(' ')
+                .ok_or_else(|| err(line_no, "expected `<offset_ms> <topic> hex|text <payload>`"))?;
             (Some(t.to_string()), r)
         }
     };
     let (enc, payload) = rest.split_once(' ').unwrap_or((rest, ""));
     let bytes = match enc {
         "hex" => unhex(payload).ok_or_else(|| err(line_no, "invalid hex payload"))?,
-        "text" => unescape(payload).ok_or_else(|| err(line_no, "invalid escape in text payload (use \\r \\n \\t \\\\ \\xHH)"))?,
-        other => return Err(err(line_no, format!("unknown encoding \"{other}\" (use hex or text)"))),
+        "text" => unescape(payload).ok_or_else(|| {
+            err(
+                line_no,
+                "invalid escape in text payload (use \\r \\n \\t \\\\ \\xHH)",
+            )
+        })?,
+        other => {
+            return Err(err(
+                line_no,
+                format!("unknown encoding \"{other}\" (use hex or text)"),
+            ))
+        }
     };
-    Ok(Record { offset_ms, topic, bytes })
+    Ok(Record {
+        offset_ms,
+        topic,
+        bytes,
+    })
 }
 
 /// Parse a whole capture held in memory (fixtures, tests, the built-in demo).
@@ -128,7 +157,14 @@ pub fn parse(text: &str) -> Result<(CaptureKind, Vec<Record>), CaptureError> {
             continue;
         }
         match kind {
-            None => kind = Some(parse_header(t).ok_or_else(|| err(i + 1, "expected header `scangate-capture v1 serial` or `scangate-capture v1 mqtt`"))?),
+            None => {
+                kind = Some(parse_header(t).ok_or_else(|| {
+                    err(
+                    i + 1,
+                    "expected header `scangate-capture v1 serial` or `scangate-capture v1 mqtt`",
+                )
+                })?)
+            }
             Some(k) => out.push(parse_record(k, line, i + 1)?),
         }
     }
@@ -141,17 +177,31 @@ mod tests {
 
     #[test]
     fn serial_and_mqtt_records() {
-        let (k, r) = parse("scangate-capture v1 serial\n# c\n0 text 0125728359\\r\\n\n15 hex 02 36 03\n").unwrap();
+        let (k, r) =
+            parse("scangate-capture v1 serial\n# c\n0 text 0125728359\\r\\n\n15 hex 02 36 03\n")
+                .unwrap();
         assert_eq!(k, CaptureKind::Serial);
         assert_eq!(r[0].bytes, b"0125728359\r\n");
-        assert_eq!(r[1], Record { offset_ms: 15, topic: None, bytes: vec![2, 0x36, 3] });
+        assert_eq!(
+            r[1],
+            Record {
+                offset_ms: 15,
+                topic: None,
+                bytes: vec![2, 0x36, 3]
+            }
+        );
         let (_, m) = parse("scangate-capture v1 mqtt\n5 readers/1 text {\"a\":1}\n").unwrap();
         assert_eq!(m[0].topic.as_deref(), Some("readers/1"));
     }
 
     #[test]
     fn errors_name_the_line() {
-        assert_eq!(parse("scangate-capture v1 serial\nx text a\n").unwrap_err().line, 2);
+        assert_eq!(
+            parse("scangate-capture v1 serial\nx text a\n")
+                .unwrap_err()
+                .line,
+            2
+        );
         assert!(parse("hello\n").is_err());
     }
 

@@ -47,7 +47,11 @@ impl Feed {
             }
             Decoded::Read(read) => {
                 self.metrics.reads_in.inc();
-                let r = SourceRead { source: self.source, read, wall_ms: crate::event::wall_now_ms() };
+                let r = SourceRead {
+                    source: self.source,
+                    read,
+                    wall_ms: crate::event::wall_now_ms(),
+                };
                 if self.can_wait {
                     self.tx.send(r).await.is_ok()
                 } else {
@@ -66,11 +70,27 @@ impl Feed {
 }
 
 /// Run one source until `shutdown` (or, for a replay, until the capture is played).
-pub async fn run(index: usize, cfg: SourceConfig, tx: mpsc::Sender<SourceRead>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    let feed = Feed { source: index, name: Arc::from(cfg.name.as_str()), tx, metrics, can_wait: matches!(cfg.kind, SourceKind::Replay { .. }) };
+pub async fn run(
+    index: usize,
+    cfg: SourceConfig,
+    tx: mpsc::Sender<SourceRead>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let feed = Feed {
+        source: index,
+        name: Arc::from(cfg.name.as_str()),
+        tx,
+        metrics,
+        can_wait: matches!(cfg.kind, SourceKind::Replay { .. }),
+    };
     match &cfg.kind {
         SourceKind::Serial { path, baud } => serial::run(&cfg, path, *baud, feed, shutdown).await,
-        SourceKind::Replay { file, speed, repeat } => {
+        SourceKind::Replay {
+            file,
+            speed,
+            repeat,
+        } => {
             if let Err(e) = replay::run_file(&cfg, file, speed, *repeat, feed, shutdown).await {
                 tracing::error!(source = %cfg.name, error = %e, "Replay source stopped");
             }

@@ -16,16 +16,37 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error("cannot open capture {path}: {source}")]
-    Open { path: std::path::PathBuf, source: std::io::Error },
+    Open {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
-    Format { path: std::path::PathBuf, source: capture::CaptureError },
+    Format {
+        path: std::path::PathBuf,
+        source: capture::CaptureError,
+    },
     #[error("reading capture {path}: {source}")]
-    Io { path: std::path::PathBuf, source: std::io::Error },
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
-pub async fn run_file(cfg: &SourceConfig, file: &Path, speed: &ReplaySpeed, repeat: u32, feed: Feed, shutdown: CancellationToken) -> Result<(), ReplayError> {
+pub async fn run_file(
+    cfg: &SourceConfig,
+    file: &Path,
+    speed: &ReplaySpeed,
+    repeat: u32,
+    feed: Feed,
+    shutdown: CancellationToken,
+) -> Result<(), ReplayError> {
     for pass in 0..repeat {
-        let f = tokio::fs::File::open(file).await.map_err(|source| ReplayError::Open { path: file.to_path_buf(), source })?;
+        let f = tokio::fs::File::open(file)
+            .await
+            .map_err(|source| ReplayError::Open {
+                path: file.to_path_buf(),
+                source,
+            })?;
         let done = play(cfg, BufReader::new(f), file, speed, &feed, &shutdown).await?;
         if !done {
             return Ok(());
@@ -37,19 +58,34 @@ pub async fn run_file(cfg: &SourceConfig, file: &Path, speed: &ReplaySpeed, repe
 }
 
 /// Play one capture. Returns false if stopped early (shutdown or pipeline gone).
-pub async fn play<R: AsyncBufRead + Unpin>(cfg: &SourceConfig, reader: R, name: &Path, speed: &ReplaySpeed, feed: &Feed, shutdown: &CancellationToken) -> Result<bool, ReplayError> {
+pub async fn play<R: AsyncBufRead + Unpin>(
+    cfg: &SourceConfig,
+    reader: R,
+    name: &Path,
+    speed: &ReplaySpeed,
+    feed: &Feed,
+    shutdown: &CancellationToken,
+) -> Result<bool, ReplayError> {
     let mut lines = reader.lines();
     let mut kind = None;
     let mut decoder = Protocol::new(cfg.protocol);
     let mut buf = BytesMut::new();
     let start = Instant::now();
     let mut line_no = 0;
-    let fmt_err = |source| ReplayError::Format { path: name.to_path_buf(), source };
+    let fmt_err = |source| ReplayError::Format {
+        path: name.to_path_buf(),
+        source,
+    };
     loop {
         let line = match lines.next_line().await {
             Ok(Some(l)) => l,
             Ok(None) => break,
-            Err(source) => return Err(ReplayError::Io { path: name.to_path_buf(), source }),
+            Err(source) => {
+                return Err(ReplayError::Io {
+                    path: name.to_path_buf(),
+                    source,
+                })
+            }
         };
         line_no += 1;
         let t = line.trim();
@@ -57,14 +93,21 @@ pub async fn play<R: AsyncBufRead + Unpin>(cfg: &SourceConfig, reader: R, name: 
             continue;
         }
         let Some(k) = kind else {
-            kind = Some(capture::parse_header(t).ok_or_else(|| fmt_err(capture::CaptureError { line: line_no, message: "expected header `scangate-capture v1 serial|mqtt`".into() }))?);
+            kind = Some(capture::parse_header(t).ok_or_else(|| {
+                fmt_err(capture::CaptureError {
+                    line: line_no,
+                    message: "expected header `scangate-capture v1 serial|mqtt`".into(),
+                })
+            })?);
             continue;
         };
         let rec = capture::parse_record(k, &line, line_no).map_err(fmt_err)?;
         let due = match speed {
             ReplaySpeed::Max => None,
             ReplaySpeed::Recorded => Some(start + Duration::from_millis(rec.offset_ms)),
-            ReplaySpeed::Factor(f) => Some(start + Duration::from_secs_f64(rec.offset_ms as f64 / 1000.0 / f)),
+            ReplaySpeed::Factor(f) => {
+                Some(start + Duration::from_secs_f64(rec.offset_ms as f64 / 1000.0 / f))
+            }
         };
         if let Some(due) = due {
             tokio::select! {

@@ -17,7 +17,13 @@ use tokio_util::sync::CancellationToken;
 const REOPEN_MIN: Duration = Duration::from_millis(200);
 const REOPEN_MAX: Duration = Duration::from_secs(10);
 
-pub async fn run(cfg: &SourceConfig, path: &Path, baud: u32, feed: Feed, shutdown: CancellationToken) {
+pub async fn run(
+    cfg: &SourceConfig,
+    path: &Path,
+    baud: u32,
+    feed: Feed,
+    shutdown: CancellationToken,
+) {
     let mut delay = REOPEN_MIN;
     let mut last_error: Option<String> = None;
     loop {

@@ -16,14 +16,37 @@ pub const COMMAND_CAPACITY: usize = 4;
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
 pub enum Cmd {
-    Append { bodies: Vec<EventBody>, reply: Option<Reply<AppendResult>> },
-    Read { after: Option<Loc>, min_chunk: i64, max: usize, reply: Reply<Vec<SpooledEvent>> },
-    Ack { locs: Vec<Loc>, reply: Reply<()> },
-    DeadLetter { items: Vec<(SpooledEvent, Option<u16>, String)>, reply: Reply<()> },
-    UpstreamError { error: Option<String> },
-    Stats { reply: Reply<Stats> },
-    DeadLetters { limit: usize, reply: Reply<Vec<DeadLetter>> },
-    HeadChunk { reply: Reply<i64> },
+    Append {
+        bodies: Vec<EventBody>,
+        reply: Option<Reply<AppendResult>>,
+    },
+    Read {
+        after: Option<Loc>,
+        min_chunk: i64,
+        max: usize,
+        reply: Reply<Vec<SpooledEvent>>,
+    },
+    Ack {
+        locs: Vec<Loc>,
+        reply: Reply<()>,
+    },
+    DeadLetter {
+        items: Vec<(SpooledEvent, Option<u16>, String)>,
+        reply: Reply<()>,
+    },
+    UpstreamError {
+        error: Option<String>,
+    },
+    Stats {
+        reply: Reply<Stats>,
+    },
+    DeadLetters {
+        limit: usize,
+        reply: Reply<Vec<DeadLetter>>,
+    },
+    HeadChunk {
+        reply: Reply<i64>,
+    },
 }
 
 #[derive(Clone)]
@@ -139,31 +162,61 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
 impl SpoolHandle {
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, HandleError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| HandleError::Closed)?;
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| HandleError::Closed)?;
         Ok(rx.await.map_err(|_| HandleError::Closed)??)
     }
 
     /// Commit a group; resolves once it is durable (or refused).
     pub async fn append(&self, bodies: Vec<EventBody>) -> Result<AppendResult, HandleError> {
-        self.call(|reply| Cmd::Append { bodies, reply: Some(reply) }).await
+        self.call(|reply| Cmd::Append {
+            bodies,
+            reply: Some(reply),
+        })
+        .await
     }
 
     /// Queue a group for commit and return a receiver for the outcome, without waiting for it.
-    pub async fn append_nowait(&self, bodies: Vec<EventBody>) -> Result<oneshot::Receiver<Result<AppendResult, SpoolError>>, HandleError> {
+    pub async fn append_nowait(
+        &self,
+        bodies: Vec<EventBody>,
+    ) -> Result<oneshot::Receiver<Result<AppendResult, SpoolError>>, HandleError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Cmd::Append { bodies, reply: Some(reply) }).await.map_err(|_| HandleError::Closed)?;
+        self.tx
+            .send(Cmd::Append {
+                bodies,
+                reply: Some(reply),
+            })
+            .await
+            .map_err(|_| HandleError::Closed)?;
         Ok(rx)
     }
 
-    pub async fn read_after(&self, after: Option<Loc>, min_chunk: i64, max: usize) -> Result<Vec<SpooledEvent>, HandleError> {
-        self.call(|reply| Cmd::Read { after, min_chunk, max, reply }).await
+    pub async fn read_after(
+        &self,
+        after: Option<Loc>,
+        min_chunk: i64,
+        max: usize,
+    ) -> Result<Vec<SpooledEvent>, HandleError> {
+        self.call(|reply| Cmd::Read {
+            after,
+            min_chunk,
+            max,
+            reply,
+        })
+        .await
     }
 
     pub async fn ack(&self, locs: Vec<Loc>) -> Result<(), HandleError> {
         self.call(|reply| Cmd::Ack { locs, reply }).await
     }
 
-    pub async fn dead_letter(&self, items: Vec<(SpooledEvent, Option<u16>, String)>) -> Result<(), HandleError> {
+    pub async fn dead_letter(
+        &self,
+        items: Vec<(SpooledEvent, Option<u16>, String)>,
+    ) -> Result<(), HandleError> {
         self.call(|reply| Cmd::DeadLetter { items, reply }).await
     }
 

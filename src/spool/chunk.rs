@@ -42,7 +42,8 @@ pub fn encode(data: &ChunkData) -> Result<Vec<u8>, postcard::Error> {
     let mut out = Vec::with_capacity(raw.len() / 3 + 16);
     out.push(FORMAT_ZSTD_POSTCARD_V1);
     // Writing into a Vec cannot fail for I/O reasons; map the impossible error anyway.
-    let compressed = zstd::bulk::compress(&raw, ZSTD_LEVEL).map_err(|_| postcard::Error::SerializeBufferFull)?;
+    let compressed =
+        zstd::bulk::compress(&raw, ZSTD_LEVEL).map_err(|_| postcard::Error::SerializeBufferFull)?;
     out.extend_from_slice(&compressed);
     Ok(out)
 }

@@ -51,16 +51,28 @@ pub struct SpoolOptions {
 
 impl Default for SpoolOptions {
     fn default() -> Self {
-        SpoolOptions { max_bytes: 512 * 1024 * 1024, when_full: WhenFull::DropOldest, sync: SyncMode::Full }
+        SpoolOptions {
+            max_bytes: 512 * 1024 * 1024,
+            when_full: WhenFull::DropOldest,
+            sync: SyncMode::Full,
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     #[error("cannot use state directory {path}: {source} (it must exist or be creatable, and be writable by the scangate user)")]
-    StateDir { path: PathBuf, source: std::io::Error },
-    #[error("cannot open spool {path}: {source} (is state_dir writable and on a local filesystem?)")]
-    Open { path: PathBuf, source: rusqlite::Error },
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot open spool {path}: {source} (is state_dir writable and on a local filesystem?)"
+    )]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
     #[error("spool is full (max_bytes = {max_bytes}) and when_full = \"reject\"")]
     Full { max_bytes: u64 },
     #[error("the disk holding the spool is full; new events are refused until space is freed")]
@@ -160,8 +172,12 @@ fn classify(e: rusqlite::Error) -> SpoolError {
     }
 }
 
-fn meta_get<T: rusqlite::types::FromSql>(conn: &Connection, key: &str) -> rusqlite::Result<Option<T>> {
-    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()
+fn meta_get<T: rusqlite::types::FromSql>(
+    conn: &Connection,
+    key: &str,
+) -> rusqlite::Result<Option<T>> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
 }
 
 fn meta_set(conn: &Connection, key: &str, value: impl rusqlite::ToSql) -> rusqlite::Result<()> {
@@ -172,11 +188,15 @@ fn meta_set(conn: &Connection, key: &str, value: impl rusqlite::ToSql) -> rusqli
 /// Check an existing file; Err(reason) when it is not a healthy spool.
 fn check_existing(path: &Path) -> Result<(), String> {
     let conn = Connection::open(path).map_err(|e| e.to_string())?;
-    let res: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(|e| e.to_string())?;
+    let res: String = conn
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
     if res != "ok" {
         return Err(format!("quick_check: {res}"));
     }
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| e.to_string())?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
     if version > SCHEMA_VERSION {
         // Not corruption: a newer scangate wrote it. Refusing is safer than moving it aside.
         return Ok(());
@@ -191,18 +211,32 @@ impl Spool {
 
     /// Open (or create) the spool in `state_dir`. A corrupt file is moved aside with a
     /// timestamp and a fresh spool is created; the report says so (the caller logs ERROR).
-    pub fn open(state_dir: &Path, opts: SpoolOptions, metrics: Arc<Metrics>) -> Result<(Spool, OpenReport), SpoolError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| SpoolError::StateDir { path: state_dir.to_path_buf(), source })?;
+    pub fn open(
+        state_dir: &Path,
+        opts: SpoolOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Spool, OpenReport), SpoolError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| SpoolError::StateDir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
         let path = Self::path_in(state_dir);
         let mut report = OpenReport::default();
         let mut carried_seq = None;
         if path.exists() {
             if let Err(reason) = check_existing(&path) {
                 // Best effort: learn the old seq so seq stays monotonic for this gateway.
-                carried_seq = Connection::open(&path).ok().and_then(|c| meta_get::<i64>(&c, "next_seq").ok().flatten());
-                let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string().replace(':', "");
+                carried_seq = Connection::open(&path)
+                    .ok()
+                    .and_then(|c| meta_get::<i64>(&c, "next_seq").ok().flatten());
+                let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                    .to_string()
+                    .replace(':', "");
                 let aside = path.with_file_name(format!("spool.db.corrupt-{stamp}"));
-                std::fs::rename(&path, &aside).map_err(|source| SpoolError::StateDir { path: state_dir.to_path_buf(), source })?;
+                std::fs::rename(&path, &aside).map_err(|source| SpoolError::StateDir {
+                    path: state_dir.to_path_buf(),
+                    source,
+                })?;
                 for ext in ["-wal", "-shm"] {
                     let side = PathBuf::from(format!("{}{ext}", path.display()));
                     if side.exists() {
@@ -213,31 +247,50 @@ impl Spool {
                 report.moved_aside = Some((aside, reason));
             }
         }
-        let conn = Connection::open(&path).map_err(|source| SpoolError::Open { path: path.clone(), source })?;
-        let open_err = |source| SpoolError::Open { path: path.clone(), source };
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
-        conn.pragma_update(None, "page_size", PAGE_SIZE).map_err(open_err)?;
-        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(open_err)?;
+        let conn = Connection::open(&path).map_err(|source| SpoolError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let open_err = |source| SpoolError::Open {
+            path: path.clone(),
+            source,
+        };
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_err)?;
+        conn.pragma_update(None, "page_size", PAGE_SIZE)
+            .map_err(open_err)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(open_err)?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(SpoolError::Open { path: path.clone(), source: rusqlite::Error::InvalidQuery });
+            return Err(SpoolError::Open {
+                path: path.clone(),
+                source: rusqlite::Error::InvalidQuery,
+            });
         }
         let sync = match opts.sync {
             SyncMode::Full => "FULL",
             SyncMode::Normal => "NORMAL",
         };
-        conn.pragma_update(None, "synchronous", sync).map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", sync)
+            .map_err(open_err)?;
         // Keep memory small and flat: the backlog is never cached wholesale.
-        conn.pragma_update(None, "cache_size", -1024).map_err(open_err)?;
-        conn.pragma_update(None, "journal_size_limit", 4 * 1024 * 1024).map_err(open_err)?;
+        conn.pragma_update(None, "cache_size", -1024)
+            .map_err(open_err)?;
+        conn.pragma_update(None, "journal_size_limit", 4 * 1024 * 1024)
+            .map_err(open_err)?;
 
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(open_err)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(open_err)?;
         if version > SCHEMA_VERSION {
             return Err(SpoolError::Open { path: path.clone(), source: rusqlite::Error::InvalidParameterName(format!("schema version {version} is newer than this scangate understands ({SCHEMA_VERSION}); upgrade scangate")) });
         }
         if version == 0 {
             report.created = true;
             migrate_to_1(&conn).map_err(classify)?;
-            let salt = u64::from_le_bytes(Uuid::new_v4().as_bytes()[..8].try_into().unwrap_or([7; 8]));
+            let salt =
+                u64::from_le_bytes(Uuid::new_v4().as_bytes()[..8].try_into().unwrap_or([7; 8]));
             let tx = conn.unchecked_transaction()?;
             meta_set(&tx, "salt", salt as i64)?;
             meta_set(&tx, "next_seq", carried_seq.unwrap_or(1))?;
@@ -250,8 +303,11 @@ impl Spool {
         let salt = meta_get::<i64>(&conn, "salt")?.unwrap_or(0) as u64;
         let next_seq = meta_get::<i64>(&conn, "next_seq")?.unwrap_or(1) as u64;
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-        let max_id: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM chunks", [], |r| r.get(0))?;
-        let next_chunk = meta_get::<i64>(&conn, "next_chunk")?.unwrap_or(1).max(max_id + 1);
+        let max_id: i64 =
+            conn.query_row("SELECT COALESCE(MAX(id), 0) FROM chunks", [], |r| r.get(0))?;
+        let next_chunk = meta_get::<i64>(&conn, "next_chunk")?
+            .unwrap_or(1)
+            .max(max_id + 1);
         let mut spool = Spool {
             conn,
             path,
@@ -279,7 +335,8 @@ impl Spool {
     /// Open an existing spool read-only, for `scangate status` / `spool stats` while the daemon runs.
     pub fn open_read_only(state_dir: &Path) -> Result<Connection, SpoolError> {
         let path = Self::path_in(state_dir);
-        Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|source| SpoolError::Open { path, source })
+        Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|source| SpoolError::Open { path, source })
     }
 
     pub fn path(&self) -> &Path {
@@ -316,7 +373,10 @@ impl Spool {
 
     /// Run a write that frees space (ack, eviction, dead letter); on a full disk, release the
     /// reserve and try once more.
-    fn freeing<T>(&mut self, mut f: impl FnMut(&mut Self) -> Result<T, SpoolError>) -> Result<T, SpoolError> {
+    fn freeing<T>(
+        &mut self,
+        mut f: impl FnMut(&mut Self) -> Result<T, SpoolError>,
+    ) -> Result<T, SpoolError> {
         match f(self) {
             Err(SpoolError::DiskFull) if self.release_reserve() => f(self),
             other => other,
@@ -329,7 +389,9 @@ impl Spool {
 
     fn refresh_used(&mut self) -> rusqlite::Result<()> {
         let pages: i64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-        let free: i64 = self.conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        let free: i64 = self
+            .conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
         self.used_bytes = (pages - free).max(0) as u64 * self.page_size;
         self.metrics.spool_used_bytes.set(self.used_bytes);
         Ok(())
@@ -340,31 +402,64 @@ impl Spool {
     }
 
     /// Commit `bodies` as one chunk (one transaction). Ok means accepted (durable per `sync`).
-    pub fn append(&mut self, bodies: Vec<EventBody>, now_ms: i64) -> Result<AppendResult, SpoolError> {
+    pub fn append(
+        &mut self,
+        bodies: Vec<EventBody>,
+        now_ms: i64,
+    ) -> Result<AppendResult, SpoolError> {
         let count = bodies.len();
         let first_seq = self.next_seq;
         let records: Vec<Record> = bodies
             .into_iter()
             .enumerate()
-            .map(|(i, body)| Record { seq_delta: i as i64, committed_delta: 0, body })
+            .map(|(i, body)| Record {
+                seq_delta: i as i64,
+                committed_delta: 0,
+                body,
+            })
             .collect();
-        let data = ChunkData { boot_id: *self.boot_id.as_bytes(), records };
+        let data = ChunkData {
+            boot_id: *self.boot_id.as_bytes(),
+            records,
+        };
         let blob = chunk::encode(&data)?;
-        let chunk = self.insert_chunk(first_seq, now_ms, &blob, count, first_seq + count as u64, &[])?;
+        let chunk = self.insert_chunk(
+            first_seq,
+            now_ms,
+            &blob,
+            count,
+            first_seq + count as u64,
+            &[],
+        )?;
         self.next_seq = first_seq + count as u64;
-        Ok(AppendResult { first_seq, count, chunk: chunk.0, evicted: chunk.1 })
+        Ok(AppendResult {
+            first_seq,
+            count,
+            chunk: chunk.0,
+            evicted: chunk.1,
+        })
     }
 
     /// Insert one chunk row (and advance next_seq / delete requeued dead letters) in one
     /// transaction, making room first per `when_full`. Returns (chunk id, events evicted).
-    fn insert_chunk(&mut self, first_seq: u64, created_ms: i64, blob: &[u8], count: usize, next_seq: u64, requeued: &[i64]) -> Result<(i64, u64), SpoolError> {
+    fn insert_chunk(
+        &mut self,
+        first_seq: u64,
+        created_ms: i64,
+        blob: &[u8],
+        count: usize,
+        next_seq: u64,
+        requeued: &[i64],
+    ) -> Result<(i64, u64), SpoolError> {
         let need = blob.len() as u64 + 2 * self.page_size;
         let mut evicted = 0;
         if self.used_bytes + need > self.opts.max_bytes {
             match self.opts.when_full {
                 WhenFull::Reject => {
                     self.metrics.count_drop("spool_full", count as u64);
-                    return Err(SpoolError::Full { max_bytes: self.opts.max_bytes });
+                    return Err(SpoolError::Full {
+                        max_bytes: self.opts.max_bytes,
+                    });
                 }
                 WhenFull::DropOldest => {
                     let target = self.opts.max_bytes.saturating_sub(need);
@@ -389,7 +484,9 @@ impl Spool {
                     self.metrics.spool_backlog.add(count as u64);
                     return Ok((id, evicted));
                 }
-                Err(SpoolError::DiskFull) if attempt == 0 && self.opts.when_full == WhenFull::DropOldest => {
+                Err(SpoolError::DiskFull)
+                    if attempt == 0 && self.opts.when_full == WhenFull::DropOldest =>
+                {
                     // Freed pages are reused in place: evicting the oldest chunks can make
                     // room even on a full disk.
                     attempt += 1;
@@ -405,7 +502,15 @@ impl Spool {
         }
     }
 
-    fn try_insert(&mut self, first_seq: u64, created_ms: i64, blob: &[u8], count: usize, next_seq: u64, requeued: &[i64]) -> Result<i64, SpoolError> {
+    fn try_insert(
+        &mut self,
+        first_seq: u64,
+        created_ms: i64,
+        blob: &[u8],
+        count: usize,
+        next_seq: u64,
+        requeued: &[i64],
+    ) -> Result<i64, SpoolError> {
         let id = self.next_chunk;
         let tx = self.conn.transaction().map_err(classify)?;
         tx.execute("INSERT INTO chunks(id, first_seq, count, created_ms, data) VALUES (?1, ?2, ?3, ?4, ?5)", params![id, first_seq as i64, count as i64, created_ms, blob])
@@ -414,7 +519,8 @@ impl Spool {
         meta_set(&tx, "next_chunk", id + 1).map_err(classify)?;
         meta_set(&tx, "next_seq", next_seq as i64).map_err(classify)?;
         for dl in requeued {
-            tx.execute("DELETE FROM dead_letters WHERE id = ?1", [dl]).map_err(classify)?;
+            tx.execute("DELETE FROM dead_letters WHERE id = ?1", [dl])
+                .map_err(classify)?;
         }
         tx.commit().map_err(classify)?;
         self.next_chunk = id + 1;
@@ -433,15 +539,18 @@ impl Spool {
             let mut victims = Vec::new();
             while used > target {
                 let Some(row) = rows.next()? else { break };
-                let (id, count, len, done): (i64, i64, i64, i64) = (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+                let (id, count, len, done): (i64, i64, i64, i64) =
+                    (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
                 victims.push(id);
                 used = used.saturating_sub(len as u64 + 64);
                 evicted += (count - done).max(0) as u64;
             }
             drop(rows);
             for id in victims {
-                tx.execute("DELETE FROM chunks WHERE id = ?1", [id]).map_err(classify)?;
-                tx.execute("DELETE FROM chunk_done WHERE chunk_id = ?1", [id]).map_err(classify)?;
+                tx.execute("DELETE FROM chunks WHERE id = ?1", [id])
+                    .map_err(classify)?;
+                tx.execute("DELETE FROM chunk_done WHERE chunk_id = ?1", [id])
+                    .map_err(classify)?;
             }
         }
         tx.commit().map_err(classify)?;
@@ -449,7 +558,11 @@ impl Spool {
         if evicted > 0 {
             self.metrics.count_drop("evicted", evicted);
             self.metrics.spool_backlog.sub(evicted);
-            tracing::warn!(events = evicted, max_bytes = self.opts.max_bytes, "Spool full: evicted the oldest undelivered events (when_full = \"drop_oldest\")");
+            tracing::warn!(
+                events = evicted,
+                max_bytes = self.opts.max_bytes,
+                "Spool full: evicted the oldest undelivered events (when_full = \"drop_oldest\")"
+            );
         }
         self.refresh_used()?;
         Ok(evicted)
@@ -459,11 +572,24 @@ impl Spool {
         if self.cache.as_ref().map(|c| c.id) != Some(id) {
             let row: Option<(i64, i64, Vec<u8>)> = self
                 .conn
-                .query_row("SELECT first_seq, created_ms, data FROM chunks WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .query_row(
+                    "SELECT first_seq, created_ms, data FROM chunks WHERE id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
                 .optional()?;
-            let Some((first_seq, created_ms, blob)) = row else { return Ok(None) };
+            let Some((first_seq, created_ms, blob)) = row else {
+                return Ok(None);
+            };
             match chunk::decode(&blob) {
-                Ok(data) => self.cache = Some(DecodedChunk { id, first_seq: first_seq as u64, created_ms, data }),
+                Ok(data) => {
+                    self.cache = Some(DecodedChunk {
+                        id,
+                        first_seq: first_seq as u64,
+                        created_ms,
+                        data,
+                    })
+                }
                 Err(e) => {
                     tracing::error!(chunk = id, error = %e, "Spool chunk cannot be decoded; moved to dead letters with its raw bytes");
                     self.quarantine_chunk(id, first_seq, created_ms, &blob, &e.to_string())?;
@@ -474,16 +600,27 @@ impl Spool {
         Ok(self.cache.as_ref())
     }
 
-    fn quarantine_chunk(&mut self, id: i64, first_seq: i64, created_ms: i64, blob: &[u8], reason: &str) -> Result<(), SpoolError> {
-        let count: i64 = self.conn.query_row("SELECT count FROM chunks WHERE id = ?1", [id], |r| r.get(0))?;
+    fn quarantine_chunk(
+        &mut self,
+        id: i64,
+        first_seq: i64,
+        created_ms: i64,
+        blob: &[u8],
+        reason: &str,
+    ) -> Result<(), SpoolError> {
+        let count: i64 =
+            self.conn
+                .query_row("SELECT count FROM chunks WHERE id = ?1", [id], |r| r.get(0))?;
         let tx = self.conn.transaction().map_err(classify)?;
         tx.execute(
             "INSERT INTO dead_letters(seq, event_id, committed_ms, failed_ms, status, reason, body) VALUES (?1, '', ?2, ?3, NULL, ?4, ?5)",
             params![first_seq, created_ms, crate::event::wall_now_ms(), format!("corrupt chunk ({count} events): {reason}"), blob],
         )
         .map_err(classify)?;
-        tx.execute("DELETE FROM chunks WHERE id = ?1", [id]).map_err(classify)?;
-        tx.execute("DELETE FROM chunk_done WHERE chunk_id = ?1", [id]).map_err(classify)?;
+        tx.execute("DELETE FROM chunks WHERE id = ?1", [id])
+            .map_err(classify)?;
+        tx.execute("DELETE FROM chunk_done WHERE chunk_id = ?1", [id])
+            .map_err(classify)?;
         tx.commit().map_err(classify)?;
         self.metrics.spool_corrupt_chunks.inc();
         self.metrics.spool_backlog.sub(count as u64);
@@ -491,12 +628,25 @@ impl Spool {
     }
 
     fn done_bits(&self, chunk: i64) -> rusqlite::Result<Vec<u8>> {
-        Ok(self.conn.query_row("SELECT bits FROM chunk_done WHERE chunk_id = ?1", [chunk], |r| r.get(0)).optional()?.unwrap_or_default())
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT bits FROM chunk_done WHERE chunk_id = ?1",
+                [chunk],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or_default())
     }
 
     /// Up to `max` undelivered events after `after` (exclusive), in commit order, from chunks
     /// with id ≥ `min_chunk`.
-    pub fn read_after(&mut self, after: Option<Loc>, min_chunk: i64, max: usize) -> Result<Vec<SpooledEvent>, SpoolError> {
+    pub fn read_after(
+        &mut self,
+        after: Option<Loc>,
+        min_chunk: i64,
+        max: usize,
+    ) -> Result<Vec<SpooledEvent>, SpoolError> {
         let mut out = Vec::new();
         let mut next_id = after.map(|l| l.chunk).unwrap_or(i64::MIN).max(min_chunk);
         let mut first = true;
@@ -504,15 +654,30 @@ impl Spool {
             let id: Option<i64> = if first && after.is_some_and(|a| a.chunk >= min_chunk) {
                 Some(next_id)
             } else {
-                self.conn.query_row("SELECT id FROM chunks WHERE id >= ?1 ORDER BY id LIMIT 1", [next_id], |r| r.get(0)).optional()?
+                self.conn
+                    .query_row(
+                        "SELECT id FROM chunks WHERE id >= ?1 ORDER BY id LIMIT 1",
+                        [next_id],
+                        |r| r.get(0),
+                    )
+                    .optional()?
             };
-            let start_idx = if first { after.filter(|a| a.chunk >= min_chunk).map(|a| a.idx + 1).unwrap_or(0) } else { 0 };
+            let start_idx = if first {
+                after
+                    .filter(|a| a.chunk >= min_chunk)
+                    .map(|a| a.idx + 1)
+                    .unwrap_or(0)
+            } else {
+                0
+            };
             first = false;
             let Some(id) = id else { break };
             next_id = id + 1;
             let bits = self.done_bits(id)?;
             let salt = self.salt;
-            let Some(c) = self.load_chunk(id)? else { continue };
+            let Some(c) = self.load_chunk(id)? else {
+                continue;
+            };
             let boot = Uuid::from_bytes(c.data.boot_id);
             for (i, rec) in c.data.records.iter().enumerate().skip(start_idx as usize) {
                 if out.len() >= max {
@@ -524,7 +689,10 @@ impl Spool {
                 let seq = (c.first_seq as i64 + rec.seq_delta) as u64;
                 let committed_ms = c.created_ms + rec.committed_delta;
                 out.push(SpooledEvent {
-                    loc: Loc { chunk: c.id, idx: i as u32 },
+                    loc: Loc {
+                        chunk: c.id,
+                        idx: i as u32,
+                    },
                     seq,
                     committed_ms,
                     event_id: event_id(salt, seq, committed_ms),
@@ -538,7 +706,8 @@ impl Spool {
 
     /// Id of the newest chunk (0 when empty).
     pub fn head_chunk(&self) -> rusqlite::Result<i64> {
-        self.conn.query_row("SELECT COALESCE(MAX(id), 0) FROM chunks", [], |r| r.get(0))
+        self.conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM chunks", [], |r| r.get(0))
     }
 
     /// Mark events delivered; chunks whose events are all done are deleted.
@@ -557,17 +726,34 @@ impl Spool {
     }
 
     /// Move events to the dead-letter table with the upstream's status and reason.
-    pub fn dead_letter(&mut self, items: &[(SpooledEvent, Option<u16>, String)], now_ms: i64) -> Result<(), SpoolError> {
+    pub fn dead_letter(
+        &mut self,
+        items: &[(SpooledEvent, Option<u16>, String)],
+        now_ms: i64,
+    ) -> Result<(), SpoolError> {
         self.freeing(|sp| sp.dead_letter_once(items, now_ms))
     }
 
-    fn dead_letter_once(&mut self, items: &[(SpooledEvent, Option<u16>, String)], now_ms: i64) -> Result<(), SpoolError> {
+    fn dead_letter_once(
+        &mut self,
+        items: &[(SpooledEvent, Option<u16>, String)],
+        now_ms: i64,
+    ) -> Result<(), SpoolError> {
         let tx = self.conn.transaction().map_err(classify)?;
         {
             let mut ins = tx.prepare_cached("INSERT INTO dead_letters(seq, event_id, committed_ms, failed_ms, status, reason, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?;
             for (ev, status, reason) in items {
                 let body = postcard::to_stdvec(&ev.body)?;
-                ins.execute(params![ev.seq as i64, ev.event_id.to_string(), ev.committed_ms, now_ms, status.map(i64::from), reason, body]).map_err(classify)?;
+                ins.execute(params![
+                    ev.seq as i64,
+                    ev.event_id.to_string(),
+                    ev.committed_ms,
+                    now_ms,
+                    status.map(i64::from),
+                    reason,
+                    body
+                ])
+                .map_err(classify)?;
             }
         }
         let locs: Vec<Loc> = items.iter().map(|(e, _, _)| e.loc).collect();
@@ -581,7 +767,10 @@ impl Spool {
 
     fn after_delete(&mut self) -> Result<(), SpoolError> {
         if let Some(c) = &self.cache {
-            let exists: Option<i64> = self.conn.query_row("SELECT id FROM chunks WHERE id = ?1", [c.id], |r| r.get(0)).optional()?;
+            let exists: Option<i64> = self
+                .conn
+                .query_row("SELECT id FROM chunks WHERE id = ?1", [c.id], |r| r.get(0))
+                .optional()?;
             if exists.is_none() {
                 self.cache = None;
             }
@@ -591,7 +780,11 @@ impl Spool {
     }
 
     /// Record the upstream's state for `scangate status` (call on state changes only).
-    pub fn set_upstream_error(&mut self, error: Option<&str>, now_ms: i64) -> Result<(), SpoolError> {
+    pub fn set_upstream_error(
+        &mut self,
+        error: Option<&str>,
+        now_ms: i64,
+    ) -> Result<(), SpoolError> {
         let tx = self.conn.transaction().map_err(classify)?;
         match error {
             Some(e) => {
@@ -599,7 +792,10 @@ impl Spool {
                 meta_set(&tx, "last_error_ms", now_ms)?;
             }
             None => {
-                tx.execute("DELETE FROM meta WHERE key IN ('last_error', 'last_error_ms')", [])?;
+                tx.execute(
+                    "DELETE FROM meta WHERE key IN ('last_error', 'last_error_ms')",
+                    [],
+                )?;
             }
         }
         tx.commit().map_err(classify)?;
@@ -621,7 +817,10 @@ impl Spool {
     /// requeues all. Corrupt-chunk entries cannot be requeued and are left in place.
     pub fn requeue(&mut self, ids: Option<&[i64]>, now_ms: i64) -> Result<usize, SpoolError> {
         let all = dead_letters_of(&self.conn, usize::MAX)?;
-        let chosen: Vec<DeadLetter> = all.into_iter().filter(|d| d.body.is_some() && ids.is_none_or(|ids| ids.contains(&d.id))).collect();
+        let chosen: Vec<DeadLetter> = all
+            .into_iter()
+            .filter(|d| d.body.is_some() && ids.is_none_or(|ids| ids.contains(&d.id)))
+            .collect();
         let mut done = 0;
         for group in chosen.chunks(1000) {
             let base_seq = group[0].seq;
@@ -629,10 +828,17 @@ impl Spool {
             let records: Vec<Record> = group
                 .iter()
                 .filter_map(|d| {
-                    d.body.clone().map(|body| Record { seq_delta: d.seq as i64 - base_seq as i64, committed_delta: d.committed_ms - base_ms, body })
+                    d.body.clone().map(|body| Record {
+                        seq_delta: d.seq as i64 - base_seq as i64,
+                        committed_delta: d.committed_ms - base_ms,
+                        body,
+                    })
                 })
                 .collect();
-            let data = ChunkData { boot_id: *self.boot_id.as_bytes(), records };
+            let data = ChunkData {
+                boot_id: *self.boot_id.as_bytes(),
+                records,
+            };
             let blob = chunk::encode(&data)?;
             let dl_ids: Vec<i64> = group.iter().map(|d| d.id).collect();
             let next = self.next_seq;
@@ -659,10 +865,21 @@ fn mark_done(tx: &rusqlite::Transaction<'_>, locs: &[Loc]) -> Result<u64, SpoolE
         while j < sorted.len() && sorted[j].chunk == chunk {
             j += 1;
         }
-        let count: Option<i64> = tx.query_row("SELECT count FROM chunks WHERE id = ?1", [chunk], |r| r.get(0)).optional()?;
+        let count: Option<i64> = tx
+            .query_row("SELECT count FROM chunks WHERE id = ?1", [chunk], |r| {
+                r.get(0)
+            })
+            .optional()?;
         if let Some(count) = count {
             let count = count as usize;
-            let mut bits: Vec<u8> = tx.query_row("SELECT bits FROM chunk_done WHERE chunk_id = ?1", [chunk], |r| r.get(0)).optional()?.unwrap_or_default();
+            let mut bits: Vec<u8> = tx
+                .query_row(
+                    "SELECT bits FROM chunk_done WHERE chunk_id = ?1",
+                    [chunk],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .unwrap_or_default();
             bits.resize(count.div_ceil(8), 0);
             for l in &sorted[i..j] {
                 let k = l.idx as usize;
@@ -673,8 +890,10 @@ fn mark_done(tx: &rusqlite::Transaction<'_>, locs: &[Loc]) -> Result<u64, SpoolE
             }
             let done = (0..count).filter(|&k| bit(&bits, k)).count();
             if done == count {
-                tx.execute("DELETE FROM chunks WHERE id = ?1", [chunk]).map_err(classify)?;
-                tx.execute("DELETE FROM chunk_done WHERE chunk_id = ?1", [chunk]).map_err(classify)?;
+                tx.execute("DELETE FROM chunks WHERE id = ?1", [chunk])
+                    .map_err(classify)?;
+                tx.execute("DELETE FROM chunk_done WHERE chunk_id = ?1", [chunk])
+                    .map_err(classify)?;
             } else {
                 tx.execute(
                     "INSERT INTO chunk_done(chunk_id, bits, done) VALUES (?1, ?2, ?3) ON CONFLICT(chunk_id) DO UPDATE SET bits = excluded.bits, done = excluded.done",
@@ -724,7 +943,10 @@ pub fn backlog_of(conn: &Connection) -> rusqlite::Result<u64> {
 /// Statistics from any connection (the daemon's, or a read-only one for `scangate status`).
 pub fn stats_of(conn: &Connection) -> Result<Stats, SpoolError> {
     let backlog = backlog_of(conn)?;
-    let (chunks, oldest): (i64, Option<i64>) = conn.query_row("SELECT COUNT(*), MIN(created_ms) FROM chunks", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let (chunks, oldest): (i64, Option<i64>) =
+        conn.query_row("SELECT COUNT(*), MIN(created_ms) FROM chunks", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
     let dead: i64 = conn.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))?;
     let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
     let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
@@ -749,7 +971,11 @@ pub fn dead_letters_of(conn: &Connection, limit: usize) -> Result<Vec<DeadLetter
     let rows = q.query_map([limit.min(i64::MAX as usize) as i64], |r| {
         let raw: Vec<u8> = r.get(7)?;
         let event_id: String = r.get(2)?;
-        let body = if event_id.is_empty() { None } else { postcard::from_bytes::<EventBody>(&raw).ok() };
+        let body = if event_id.is_empty() {
+            None
+        } else {
+            postcard::from_bytes::<EventBody>(&raw).ok()
+        };
         Ok(DeadLetter {
             id: r.get(0)?,
             seq: r.get::<_, i64>(1)? as u64,

@@ -11,12 +11,20 @@ pub struct Daemon {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 impl Daemon {
     pub fn spawn(config: &Path, log: &Path) -> Daemon {
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
         let err = out.try_clone().expect("clone");
         let child = Command::new(env!("CARGO_BIN_EXE_scangate"))
             .args(["run", "--config"])
@@ -28,7 +36,10 @@ impl Daemon {
             .stderr(err)
             .spawn()
             .expect("spawn scangate");
-        Daemon { child, log: log.to_path_buf() }
+        Daemon {
+            child,
+            log: log.to_path_buf(),
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -36,7 +47,11 @@ impl Daemon {
     }
 
     pub fn sigterm(&self) {
-        let ok = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().expect("kill").success();
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill")
+            .success();
         assert!(ok, "kill -TERM failed");
     }
 
@@ -55,7 +70,10 @@ impl Daemon {
             }
             if tokio::time::Instant::now() > end {
                 let _ = self.child.kill();
-                panic!("scangate did not exit within {deadline:?}; log:\n{}", self.log_text());
+                panic!(
+                    "scangate did not exit within {deadline:?}; log:\n{}",
+                    self.log_text()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -77,13 +95,28 @@ impl Drop for Daemon {
 
 /// Read a counter from the admin /metrics page (None if unreachable).
 pub async fn metric(port: u16, name: &str) -> Option<u64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()?;
-    text.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
 }
 
 /// A config file for the binary.
-pub fn write_config(dir: &Path, state: &Path, sources: &str, upstream_url: &str, extra: &str, admin_port: Option<u16>) -> PathBuf {
-    let admin = admin_port.map(|p| format!("127.0.0.1:{p}")).unwrap_or_else(|| "off".into());
+pub fn write_config(
+    dir: &Path,
+    state: &Path,
+    sources: &str,
+    upstream_url: &str,
+    extra: &str,
+    admin_port: Option<u16>,
+) -> PathBuf {
+    let admin = admin_port
+        .map(|p| format!("127.0.0.1:{p}"))
+        .unwrap_or_else(|| "off".into());
     let text = format!(
         "[gateway]\nid = \"gw-daemon\"\nstate_dir = \"{}\"\n[spool]\ncommit_interval_ms = 5\n{sources}\n[upstream]\nurl = \"{upstream_url}\"\nprofile = \"bag-events\"\nbatch_max_events = 200\nbatch_max_delay_ms = 20\nretry_min_ms = 20\nretry_max_ms = 200\n{extra}\n[admin]\nlisten = \"{admin}\"\n",
         state.display()

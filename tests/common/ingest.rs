@@ -94,7 +94,9 @@ fn decode_body(encoding: Option<&str>, body: &[u8]) -> Result<Vec<u8>, String> {
         None | Some("identity") => Ok(body.to_vec()),
         Some("gzip") => {
             let mut out = Vec::new();
-            flate2::read::GzDecoder::new(body).read_to_end(&mut out).map_err(|e| format!("bad gzip: {e}"))?;
+            flate2::read::GzDecoder::new(body)
+                .read_to_end(&mut out)
+                .map_err(|e| format!("bad gzip: {e}"))?;
             Ok(out)
         }
         Some("zstd") => zstd::stream::decode_all(body).map_err(|e| format!("bad zstd: {e}")),
@@ -104,13 +106,19 @@ fn decode_body(encoding: Option<&str>, body: &[u8]) -> Result<Vec<u8>, String> {
 
 /// Contract validation. Err = (status, detail).
 fn validate(path: &str, v: &Value) -> Result<Vec<Value>, (u16, String)> {
-    let events = v.get("events").and_then(|e| e.as_array()).ok_or((422, "events: field required".to_string()))?;
+    let events = v
+        .get("events")
+        .and_then(|e| e.as_array())
+        .ok_or((422, "events: field required".to_string()))?;
     if path.ends_with("/collect") {
         if v.get("batch_id").and_then(|b| b.as_str()).is_none() {
             return Err((400, "batch_id required".into()));
         }
         if events.is_empty() || events.len() > 1000 {
-            return Err((413, format!("batch must hold 1-1000 events, got {}", events.len())));
+            return Err((
+                413,
+                format!("batch must hold 1-1000 events, got {}", events.len()),
+            ));
         }
         for e in events {
             for k in ["event_id", "learner_id", "tenant_id", "timestamp"] {
@@ -147,7 +155,10 @@ fn validate(path: &str, v: &Value) -> Result<Vec<Value>, (u16, String)> {
                 if !e.get("read_count").is_some_and(|x| x.is_u64()) {
                     return Err((422, "read_count: must be an integer".into()));
                 }
-                if !e.get("signal_strength").is_some_and(|x| x.is_null() || x.is_i64()) {
+                if !e
+                    .get("signal_strength")
+                    .is_some_and(|x| x.is_null() || x.is_i64())
+                {
                     return Err((422, "signal_strength: must be an integer".into()));
                 }
             }
@@ -157,15 +168,41 @@ fn validate(path: &str, v: &Value) -> Result<Vec<Value>, (u16, String)> {
 }
 
 fn tag_of(e: &Value) -> String {
-    e.get("bag_id").or_else(|| e.get("learner_id")).and_then(|x| x.as_str()).unwrap_or_default().to_string()
+    e.get("bag_id")
+        .or_else(|| e.get("learner_id"))
+        .and_then(|x| x.as_str())
+        .unwrap_or_default()
+        .to_string()
 }
 
-async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, DropConnection> {
+async fn handle(
+    state: Arc<Mutex<State>>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, DropConnection> {
     let path = req.uri().path().to_string();
-    let header = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let header = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
     let encoding = header("content-encoding");
-    let mut log = RequestLog { at: tokio::time::Instant::now(), path: path.clone(), status: 0, events: 0, encoding: encoding.clone(), idempotency_key: header("idempotency-key"), gateway: header("x-gateway-id"), auth: header("authorization") };
-    let body = req.into_body().collect().await.map_err(|_| DropConnection)?.to_bytes();
+    let mut log = RequestLog {
+        at: tokio::time::Instant::now(),
+        path: path.clone(),
+        status: 0,
+        events: 0,
+        encoding: encoding.clone(),
+        idempotency_key: header("idempotency-key"),
+        gateway: header("x-gateway-id"),
+        auth: header("authorization"),
+    };
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map_err(|_| DropConnection)?
+        .to_bytes();
 
     let mut scripted = state.lock().expect("state").script.pop_front();
     while let Some(Reply::Slow(d, inner)) = scripted {
@@ -188,7 +225,11 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
         }
         Some(Reply::RetryAfter(s, secs)) => {
             finish(s, &mut log, &mut state.lock().expect("state"));
-            return Ok(Response::builder().status(s).header("retry-after", secs.to_string()).body(Full::new(Bytes::from_static(b"{}"))).expect("valid"));
+            return Ok(Response::builder()
+                .status(s)
+                .header("retry-after", secs.to_string())
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .expect("valid"));
         }
         _ => {}
     }
@@ -218,7 +259,10 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
         Ok(v) => v,
         Err(e) => {
             finish(400, &mut log, &mut st);
-            return json(400, serde_json::json!({"detail": format!("invalid JSON: {e}")}));
+            return json(
+                400,
+                serde_json::json!({"detail": format!("invalid JSON: {e}")}),
+            );
         }
     };
     let events = match validate(&path, &v) {
@@ -232,11 +276,18 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
     if let Some(max) = st.max_batch {
         if events.len() > max {
             finish(413, &mut log, &mut st);
-            return json(413, serde_json::json!({"detail": format!("batch too large (> {max})")}));
+            return json(
+                413,
+                serde_json::json!({"detail": format!("batch too large (> {max})")}),
+            );
         }
     }
     if !st.poison.is_empty() && events.iter().any(|e| st.poison.contains(&tag_of(e))) {
-        let s = if st.poison_status == 0 { 422 } else { st.poison_status };
+        let s = if st.poison_status == 0 {
+            422
+        } else {
+            st.poison_status
+        };
         finish(s, &mut log, &mut st);
         return json(s, serde_json::json!({"detail": "poison tag in batch"}));
     }
@@ -247,7 +298,11 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
     let mut ingested = 0;
     let mut dups = 0;
     for e in &events {
-        let id = e.get("event_id").and_then(|x| x.as_str()).unwrap_or_default().to_string();
+        let id = e
+            .get("event_id")
+            .and_then(|x| x.as_str())
+            .unwrap_or_default()
+            .to_string();
         if rejected.contains(&id) {
             continue;
         }
@@ -268,20 +323,33 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
     st.envelopes.push(env);
     if !rejected.is_empty() {
         finish(207, &mut log, &mut st);
-        let dlq: Vec<Value> = rejected.iter().map(|id| serde_json::json!({"event_id": id, "error": "schema: learner unknown"})).collect();
-        return json(207, serde_json::json!({"batch_id": v.get("batch_id"), "accepted_count": ingested, "rejected_count": rejected.len(), "dlq_events": dlq, "warnings": []}));
+        let dlq: Vec<Value> = rejected
+            .iter()
+            .map(|id| serde_json::json!({"event_id": id, "error": "schema: learner unknown"}))
+            .collect();
+        return json(
+            207,
+            serde_json::json!({"batch_id": v.get("batch_id"), "accepted_count": ingested, "rejected_count": rejected.len(), "dlq_events": dlq, "warnings": []}),
+        );
     }
     let status = match scripted {
         Some(Reply::Status(s)) => s,
         _ => 200,
     };
     finish(status, &mut log, &mut st);
-    json(status, serde_json::json!({"status": "success", "total_events": events.len(), "ingested_events": ingested, "duplicates_filtered": dups}))
+    json(
+        status,
+        serde_json::json!({"status": "success", "total_events": events.len(), "ingested_events": ingested, "duplicates_filtered": dups}),
+    )
 }
 
 impl Ingest {
     pub async fn start() -> Ingest {
-        Self::start_on("127.0.0.1:0".parse().expect("addr"), Arc::new(Mutex::new(State::default()))).await
+        Self::start_on(
+            "127.0.0.1:0".parse().expect("addr"),
+            Arc::new(Mutex::new(State::default())),
+        )
+        .await
     }
 
     async fn start_on(addr: SocketAddr, state: Arc<Mutex<State>>) -> Ingest {
@@ -294,17 +362,25 @@ impl Ingest {
         let tasks = tokio::spawn(async move {
             let mut conns = JoinSet::new();
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let st = st.clone();
                 conns.spawn(async move {
                     let io = hyper_util::rt::TokioIo::new(stream);
                     let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await;
                 });
                 while conns.try_join_next().is_some() {}
             }
         });
-        Ingest { addr, state, tasks: Some(tasks) }
+        Ingest {
+            addr,
+            state,
+            tasks: Some(tasks),
+        }
     }
 
     pub fn base_url(&self) -> String {

@@ -60,16 +60,31 @@ impl Rig {
 
     pub async fn open(dir: tempfile::TempDir, upstream: UpstreamConfig, forward: bool) -> Rig {
         let metrics = Arc::new(Metrics::default());
-        let (spool, _) = Spool::open(dir.path(), SpoolOptions::default(), metrics.clone()).expect("open spool");
+        let (spool, _) =
+            Spool::open(dir.path(), SpoolOptions::default(), metrics.clone()).expect("open spool");
         let (handle, thread) = actor::spawn(spool).expect("spawn spool");
         let stop = CancellationToken::new();
         let task = if forward {
-            let f = Forwarder::new(upstream, "gw-test".into(), "SITE1".into(), handle.clone(), metrics.clone()).expect("forwarder");
+            let f = Forwarder::new(
+                upstream,
+                "gw-test".into(),
+                "SITE1".into(),
+                handle.clone(),
+                metrics.clone(),
+            )
+            .expect("forwarder");
             Some(tokio::spawn(f.run(stop.clone())))
         } else {
             None
         };
-        Rig { dir, spool: handle, metrics, thread: Some(thread), stop, task }
+        Rig {
+            dir,
+            spool: handle,
+            metrics,
+            thread: Some(thread),
+            stop,
+            task,
+        }
     }
 
     /// Commit events with tags `prefix-0 .. prefix-(n-1)`, in groups of `group`.
@@ -77,7 +92,9 @@ impl Rig {
         let mut i = 0;
         while i < n {
             let k = group.min(n - i);
-            let bodies = (i..i + k).map(|j| body(&format!("{prefix}-{j}"), 1_763_289_000_000 + j as i64)).collect();
+            let bodies = (i..i + k)
+                .map(|j| body(&format!("{prefix}-{j}"), 1_763_289_000_000 + j as i64))
+                .collect();
             self.spool.append(bodies).await.expect("append");
             i += k;
         }
@@ -92,10 +109,15 @@ impl Rig {
         if let Some(t) = self.task.take() {
             let _ = t.await;
         }
-        let Rig { dir, spool, thread, .. } = self;
+        let Rig {
+            dir, spool, thread, ..
+        } = self;
         drop(spool);
         if let Some(t) = thread {
-            tokio::task::spawn_blocking(move || t.join()).await.expect("join").expect("spool thread");
+            tokio::task::spawn_blocking(move || t.join())
+                .await
+                .expect("join")
+                .expect("spool thread");
         }
         dir
     }

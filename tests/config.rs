@@ -1,0 +1,165 @@
+//! Config files: every shipped file loads; a broken file lists every mistake with its line;
+//! the CLI's exit codes (0 valid, 78 invalid).
+
+use scangate::config::Config;
+use std::path::Path;
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_scangate"))
+}
+
+#[test]
+fn every_file_in_config_dir_is_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "toml") {
+            Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+    }
+    assert!(n >= 1);
+}
+
+const BROKEN: &str = r#"[gateway]
+id = "gw 1"
+state_dir = "/tmp/x"
+
+[spool]
+max_bytes = "lots"
+when_full = "explode"
+
+[[source]]
+name = "belt"
+kind = "serial"
+protocol = "lines"
+baud = "fast"
+colour = "blue"
+
+[upstream]
+url = "ftp://nowhere"
+profile = "bag-events"
+batch_max_events = 5000
+retry_min_ms = 900
+retry_max_ms = 100
+"#;
+
+#[test]
+fn a_broken_file_lists_every_error_with_line_and_key() {
+    let errs = Config::parse(BROKEN, Path::new("/etc/scangate")).unwrap_err();
+    let got: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.key.as_str())).collect();
+    let want = [
+        (2, "gateway.id"),
+        (6, "spool.max_bytes"),
+        (7, "spool.when_full"),
+        (13, "source[0].baud"),
+        (14, "source[0].colour"),
+        (17, "upstream.url"),
+        (19, "upstream.batch_max_events"),
+        (20, "upstream.retry_min_ms"),
+    ];
+    for w in want {
+        assert!(got.contains(&w), "missing {w:?} in {got:?}");
+    }
+    // The serial source without a path is reported too (at its table).
+    assert!(errs.iter().any(|e| e.key == "source[0].path"), "{errs:?}");
+    assert!(errs.iter().all(|e| e.column >= 1));
+}
+
+#[test]
+fn unknown_key_suggests_the_right_one() {
+    let text = "[gateway]\nid='g'\nstate_dri='/tmp'\n[[source]]\nname='a'\nkind='replay'\nprotocol='lines'\nfile='x'\n[upstream]\nurl='http://h'\nprofile='collect'\n";
+    let errs = Config::parse(text, Path::new("/")).unwrap_err();
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].line, 3);
+    assert!(
+        errs[0].message.contains("did you mean \"state_dir\""),
+        "{}",
+        errs[0].message
+    );
+}
+
+#[test]
+fn syntax_error_names_line_and_column() {
+    let errs = Config::parse("[gateway]\nid = \"unterminated\n", Path::new("/")).unwrap_err();
+    assert_eq!(errs[0].line, 2);
+}
+
+#[test]
+fn validate_cli_exit_codes_and_listing() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, BROKEN).unwrap();
+    let out = bin()
+        .args(["validate", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:2:"), "{err}");
+    assert!(err.contains("bad.toml:17:"), "{err}");
+    assert!(
+        err.lines().count() >= 9,
+        "every error on its own line:\n{err}"
+    );
+
+    let good = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/scangate.toml");
+    let out = bin()
+        .args(["validate", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let missing = bin()
+        .args(["validate", "--config", "/nonexistent/scangate.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/scangate.toml"));
+}
+
+#[test]
+fn print_config_prints_the_commented_reference_and_it_is_valid() {
+    let out = bin().arg("print-config").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.lines()
+            .filter(|l| l.trim_start().starts_with('#'))
+            .count()
+            > 30,
+        "fully commented"
+    );
+    Config::parse(&text, Path::new("/etc/scangate")).unwrap();
+}
+
+#[test]
+fn run_with_unwritable_state_dir_exits_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    // A regular file where the state directory should be: cannot be created or written.
+    let blocker = dir.path().join("state");
+    std::fs::write(&blocker, "not a directory").unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, format!("[gateway]\nid='g'\nstate_dir='{}'\n[[source]]\nname='a'\nkind='replay'\nprotocol='lines'\nfile='x.cap'\n[upstream]\nurl='http://127.0.0.1:9'\nprofile='bag-events'\n[admin]\nlisten='off'\n", blocker.display())).unwrap();
+    let out = bin().args(["run", "--config"]).arg(&cfg).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(73),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&blocker.display().to_string()) && err.contains("writable"),
+        "{err}"
+    );
+}
