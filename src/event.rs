@@ -11,7 +11,7 @@
 //!   per event (16 incompressible bytes per event saved on flash).
 
 use serde::{Deserialize, Serialize};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
 /// Wall times earlier than this (2024-01-01T00:00:00Z) are treated as "clock not synced yet":
@@ -155,8 +155,44 @@ pub fn wall_now_ms() -> i64 {
 
 /// RFC 3339 UTC with milliseconds, e.g. `2025-11-16T10:30:00.123Z`.
 pub fn rfc3339_ms(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
+    let mut out = Vec::with_capacity(24);
+    write_rfc3339_ms(&mut out, ms);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Append `YYYY-MM-DDTHH:MM:SS.mmmZ` for unix milliseconds `ms` (clamped to 1970..9999) without
+/// allocating: it runs three times per event on the forwarder's hot path.
+pub fn write_rfc3339_ms(out: &mut Vec<u8>, ms: i64) {
+    let ms = ms.clamp(0, 253_402_300_799_999);
+    let days = ms.div_euclid(86_400_000);
+    let rem = ms.rem_euclid(86_400_000);
+    // Civil-from-days (H. Hinnant), valid for the whole clamped range.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (h, mi, s, milli) = (rem / 3_600_000, rem / 60_000 % 60, rem / 1000 % 60, rem % 1000);
+    let two = |out: &mut Vec<u8>, v: i64| out.extend_from_slice(&[b'0' + (v / 10) as u8, b'0' + (v % 10) as u8]);
+    two(out, y / 100);
+    two(out, y % 100);
+    out.push(b'-');
+    two(out, m);
+    out.push(b'-');
+    two(out, d);
+    out.push(b'T');
+    two(out, h);
+    out.push(b':');
+    two(out, mi);
+    out.push(b':');
+    two(out, s);
+    out.push(b'.');
+    out.extend_from_slice(&[b'0' + (milli / 100) as u8, b'0' + (milli / 10 % 10) as u8, b'0' + (milli % 10) as u8]);
+    out.push(b'Z');
 }
 
 /// The kernel's boot id (random per boot), or a random id where the kernel has none.
@@ -170,6 +206,7 @@ pub fn boot_id() -> Uuid {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn event_ids_are_v7_stable_and_distinct_within_one_ms() {
@@ -186,5 +223,15 @@ mod tests {
     #[test]
     fn rfc3339_has_millis_and_zulu() {
         assert_eq!(rfc3339_ms(1_763_289_000_123), "2025-11-16T10:30:00.123Z");
+        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn rfc3339_matches_humantime(ms in 0i64..253_402_300_799_999) {
+            let t = UNIX_EPOCH + Duration::from_millis(ms as u64);
+            proptest::prop_assert_eq!(rfc3339_ms(ms), humantime::format_rfc3339_millis(t).to_string());
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! of every event, and this costs a fraction of a microsecond per event.
 
 use crate::config::{FieldMapping, Profile};
-use crate::event::{rfc3339_ms, ReadKind, SpooledEvent};
+use crate::event::{write_rfc3339_ms, ReadKind, SpooledEvent};
 use uuid::Uuid;
 
 /// Which `event_type` a batch carries (the bag-events contract allows one per batch).
@@ -43,28 +43,8 @@ pub struct Encoder {
 }
 
 fn push_json_str(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
-    let bytes = s.as_bytes();
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let esc: Option<&[u8]> = match b {
-            b'"' => Some(b"\\\""),
-            b'\\' => Some(b"\\\\"),
-            b'\n' => Some(b"\\n"),
-            b'\r' => Some(b"\\r"),
-            b'\t' => Some(b"\\t"),
-            0..=0x1F => None,
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[start..i]);
-        match esc {
-            Some(e) => out.extend_from_slice(e),
-            None => out.extend_from_slice(format!("\\u{:04x}", b).as_bytes()),
-        }
-        start = i + 1;
-    }
-    out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
+    // serde_json's escaper is table-driven and copies unescaped runs whole.
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 /// Writes one JSON object, applying renames to its keys.
@@ -108,8 +88,25 @@ impl<'a> Obj<'a> {
     }
     fn int(&mut self, k: &str, v: i64) {
         self.key(k);
-        let mut b = itoa_buf(v);
-        self.out.append(&mut b);
+        self.out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+    }
+    fn time(&mut self, k: &str, ms: i64) {
+        self.key(k);
+        self.out.push(b'"');
+        write_rfc3339_ms(self.out, ms);
+        self.out.push(b'"');
+    }
+    /// A timestamp already formatted (with its quotes) by [`quoted_time`].
+    fn time_raw(&mut self, k: &str, quoted: &[u8]) {
+        self.key(k);
+        self.out.extend_from_slice(quoted);
+    }
+    fn uuid(&mut self, k: &str, id: &Uuid) {
+        self.key(k);
+        let mut buf = [0u8; 36];
+        self.out.push(b'"');
+        self.out.extend_from_slice(id.hyphenated().encode_lower(&mut buf).as_bytes());
+        self.out.push(b'"');
     }
     fn raw(&mut self, k: &str, v: &str) {
         self.key(k);
@@ -118,10 +115,6 @@ impl<'a> Obj<'a> {
     fn close(self) {
         self.out.push(b'}');
     }
-}
-
-fn itoa_buf(v: i64) -> Vec<u8> {
-    v.to_string().into_bytes()
 }
 
 fn fmt_f64(v: f64) -> String {
@@ -134,10 +127,20 @@ fn fmt_f64(v: f64) -> String {
 
 const NO_RENAME: &[(String, String)] = &[];
 
+/// `"2025-11-16T10:30:00.123Z"` with quotes: formatted once per event, used for the
+/// `timestamp` and `first_seen` fields (and `last_seen` when equal).
+fn quoted_time(ms: i64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(26);
+    v.push(b'"');
+    write_rfc3339_ms(&mut v, ms);
+    v.push(b'"');
+    v
+}
+
 impl Encoder {
     /// The request body for `events` (all of one [`BatchType`]).
     pub fn encode(&self, events: &[SpooledEvent], key: Uuid) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + events.len() * 360);
+        let mut out = Vec::with_capacity(128 + events.len() * 480);
         match self.profile {
             Profile::BagEvents => {
                 let kind = events.first().map(batch_type).unwrap_or(BatchType::Scan);
@@ -191,9 +194,10 @@ impl Encoder {
 
     fn bag_event(&self, out: &mut Vec<u8>, e: &SpooledEvent) {
         let b = &e.body;
+        let first = quoted_time(b.first_seen_ms);
         let mut o = Obj::open(out, &self.fields.rename);
-        o.str("event_id", &e.event_id.to_string());
-        o.str("timestamp", &rfc3339_ms(b.first_seen_ms));
+        o.uuid("event_id", &e.event_id);
+        o.time_raw("timestamp", &first);
         if b.kind == ReadKind::Sensor {
             o.str("sensor_id", &b.tag);
             o.str("location", &b.location);
@@ -223,8 +227,12 @@ impl Encoder {
             o.str("tag_kind", b.kind.as_str());
             o.opt_str("symbology", b.symbology.as_deref());
         }
-        o.str("first_seen", &rfc3339_ms(b.first_seen_ms));
-        o.str("last_seen", &rfc3339_ms(b.last_seen_ms));
+        o.time_raw("first_seen", &first);
+        if b.last_seen_ms == b.first_seen_ms {
+            o.time_raw("last_seen", &first);
+        } else {
+            o.time("last_seen", b.last_seen_ms);
+        }
         o.str("gateway_id", &self.gateway_id);
         o.int("seq", e.seq as i64);
         if b.clock_unsynced() {
@@ -237,11 +245,11 @@ impl Encoder {
     fn collect_event(&self, out: &mut Vec<u8>, e: &SpooledEvent) {
         let b = &e.body;
         let mut o = Obj::open(out, &self.fields.rename);
-        o.str("event_id", &e.event_id.to_string());
+        o.uuid("event_id", &e.event_id);
         o.str("learner_id", &b.tag);
         o.str("tenant_id", &self.site);
         o.str("event_type", &self.event_type);
-        o.str("timestamp", &rfc3339_ms(b.first_seen_ms));
+        o.time("timestamp", b.first_seen_ms);
         o.str("source_service", &self.gateway_id);
         o.key("event_data");
         {
@@ -261,8 +269,8 @@ impl Encoder {
                 d.raw("rssi_dbm", &fmt_f64(r));
             }
             d.int("read_count", b.read_count as i64);
-            d.str("first_seen", &rfc3339_ms(b.first_seen_ms));
-            d.str("last_seen", &rfc3339_ms(b.last_seen_ms));
+            d.time("first_seen", b.first_seen_ms);
+            d.time("last_seen", b.last_seen_ms);
             d.opt_str("symbology", b.symbology.as_deref());
             if let Some(v) = b.value {
                 d.raw("value", &fmt_f64(v));
@@ -274,7 +282,7 @@ impl Encoder {
             let mut m = Obj::open(o.out, NO_RENAME);
             m.str("gateway_id", &self.gateway_id);
             m.int("seq", e.seq as i64);
-            m.str("boot_id", &e.boot_id.to_string());
+            m.uuid("boot_id", &e.boot_id);
             if b.clock_unsynced() {
                 m.raw("clock_unsynced", "true");
             }
