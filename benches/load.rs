@@ -1,1 +1,550 @@
-fn main() {}
+//! Load harness: the real `scangate` binary, fed through a real pseudo-terminal with ~98-byte
+//! JSON-line reader frames (the reference peer's job), forwarding gzip batches to a loopback
+//! ingest receiver in this process. CPU, disk writes and memory are read from /proc/<pid> of
+//! the scangate process only.
+//!
+//!     cargo bench --bench load                 # every scenario
+//!     cargo bench --bench load -- commit rate  # some of them
+//!
+//! Scenarios: commit (spool commit rate), rate (5,000 frames/s at several commit intervals:
+//! CPU, bytes written per event, RSS), full (full speed), outage (20 s upstream outage at
+//! 5,000 frames/s, then recovery time), drain (1,000,000 events backlog: startup time, RSS,
+//! drain rate), idle (idle RSS).
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)] // wall-clock measurement of real processes
+
+#[path = "../tests/common/ingest.rs"]
+mod ingest;
+
+use ingest::Ingest;
+use scangate::config::SyncMode;
+use scangate::event::{EventBody, ReadKind};
+use scangate::metrics::Metrics;
+use scangate::spool::{Spool, SpoolOptions};
+use serialport::SerialPort;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn frame(i: u64) -> Vec<u8> {
+    let s = format!(
+        "{{\"epc\":\"E2801160600002{:010X}\",\"ant\":{},\"rssi\":-{}.5,\"ts\":{}}}",
+        i * 7919 % 5000,
+        i % 4 + 1,
+        40 + i % 30,
+        1_763_289_000_000u64 + i
+    );
+    format!("{s:<96}\r\n").into_bytes()
+}
+
+struct Proc {
+    pid: u32,
+}
+
+impl Proc {
+    fn field(&self, file: &str, key: &str) -> u64 {
+        let t = std::fs::read_to_string(format!("/proc/{}/{file}", self.pid)).unwrap_or_default();
+        t.lines()
+            .find_map(|l| {
+                l.strip_prefix(key).map(|r| {
+                    r.trim_start_matches(':')
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("0")
+                        .parse()
+                        .unwrap_or(0)
+                })
+            })
+            .unwrap_or(0)
+    }
+    /// utime + stime in seconds.
+    fn cpu(&self) -> f64 {
+        let t = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        let after = t.rsplit_once(')').map(|x| x.1).unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks: u64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0)
+            + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0);
+        ticks as f64 / 100.0
+    }
+    fn write_bytes(&self) -> u64 {
+        self.field("io", "write_bytes")
+    }
+    fn rss_kb(&self) -> u64 {
+        self.field("status", "VmRSS")
+    }
+    fn hwm_kb(&self) -> u64 {
+        self.field("status", "VmHWM")
+    }
+}
+
+struct Daemon {
+    child: Child,
+    proc: Proc,
+    admin: u16,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_daemon(
+    dir: &Path,
+    state: &Path,
+    source: &str,
+    upstream: &str,
+    spool_extra: &str,
+    up_extra: &str,
+) -> Daemon {
+    let admin = free_port();
+    let cfg = format!(
+        "[gateway]\nid = \"bench-gw\"\nstate_dir = \"{}\"\n[spool]\n{spool_extra}\n{source}\n[upstream]\nurl = \"{upstream}\"\nprofile = \"bag-events\"\nbatch_max_events = 1000\nbatch_max_delay_ms = 200\nretry_min_ms = 50\nretry_max_ms = 500\n{up_extra}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n",
+        state.display()
+    );
+    let p = dir.join("bench.toml");
+    std::fs::write(&p, cfg).unwrap();
+    let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_scangate"))
+        .args(["run", "--config"])
+        .arg(&p)
+        .env("SCANGATE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let proc = Proc { pid: child.id() };
+    Daemon { child, proc, admin }
+}
+
+async fn metric(port: u16, name: &str) -> Option<u64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
+}
+
+async fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    t.elapsed()
+}
+
+async fn wait_health(port: u16) -> Duration {
+    let t = Instant::now();
+    loop {
+        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/health")).await {
+            if r.status().is_success() {
+                return t.elapsed();
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "daemon never became healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn bench_dir() -> tempfile::TempDir {
+    // On the disk (target/), not a tmpfs: bytes written must reach a real block device.
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-tmp");
+    std::fs::create_dir_all(&base).unwrap();
+    tempfile::tempdir_in(base).unwrap()
+}
+
+fn pty() -> (serialport::TTYPort, serialport::TTYPort, String) {
+    let (m, s) = serialport::TTYPort::pair().unwrap();
+    let name = s.name().unwrap();
+    (m, s, name)
+}
+
+fn serial_source(path: &str) -> String {
+    format!("[[source]]\nname = \"pty\"\nkind = \"serial\"\nprotocol = \"lines\"\npath = \"{path}\"\nbaud = 115200\nlocation = \"BENCH\"\n")
+}
+
+/// Feed `n` frames at `rate` per second (0 = as fast as the pty takes them). Runs on a thread.
+fn feed(
+    mut master: serialport::TTYPort,
+    start: u64,
+    n: u64,
+    rate: u64,
+) -> std::thread::JoinHandle<serialport::TTYPort> {
+    std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let mut i = start;
+        let mut buf = Vec::with_capacity(1 << 16);
+        while i < start + n {
+            let due = if rate == 0 {
+                n
+            } else {
+                ((t0.elapsed().as_secs_f64() * rate as f64) as u64).min(n)
+            };
+            if i - start >= due {
+                std::thread::sleep(Duration::from_micros(500));
+                continue;
+            }
+            buf.clear();
+            while i - start < due && buf.len() < 60_000 {
+                buf.extend_from_slice(&frame(i));
+                i += 1;
+            }
+            master.write_all(&buf).unwrap();
+        }
+        master.flush().unwrap();
+        master
+    })
+}
+
+struct Row {
+    frames: u64,
+    secs: f64,
+    cpu: f64,
+    written: u64,
+    hwm_kb: u64,
+}
+
+impl Row {
+    fn print(&self, label: &str) {
+        println!(
+            "{label:<34} frames {:>8}  {:>9.0} frames/s  CPU {:>5.1}%  {:>5.2} µs CPU/frame  {:>6.1} B written/frame  peak RSS {:.1} MB",
+            self.frames,
+            self.frames as f64 / self.secs,
+            100.0 * self.cpu / self.secs,
+            1e6 * self.cpu / self.frames as f64,
+            self.written as f64 / self.frames as f64,
+            self.hwm_kb as f64 / 1024.0
+        );
+    }
+}
+
+/// Frames → delivered through the daemon; measured from the first byte to the last delivery.
+async fn through(label: &str, n: u64, rate: u64, spool_extra: &str, up_extra: &str) -> Row {
+    let mut ing = Ingest::start().await;
+    ing.with(|s| s.light = true);
+    let dir = bench_dir();
+    let (master, slave, name) = pty();
+    let d = start_daemon(
+        dir.path(),
+        &dir.path().join("state"),
+        &serial_source(&name),
+        &ing.base_url(),
+        spool_extra,
+        up_extra,
+    );
+    wait_health(d.admin).await;
+    wait_for("port open", Duration::from_secs(10), || true).await;
+    while metric(d.admin, "scangate_sources_connected").await != Some(1) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (cpu0, w0) = (d.proc.cpu(), d.proc.write_bytes());
+    let t0 = Instant::now();
+    let feeder = feed(master, 0, n, rate);
+    let limit = Duration::from_secs(120 + if rate > 0 { n / rate } else { 0 });
+    wait_for("all delivered", limit, || ing.with(|s| s.light_count) >= n).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let row = Row {
+        frames: n,
+        secs,
+        cpu: d.proc.cpu() - cpu0,
+        written: d.proc.write_bytes() - w0,
+        hwm_kb: d.proc.hwm_kb(),
+    };
+    let dups = ing.with(|s| s.duplicates);
+    let _ = feeder.join();
+    drop(slave);
+    row.print(label);
+    if dups > 0 {
+        println!("  ({dups} duplicates)");
+    }
+    ing.stop().await;
+    row
+}
+
+fn bodies(n: usize, base: u64) -> Vec<EventBody> {
+    (0..n as u64)
+        .map(|i| {
+            let tag = String::from_utf8(frame(base + i))
+                .unwrap()
+                .trim_end()
+                .to_string();
+            EventBody {
+                kind: ReadKind::Barcode,
+                tag,
+                source: "pty".into(),
+                location: "BENCH".into(),
+                device: "pty".into(),
+                scan_type: None,
+                antenna: None,
+                rssi_cdbm: None,
+                read_count: 1,
+                first_seen_ms: 1_763_289_000_000 + (base + i) as i64,
+                last_seen_ms: 1_763_289_000_000 + (base + i) as i64,
+                symbology: None,
+                value: None,
+            }
+        })
+        .collect()
+}
+
+fn commit_rate() {
+    println!(
+        "\n## spool commit rate, sync = full (in-process Spool::append, one transaction per group)"
+    );
+    for group in [100usize, 1000, 4096] {
+        let dir = bench_dir();
+        let (mut sp, _) = Spool::open(
+            dir.path(),
+            SpoolOptions {
+                sync: SyncMode::Full,
+                ..Default::default()
+            },
+            Arc::new(Metrics::default()),
+        )
+        .unwrap();
+        let total = 400_000usize;
+        let groups: Vec<Vec<EventBody>> = (0..total / group)
+            .map(|g| bodies(group, (g * group) as u64))
+            .collect();
+        let t = Instant::now();
+        for g in groups {
+            sp.append(g, 1_763_289_000_000).unwrap();
+        }
+        let s = t.elapsed().as_secs_f64();
+        println!(
+            "group {group:>5}: {:>9.0} events/s ({:.2} ms per commit)",
+            total as f64 / s,
+            1000.0 * s / (total / group) as f64
+        );
+    }
+    // Baseline: one SQLite row per event, 100 rows per transaction, same pragmas.
+    let dir = bench_dir();
+    let c = rusqlite::Connection::open(dir.path().join("raw.db")).unwrap();
+    c.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; CREATE TABLE e(id INTEGER PRIMARY KEY, body BLOB);").unwrap();
+    let body = vec![7u8; 90];
+    let t = Instant::now();
+    for _ in 0..2000 {
+        c.execute_batch("BEGIN").unwrap();
+        {
+            let mut st = c.prepare_cached("INSERT INTO e(body) VALUES (?1)").unwrap();
+            for _ in 0..100 {
+                st.execute([&body]).unwrap();
+            }
+        }
+        c.execute_batch("COMMIT").unwrap();
+    }
+    println!(
+        "raw SQLite, one row per event, 100 rows/txn: {:.0} rows/s",
+        200_000.0 / t.elapsed().as_secs_f64()
+    );
+}
+
+async fn outage() {
+    println!("\n## outage: 5,000 frames/s, upstream down for 20 s, then back");
+    let mut ing = Ingest::start().await;
+    ing.with(|s| s.light = true);
+    let dir = bench_dir();
+    let (master, slave, name) = pty();
+    let d = start_daemon(
+        dir.path(),
+        &dir.path().join("state"),
+        &serial_source(&name),
+        &ing.base_url(),
+        "",
+        "",
+    );
+    wait_health(d.admin).await;
+    while metric(d.admin, "scangate_sources_connected").await != Some(1) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let total = 5000 * 40;
+    let feeder = feed(master, 0, total, 5000);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    ing.stop().await;
+    let down = Instant::now();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let committed_at_restart = metric(d.admin, "scangate_spool_committed_total")
+        .await
+        .unwrap();
+    let backlog = metric(d.admin, "scangate_spool_backlog_events")
+        .await
+        .unwrap();
+    ing.restart().await;
+    let back = Instant::now();
+    wait_for("backlog delivered", Duration::from_secs(120), || {
+        ing.with(|s| s.light_count) >= committed_at_restart
+    })
+    .await;
+    let took = back.elapsed();
+    println!("outage {:.1} s, backlog at recovery {backlog} events; all events committed before recovery delivered {:.2} s after the upstream came back ({:.0} events/s while live traffic continued)", (back - down).as_secs_f64(), took.as_secs_f64(), backlog as f64 / took.as_secs_f64());
+    let _ = feeder.join();
+    wait_for("everything delivered", Duration::from_secs(60), || {
+        ing.with(|s| s.light_count) >= total
+    })
+    .await;
+    println!(
+        "all {total} frames delivered; duplicates {}",
+        ing.with(|s| s.duplicates)
+    );
+    drop(slave);
+}
+
+async fn drain() {
+    println!("\n## backlog of 1,000,000 events: startup, memory, drain rate (gzip level 1)");
+    let dir = bench_dir();
+    let state = dir.path().join("state");
+    {
+        let (mut sp, _) = Spool::open(
+            &state,
+            SpoolOptions {
+                sync: SyncMode::Normal,
+                ..Default::default()
+            },
+            Arc::new(Metrics::default()),
+        )
+        .unwrap();
+        for g in 0..250u64 {
+            sp.append(bodies(4000, g * 4000), 1_763_289_000_000)
+                .unwrap();
+        }
+        println!(
+            "spool file with 1,000,000 events: {:.1} MB",
+            std::fs::metadata(Spool::path_in(&state)).unwrap().len() as f64 / 1e6
+        );
+    }
+    let empty = dir.path().join("empty.cap");
+    std::fs::write(&empty, "scangate-capture v1 serial\n").unwrap();
+    let src = format!(
+        "[[source]]\nname = \"none\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\n",
+        empty.display()
+    );
+    // Startup with the upstream down: measure time to healthy and RSS with the backlog.
+    let mut ing = Ingest::start().await;
+    ing.with(|s| s.light = true);
+    ing.stop().await;
+    let t = Instant::now();
+    let d = start_daemon(dir.path(), &state, &src, &ing.base_url(), "", "");
+    let healthy = wait_health(d.admin).await;
+    let _ = t;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    println!(
+        "startup with 1,000,000 events in the spool: healthy after {:.0} ms; RSS {:.1} MB",
+        healthy.as_secs_f64() * 1000.0,
+        d.proc.rss_kb() as f64 / 1024.0
+    );
+    ing.restart().await;
+    let t = Instant::now();
+    let cpu0 = d.proc.cpu();
+    wait_for("drained", Duration::from_secs(300), || {
+        ing.with(|s| s.light_count) >= 1_000_000
+    })
+    .await;
+    let s = t.elapsed().as_secs_f64();
+    println!("drained 1,000,000 events in {s:.2} s: {:.0} events/s; scangate CPU {:.2} µs/event; peak RSS {:.1} MB; duplicates {}", 1e6 / s, 1e6 * (d.proc.cpu() - cpu0) / 1e6, d.proc.hwm_kb() as f64 / 1024.0, ing.with(|s| s.duplicates));
+    drop(d);
+    // The same with an empty spool, for comparison.
+    let dir2 = bench_dir();
+    let d = start_daemon(
+        dir2.path(),
+        &dir2.path().join("state"),
+        &src,
+        &ing.base_url(),
+        "",
+        "",
+    );
+    let healthy = wait_health(d.admin).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    println!(
+        "startup with an empty spool: healthy after {:.0} ms; RSS {:.1} MB",
+        healthy.as_secs_f64() * 1000.0,
+        d.proc.rss_kb() as f64 / 1024.0
+    );
+}
+
+async fn idle() {
+    println!("\n## idle");
+    let ing = Ingest::start().await;
+    let dir = bench_dir();
+    let (_m, _s, name) = pty();
+    let d = start_daemon(
+        dir.path(),
+        &dir.path().join("state"),
+        &serial_source(&name),
+        &ing.base_url(),
+        "",
+        "",
+    );
+    wait_health(d.admin).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let c0 = d.proc.cpu();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    println!(
+        "idle (serial port open, no input): RSS {:.1} MB, CPU {:.2}% over 5 s",
+        d.proc.rss_kb() as f64 / 1024.0,
+        100.0 * (d.proc.cpu() - c0) / 5.0
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "scangate load harness on {} cores",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    if want("commit") {
+        commit_rate();
+    }
+    rt.block_on(async {
+        if want("rate") {
+            println!("\n## 5,000 frames/s for 20 s (pty → spool sync=full → gzip-1 HTTP), by commit interval");
+            let intervals: Vec<u64> = std::env::var("BENCH_INTERVALS").ok().map(|v| v.split(",").filter_map(|x| x.parse().ok()).collect()).unwrap_or(vec![10, 50, 100, 250]);
+            for ms in intervals {
+                through(&format!("commit_interval_ms = {ms}"), 100_000, 5000, &format!("commit_interval_ms = {ms}"), "").await;
+            }
+        }
+        if want("full") {
+            println!("\n## full speed (pty written as fast as it accepts)");
+            through("full speed, gzip 1", 300_000, 0, "", "").await;
+            through("full speed, zstd 1", 300_000, 0, "", "compression = \"zstd\"").await;
+        }
+        if want("outage") {
+            outage().await;
+        }
+        if want("drain") {
+            drain().await;
+        }
+        if want("idle") {
+            idle().await;
+        }
+    });
+    let _ = std::fs::remove_dir_all(Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-tmp"));
+    let _: Option<PathBuf> = None;
+}

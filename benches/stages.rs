@@ -21,7 +21,13 @@ const N: usize = 1000;
 
 /// ~98-byte JSON-line reader frames, like the reference peer's job.
 pub fn frame(i: usize) -> String {
-    let s = format!("{{\"epc\":\"E2801160600002{:010X}\",\"ant\":{},\"rssi\":-{}.5,\"ts\":{}}}", i * 7919 % 5000, i % 4 + 1, 40 + i % 30, 1_763_289_000_000u64 + i as u64);
+    let s = format!(
+        "{{\"epc\":\"E2801160600002{:010X}\",\"ant\":{},\"rssi\":-{}.5,\"ts\":{}}}",
+        i * 7919 % 5000,
+        i % 4 + 1,
+        40 + i % 30,
+        1_763_289_000_000u64 + i as u64
+    );
     format!("{s:<96}\r\n")
 }
 
@@ -51,27 +57,70 @@ fn stages(c: &mut Criterion) {
     g.sample_size(30);
 
     let wire: Vec<u8> = (0..N).flat_map(|i| frame(i).into_bytes()).collect();
-    g.bench_function("decode_lines", |b| b.iter(|| decode_all(&mut Protocol::new(ProtocolKind::Lines), &wire, false)));
+    g.bench_function("decode_lines", |b| {
+        b.iter(|| decode_all(&mut Protocol::new(ProtocolKind::Lines), &wire, false))
+    });
 
     let dir = tempfile::tempdir().unwrap();
-    let (mut spool, _) = Spool::open(dir.path(), SpoolOptions { sync: SyncMode::Full, ..Default::default() }, Arc::new(Metrics::default())).unwrap();
+    let (mut spool, _) = Spool::open(
+        dir.path(),
+        SpoolOptions {
+            sync: SyncMode::Full,
+            ..Default::default()
+        },
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
     let bs = bodies();
-    g.bench_function("spool_commit_sync_full", |b| b.iter_batched(|| bs.clone(), |x| spool.append(x, 1_763_289_000_000).unwrap(), BatchSize::SmallInput));
-    g.bench_function("spool_read_back", |b| b.iter(|| spool.read_after(None, 0, N).unwrap()));
+    g.bench_function("spool_commit_sync_full", |b| {
+        b.iter_batched(
+            || bs.clone(),
+            |x| spool.append(x, 1_763_289_000_000).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("spool_read_back", |b| {
+        b.iter(|| spool.read_after(None, 0, N).unwrap())
+    });
 
     let rdir = tempfile::tempdir().unwrap();
-    let (mut rspool, _) = Spool::open(rdir.path(), SpoolOptions::default(), Arc::new(Metrics::default())).unwrap();
+    let (mut rspool, _) = Spool::open(
+        rdir.path(),
+        SpoolOptions::default(),
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
     rspool.append(bodies(), 1_763_289_000_000).unwrap();
     let events = rspool.read_after(None, 0, N).unwrap();
     assert_eq!(events.len(), N);
-    let enc = Encoder { profile: Profile::BagEvents, gateway_id: "gw1".into(), site: "PTY".into(), event_type: "interaction".into(), fields: FieldMapping::default() };
+    let enc = Encoder {
+        profile: Profile::BagEvents,
+        gateway_id: "gw1".into(),
+        site: "PTY".into(),
+        event_type: "interaction".into(),
+        fields: FieldMapping::default(),
+    };
     let key = batch_key(&events);
-    g.bench_function("encode_bag_events_json", |b| b.iter(|| enc.encode(&events, key)));
+    g.bench_function("encode_bag_events_json", |b| {
+        b.iter(|| enc.encode(&events, key))
+    });
     let json = enc.encode(&events, key);
     eprintln!("JSON per event: {} bytes", json.len() / N);
-    for (name, c) in [("gzip_1", Compression::Gzip(1)), ("gzip_2", Compression::Gzip(2)), ("gzip_3", Compression::Gzip(3)), ("gzip_6", Compression::Gzip(6)), ("zstd_1", Compression::Zstd(1)), ("zstd_3", Compression::Zstd(3))] {
-        eprintln!("{name}: {} bytes per event compressed", compress(&json, c).len() / N);
-        g.bench_function(format!("compress_{name}"), |b| b.iter(|| compress(&json, c)));
+    for (name, c) in [
+        ("gzip_1", Compression::Gzip(1)),
+        ("gzip_2", Compression::Gzip(2)),
+        ("gzip_3", Compression::Gzip(3)),
+        ("gzip_6", Compression::Gzip(6)),
+        ("zstd_1", Compression::Zstd(1)),
+        ("zstd_3", Compression::Zstd(3)),
+    ] {
+        eprintln!(
+            "{name}: {} bytes per event compressed",
+            compress(&json, c).len() / N
+        );
+        g.bench_function(format!("compress_{name}"), |b| {
+            b.iter(|| compress(&json, c))
+        });
     }
     g.finish();
 }

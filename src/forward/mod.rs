@@ -165,6 +165,9 @@ impl Forwarder {
         let mut tokens: f64 = 0.0;
         let mut last_refill = Instant::now();
         let mut partial_since: Option<Instant> = None;
+        // Events read but not yet sent: a batch fills up across several commits without
+        // reading (and decompressing) the same chunks again.
+        let mut pending: Vec<SpooledEvent> = Vec::new();
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -175,26 +178,37 @@ impl Forwarder {
             } else {
                 0
             };
-            let batch = match self.spool.read_after(cursor, floor, max).await {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!(error = %e, "Cannot read from the spool");
-                    if let Wait::Shutdown = self.pause(Duration::from_secs(1), &shutdown).await {
-                        return;
+            if pending.len() < max {
+                match self
+                    .spool
+                    .read_after(cursor, floor, max - pending.len())
+                    .await
+                {
+                    Ok(more) => {
+                        if let Some(last) = more.last() {
+                            cursor = Some(last.loc);
+                        }
+                        pending.extend(more);
                     }
-                    continue;
+                    Err(e) => {
+                        tracing::error!(error = %e, "Cannot read from the spool");
+                        if let Wait::Shutdown = self.pause(Duration::from_secs(1), &shutdown).await
+                        {
+                            return;
+                        }
+                        continue;
+                    }
                 }
-            };
+            }
             let aged = partial_since.is_some_and(|t| t.elapsed() >= self.cfg.batch_max_delay);
-            if !batch.is_empty()
-                && (batch.len() >= max || aged || self.cfg.batch_max_delay.is_zero())
+            if !pending.is_empty()
+                && (pending.len() >= max || aged || self.cfg.batch_max_delay.is_zero())
             {
                 partial_since = None;
-                let last = batch.last().map(|e| e.loc);
+                let batch = std::mem::take(&mut pending);
                 if self.deliver(batch, &shutdown).await.is_err() {
                     return;
                 }
-                cursor = last;
                 continue;
             }
             // live-first: spend the backlog budget while live traffic is not ready to go.
@@ -228,7 +242,7 @@ impl Forwarder {
             }
             // Wait for more events, the batch age, or (live-first) the next backlog tokens.
             let mut wait = Duration::from_secs(3600);
-            if !batch.is_empty() {
+            if !pending.is_empty() {
                 let since = *partial_since.get_or_insert_with(Instant::now);
                 wait = self.cfg.batch_max_delay.saturating_sub(since.elapsed());
             }
@@ -237,7 +251,7 @@ impl Forwarder {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = committed.changed() => { if r.is_err() && batch.is_empty() { return; } }
+                r = committed.changed() => { if r.is_err() && pending.is_empty() { return; } }
                 _ = sleep(wait) => {}
             }
         }

@@ -88,7 +88,8 @@ impl<'a> Obj<'a> {
     }
     fn int(&mut self, k: &str, v: i64) {
         self.key(k);
-        self.out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
     }
     fn time(&mut self, k: &str, ms: i64) {
         self.key(k);
@@ -105,7 +106,8 @@ impl<'a> Obj<'a> {
         self.key(k);
         let mut buf = [0u8; 36];
         self.out.push(b'"');
-        self.out.extend_from_slice(id.hyphenated().encode_lower(&mut buf).as_bytes());
+        self.out
+            .extend_from_slice(id.hyphenated().encode_lower(&mut buf).as_bytes());
         self.out.push(b'"');
     }
     fn raw(&mut self, k: &str, v: &str) {

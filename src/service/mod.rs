@@ -5,6 +5,20 @@ use crate::spool::actor::SpoolHandle;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// `trace|debug|info|warn|error` → a level (anything else: `default`). A plain level rather than
+/// an env-filter expression: the filter's regex engine would add about a megabyte of resident
+/// code to a daemon whose budget is 8 MB.
+fn level(text: &str, default: tracing::Level) -> tracing::Level {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "trace" => tracing::Level::TRACE,
+        "debug" => tracing::Level::DEBUG,
+        "info" => tracing::Level::INFO,
+        "warn" => tracing::Level::WARN,
+        "error" => tracing::Level::ERROR,
+        _ => default,
+    }
+}
+
 /// Journald when started by systemd (JOURNAL_STREAM is set), else text on stderr.
 /// `RUST_LOG` / `SCANGATE_LOG` choose the level (default info).
 pub fn init_logging() {
@@ -31,10 +45,8 @@ pub fn init_logging() {
             }
         }
     }
-    let env = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(env)
+        .with_max_level(level(&filter, tracing::Level::INFO))
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();
@@ -102,11 +114,9 @@ pub fn spawn_signal_handler(token: CancellationToken) {
 
 /// For the demo: errors only, so the progress line stays readable.
 pub fn init_logging_quiet() {
-    let filter = std::env::var("SCANGATE_LOG").unwrap_or_else(|_| "error".into());
-    let env = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    let filter = std::env::var("SCANGATE_LOG").unwrap_or_default();
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(env)
+        .with_max_level(level(&filter, tracing::Level::ERROR))
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();

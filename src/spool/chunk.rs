@@ -37,23 +37,50 @@ pub enum ChunkError {
     Postcard(#[from] postcard::Error),
 }
 
-pub fn encode(data: &ChunkData) -> Result<Vec<u8>, postcard::Error> {
-    let raw = postcard::to_stdvec(data)?;
-    let mut out = Vec::with_capacity(raw.len() / 3 + 16);
-    out.push(FORMAT_ZSTD_POSTCARD_V1);
-    // Writing into a Vec cannot fail for I/O reasons; map the impossible error anyway.
-    let compressed =
-        zstd::bulk::compress(&raw, ZSTD_LEVEL).map_err(|_| postcard::Error::SerializeBufferFull)?;
-    out.extend_from_slice(&compressed);
-    Ok(out)
+/// Upper bound of a decompressed chunk: a corrupt header must not make us allocate gigabytes.
+const MAX_RAW: usize = 64 * 1024 * 1024;
+
+/// Reusable zstd contexts. Creating them per chunk costs a large allocation (and its page
+/// faults) per commit and per read; the spool keeps one of these for its lifetime.
+pub struct Codec {
+    comp: Option<zstd::bulk::Compressor<'static>>,
+    decomp: Option<zstd::bulk::Decompressor<'static>>,
 }
 
-pub fn decode(blob: &[u8]) -> Result<ChunkData, ChunkError> {
-    let (&fmt, rest) = blob.split_first().ok_or(ChunkError::Empty)?;
-    if fmt != FORMAT_ZSTD_POSTCARD_V1 {
-        return Err(ChunkError::Format(fmt));
+impl Default for Codec {
+    fn default() -> Self {
+        Codec {
+            comp: zstd::bulk::Compressor::new(ZSTD_LEVEL).ok(),
+            decomp: zstd::bulk::Decompressor::new().ok(),
+        }
     }
-    // Bound the decompressed size: a corrupt header must not make us allocate gigabytes.
-    let raw = zstd::bulk::decompress(rest, 64 * 1024 * 1024).map_err(ChunkError::Zstd)?;
-    Ok(postcard::from_bytes(&raw)?)
+}
+
+impl Codec {
+    pub fn encode(&mut self, data: &ChunkData) -> Result<Vec<u8>, postcard::Error> {
+        let raw = postcard::to_stdvec(data)?;
+        let compressed = match self.comp.as_mut() {
+            Some(c) => c.compress(&raw),
+            None => zstd::bulk::compress(&raw, ZSTD_LEVEL),
+        };
+        // Compressing into memory cannot fail for I/O reasons; map the impossible error anyway.
+        let compressed = compressed.map_err(|_| postcard::Error::SerializeBufferFull)?;
+        let mut out = Vec::with_capacity(compressed.len() + 1);
+        out.push(FORMAT_ZSTD_POSTCARD_V1);
+        out.extend_from_slice(&compressed);
+        Ok(out)
+    }
+
+    pub fn decode(&mut self, blob: &[u8]) -> Result<ChunkData, ChunkError> {
+        let (&fmt, rest) = blob.split_first().ok_or(ChunkError::Empty)?;
+        if fmt != FORMAT_ZSTD_POSTCARD_V1 {
+            return Err(ChunkError::Format(fmt));
+        }
+        let raw = match self.decomp.as_mut() {
+            Some(d) => d.decompress(rest, MAX_RAW),
+            None => zstd::bulk::decompress(rest, MAX_RAW),
+        }
+        .map_err(ChunkError::Zstd)?;
+        Ok(postcard::from_bytes(&raw)?)
+    }
 }

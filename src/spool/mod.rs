@@ -152,6 +152,7 @@ pub struct Spool {
     page_size: u64,
     used_bytes: u64,
     cache: Option<DecodedChunk>,
+    codec: chunk::Codec,
     metrics: Arc<Metrics>,
     reserve: PathBuf,
     /// Commits since the reserve was released (it is recreated every so often, not per commit).
@@ -319,6 +320,7 @@ impl Spool {
             page_size: page_size as u64,
             used_bytes: 0,
             cache: None,
+            codec: chunk::Codec::default(),
             metrics,
             reserve: state_dir.join("spool.reserve"),
             reserve_missing_commits: None,
@@ -422,7 +424,7 @@ impl Spool {
             boot_id: *self.boot_id.as_bytes(),
             records,
         };
-        let blob = chunk::encode(&data)?;
+        let blob = self.codec.encode(&data)?;
         let chunk = self.insert_chunk(
             first_seq,
             now_ms,
@@ -581,7 +583,7 @@ impl Spool {
             let Some((first_seq, created_ms, blob)) = row else {
                 return Ok(None);
             };
-            match chunk::decode(&blob) {
+            match self.codec.decode(&blob) {
                 Ok(data) => {
                     self.cache = Some(DecodedChunk {
                         id,
@@ -839,7 +841,7 @@ impl Spool {
                 boot_id: *self.boot_id.as_bytes(),
                 records,
             };
-            let blob = chunk::encode(&data)?;
+            let blob = self.codec.encode(&data)?;
             let dl_ids: Vec<i64> = group.iter().map(|d| d.id).collect();
             let next = self.next_seq;
             self.insert_chunk(base_seq, base_ms, &blob, group.len(), next, &dl_ids)?;

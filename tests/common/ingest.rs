@@ -50,6 +50,9 @@ pub struct State {
     pub max_batch: Option<usize>,
     pub poison: HashSet<String>,
     pub poison_status: u16,
+    /// Benchmark mode: parse only event_id, keep counts and the id set, store no events.
+    pub light: bool,
+    pub light_count: u64,
     pub token: Option<String>,
     pub down: bool,
     /// Unique events in arrival order.
@@ -237,6 +240,9 @@ async fn handle(
         finish(404, &mut log, &mut state.lock().expect("state"));
         return json(404, serde_json::json!({"detail": "Not Found"}));
     }
+    if state.lock().expect("state").light {
+        return light(state, encoding.as_deref(), &body);
+    }
     let mut st = state.lock().expect("state");
     if st.down {
         finish(503, &mut log, &mut st);
@@ -340,6 +346,47 @@ async fn handle(
     json(
         status,
         serde_json::json!({"status": "success", "total_events": events.len(), "ingested_events": ingested, "duplicates_filtered": dups}),
+    )
+}
+
+#[derive(serde::Deserialize)]
+struct LightEnv {
+    events: Vec<LightEvent>,
+}
+
+#[derive(serde::Deserialize)]
+struct LightEvent {
+    event_id: String,
+}
+
+fn light(
+    state: Arc<Mutex<State>>,
+    encoding: Option<&str>,
+    body: &[u8],
+) -> Result<Response<Full<Bytes>>, DropConnection> {
+    let parsed = decode_body(encoding, body)
+        .ok()
+        .and_then(|raw| serde_json::from_slice::<LightEnv>(&raw).ok());
+    let Some(env) = parsed else {
+        return json(400, serde_json::json!({"detail": "bad body"}));
+    };
+    let mut st = state.lock().expect("state");
+    if st.down {
+        return json(503, serde_json::json!({"detail": "down"}));
+    }
+    let n = env.events.len();
+    for e in env.events {
+        let c = st.seen.entry(e.event_id).or_default();
+        *c += 1;
+        if *c == 1 {
+            st.light_count += 1;
+        } else {
+            st.duplicates += 1;
+        }
+    }
+    json(
+        200,
+        serde_json::json!({"status": "success", "total_events": n}),
     )
 }
 
