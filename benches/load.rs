@@ -109,7 +109,7 @@ fn start_daemon(
 ) -> Daemon {
     let admin = free_port();
     let cfg = format!(
-        "[gateway]\nid = \"bench-gw\"\nstate_dir = \"{}\"\n[spool]\n{spool_extra}\n{source}\n[upstream]\nurl = \"{upstream}\"\nprofile = \"bag-events\"\nbatch_max_events = 1000\nbatch_max_delay_ms = 200\nretry_min_ms = 50\nretry_max_ms = 500\n{up_extra}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n",
+        "[gateway]\nid = \"bench-gw\"\nstate_dir = \"{}\"\n[spool]\n{spool_extra}\n{source}\n[upstream]\nurl = \"{upstream}\"\nprofile = \"bag-events\"\nbatch_max_delay_ms = 200\nretry_min_ms = 50\nretry_max_ms = 500\n{up_extra}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n",
         state.display()
     );
     let p = dir.join("bench.toml");
@@ -257,7 +257,7 @@ async fn through(label: &str, n: u64, rate: u64, spool_extra: &str, up_extra: &s
     let (cpu0, w0) = (d.proc.cpu(), d.proc.write_bytes());
     let t0 = Instant::now();
     let feeder = feed(master, 0, n, rate);
-    let limit = Duration::from_secs(120 + if rate > 0 { n / rate } else { 0 });
+    let limit = Duration::from_secs(120 + n.checked_div(rate).unwrap_or(0));
     wait_for("all delivered", limit, || ing.with(|s| s.light_count) >= n).await;
     let secs = t0.elapsed().as_secs_f64();
     let row = Row {
@@ -440,7 +440,14 @@ async fn drain() {
     ing.with(|s| s.light = true);
     ing.stop().await;
     let t = Instant::now();
-    let d = start_daemon(dir.path(), &state, &src, &ing.base_url(), "", "");
+    let d = start_daemon(
+        dir.path(),
+        &state,
+        &src,
+        &ing.base_url(),
+        "",
+        "batch_max_events = 1000",
+    );
     let healthy = wait_health(d.admin).await;
     let _ = t;
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -105,6 +105,7 @@ fn fmt_ms(ms: Option<i64>) -> String {
 }
 
 fn main() -> ExitCode {
+    scangate::service::tune_allocator();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::PrintConfig => {
@@ -207,7 +208,7 @@ fn report(e: anyhow::Error) -> ExitCode {
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("cannot start the async runtime")

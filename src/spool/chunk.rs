@@ -76,9 +76,15 @@ impl Codec {
         if fmt != FORMAT_ZSTD_POSTCARD_V1 {
             return Err(ChunkError::Format(fmt));
         }
+        // Size the output from the frame header (the compressor always writes it), so a read
+        // does not map a worst-case buffer.
+        let cap = zstd::zstd_safe::get_frame_content_size(rest)
+            .ok()
+            .flatten()
+            .map_or(MAX_RAW, |n| (n as usize).min(MAX_RAW));
         let raw = match self.decomp.as_mut() {
-            Some(d) => d.decompress(rest, MAX_RAW),
-            None => zstd::bulk::decompress(rest, MAX_RAW),
+            Some(d) => d.decompress(rest, cap),
+            None => zstd::bulk::decompress(rest, cap),
         }
         .map_err(ChunkError::Zstd)?;
         Ok(postcard::from_bytes(&raw)?)

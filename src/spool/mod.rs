@@ -276,7 +276,7 @@ impl Spool {
         conn.pragma_update(None, "synchronous", sync)
             .map_err(open_err)?;
         // Keep memory small and flat: the backlog is never cached wholesale.
-        conn.pragma_update(None, "cache_size", -1024)
+        conn.pragma_update(None, "cache_size", -256)
             .map_err(open_err)?;
         conn.pragma_update(None, "journal_size_limit", 4 * 1024 * 1024)
             .map_err(open_err)?;
