@@ -411,18 +411,41 @@ async fn startup_with(n: u64) {
     let dir = bench_dir();
     let state = dir.path().join("state");
     {
-        let (mut sp, _) = Spool::open(&state, SpoolOptions { sync: SyncMode::Normal, ..Default::default() }, Arc::new(Metrics::default())).unwrap();
+        let (mut sp, _) = Spool::open(
+            &state,
+            SpoolOptions {
+                sync: SyncMode::Normal,
+                ..Default::default()
+            },
+            Arc::new(Metrics::default()),
+        )
+        .unwrap();
         for g in 0..n / 4000 {
-            sp.append(bodies(4000, g * 4000), 1_763_289_000_000).unwrap();
+            sp.append(bodies(4000, g * 4000), 1_763_289_000_000)
+                .unwrap();
         }
     }
     let empty = dir.path().join("empty.cap");
     std::fs::write(&empty, "scangate-capture v1 serial\n").unwrap();
-    let src = format!("[[source]]\nname = \"none\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\n", empty.display());
-    let d = start_daemon(dir.path(), &state, &src, &format!("http://127.0.0.1:{}", free_port()), "", "batch_max_events = 1000");
+    let src = format!(
+        "[[source]]\nname = \"none\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\n",
+        empty.display()
+    );
+    let d = start_daemon(
+        dir.path(),
+        &state,
+        &src,
+        &format!("http://127.0.0.1:{}", free_port()),
+        "",
+        "batch_max_events = 1000",
+    );
     let healthy = wait_health(d.admin).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    println!("upstream down, {n:>8} events in the spool: healthy after {:>4.0} ms; RSS {:.1} MB", healthy.as_secs_f64() * 1000.0, d.proc.rss_kb() as f64 / 1024.0);
+    println!(
+        "upstream down, {n:>8} events in the spool: healthy after {:>4.0} ms; RSS {:.1} MB",
+        healthy.as_secs_f64() * 1000.0,
+        d.proc.rss_kb() as f64 / 1024.0
+    );
 }
 
 async fn drain() {

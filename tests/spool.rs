@@ -455,3 +455,26 @@ fn read_only_state_dir_is_a_clear_error_not_a_crash() {
         "the message says what to fix: {msg}"
     );
 }
+
+/// Regression guard: a spool in use by another process must be refused, never judged corrupt
+/// and moved aside.
+#[test]
+fn a_second_user_of_the_same_state_dir_is_refused_and_nothing_is_moved_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = open(dir.path());
+    first.append(vec![body("kept", 1)], 0).unwrap();
+    let err = Spool::open(dir.path(), opts(), Arc::new(Metrics::default()))
+        .err()
+        .expect("second opener refused");
+    assert!(matches!(err, SpoolError::Locked { .. }), "{err}");
+    assert!(err.to_string().contains("another scangate"), "{err}");
+    let aside = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().contains("corrupt"));
+    assert!(!aside, "a busy spool must not be moved aside");
+    assert_eq!(first.read_after(None, 0, 10).unwrap()[0].body.tag, "kept");
+    drop(first);
+    // Released with the first owner (also on kill -9: the kernel drops the lock).
+    assert!(Spool::open(dir.path(), opts(), Arc::new(Metrics::default())).is_ok());
+}

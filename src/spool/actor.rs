@@ -63,6 +63,18 @@ pub enum HandleError {
     Spool(#[from] SpoolError),
 }
 
+/// A copy of an append error for each waiter of a merged transaction. The kinds the pipeline
+/// acts on (full, disk full) are kept; anything else keeps its message.
+fn same_error(e: &SpoolError) -> SpoolError {
+    match e {
+        SpoolError::Full { max_bytes } => SpoolError::Full {
+            max_bytes: *max_bytes,
+        },
+        SpoolError::DiskFull => SpoolError::DiskFull,
+        other => SpoolError::Other(other.to_string()),
+    }
+}
+
 /// Start the spool thread. The returned watch carries the id of the newest committed chunk.
 pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::JoinHandle<()>)> {
     let (tx, mut rx) = mpsc::channel::<Cmd>(COMMAND_CAPACITY);
@@ -110,21 +122,9 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
                             }
                         }
                         Err(e) => {
-                            let msg = e.to_string();
-                            let kind = match e {
-                                SpoolError::Full { max_bytes } => Some(SpoolError::Full { max_bytes }),
-                                SpoolError::DiskFull => Some(SpoolError::DiskFull),
-                                _ => None,
-                            };
-                            for (reply, _) in replies {
-                                if let Some(reply) = reply {
-                                    let err = match &kind {
-                                        Some(SpoolError::Full { max_bytes }) => SpoolError::Full { max_bytes: *max_bytes },
-                                        Some(SpoolError::DiskFull) => SpoolError::DiskFull,
-                                        _ => SpoolError::Sqlite(rusqlite::Error::InvalidParameterName(msg.clone())),
-                                    };
-                                    let _ = reply.send(Err(err));
-                                }
+                            // Every merged append shares the outcome: same kind, same message.
+                            for reply in replies.into_iter().filter_map(|(r, _)| r) {
+                                let _ = reply.send(Err(same_error(&e)));
                             }
                         }
                     }

@@ -73,6 +73,10 @@ pub enum SpoolError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    #[error("another scangate (or `scangate spool` command) is using {path}; stop it first (the lock is {path}/spool.lock)")]
+    Locked { path: PathBuf },
+    #[error("{0}")]
+    Other(String),
     #[error("spool is full (max_bytes = {max_bytes}) and when_full = \"reject\"")]
     Full { max_bytes: u64 },
     #[error("the disk holding the spool is full; new events are refused until space is freed")]
@@ -155,6 +159,8 @@ pub struct Spool {
     codec: chunk::Codec,
     metrics: Arc<Metrics>,
     reserve: PathBuf,
+    /// Held for the spool's lifetime: one process per state directory.
+    _lock: std::fs::File,
     /// Commits since the reserve was released (it is recreated every so often, not per commit).
     reserve_missing_commits: Option<u32>,
 }
@@ -186,23 +192,27 @@ fn meta_set(conn: &Connection, key: &str, value: impl rusqlite::ToSql) -> rusqli
     Ok(())
 }
 
-/// Check an existing file; Err(reason) when it is not a healthy spool.
-fn check_existing(path: &Path) -> Result<(), String> {
-    let conn = Connection::open(path).map_err(|e| e.to_string())?;
-    let res: String = conn
-        .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .map_err(|e| e.to_string())?;
-    if res != "ok" {
-        return Err(format!("quick_check: {res}"));
+enum Check {
+    Healthy,
+    /// Not a database, or damaged: move it aside.
+    Corrupt(String),
+}
+
+/// Check an existing file. Only SQLite's own verdict (not a database, corrupt, or a failed
+/// `quick_check`) counts as corruption; any other error (busy, permissions, I/O) is returned
+/// so that a healthy spool is never moved aside by mistake.
+fn check_existing(path: &Path) -> Result<Check, rusqlite::Error> {
+    let corrupt = |e: &rusqlite::Error| {
+        is_code(e, ErrorCode::NotADatabase) || is_code(e, ErrorCode::DatabaseCorrupt)
+    };
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    match conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)) {
+        Ok(res) if res == "ok" => Ok(Check::Healthy),
+        Ok(res) => Ok(Check::Corrupt(format!("quick_check: {res}"))),
+        Err(e) if corrupt(&e) => Ok(Check::Corrupt(e.to_string())),
+        Err(e) => Err(e),
     }
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(|e| e.to_string())?;
-    if version > SCHEMA_VERSION {
-        // Not corruption: a newer scangate wrote it. Refusing is safer than moving it aside.
-        return Ok(());
-    }
-    Ok(())
 }
 
 impl Spool {
@@ -224,8 +234,27 @@ impl Spool {
         let path = Self::path_in(state_dir);
         let mut report = OpenReport::default();
         let mut carried_seq = None;
+        let lock_path = state_dir.join("spool.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| SpoolError::StateDir {
+                path: state_dir.to_path_buf(),
+                source,
+            })?;
+        if lock.try_lock().is_err() {
+            return Err(SpoolError::Locked {
+                path: state_dir.to_path_buf(),
+            });
+        }
         if path.exists() {
-            if let Err(reason) = check_existing(&path) {
+            let verdict = check_existing(&path).map_err(|source| SpoolError::Open {
+                path: path.clone(),
+                source,
+            })?;
+            if let Check::Corrupt(reason) = verdict {
                 // Best effort: learn the old seq so seq stays monotonic for this gateway.
                 carried_seq = Connection::open(&path)
                     .ok()
@@ -323,6 +352,7 @@ impl Spool {
             codec: chunk::Codec::default(),
             metrics,
             reserve: state_dir.join("spool.reserve"),
+            _lock: lock,
             reserve_missing_commits: None,
         };
         if !spool.make_reserve() {
