@@ -12,9 +12,12 @@
 //! drain rate), idle (idle RSS).
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)] // wall-clock measurement of real processes
 
+#[path = "../tests/common/daemon.rs"]
+mod daemon;
 #[path = "../tests/common/ingest.rs"]
 mod ingest;
 
+use daemon::{free_port, metric};
 use ingest::Ingest;
 use scangate::config::SyncMode;
 use scangate::event::{EventBody, ReadKind};
@@ -91,14 +94,6 @@ impl Drop for Daemon {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start_daemon(
     dir: &Path,
     state: &Path,
@@ -125,17 +120,6 @@ fn start_daemon(
         .unwrap();
     let proc = Proc { pid: child.id() };
     Daemon { child, proc, admin }
-}
-
-async fn metric(port: u16, name: &str) -> Option<u64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
 }
 
 async fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
@@ -512,23 +496,6 @@ async fn drain() {
     let s = t.elapsed().as_secs_f64();
     println!("drained 1,000,000 events in {s:.2} s: {:.0} events/s; scangate CPU {:.2} µs/event; peak RSS {:.1} MB; duplicates {}", 1e6 / s, 1e6 * (d.proc.cpu() - cpu0) / 1e6, d.proc.hwm_kb() as f64 / 1024.0, ing.with(|s| s.duplicates));
     drop(d);
-    // The same with an empty spool, for comparison.
-    let dir2 = bench_dir();
-    let d = start_daemon(
-        dir2.path(),
-        &dir2.path().join("state"),
-        &src,
-        &ing.base_url(),
-        "",
-        "",
-    );
-    let healthy = wait_health(d.admin).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    println!(
-        "startup with an empty spool: healthy after {:.0} ms; RSS {:.1} MB",
-        healthy.as_secs_f64() * 1000.0,
-        d.proc.rss_kb() as f64 / 1024.0
-    );
 }
 
 async fn idle() {

@@ -180,12 +180,13 @@ listen = "off"
                 (m.reads_in.get() - last.0) as f64 / now.duration_since(last.1).as_secs_f64();
             last = (m.reads_in.get(), now);
             let line = format!(
-                "  t={:>5.1}s reads {:>4} ({:>4.0}/s) | committed {:>4} | delivered {:>4} (upstream has {got}, dups {dups}) | backlog {:>3} | upstream {}",
+                "  t={:>5.1}s reads {:>4} ({:>4.0}/s) | committed {:>4} | delivered {:>4} in {} batches (upstream has {got}, dups {dups}) | backlog {:>3} | upstream {}",
                 started.elapsed().as_secs_f64(),
                 m.reads_in.get(),
                 rate,
                 m.spool_committed.get(),
                 m.delivered.get(),
+                m.batches_ok.get(),
                 m.spool_backlog.get(),
                 if m.upstream_down.get() == 1 { "DOWN" } else { "up" },
             );

@@ -163,3 +163,104 @@ fn run_with_unwritable_state_dir_exits_with_a_clear_message() {
         "{err}"
     );
 }
+
+#[test]
+fn spool_cli_lists_exports_and_requeues_dead_letters() {
+    use scangate::event::{EventBody, ReadKind};
+    use scangate::metrics::Metrics;
+    use scangate::spool::{Spool, SpoolOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let body = |tag: &str| EventBody {
+        kind: ReadKind::BagTag,
+        tag: tag.into(),
+        source: "s".into(),
+        location: "L".into(),
+        device: "D".into(),
+        scan_type: None,
+        antenna: None,
+        rssi_cdbm: None,
+        read_count: 1,
+        first_seen_ms: 1_763_289_000_000,
+        last_seen_ms: 1_763_289_000_000,
+        symbology: None,
+        value: None,
+    };
+    let ids = {
+        let (mut sp, _) = Spool::open(
+            &state,
+            SpoolOptions::default(),
+            std::sync::Arc::new(Metrics::default()),
+        )
+        .unwrap();
+        sp.append(
+            vec![body("0125000001"), body("0125000002"), body("0125000003")],
+            1_763_289_000_000,
+        )
+        .unwrap();
+        let evs = sp.read_after(None, 0, 10).unwrap();
+        sp.dead_letter(
+            &[
+                (evs[0].clone(), Some(422), "bag_id: unknown issuer".into()),
+                (evs[2].clone(), Some(207), "duplicate tag".into()),
+            ],
+            0,
+        )
+        .unwrap();
+        vec![evs[0].event_id.to_string(), evs[2].event_id.to_string()]
+    };
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, format!("[gateway]\nid='g'\nstate_dir='{}'\n[[source]]\nname='a'\nkind='replay'\nprotocol='lines'\nfile='x.cap'\n[upstream]\nurl='http://127.0.0.1:9'\nprofile='bag-events'\n", state.display())).unwrap();
+    let run = |args: &[&str]| {
+        let out = bin()
+            .arg("spool")
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed = run(&["dead-letters"]);
+    assert!(
+        listed.contains("tag=0125000001")
+            && listed.contains("status=422")
+            && listed.contains("unknown issuer"),
+        "{listed}"
+    );
+    assert_eq!(listed.lines().count(), 2);
+    let exported: Vec<serde_json::Value> = run(&["export"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(exported.len(), 2);
+    assert_eq!(exported[0]["event_id"], ids[0]);
+    assert_eq!(exported[0]["event"]["tag"], "0125000001");
+    assert_eq!(exported[1]["reason"], "duplicate tag");
+    assert!(run(&["stats"]).contains("backlog_events 1\n"));
+    assert!(run(&["requeue"]).contains("requeued 2"));
+    let stats = run(&["stats"]);
+    assert!(
+        stats.contains("backlog_events 3\n") && stats.contains("dead_letters 0\n"),
+        "{stats}"
+    );
+    // Requeued events keep their event ids (idempotent towards the upstream).
+    let (mut sp, _) = Spool::open(
+        &state,
+        SpoolOptions::default(),
+        std::sync::Arc::new(Metrics::default()),
+    )
+    .unwrap();
+    let all: Vec<String> = sp
+        .read_after(None, 0, 10)
+        .unwrap()
+        .iter()
+        .map(|e| e.event_id.to_string())
+        .collect();
+    assert!(ids.iter().all(|id| all.contains(id)), "{all:?} vs {ids:?}");
+}
