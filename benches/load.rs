@@ -25,7 +25,7 @@ use scangate::metrics::Metrics;
 use scangate::spool::{Spool, SpoolOptions};
 use serialport::SerialPort;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -390,31 +390,35 @@ async fn outage() {
     drop(slave);
 }
 
+/// Commit `n` events (groups of 4,000) into the spool in `state`.
+fn fill_spool(state: &Path, n: u64) {
+    let opts = SpoolOptions {
+        sync: SyncMode::Normal,
+        ..Default::default()
+    };
+    let (mut sp, _) = Spool::open(state, opts, Arc::new(Metrics::default())).unwrap();
+    for g in 0..n / 4000 {
+        sp.append(bodies(4000, g * 4000), 1_763_289_000_000)
+            .unwrap();
+    }
+}
+
+/// A replay source over an empty capture: the daemon runs with no new input.
+fn empty_source(dir: &Path) -> String {
+    let empty = dir.join("empty.cap");
+    std::fs::write(&empty, "scangate-capture v1 serial\n").unwrap();
+    format!(
+        "[[source]]\nname = \"none\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\n",
+        empty.display()
+    )
+}
+
 /// Startup time and RSS with `n` events in the spool and the upstream down (one batch in flight).
 async fn startup_with(n: u64) {
     let dir = bench_dir();
     let state = dir.path().join("state");
-    {
-        let (mut sp, _) = Spool::open(
-            &state,
-            SpoolOptions {
-                sync: SyncMode::Normal,
-                ..Default::default()
-            },
-            Arc::new(Metrics::default()),
-        )
-        .unwrap();
-        for g in 0..n / 4000 {
-            sp.append(bodies(4000, g * 4000), 1_763_289_000_000)
-                .unwrap();
-        }
-    }
-    let empty = dir.path().join("empty.cap");
-    std::fs::write(&empty, "scangate-capture v1 serial\n").unwrap();
-    let src = format!(
-        "[[source]]\nname = \"none\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\n",
-        empty.display()
-    );
+    fill_spool(&state, n);
+    let src = empty_source(dir.path());
     let d = start_daemon(
         dir.path(),
         &state,
@@ -440,36 +444,16 @@ async fn drain() {
     println!("\n## backlog of 1,000,000 events: startup, memory, drain rate (gzip level 1)");
     let dir = bench_dir();
     let state = dir.path().join("state");
-    {
-        let (mut sp, _) = Spool::open(
-            &state,
-            SpoolOptions {
-                sync: SyncMode::Normal,
-                ..Default::default()
-            },
-            Arc::new(Metrics::default()),
-        )
-        .unwrap();
-        for g in 0..250u64 {
-            sp.append(bodies(4000, g * 4000), 1_763_289_000_000)
-                .unwrap();
-        }
-        println!(
-            "spool file with 1,000,000 events: {:.1} MB",
-            std::fs::metadata(Spool::path_in(&state)).unwrap().len() as f64 / 1e6
-        );
-    }
-    let empty = dir.path().join("empty.cap");
-    std::fs::write(&empty, "scangate-capture v1 serial\n").unwrap();
-    let src = format!(
-        "[[source]]\nname = \"none\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\n",
-        empty.display()
+    fill_spool(&state, 1_000_000);
+    println!(
+        "spool file with 1,000,000 events: {:.1} MB",
+        std::fs::metadata(Spool::path_in(&state)).unwrap().len() as f64 / 1e6
     );
+    let src = empty_source(dir.path());
     // Startup with the upstream down: measure time to healthy and RSS with the backlog.
     let mut ing = Ingest::start().await;
     ing.with(|s| s.light = true);
     ing.stop().await;
-    let t = Instant::now();
     let d = start_daemon(
         dir.path(),
         &state,
@@ -479,7 +463,6 @@ async fn drain() {
         "batch_max_events = 1000",
     );
     let healthy = wait_health(d.admin).await;
-    let _ = t;
     tokio::time::sleep(Duration::from_secs(1)).await;
     println!(
         "startup with 1,000,000 events in the spool: healthy after {:.0} ms; RSS {:.1} MB",
@@ -566,5 +549,4 @@ fn main() {
         }
     });
     let _ = std::fs::remove_dir_all(Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-tmp"));
-    let _: Option<PathBuf> = None;
 }
