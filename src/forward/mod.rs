@@ -293,12 +293,12 @@ impl Forwarder {
                 let outcome = self.send(body.clone(), key).await;
                 match outcome {
                     Outcome::Delivered => {
-                        self.on_success(b.len(), from_413).await;
+                        self.on_success(200, b.len(), from_413).await;
                         self.ack(&b).await;
                         break;
                     }
                     Outcome::Partial { rejected } => {
-                        self.on_success(b.len(), from_413).await;
+                        self.on_success(207, b.len(), from_413).await;
                         let (dead, ok): (Vec<SpooledEvent>, Vec<SpooledEvent>) =
                             b.into_iter().partition(|e| {
                                 rejected.iter().any(|(id, _)| *id == e.event_id.to_string())
@@ -474,9 +474,9 @@ impl Forwarder {
         }
     }
 
-    async fn on_success(&mut self, n: usize, from_413: bool) {
+    async fn on_success(&mut self, status: u16, n: usize, from_413: bool) {
         self.metrics.batches_ok.inc();
-        self.metrics.response(200);
+        self.metrics.response(status);
         if from_413 {
             // Remember the size that worked.
             self.max_ok = Some(self.max_ok.map_or(n, |m| m.max(n)));
