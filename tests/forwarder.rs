@@ -388,3 +388,37 @@ async fn live_first_sends_fresh_events_before_the_backlog() {
         rig.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_with_a_private_ca_needs_ca_file_and_loses_nothing_without_it() {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let (cert_pem, key_pem) = (cert.cert.pem(), cert.signing_key.serialize_pem());
+    let ingest = Ingest::start_tls(&cert_pem, &key_pem).await;
+    let url = format!("https://localhost:{}", ingest.addr.port());
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ingest-ca.pem");
+    std::fs::write(&ca, &cert_pem).unwrap();
+
+    // Without the CA the certificate is not trusted: retried, nothing deleted, nothing sent.
+    let rig = Rig::new(|d| config(d, &url, "bag-events", "")).await;
+    rig.commit("t", 5, 5).await;
+    wait_until("TLS failures retried", T, || {
+        rig.metrics.batches_failed.get() >= 3
+    })
+    .await;
+    assert_eq!(rig.backlog().await, 5);
+    assert_eq!(ingest.unique(), 0);
+    let dir_without = rig.shutdown().await;
+    drop(dir_without);
+
+    // With ca_file the same upstream is trusted and everything is delivered.
+    let extra = format!("ca_file = \"{}\"", ca.display());
+    let rig = Rig::new(|d| config(d, &url, "bag-events", &extra)).await;
+    rig.commit("t", 5, 5).await;
+    wait_until("delivered over TLS", T, || {
+        ingest.unique() == 5 && rig.metrics.delivered.get() == 5
+    })
+    .await;
+    assert_eq!(rig.backlog().await, 0);
+    rig.shutdown().await;
+}

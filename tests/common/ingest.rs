@@ -434,6 +434,57 @@ impl Ingest {
         format!("http://{}", self.addr)
     }
 
+    /// The same server behind TLS with the given certificate chain and key (PEM).
+    pub async fn start_tls(cert_pem: &str, key_pem: &str) -> Ingest {
+        let certs: Vec<_> = rustls::pki_types::pem::PemObject::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("cert pem");
+        let key =
+            rustls::pki_types::pem::PemObject::from_pem_slice(key_pem.as_bytes()).expect("key pem");
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("tls versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server cert");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(Mutex::new(State::default()));
+        let st = state.clone();
+        let tasks = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let st = st.clone();
+                let acceptor = acceptor.clone();
+                conns.spawn(async move {
+                    // A client that does not trust us aborts the handshake: nothing to serve.
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let io = hyper_util::rt::TokioIo::new(tls);
+                    let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await;
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Ingest {
+            addr,
+            state,
+            tasks: Some(tasks),
+        }
+    }
+
     /// Refuse connections (listener and open connections closed).
     pub async fn stop(&mut self) {
         if let Some(t) = self.tasks.take() {
