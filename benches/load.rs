@@ -164,6 +164,30 @@ fn serial_source(path: &str) -> String {
     format!("[[source]]\nname = \"pty\"\nkind = \"serial\"\nprotocol = \"lines\"\npath = \"{path}\"\nbaud = 115200\nlocation = \"BENCH\"\n")
 }
 
+/// A daemon whose serial source is a fresh pty, returned once the port is open. The pty's
+/// slave end is returned too: it must stay open while the daemon reads.
+async fn serial_daemon(
+    dir: &Path,
+    upstream: &str,
+    spool_extra: &str,
+    up_extra: &str,
+) -> (Daemon, serialport::TTYPort, serialport::TTYPort) {
+    let (master, slave, name) = pty();
+    let d = start_daemon(
+        dir,
+        &dir.join("state"),
+        &serial_source(&name),
+        upstream,
+        spool_extra,
+        up_extra,
+    );
+    wait_health(d.admin).await;
+    while metric(d.admin, "scangate_sources_connected").await != Some(1) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (d, master, slave)
+}
+
 /// Feed `n` frames at `rate` per second (0 = as fast as the pty takes them). Runs on a thread.
 fn feed(
     mut master: serialport::TTYPort,
@@ -224,20 +248,8 @@ async fn through(label: &str, n: u64, rate: u64, spool_extra: &str, up_extra: &s
     let mut ing = Ingest::start().await;
     ing.with(|s| s.light = true);
     let dir = bench_dir();
-    let (master, slave, name) = pty();
-    let d = start_daemon(
-        dir.path(),
-        &dir.path().join("state"),
-        &serial_source(&name),
-        &ing.base_url(),
-        spool_extra,
-        up_extra,
-    );
-    wait_health(d.admin).await;
-    wait_for("port open", Duration::from_secs(10), || true).await;
-    while metric(d.admin, "scangate_sources_connected").await != Some(1) {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (d, master, slave) =
+        serial_daemon(dir.path(), &ing.base_url(), spool_extra, up_extra).await;
     let (cpu0, w0) = (d.proc.cpu(), d.proc.write_bytes());
     let t0 = Instant::now();
     let feeder = feed(master, 0, n, rate);
@@ -345,19 +357,7 @@ async fn outage() {
     let mut ing = Ingest::start().await;
     ing.with(|s| s.light = true);
     let dir = bench_dir();
-    let (master, slave, name) = pty();
-    let d = start_daemon(
-        dir.path(),
-        &dir.path().join("state"),
-        &serial_source(&name),
-        &ing.base_url(),
-        "",
-        "",
-    );
-    wait_health(d.admin).await;
-    while metric(d.admin, "scangate_sources_connected").await != Some(1) {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (d, master, slave) = serial_daemon(dir.path(), &ing.base_url(), "", "").await;
     let total = 5000 * 40;
     let feeder = feed(master, 0, total, 5000);
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -485,16 +485,7 @@ async fn idle() {
     println!("\n## idle");
     let ing = Ingest::start().await;
     let dir = bench_dir();
-    let (_m, _s, name) = pty();
-    let d = start_daemon(
-        dir.path(),
-        &dir.path().join("state"),
-        &serial_source(&name),
-        &ing.base_url(),
-        "",
-        "",
-    );
-    wait_health(d.admin).await;
+    let (d, _m, _s) = serial_daemon(dir.path(), &ing.base_url(), "", "").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let c0 = d.proc.cpu();
     tokio::time::sleep(Duration::from_secs(5)).await;

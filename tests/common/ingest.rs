@@ -390,6 +390,43 @@ fn light(
     )
 }
 
+/// Serve HTTP/1 connections from `listener` (behind TLS when an acceptor is given) until the
+/// task is aborted; aborting it drops every open connection too.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    state: Arc<Mutex<State>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let st = state.clone();
+        let tls = tls.clone();
+        conns.spawn(async move {
+            let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
+            let http = hyper::server::conn::http1::Builder::new();
+            match tls {
+                None => {
+                    let _ = http
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                }
+                // A client that does not trust us aborts the handshake: nothing to serve.
+                Some(acceptor) => {
+                    if let Ok(tls) = acceptor.accept(stream).await {
+                        let _ = http
+                            .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                            .await;
+                    }
+                }
+            }
+        });
+        while conns.try_join_next().is_some() {}
+    }
+}
+
 impl Ingest {
     pub async fn start() -> Ingest {
         Self::start_on(
@@ -405,24 +442,7 @@ impl Ingest {
         sock.bind(addr).expect("bind ingest port");
         let listener = sock.listen(1024).expect("listen");
         let addr = listener.local_addr().expect("local addr");
-        let st = state.clone();
-        let tasks = tokio::spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let st = st.clone();
-                conns.spawn(async move {
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, svc)
-                        .await;
-                });
-                while conns.try_join_next().is_some() {}
-            }
-        });
+        let tasks = tokio::spawn(accept_loop(listener, state.clone(), None));
         Ingest {
             addr,
             state,
@@ -455,29 +475,7 @@ impl Ingest {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(Mutex::new(State::default()));
-        let st = state.clone();
-        let tasks = tokio::spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let st = st.clone();
-                let acceptor = acceptor.clone();
-                conns.spawn(async move {
-                    // A client that does not trust us aborts the handshake: nothing to serve.
-                    let Ok(tls) = acceptor.accept(stream).await else {
-                        return;
-                    };
-                    let io = hyper_util::rt::TokioIo::new(tls);
-                    let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, svc)
-                        .await;
-                });
-                while conns.try_join_next().is_some() {}
-            }
-        });
+        let tasks = tokio::spawn(accept_loop(listener, state.clone(), Some(acceptor)));
         Ingest {
             addr,
             state,
