@@ -10,8 +10,8 @@
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use scangate::config::{Compression, FieldMapping, Profile, ProtocolKind, SyncMode};
 use scangate::event::{EventBody, ReadKind};
-use scangate::forward::compress;
 use scangate::forward::profile::{batch_key, Encoder};
+use scangate::forward::{compress, BodyCompressor};
 use scangate::metrics::Metrics;
 use scangate::protocol::{decode_all, Protocol};
 use scangate::spool::{Spool, SpoolOptions};
@@ -101,8 +101,12 @@ fn stages(c: &mut Criterion) {
         fields: FieldMapping::default(),
     };
     let key = batch_key(&events);
+    let mut buf = Vec::new();
     g.bench_function("encode_bag_events_json", |b| {
-        b.iter(|| enc.encode(&events, key))
+        b.iter(|| {
+            enc.encode_into(&events, key, &mut buf);
+            buf.len()
+        })
     });
     let json = enc.encode(&events, key);
     eprintln!("JSON per event: {} bytes", json.len() / N);
@@ -118,8 +122,10 @@ fn stages(c: &mut Criterion) {
             "{name}: {} bytes per event compressed",
             compress(&json, c).len() / N
         );
+        // As the forwarder does: one compressor, reused batch after batch.
+        let mut comp = BodyCompressor::new(c);
         g.bench_function(format!("compress_{name}"), |b| {
-            b.iter(|| compress(&json, c))
+            b.iter(|| comp.compress(&json))
         });
     }
     g.finish();

@@ -90,107 +90,62 @@ fn body_of(read: SourceRead, sources: &[crate::config::SourceConfig]) -> EventBo
 
 /// Group commit: collect reads for up to `commit_interval` (or `commit_max_events`), then
 /// hand the group to the spool thread without waiting for its fsync, so the next group
-/// fills while the previous one commits.
+/// fills while the previous one commits. The task wakes for the first read of a group and at
+/// its deadline, draining the channel in between only when a source reports it filling
+/// ([`crate::source::Feed::wake_if_high`]): a few wake-ups per commit, not one per read.
 async fn ingest(
     mut rx: mpsc::Receiver<SourceRead>,
+    wake: Arc<tokio::sync::Notify>,
     spool: SpoolHandle,
     cfg: Config,
     metrics: Arc<Metrics>,
 ) {
+    use tokio::sync::mpsc::error::TryRecvError;
     let sources = cfg.sources.clone();
     let spool_cfg: SpoolConfig = cfg.spool.clone();
     let floor = cfg.suppress.min_rssi_dbm;
-    let mut group: Vec<EventBody> = Vec::new();
-    let mut deadline: Option<Instant> = None;
-    let mut waiting: JoinSet<()> = JoinSet::new();
-    let disk_full = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    loop {
-        let flush = tokio::select! {
-            r = rx.recv() => match r {
-                Some(read) => {
-                    if let (Some(floor), Some(rssi)) = (floor, read.read.rssi_dbm) {
-                        if (rssi as f64) < floor {
-                            metrics.count_drop("below_rssi_floor", 1);
-                            continue;
-                        }
-                    }
-                    group.push(body_of(read, &sources));
-                    if deadline.is_none() {
-                        deadline = Some(Instant::now() + spool_cfg.commit_interval);
-                    }
-                    group.len() >= spool_cfg.commit_max_events
-                }
-                None => {
-                    if !group.is_empty() {
-                        commit(&spool, std::mem::take(&mut group), &metrics, &disk_full, &mut waiting).await;
-                    }
-                    break;
-                }
-            },
-            _ = async { if let Some(d) = deadline { sleep_until(d).await } else { std::future::pending().await } } => true,
-        };
-        if flush && !group.is_empty() {
-            deadline = None;
-            commit(
-                &spool,
-                std::mem::take(&mut group),
-                &metrics,
-                &disk_full,
-                &mut waiting,
-            )
-            .await;
+    let max = spool_cfg.commit_max_events;
+    let accept = |read: SourceRead, group: &mut Vec<EventBody>| {
+        if let (Some(floor), Some(rssi)) = (floor, read.read.rssi_dbm) {
+            if (rssi as f64) < floor {
+                metrics.count_drop("below_rssi_floor", 1);
+                return;
+            }
         }
-        while waiting.try_join_next().is_some() {}
-    }
-    while waiting.join_next().await.is_some() {}
-}
-
-async fn commit(
-    spool: &SpoolHandle,
-    group: Vec<EventBody>,
-    metrics: &Arc<Metrics>,
-    disk_full: &Arc<std::sync::atomic::AtomicBool>,
-    waiting: &mut JoinSet<()>,
-) {
-    let n = group.len() as u64;
-    let rx = match spool.append_nowait(group).await {
-        Ok(rx) => rx,
-        Err(e) => {
-            metrics.count_drop("spool_unavailable", n);
-            tracing::error!(error = %e, events = n, "Spool is gone; reads dropped");
-            return;
-        }
+        group.push(body_of(read, &sources));
     };
-    let metrics = metrics.clone();
-    let disk_full = disk_full.clone();
-    waiting.spawn(async move {
-        use std::sync::atomic::Ordering;
-        match rx.await {
-            Ok(Ok(_)) => {
-                if disk_full.swap(false, Ordering::Relaxed) {
-                    metrics.spool_disk_full.set(0);
-                    tracing::info!("Spool is accepting events again");
+    let mut closed = false;
+    while !closed {
+        let Some(first) = rx.recv().await else {
+            break;
+        };
+        let mut group: Vec<EventBody> = Vec::with_capacity(256);
+        accept(first, &mut group);
+        let deadline = Instant::now() + spool_cfg.commit_interval;
+        loop {
+            while group.len() < max {
+                match rx.try_recv() {
+                    Ok(read) => accept(read, &mut group),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
                 }
             }
-            Ok(Err(SpoolError::Full { max_bytes })) => {
-                if !disk_full.swap(true, Ordering::Relaxed) {
-                    tracing::error!(max_bytes, "Spool full with when_full = \"reject\": new reads are dropped until the upstream drains it");
-                }
+            if closed || group.len() >= max || Instant::now() >= deadline {
+                break;
             }
-            Ok(Err(SpoolError::DiskFull)) => {
-                metrics.count_drop("disk_full", n);
-                metrics.spool_disk_full.set(1);
-                if !disk_full.swap(true, Ordering::Relaxed) {
-                    tracing::error!(events = n, "Disk full: reads are dropped until space is freed");
-                }
+            tokio::select! {
+                _ = sleep_until(deadline) => {}
+                _ = wake.notified() => {}
             }
-            Ok(Err(e)) => {
-                metrics.count_drop("spool_error", n);
-                tracing::error!(error = %e, events = n, "Spool commit failed; reads dropped");
-            }
-            Err(_) => metrics.count_drop("spool_unavailable", n),
         }
-    });
+        if !group.is_empty() && spool.append_detached(group).await.is_err() {
+            tracing::error!("Spool is gone; reads dropped");
+            break;
+        }
+    }
 }
 
 /// Run the gateway until `shutdown` is cancelled (or, with `exit_when_idle`, until done).
@@ -247,19 +202,32 @@ pub async fn run(
     };
 
     let (tx, rx) = mpsc::channel(READ_CHANNEL);
-    let ingest_task = tokio::spawn(ingest(rx, handle.clone(), cfg.clone(), metrics.clone()));
+    let pipe = source::Pipe {
+        tx,
+        wake: Arc::new(tokio::sync::Notify::new()),
+        high_water: cfg.spool.commit_max_events.min(READ_CHANNEL / 2),
+        read_coalesce: (cfg.spool.commit_interval / 5)
+            .clamp(Duration::from_millis(1), Duration::from_millis(10)),
+    };
+    let ingest_task = tokio::spawn(ingest(
+        rx,
+        pipe.wake.clone(),
+        handle.clone(),
+        cfg.clone(),
+        metrics.clone(),
+    ));
     let source_stop = shutdown.child_token();
     let mut sources = JoinSet::new();
     for (i, s) in cfg.sources.iter().enumerate() {
         sources.spawn(source::run(
             i,
             s.clone(),
-            tx.clone(),
+            pipe.clone(),
             metrics.clone(),
             source_stop.clone(),
         ));
     }
-    drop(tx);
+    drop(pipe);
     on_start(Running {
         spool: handle.clone(),
         metrics: metrics.clone(),
@@ -280,7 +248,7 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(_) = sources.join_next(), if !sources.is_empty() => {}
-            _ = committed.changed() => {}
+            _ = committed.changed(), if opts.exit_when_idle => {}
             _ = tokio::time::sleep(Duration::from_millis(100)), if opts.exit_when_idle => {}
         }
     }

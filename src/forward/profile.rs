@@ -142,7 +142,15 @@ fn quoted_time(ms: i64) -> Vec<u8> {
 impl Encoder {
     /// The request body for `events` (all of one [`BatchType`]).
     pub fn encode(&self, events: &[SpooledEvent], key: Uuid) -> Vec<u8> {
-        let mut out = Vec::with_capacity(128 + events.len() * 480);
+        let mut out = Vec::new();
+        self.encode_into(events, key, &mut out);
+        out
+    }
+
+    /// Encode into `out` (cleared first; its capacity is reused).
+    pub fn encode_into(&self, events: &[SpooledEvent], key: Uuid, out: &mut Vec<u8>) {
+        out.clear();
+        out.reserve(128 + events.len() * 480);
         match self.profile {
             Profile::BagEvents => {
                 let kind = events.first().map(batch_type).unwrap_or(BatchType::Scan);
@@ -151,13 +159,13 @@ impl Encoder {
                     if i > 0 {
                         out.push(b',');
                     }
-                    self.bag_event(&mut out, e);
+                    self.bag_event(out, e);
                 }
                 out.extend_from_slice(b"],\"source_system\":");
-                push_json_str(&mut out, &self.gateway_id);
+                push_json_str(out, &self.gateway_id);
                 out.extend_from_slice(b",\"event_type\":");
                 push_json_str(
-                    &mut out,
+                    out,
                     if kind == BatchType::Sensor {
                         "sensor"
                     } else {
@@ -168,16 +176,16 @@ impl Encoder {
             }
             Profile::Collect => {
                 out.extend_from_slice(b"{\"batch_id\":");
-                push_json_str(&mut out, &key.to_string());
+                push_json_str(out, &key.to_string());
                 out.extend_from_slice(b",\"events\":[");
                 for (i, e) in events.iter().enumerate() {
                     if i > 0 {
                         out.push(b',');
                     }
-                    self.collect_event(&mut out, e);
+                    self.collect_event(out, e);
                 }
                 out.extend_from_slice(b"],\"metadata\":");
-                let mut m = Obj::open(&mut out, NO_RENAME);
+                let mut m = Obj::open(out, NO_RENAME);
                 m.str("source", "scangate");
                 m.str("version", env!("CARGO_PKG_VERSION"));
                 m.str("gateway_id", &self.gateway_id);
@@ -185,7 +193,6 @@ impl Encoder {
                 out.push(b'}');
             }
         }
-        out
     }
 
     fn constants(&self, o: &mut Obj<'_>) {

@@ -5,6 +5,10 @@
 //! - serial: never waits (a UART cannot be paused): if the read channel is full the read is
 //!   dropped and counted (`reason="pipeline_full"`);
 //! - replay: waits (a file can be paused), so a replay never loses a read.
+//!
+//! The ingest stage drains the read channel once per commit interval rather than waking for
+//! every read; a source that sees the channel filling past the group size wakes it early
+//! ([`Feed::wake_if_high`]), so a burst cannot overflow the channel between two commits.
 
 pub mod capture;
 pub mod replay;
@@ -15,7 +19,8 @@ use crate::event::Read;
 use crate::metrics::Metrics;
 use crate::protocol::Decoded;
 use std::sync::Arc;
-use tokio::sync::mpsc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 /// One decoded read with the index of its source (into `Config::sources`).
@@ -34,55 +39,137 @@ pub struct Feed {
     pub tx: mpsc::Sender<SourceRead>,
     pub metrics: Arc<Metrics>,
     pub can_wait: bool,
+    /// Wakes the ingest stage before its commit timer (see [`Feed::wake_if_high`]).
+    pub wake: Arc<Notify>,
+    /// Reads queued in the channel at which the ingest stage is woken early.
+    pub high_water: usize,
+    /// Pause between short reads of a device so one read carries several frames.
+    pub read_coalesce: Duration,
 }
 
 impl Feed {
-    /// Hand decoder output to the pipeline. Returns false once the pipeline is gone.
-    pub async fn push(&self, d: Decoded) -> bool {
+    fn read_of(&self, d: Decoded) -> Option<SourceRead> {
         match d {
             Decoded::Skipped { reason, bytes } => {
                 self.metrics.count_drop(reason, 1);
                 tracing::debug!(source = %self.name, reason, bytes, "Skipped bytes that are not a valid frame");
-                true
+                None
             }
             Decoded::Read(read) => {
                 self.metrics.reads_in.inc();
-                let r = SourceRead {
+                Some(SourceRead {
                     source: self.source,
                     read,
                     wall_ms: crate::event::wall_now_ms(),
-                };
-                if self.can_wait {
-                    self.tx.send(r).await.is_ok()
-                } else {
-                    match self.tx.try_send(r) {
-                        Ok(()) => true,
-                        Err(mpsc::error::TrySendError::Full(_)) => {
-                            self.metrics.count_drop("pipeline_full", 1);
-                            true
-                        }
-                        Err(mpsc::error::TrySendError::Closed(_)) => false,
-                    }
-                }
+                })
             }
         }
     }
+
+    /// Hand decoder output to the pipeline, waiting while the read channel is full (a source
+    /// that can be paused). Returns false once the pipeline is gone.
+    pub async fn push(&self, d: Decoded) -> bool {
+        if !self.can_wait {
+            return self.offer(d);
+        }
+        let Some(r) = self.read_of(d) else {
+            return true;
+        };
+        match self.tx.try_send(r) {
+            Ok(()) => {
+                self.wake_if_high();
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(r)) => {
+                self.wake.notify_one();
+                self.tx.send(r).await.is_ok()
+            }
+        }
+    }
+
+    /// Hand decoder output to the pipeline without waiting (any thread): when the read channel
+    /// is full the read is dropped and counted. Returns false once the pipeline is gone.
+    pub fn offer(&self, d: Decoded) -> bool {
+        let Some(r) = self.read_of(d) else {
+            return true;
+        };
+        match self.tx.try_send(r) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics.count_drop("pipeline_full", 1);
+                self.wake.notify_one();
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// After handing over a burst: wake the ingest stage if a group's worth of reads waits.
+    pub fn wake_if_high(&self) {
+        if self.tx.max_capacity() - self.tx.capacity() >= self.high_water {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// Asks a source thread to stop; dropping it asks too.
+pub struct Stop(std::sync::mpsc::Sender<()>);
+
+/// The source thread's side of [`Stop`]: an interruptible pause.
+pub struct Stopped(std::sync::mpsc::Receiver<()>);
+
+impl Stop {
+    pub fn new() -> (Stop, Stopped) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        (Stop(tx), Stopped(rx))
+    }
+
+    pub fn stop(self) {
+        let _ = self.0.send(());
+    }
+}
+
+impl Stopped {
+    /// Pause for `d`; true if a stop was asked for (now or during the pause).
+    pub fn wait(&self, d: Duration) -> bool {
+        !matches!(
+            self.0.recv_timeout(d),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        )
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        !matches!(self.0.try_recv(), Err(std::sync::mpsc::TryRecvError::Empty))
+    }
+}
+
+/// The pipeline's input, shared by every source.
+#[derive(Clone)]
+pub struct Pipe {
+    pub tx: mpsc::Sender<SourceRead>,
+    pub wake: Arc<Notify>,
+    pub high_water: usize,
+    pub read_coalesce: Duration,
 }
 
 /// Run one source until `shutdown` (or, for a replay, until the capture is played).
 pub async fn run(
     index: usize,
     cfg: SourceConfig,
-    tx: mpsc::Sender<SourceRead>,
+    pipe: Pipe,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let feed = Feed {
         source: index,
         name: Arc::from(cfg.name.as_str()),
-        tx,
+        tx: pipe.tx,
         metrics,
         can_wait: matches!(cfg.kind, SourceKind::Replay { .. }),
+        wake: pipe.wake,
+        high_water: pipe.high_water,
+        read_coalesce: pipe.read_coalesce,
     };
     match &cfg.kind {
         SourceKind::Serial { path, baud } => serial::run(&cfg, path, *baud, feed, shutdown).await,

@@ -1,29 +1,35 @@
-//! `kind = "serial"`: a UART (or USB serial adapter) through tokio-serial.
+//! `kind = "serial"`: a UART (or USB serial adapter), opened through tokio-serial.
 //!
-//! Reads into a buffer and decodes; never waits on the pipeline (see `Feed`). On open failure,
-//! error or EOF (unplug) it closes the port, sleeps a backoff step and reopens: no reconnect
-//! storms. Full port settings and init bytes come with the serial-protocols work.
+//! The port is read on a thread of its own with blocking reads, not on the async runtime:
+//! an async tty wakes the poller on every write the device makes (hundreds of small writes
+//! per second from a busy reader), each wake-up costing a context switch on a small box. The
+//! thread instead reads whatever the tty has buffered, then pauses for `Feed::read_coalesce`
+//! (a few ms) so the kernel collects the next bytes; a read of at least [`STREAMING_READ`]
+//! bytes means data is streaming and the next read follows at once. The kernel's tty buffer
+//! holds 4 KiB, over 40 ms even at 921,600 baud, so the pause can never overflow it.
+//!
+//! Never waits on the pipeline (see [`Feed::offer`]). On open failure, error or EOF (unplug)
+//! it closes the port, waits a backoff step and reopens: no reconnect storms. Full port
+//! settings and init bytes come with the serial-protocols work.
 
-use super::Feed;
+use super::{Feed, Stop};
 use crate::config::SourceConfig;
 use bytes::BytesMut;
+use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
-use tokio_serial::SerialPortBuilderExt;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
 const REOPEN_MIN: Duration = Duration::from_millis(200);
-/// After a short read, wait this long before reading again so that one read (and one wake-up
-/// of the pipeline) carries several frames. The kernel's tty buffer (4 KiB) takes over 40 ms to
-/// fill even at 921,600 baud, so this can never cause an overflow; it adds at most this much
-/// latency to a read.
-const READ_COALESCE: Duration = Duration::from_millis(2);
-/// A read at least this large means data is streaming: read again at once.
-const STREAMING_READ: usize = 2048;
 const REOPEN_MAX: Duration = Duration::from_secs(10);
+/// A read at least this large means data is streaming: read again at once.
+pub const STREAMING_READ: usize = 2048;
+/// How long one blocking read waits for data before looking for a stop request.
+const POLL: Duration = Duration::from_millis(250);
+const READ_SIZE: usize = 16 * 1024;
 
+/// Run the source until `shutdown`: the port is served by a thread named after the source.
 pub async fn run(
     cfg: &SourceConfig,
     path: &Path,
@@ -31,60 +37,96 @@ pub async fn run(
     feed: Feed,
     shutdown: CancellationToken,
 ) {
+    let (stop, stopped) = Stop::new();
+    let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
+    let name = cfg.name.clone();
+    let protocol = cfg.protocol;
+    let path = path.to_path_buf();
+    let spawned = std::thread::Builder::new()
+        .name(format!("serial:{name}"))
+        .spawn(move || {
+            serve(&name, &path, baud, protocol, &feed, &stopped);
+            let _ = done_tx.send(());
+        });
+    if let Err(e) = spawned {
+        tracing::error!(source = %cfg.name, error = %e, "Cannot start the serial reader thread");
+        return;
+    }
+    let mut done = done;
+    tokio::select! {
+        _ = shutdown.cancelled() => { stop.stop(); let _ = done.await; }
+        _ = &mut done => {}
+    }
+}
+
+/// The reader thread: open, read, decode, hand over; reopen with backoff; until stopped.
+fn serve(
+    name: &str,
+    path: &Path,
+    baud: u32,
+    protocol: crate::config::ProtocolKind,
+    feed: &Feed,
+    stopped: &super::Stopped,
+) {
     let mut delay = REOPEN_MIN;
     let mut last_error: Option<String> = None;
-    loop {
-        if shutdown.is_cancelled() {
-            return;
-        }
-        match tokio_serial::new(path.to_string_lossy(), baud).open_native_async() {
+    let mut chunk = vec![0u8; READ_SIZE];
+    while !stopped.is_stopped() {
+        let opened = tokio_serial::new(path.to_string_lossy(), baud)
+            .timeout(POLL)
+            .open_native();
+        match opened {
             Ok(mut port) => {
-                tracing::info!(source = %cfg.name, path = %path.display(), baud, "Serial port open");
+                tracing::info!(source = %name, path = %path.display(), baud, "Serial port open");
                 feed.metrics.sources_connected.add(1);
                 last_error = None;
                 delay = REOPEN_MIN;
-                let mut decoder = crate::protocol::Protocol::new(cfg.protocol);
-                let mut buf = BytesMut::with_capacity(8192);
+                let mut decoder = crate::protocol::Protocol::new(protocol);
+                let mut buf = BytesMut::with_capacity(READ_SIZE);
                 let reason = loop {
-                    if buf.capacity() - buf.len() < 1024 {
-                        buf.reserve(8192);
+                    if stopped.is_stopped() {
+                        feed.metrics.sources_connected.sub(1);
+                        return;
                     }
-                    let n = tokio::select! {
-                        r = port.read_buf(&mut buf) => r,
-                        _ = shutdown.cancelled() => { feed.metrics.sources_connected.sub(1); return; }
-                    };
-                    match n {
+                    match port.read(&mut chunk) {
                         Ok(0) => break "end of file (device gone?)".to_string(),
                         Ok(n) => {
                             feed.metrics.frames_in.inc();
                             feed.metrics.bytes_in.add(n as u64);
+                            buf.extend_from_slice(&chunk[..n]);
                             while let Ok(Some(d)) = decoder.decode(&mut buf) {
-                                if !feed.push(d).await {
+                                if !feed.offer(d) {
                                     feed.metrics.sources_connected.sub(1);
                                     return;
                                 }
                             }
-                            if n < STREAMING_READ {
-                                tokio::time::sleep(READ_COALESCE).await;
+                            feed.wake_if_high();
+                            if n < STREAMING_READ && stopped.wait(feed.read_coalesce) {
+                                feed.metrics.sources_connected.sub(1);
+                                return;
                             }
                         }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
+                            ) => {}
                         Err(e) => break e.to_string(),
                     }
                 };
                 feed.metrics.sources_connected.sub(1);
-                tracing::warn!(source = %cfg.name, path = %path.display(), reason = %reason, "Serial port closed; reopening");
+                tracing::warn!(source = %name, path = %path.display(), reason = %reason, "Serial port closed; reopening");
             }
             Err(e) => {
                 let msg = e.to_string();
                 if last_error.as_deref() != Some(msg.as_str()) {
-                    tracing::warn!(source = %cfg.name, path = %path.display(), error = %msg, "Cannot open serial port; retrying with backoff");
+                    tracing::warn!(source = %name, path = %path.display(), error = %msg, "Cannot open serial port; retrying with backoff");
                     last_error = Some(msg);
                 }
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.cancelled() => return,
+        if stopped.wait(delay) {
+            return;
         }
         delay = (delay * 2).min(REOPEN_MAX);
     }

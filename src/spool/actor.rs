@@ -82,6 +82,7 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
     let (committed_tx, committed) = watch::channel(head);
     let join = std::thread::Builder::new().name("spool".into()).spawn(move || {
         let mut pending: Option<Cmd> = None;
+        let mut refusing = false;
         loop {
             let cmd = match pending.take() {
                 Some(c) => c,
@@ -107,7 +108,11 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
                             Err(_) => break,
                         }
                     }
+                    let total = bodies.len() as u64;
                     let result = spool.append(bodies, wall_now_ms());
+                    if replies.iter().any(|(r, _)| r.is_none()) {
+                        report_detached(&spool, &result, total, &mut refusing);
+                    }
                     match result {
                         Ok(r) => {
                             let _ = committed_tx.send(r.chunk);
@@ -159,6 +164,44 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
     Ok((SpoolHandle { tx, committed }, join))
 }
 
+/// The outcome of a commit nobody waits for (the ingest stage's groups): counted and logged
+/// here, once per change of state.
+fn report_detached(
+    spool: &Spool,
+    result: &Result<AppendResult, SpoolError>,
+    n: u64,
+    refusing: &mut bool,
+) {
+    let metrics = &spool.metrics;
+    match result {
+        Ok(_) => {
+            if std::mem::take(refusing) {
+                metrics.spool_disk_full.set(0);
+                tracing::info!("Spool is accepting events again");
+            }
+        }
+        Err(SpoolError::Full { max_bytes }) => {
+            if !std::mem::replace(refusing, true) {
+                tracing::error!(max_bytes, "Spool full with when_full = \"reject\": new reads are dropped until the upstream drains it");
+            }
+        }
+        Err(SpoolError::DiskFull) => {
+            metrics.count_drop("disk_full", n);
+            metrics.spool_disk_full.set(1);
+            if !std::mem::replace(refusing, true) {
+                tracing::error!(
+                    events = n,
+                    "Disk full: reads are dropped until space is freed"
+                );
+            }
+        }
+        Err(e) => {
+            metrics.count_drop("spool_error", n);
+            tracing::error!(error = %e, events = n, "Spool commit failed; reads dropped");
+        }
+    }
+}
+
 impl SpoolHandle {
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, HandleError> {
         let (reply, rx) = oneshot::channel();
@@ -178,20 +221,17 @@ impl SpoolHandle {
         .await
     }
 
-    /// Queue a group for commit and return a receiver for the outcome, without waiting for it.
-    pub async fn append_nowait(
-        &self,
-        bodies: Vec<EventBody>,
-    ) -> Result<oneshot::Receiver<Result<AppendResult, SpoolError>>, HandleError> {
-        let (reply, rx) = oneshot::channel();
+    /// Queue a group for commit without waiting for it; the spool thread counts and logs the
+    /// outcome (refused for a full spool or disk: `scangate_dropped_total`, one log line per
+    /// change of state). Waits only while the command queue is full.
+    pub async fn append_detached(&self, bodies: Vec<EventBody>) -> Result<(), HandleError> {
         self.tx
             .send(Cmd::Append {
                 bodies,
-                reply: Some(reply),
+                reply: None,
             })
             .await
-            .map_err(|_| HandleError::Closed)?;
-        Ok(rx)
+            .map_err(|_| HandleError::Closed)
     }
 
     pub async fn read_after(

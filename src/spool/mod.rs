@@ -183,12 +183,13 @@ fn meta_get<T: rusqlite::types::FromSql>(
     conn: &Connection,
     key: &str,
 ) -> rusqlite::Result<Option<T>> {
-    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+    conn.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
         .optional()
 }
 
 fn meta_set(conn: &Connection, key: &str, value: impl rusqlite::ToSql) -> rusqlite::Result<()> {
-    conn.execute("INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value", params![key, value])?;
+    conn.prepare_cached("INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?.execute(params![key, value])?;
     Ok(())
 }
 
@@ -196,6 +197,21 @@ enum Check {
     Healthy,
     /// Not a database, or damaged: move it aside.
     Corrupt(String),
+}
+
+/// Take the one-process-per-state-dir lock. A process that forked a moment ago (any
+/// `Command::spawn` in this or a previous owner) holds a copy of the descriptor until its exec
+/// closes it, so a refusal is retried for up to half a second before it means "another
+/// scangate runs here".
+fn take_lock(lock: &std::fs::File) -> bool {
+    for _ in 0..50 {
+        if lock.try_lock().is_ok() {
+            return true;
+        }
+        #[allow(clippy::disallowed_methods)] // a bounded pause between lock attempts
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    false
 }
 
 /// Check an existing file. Only SQLite's own verdict (not a database, corrupt, or a failed
@@ -244,7 +260,7 @@ impl Spool {
                 path: state_dir.to_path_buf(),
                 source,
             })?;
-        if lock.try_lock().is_err() {
+        if !take_lock(&lock) {
             return Err(SpoolError::Locked {
                 path: state_dir.to_path_buf(),
             });
@@ -281,6 +297,8 @@ impl Spool {
             path: path.clone(),
             source,
         })?;
+        // Every statement on the hot path is prepared once (`prepare_cached`).
+        conn.set_prepared_statement_cache_capacity(48);
         let open_err = |source| SpoolError::Open {
             path: path.clone(),
             source,
@@ -332,9 +350,12 @@ impl Spool {
         }
         let salt = meta_get::<i64>(&conn, "salt")?.unwrap_or(0) as u64;
         let next_seq = meta_get::<i64>(&conn, "next_seq")?.unwrap_or(1) as u64;
-        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-        let max_id: i64 =
-            conn.query_row("SELECT COALESCE(MAX(id), 0) FROM chunks", [], |r| r.get(0))?;
+        let page_size: i64 = conn
+            .prepare_cached("PRAGMA page_size")?
+            .query_row([], |r| r.get(0))?;
+        let max_id: i64 = conn
+            .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM chunks")?
+            .query_row([], |r| r.get(0))?;
         let next_chunk = meta_get::<i64>(&conn, "next_chunk")?
             .unwrap_or(1)
             .max(max_id + 1);
@@ -420,10 +441,14 @@ impl Spool {
     }
 
     fn refresh_used(&mut self) -> rusqlite::Result<()> {
-        let pages: i64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let pages: i64 = self
+            .conn
+            .prepare_cached("PRAGMA page_count")?
+            .query_row([], |r| r.get(0))?;
         let free: i64 = self
             .conn
-            .query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+            .prepare_cached("PRAGMA freelist_count")?
+            .query_row([], |r| r.get(0))?;
         self.used_bytes = (pages - free).max(0) as u64 * self.page_size;
         self.metrics.spool_used_bytes.set(self.used_bytes);
         Ok(())
@@ -545,13 +570,14 @@ impl Spool {
     ) -> Result<i64, SpoolError> {
         let id = self.next_chunk;
         let tx = self.conn.transaction().map_err(classify)?;
-        tx.execute("INSERT INTO chunks(id, first_seq, count, created_ms, data) VALUES (?1, ?2, ?3, ?4, ?5)", params![id, first_seq as i64, count as i64, created_ms, blob])
+        tx.prepare_cached("INSERT INTO chunks(id, first_seq, count, created_ms, data) VALUES (?1, ?2, ?3, ?4, ?5)")?.execute(params![id, first_seq as i64, count as i64, created_ms, blob])
             .map_err(classify)?;
         // Both counters sit in the small meta table: one page rewritten per commit.
         meta_set(&tx, "next_chunk", id + 1).map_err(classify)?;
         meta_set(&tx, "next_seq", next_seq as i64).map_err(classify)?;
         for dl in requeued {
-            tx.execute("DELETE FROM dead_letters WHERE id = ?1", [dl])
+            tx.prepare_cached("DELETE FROM dead_letters WHERE id = ?1")?
+                .execute([dl])
                 .map_err(classify)?;
         }
         tx.commit().map_err(classify)?;
@@ -579,9 +605,11 @@ impl Spool {
             }
             drop(rows);
             for id in victims {
-                tx.execute("DELETE FROM chunks WHERE id = ?1", [id])
+                tx.prepare_cached("DELETE FROM chunks WHERE id = ?1")?
+                    .execute([id])
                     .map_err(classify)?;
-                tx.execute("DELETE FROM chunk_done WHERE chunk_id = ?1", [id])
+                tx.prepare_cached("DELETE FROM chunk_done WHERE chunk_id = ?1")?
+                    .execute([id])
                     .map_err(classify)?;
             }
         }
@@ -604,11 +632,8 @@ impl Spool {
         if self.cache.as_ref().map(|c| c.id) != Some(id) {
             let row: Option<(i64, i64, Vec<u8>)> = self
                 .conn
-                .query_row(
-                    "SELECT first_seq, created_ms, data FROM chunks WHERE id = ?1",
-                    [id],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
+                .prepare_cached("SELECT first_seq, created_ms, data FROM chunks WHERE id = ?1")?
+                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .optional()?;
             let Some((first_seq, created_ms, blob)) = row else {
                 return Ok(None);
@@ -640,18 +665,19 @@ impl Spool {
         blob: &[u8],
         reason: &str,
     ) -> Result<(), SpoolError> {
-        let count: i64 =
-            self.conn
-                .query_row("SELECT count FROM chunks WHERE id = ?1", [id], |r| r.get(0))?;
+        let count: i64 = self
+            .conn
+            .prepare_cached("SELECT count FROM chunks WHERE id = ?1")?
+            .query_row([id], |r| r.get(0))?;
         let tx = self.conn.transaction().map_err(classify)?;
-        tx.execute(
-            "INSERT INTO dead_letters(seq, event_id, committed_ms, failed_ms, status, reason, body) VALUES (?1, '', ?2, ?3, NULL, ?4, ?5)",
-            params![first_seq, created_ms, crate::event::wall_now_ms(), format!("corrupt chunk ({count} events): {reason}"), blob],
+        tx.prepare_cached("INSERT INTO dead_letters(seq, event_id, committed_ms, failed_ms, status, reason, body) VALUES (?1, '', ?2, ?3, NULL, ?4, ?5)")?.execute(params![first_seq, created_ms, crate::event::wall_now_ms(), format!("corrupt chunk ({count} events): {reason}"), blob],
         )
         .map_err(classify)?;
-        tx.execute("DELETE FROM chunks WHERE id = ?1", [id])
+        tx.prepare_cached("DELETE FROM chunks WHERE id = ?1")?
+            .execute([id])
             .map_err(classify)?;
-        tx.execute("DELETE FROM chunk_done WHERE chunk_id = ?1", [id])
+        tx.prepare_cached("DELETE FROM chunk_done WHERE chunk_id = ?1")?
+            .execute([id])
             .map_err(classify)?;
         tx.commit().map_err(classify)?;
         self.metrics.spool_corrupt_chunks.inc();
@@ -662,11 +688,8 @@ impl Spool {
     fn done_bits(&self, chunk: i64) -> rusqlite::Result<Vec<u8>> {
         Ok(self
             .conn
-            .query_row(
-                "SELECT bits FROM chunk_done WHERE chunk_id = ?1",
-                [chunk],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT bits FROM chunk_done WHERE chunk_id = ?1")?
+            .query_row([chunk], |r| r.get(0))
             .optional()?
             .unwrap_or_default())
     }
@@ -687,11 +710,8 @@ impl Spool {
                 Some(next_id)
             } else {
                 self.conn
-                    .query_row(
-                        "SELECT id FROM chunks WHERE id >= ?1 ORDER BY id LIMIT 1",
-                        [next_id],
-                        |r| r.get(0),
-                    )
+                    .prepare_cached("SELECT id FROM chunks WHERE id >= ?1 ORDER BY id LIMIT 1")?
+                    .query_row([next_id], |r| r.get(0))
                     .optional()?
             };
             let start_idx = if first {
@@ -739,7 +759,8 @@ impl Spool {
     /// Id of the newest chunk (0 when empty).
     pub fn head_chunk(&self) -> rusqlite::Result<i64> {
         self.conn
-            .query_row("SELECT COALESCE(MAX(id), 0) FROM chunks", [], |r| r.get(0))
+            .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM chunks")?
+            .query_row([], |r| r.get(0))
     }
 
     /// Mark events delivered; chunks whose events are all done are deleted.
@@ -801,7 +822,8 @@ impl Spool {
         if let Some(c) = &self.cache {
             let exists: Option<i64> = self
                 .conn
-                .query_row("SELECT id FROM chunks WHERE id = ?1", [c.id], |r| r.get(0))
+                .prepare_cached("SELECT id FROM chunks WHERE id = ?1")?
+                .query_row([c.id], |r| r.get(0))
                 .optional()?;
             if exists.is_none() {
                 self.cache = None;
@@ -824,10 +846,8 @@ impl Spool {
                 meta_set(&tx, "last_error_ms", now_ms)?;
             }
             None => {
-                tx.execute(
-                    "DELETE FROM meta WHERE key IN ('last_error', 'last_error_ms')",
-                    [],
-                )?;
+                tx.prepare_cached("DELETE FROM meta WHERE key IN ('last_error', 'last_error_ms')")?
+                    .execute([])?;
             }
         }
         tx.commit().map_err(classify)?;
@@ -898,18 +918,14 @@ fn mark_done(tx: &rusqlite::Transaction<'_>, locs: &[Loc]) -> Result<u64, SpoolE
             j += 1;
         }
         let count: Option<i64> = tx
-            .query_row("SELECT count FROM chunks WHERE id = ?1", [chunk], |r| {
-                r.get(0)
-            })
+            .prepare_cached("SELECT count FROM chunks WHERE id = ?1")?
+            .query_row([chunk], |r| r.get(0))
             .optional()?;
         if let Some(count) = count {
             let count = count as usize;
             let mut bits: Vec<u8> = tx
-                .query_row(
-                    "SELECT bits FROM chunk_done WHERE chunk_id = ?1",
-                    [chunk],
-                    |r| r.get(0),
-                )
+                .prepare_cached("SELECT bits FROM chunk_done WHERE chunk_id = ?1")?
+                .query_row([chunk], |r| r.get(0))
                 .optional()?
                 .unwrap_or_default();
             bits.resize(count.div_ceil(8), 0);
@@ -922,14 +938,14 @@ fn mark_done(tx: &rusqlite::Transaction<'_>, locs: &[Loc]) -> Result<u64, SpoolE
             }
             let done = (0..count).filter(|&k| bit(&bits, k)).count();
             if done == count {
-                tx.execute("DELETE FROM chunks WHERE id = ?1", [chunk])
+                tx.prepare_cached("DELETE FROM chunks WHERE id = ?1")?
+                    .execute([chunk])
                     .map_err(classify)?;
-                tx.execute("DELETE FROM chunk_done WHERE chunk_id = ?1", [chunk])
+                tx.prepare_cached("DELETE FROM chunk_done WHERE chunk_id = ?1")?
+                    .execute([chunk])
                     .map_err(classify)?;
             } else {
-                tx.execute(
-                    "INSERT INTO chunk_done(chunk_id, bits, done) VALUES (?1, ?2, ?3) ON CONFLICT(chunk_id) DO UPDATE SET bits = excluded.bits, done = excluded.done",
-                    params![chunk, bits, done as i64],
+                tx.prepare_cached("INSERT INTO chunk_done(chunk_id, bits, done) VALUES (?1, ?2, ?3) ON CONFLICT(chunk_id) DO UPDATE SET bits = excluded.bits, done = excluded.done")?.execute(params![chunk, bits, done as i64],
                 )
                 .map_err(classify)?;
             }
@@ -968,21 +984,28 @@ fn migrate_to_1(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 pub fn backlog_of(conn: &Connection) -> rusqlite::Result<u64> {
-    let n: i64 = conn.query_row("SELECT COALESCE(SUM(c.count - COALESCE(d.done, 0)), 0) FROM chunks c LEFT JOIN chunk_done d ON d.chunk_id = c.id", [], |r| r.get(0))?;
+    let n: i64 = conn.prepare_cached("SELECT COALESCE(SUM(c.count - COALESCE(d.done, 0)), 0) FROM chunks c LEFT JOIN chunk_done d ON d.chunk_id = c.id")?.query_row([], |r| r.get(0))?;
     Ok(n.max(0) as u64)
 }
 
 /// Statistics from any connection (the daemon's, or a read-only one for `scangate status`).
 pub fn stats_of(conn: &Connection) -> Result<Stats, SpoolError> {
     let backlog = backlog_of(conn)?;
-    let (chunks, oldest): (i64, Option<i64>) =
-        conn.query_row("SELECT COUNT(*), MIN(created_ms) FROM chunks", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
-    let dead: i64 = conn.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))?;
-    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    let (chunks, oldest): (i64, Option<i64>) = conn
+        .prepare_cached("SELECT COUNT(*), MIN(created_ms) FROM chunks")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let dead: i64 = conn
+        .prepare_cached("SELECT COUNT(*) FROM dead_letters")?
+        .query_row([], |r| r.get(0))?;
+    let page_size: i64 = conn
+        .prepare_cached("PRAGMA page_size")?
+        .query_row([], |r| r.get(0))?;
+    let pages: i64 = conn
+        .prepare_cached("PRAGMA page_count")?
+        .query_row([], |r| r.get(0))?;
+    let free: i64 = conn
+        .prepare_cached("PRAGMA freelist_count")?
+        .query_row([], |r| r.get(0))?;
     Ok(Stats {
         backlog,
         chunks: chunks as u64,
