@@ -520,8 +520,11 @@ fn main() {
         if want("rate") {
             println!("\n## 5,000 frames/s for 20 s (pty → spool sync=full → gzip-1 HTTP), by commit interval");
             let intervals: Vec<u64> = std::env::var("BENCH_INTERVALS").ok().map(|v| v.split(",").filter_map(|x| x.parse().ok()).collect()).unwrap_or(vec![10, 50, 100, 250]);
+            // BENCH_SPOOL / BENCH_UPSTREAM: extra config lines for exploring (e.g. sync = "normal").
+            let spool_extra = std::env::var("BENCH_SPOOL").unwrap_or_default();
+            let up_extra = std::env::var("BENCH_UPSTREAM").unwrap_or_default();
             for ms in intervals {
-                through(&format!("commit_interval_ms = {ms}"), 100_000, 5000, &format!("commit_interval_ms = {ms}"), "").await;
+                through(&format!("commit_interval_ms = {ms} {spool_extra} {up_extra}"), 100_000, 5000, &format!("commit_interval_ms = {ms}\n{spool_extra}"), &up_extra).await;
             }
         }
         if want("full") {

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub reads_in: Counter,
     pub spool_committed: Counter,
     pub spool_commits: Counter,
+    /// Events the forwarder took straight from a commit, without reading the spool back.
+    pub forward_handoff: Counter,
     pub spool_backlog: Gauge,
     pub spool_used_bytes: Gauge,
     pub spool_corrupt_incidents: Counter,
@@ -126,6 +128,12 @@ impl Metrics {
             "counter",
             "Spool transactions (group commits).",
             self.spool_commits.get(),
+        );
+        line(
+            "forward_handoff_events_total",
+            "counter",
+            "Events forwarded straight from their commit, without reading the spool back.",
+            self.forward_handoff.get(),
         );
         line(
             "spool_backlog_events",

@@ -422,3 +422,58 @@ async fn https_upstream_with_a_private_ca_needs_ca_file_and_loses_nothing_withou
     assert_eq!(rig.backlog().await, 0);
     rig.shutdown().await;
 }
+
+/// Commits of uneven sizes, some while the forwarder is caught up (handed over straight from
+/// the commit, also split across batches) and some in bursts (read back from the spool), are
+/// each delivered once, in commit order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handed_over_and_read_back_events_are_delivered_once_in_order() {
+    let ingest = Ingest::start().await;
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| config(d, &url, "bag-events", "batch_max_events = 50")).await;
+    let mut x: u32 = 7;
+    let mut total = 0usize;
+    let mut want = Vec::new();
+    for round in 0..90 {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        // Mostly chunks that fit a batch (handed over, often split across two batches when
+        // two arrive back to back); every fifth a burst larger than a batch (read back).
+        let n = if round % 5 == 4 {
+            51 + (x >> 16) as usize % 70
+        } else {
+            1 + (x >> 16) as usize % 50
+        };
+        let bodies = (0..n)
+            .map(|j| {
+                let tag = format!("r{round}-{j}");
+                want.push(tag.clone());
+                common::body(&tag, 1_763_289_000_000 + j as i64)
+            })
+            .collect();
+        rig.spool.append(bodies).await.expect("append");
+        total += n;
+        if round % 2 == 1 {
+            // Let the forwarder catch up: the next two commits follow it closely.
+            wait_until("caught up", T, || ingest.unique() == total).await;
+        }
+    }
+    wait_until("all delivered", T, || ingest.unique() == total).await;
+    wait_until("backlog empty", T, || rig.metrics.spool_backlog.get() == 0).await;
+    assert_eq!(rig.backlog().await, 0);
+    ingest.with(|s| {
+        assert_eq!(s.duplicates, 0);
+        let tags: Vec<String> = s
+            .events
+            .iter()
+            .map(|e| e["bag_id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(tags, want, "fifo order across hand-over and read-back");
+        assert!(s.requests.iter().all(|r| r.events <= 50));
+    });
+    let handed = rig.metrics.forward_handoff.get() as usize;
+    assert!(
+        handed > 0 && handed < total,
+        "both paths used: {handed} of {total} handed over"
+    );
+    rig.shutdown().await;
+}

@@ -478,3 +478,21 @@ fn a_second_user_of_the_same_state_dir_is_refused_and_nothing_is_moved_aside() {
     // Released with the first owner (also on kill -9: the kernel drops the lock).
     assert!(Spool::open(dir.path(), opts(), Arc::new(Metrics::default())).is_ok());
 }
+
+#[test]
+fn events_returned_by_a_commit_are_exactly_what_reading_back_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sp = open(dir.path());
+    sp.append(vec![body("before", 1)], 5).unwrap();
+    let (r, fresh) = sp
+        .append_events(
+            (0..40).map(|i| body(&format!("t{i}"), i)).collect(),
+            1_763_289_000_123,
+        )
+        .unwrap();
+    assert_eq!(fresh.len(), 40);
+    assert_eq!(fresh[0].seq, r.first_seq);
+    let first = sp.read_after(None, 0, 1).unwrap();
+    let back = sp.read_after(Some(first[0].loc), 0, 100).unwrap();
+    assert_eq!(back, fresh);
+}

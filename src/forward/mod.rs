@@ -221,6 +221,8 @@ impl Forwarder {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut committed = self.spool.committed();
         let mut cursor: Option<Loc> = None;
+        // The exact next event when everything before it has been read (see `Handoff`).
+        let mut next_fresh: Option<Loc> = None;
         let mut backlog_cursor: Option<Loc> = None;
         let mut tokens: f64 = 0.0;
         let mut last_refill = Instant::now();
@@ -238,13 +240,41 @@ impl Forwarder {
             } else {
                 0
             };
-            if pending.len() < max {
-                match self
-                    .spool
-                    .read_after(cursor, floor, max - pending.len())
-                    .await
-                {
-                    Ok(more) => {
+            let room = max - pending.len().min(max);
+            // Nothing committed since everything was read: no need to ask the spool.
+            let head = *committed.borrow_and_update();
+            let nothing_new = next_fresh.is_some_and(|n| n.idx == 0 && head < n.chunk);
+            let fresh = next_fresh
+                .filter(|_| !nothing_new)
+                .and_then(|n| self.spool.take_fresh(n, room));
+            if let Some((more, whole_chunk)) = fresh {
+                // Handed over by the spool thread: exactly the events that follow the cursor.
+                if let Some(last) = more.last().map(|e| e.loc) {
+                    cursor = Some(last);
+                    next_fresh = Some(if whole_chunk {
+                        Loc {
+                            chunk: last.chunk + 1,
+                            idx: 0,
+                        }
+                    } else {
+                        Loc {
+                            chunk: last.chunk,
+                            idx: last.idx + 1,
+                        }
+                    });
+                }
+                self.spool.want_fresh(next_fresh, max);
+                self.metrics.forward_handoff.add(more.len() as u64);
+                pending.extend(more);
+            } else if room > 0 && !nothing_new {
+                match self.spool.read_after_head(cursor, floor, room).await {
+                    Ok((more, head)) => {
+                        // Fewer than asked: everything committed up to `head` has been read.
+                        next_fresh = (more.len() < room).then_some(Loc {
+                            chunk: head + 1,
+                            idx: 0,
+                        });
+                        self.spool.want_fresh(next_fresh, max);
                         if let Some(last) = more.last() {
                             cursor = Some(last.loc);
                         }

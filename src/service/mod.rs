@@ -13,6 +13,9 @@ use tokio_util::sync::CancellationToken;
 ///   the kernel when freed, instead of staying in an arena (glibc's default threshold grows
 ///   after the first such free and then keeps them).
 pub fn tune_allocator() {
+    if std::env::var_os("SCANGATE_EXP_NO_MALLOPT").is_some() {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; it is called before other threads
     // exist (the runtime is not built yet), and invalid values are rejected by glibc (ignored).

@@ -7,7 +7,34 @@
 
 use super::{AppendResult, DeadLetter, Spool, SpoolError, Stats};
 use crate::event::{wall_now_ms, EventBody, Loc, SpooledEvent};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, watch};
+
+/// Freshly committed events handed from the spool thread straight to a forwarder that has
+/// read everything before them, so the steady state never reads a chunk back (no read
+/// transaction, no decompression, no decoding). Only an optimisation: whenever the slot does
+/// not hold exactly the events the forwarder needs next, it reads from the spool as usual.
+/// At most one chunk is held, and only chunks no larger than one batch.
+#[derive(Default)]
+pub struct Handoff {
+    slot: Mutex<Option<Vec<SpooledEvent>>>,
+    /// The chunk id the forwarder needs next from its start, or -1 when it is behind.
+    wants_chunk: AtomicI64,
+    max_events: AtomicUsize,
+}
+
+impl Handoff {
+    /// Called by the spool thread after committing `events` (one chunk).
+    fn offer(&self, events: Vec<SpooledEvent>) {
+        let wanted = events.first().is_some_and(|e| {
+            e.loc.chunk == self.wants_chunk.load(Ordering::Acquire)
+                && events.len() <= self.max_events.load(Ordering::Relaxed)
+        });
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = wanted.then_some(events);
+    }
+}
 
 /// Capacity of the command channel. Appends are whole groups, so 4 is plenty of slack; when it
 /// is full the group timer's task waits, and its own bounded input absorbs the burst.
@@ -24,7 +51,7 @@ pub enum Cmd {
         after: Option<Loc>,
         min_chunk: i64,
         max: usize,
-        reply: Reply<Vec<SpooledEvent>>,
+        reply: Reply<(Vec<SpooledEvent>, i64)>,
     },
     Ack {
         locs: Vec<Loc>,
@@ -53,6 +80,7 @@ pub enum Cmd {
 pub struct SpoolHandle {
     tx: mpsc::Sender<Cmd>,
     committed: watch::Receiver<i64>,
+    handoff: Arc<Handoff>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +108,11 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
     let (tx, mut rx) = mpsc::channel::<Cmd>(COMMAND_CAPACITY);
     let head = spool.head_chunk().unwrap_or(0);
     let (committed_tx, committed) = watch::channel(head);
+    let handoff = Arc::new(Handoff {
+        wants_chunk: AtomicI64::new(-1),
+        ..Default::default()
+    });
+    let offer = handoff.clone();
     let join = std::thread::Builder::new().name("spool".into()).spawn(move || {
         let mut pending: Option<Cmd> = None;
         let mut refusing = false;
@@ -109,7 +142,13 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
                         }
                     }
                     let total = bodies.len() as u64;
-                    let result = spool.append(bodies, wall_now_ms());
+                    let result = match spool.append_events(bodies, wall_now_ms()) {
+                        Ok((r, events)) => {
+                            offer.offer(events);
+                            Ok(r)
+                        }
+                        Err(e) => Err(e),
+                    };
                     if replies.iter().any(|(r, _)| r.is_none()) {
                         report_detached(&spool, &result, total, &mut refusing);
                     }
@@ -135,7 +174,8 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
                     }
                 }
                 Cmd::Read { after, min_chunk, max, reply } => {
-                    let _ = reply.send(spool.read_after(after, min_chunk, max));
+                    let head = spool.next_chunk - 1;
+                    let _ = reply.send(spool.read_after(after, min_chunk, max).map(|v| (v, head)));
                 }
                 Cmd::Ack { locs, reply } => {
                     let _ = reply.send(spool.ack(&locs, wall_now_ms()));
@@ -161,7 +201,14 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
         }
         tracing::debug!("Spool thread finished");
     })?;
-    Ok((SpoolHandle { tx, committed }, join))
+    Ok((
+        SpoolHandle {
+            tx,
+            committed,
+            handoff,
+        },
+        join,
+    ))
 }
 
 /// The outcome of a commit nobody waits for (the ingest stage's groups): counted and logged
@@ -240,6 +287,20 @@ impl SpoolHandle {
         min_chunk: i64,
         max: usize,
     ) -> Result<Vec<SpooledEvent>, HandleError> {
+        self.read_after_head(after, min_chunk, max)
+            .await
+            .map(|(v, _)| v)
+    }
+
+    /// [`SpoolHandle::read_after`], also returning the id of the newest committed chunk at the
+    /// time of the read: when fewer than `max` events come back, everything up to that chunk
+    /// has been read.
+    pub async fn read_after_head(
+        &self,
+        after: Option<Loc>,
+        min_chunk: i64,
+        max: usize,
+    ) -> Result<(Vec<SpooledEvent>, i64), HandleError> {
         self.call(|reply| Cmd::Read {
             after,
             min_chunk,
@@ -247,6 +308,33 @@ impl SpoolHandle {
             reply,
         })
         .await
+    }
+
+    /// Tell the spool thread which events the caller needs next: `Some(loc)` when it has read
+    /// everything before `loc` (then fresh commits starting there are handed over, up to
+    /// `max_events` per chunk), `None` when it is behind.
+    pub fn want_fresh(&self, next: Option<Loc>, max_events: usize) {
+        let chunk = match next {
+            Some(l) if l.idx == 0 => l.chunk,
+            _ => -1,
+        };
+        self.handoff.max_events.store(max_events, Ordering::Relaxed);
+        self.handoff.wants_chunk.store(chunk, Ordering::Release);
+    }
+
+    /// Take up to `room` handed-over events if they start exactly at `next`. The flag says
+    /// whether the rest of that chunk was taken too.
+    pub fn take_fresh(&self, next: Loc, room: usize) -> Option<(Vec<SpooledEvent>, bool)> {
+        let mut slot = self.handoff.slot.lock().unwrap_or_else(|p| p.into_inner());
+        let events = slot.as_mut()?;
+        if events.first().map(|e| e.loc) != Some(next) || room == 0 {
+            return None;
+        }
+        if events.len() <= room {
+            return slot.take().map(|v| (v, true));
+        }
+        let rest = events.split_off(room);
+        Some((std::mem::replace(events, rest), false))
     }
 
     pub async fn ack(&self, locs: Vec<Loc>) -> Result<(), HandleError> {
