@@ -155,7 +155,7 @@ fn bench_dir() -> tempfile::TempDir {
 }
 
 fn pty() -> (serialport::TTYPort, serialport::TTYPort, String) {
-    let (m, s) = serialport::TTYPort::pair().unwrap();
+    let (m, s) = daemon::pty_pair();
     let name = s.name().unwrap();
     (m, s, name)
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::daemon::{free_port, metric, write_config, Daemon};
+use common::daemon::{free_port, metric, pty_pair, write_config, Daemon};
 use common::ingest::{wait_until, Ingest};
 use serialport::SerialPort;
 use std::io::Write;
@@ -15,7 +15,7 @@ const T: Duration = Duration::from_secs(30);
 async fn serial_pty_lines_to_ingest_end_to_end_then_sigterm_exits_zero() {
     let ingest = Ingest::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let (mut master, slave) = serialport::TTYPort::pair().expect("a pseudo-terminal pair");
+    let (mut master, slave) = pty_pair();
     let slave_path = slave.name().expect("pty name");
     let admin = free_port();
     let sources = format!("[[source]]\nname = \"belt\"\nkind = \"serial\"\nprotocol = \"lines\"\npath = \"{slave_path}\"\nbaud = 115200\nlocation = \"PTY_BELT_1\"\nscan_type = \"sortation\"\n");
@@ -81,6 +81,72 @@ async fn serial_pty_lines_to_ingest_end_to_end_then_sigterm_exits_zero() {
         "SIGTERM must drain and exit 0: {status:?}\n{}",
         d.log_text()
     );
+    drop(slave);
+}
+
+/// Unplug and replug: the port's device goes away (its pseudo-terminal is closed) and comes
+/// back as a different device behind the same stable name (as `/dev/serial/by-id/…` links
+/// do). The source notices the hang-up, reopens with backoff, and reads from the new device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unplugged_serial_port_is_reopened_when_it_comes_back() {
+    let ingest = Ingest::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("ttyBELT");
+    let (mut master, slave) = pty_pair();
+    std::os::unix::fs::symlink(slave.name().unwrap(), &link).unwrap();
+    let admin = free_port();
+    let sources = format!(
+        "[[source]]\nname = \"belt\"\nkind = \"serial\"\nprotocol = \"lines\"\npath = \"{}\"\nbaud = 115200\n",
+        link.display()
+    );
+    let cfg = write_config(
+        dir.path(),
+        &dir.path().join("state"),
+        &sources,
+        &ingest.base_url(),
+        "",
+        Some(admin),
+    );
+    let mut d = Daemon::spawn(&cfg, &dir.path().join("log"));
+    let connected = |want: u64| async move {
+        for _ in 0..3000 {
+            if metric(admin, "scangate_sources_connected").await == Some(want) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    };
+    assert!(connected(1).await, "never opened; log:\n{}", d.log_text());
+    for i in 0..10 {
+        master
+            .write_all(format!("0125{i:06}\r\n").as_bytes())
+            .unwrap();
+    }
+    wait_until("first device's reads", T, || ingest.unique() == 10).await;
+
+    // Unplug.
+    drop(master);
+    drop(slave);
+    assert!(
+        connected(0).await,
+        "hang-up not noticed; log:\n{}",
+        d.log_text()
+    );
+    // Replug as another device under the same name.
+    let (mut master, slave) = pty_pair();
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(slave.name().unwrap(), &link).unwrap();
+    assert!(connected(1).await, "never reopened; log:\n{}", d.log_text());
+    for i in 10..20 {
+        master
+            .write_all(format!("0125{i:06}\r\n").as_bytes())
+            .unwrap();
+    }
+    wait_until("second device's reads", T, || ingest.unique() == 20).await;
+    assert!(d.log_text().contains("reopening"), "{}", d.log_text());
+    d.sigterm();
+    assert!(d.wait_exit(Duration::from_secs(15)).await.success());
     drop(slave);
 }
 

@@ -8,6 +8,11 @@
 //! bytes means data is streaming and the next read follows at once. The kernel's tty buffer
 //! holds 4 KiB, over 40 ms even at 921,600 baud, so the pause can never overflow it.
 //!
+//! Reads are plain `read(2)` with the termios read timer (`VMIN = 0`, `VTIME`): no `poll`
+//! before each read (on Linux a tty poll also waits for the kernel's input worker), and a
+//! read with nothing to return comes back after [`VTIME_DS`] so a stop request is seen. A
+//! read that returns nothing *before* the timer ran means the line hung up (unplugged).
+//!
 //! Never waits on the pipeline (see [`Feed::offer`]). On open failure, error or EOF (unplug)
 //! it closes the port, waits a backoff step and reopens: no reconnect storms. Full port
 //! settings and init bytes come with the serial-protocols work.
@@ -25,8 +30,9 @@ const REOPEN_MIN: Duration = Duration::from_millis(200);
 const REOPEN_MAX: Duration = Duration::from_secs(10);
 /// A read at least this large means data is streaming: read again at once.
 pub const STREAMING_READ: usize = 2048;
-/// How long one blocking read waits for data before looking for a stop request.
-const POLL: Duration = Duration::from_millis(250);
+/// How long one blocking read waits for data before looking for a stop request, in tenths of
+/// a second (termios `VTIME`).
+const VTIME_DS: u8 = 2;
 const READ_SIZE: usize = 16 * 1024;
 
 /// Run the source until `shutdown`: the port is served by a thread named after the source.
@@ -73,8 +79,9 @@ fn serve(
     let mut chunk = vec![0u8; READ_SIZE];
     while !stopped.is_stopped() {
         let opened = tokio_serial::new(path.to_string_lossy(), baud)
-            .timeout(POLL)
-            .open_native();
+            .open_native()
+            .map_err(std::io::Error::from)
+            .and_then(timed_reads);
         match opened {
             Ok(mut port) => {
                 tracing::info!(source = %name, path = %path.display(), baud, "Serial port open");
@@ -88,8 +95,14 @@ fn serve(
                         feed.metrics.sources_connected.sub(1);
                         return;
                     }
+                    let started = tokio::time::Instant::now();
                     match port.read(&mut chunk) {
-                        Ok(0) => break "end of file (device gone?)".to_string(),
+                        Ok(0) => {
+                            // The read timer ran out (no data) or the line hung up.
+                            if started.elapsed() < Duration::from_millis(VTIME_DS as u64 * 50) {
+                                break "end of file (device gone?)".to_string();
+                            }
+                        }
                         Ok(n) => {
                             feed.metrics.frames_in.inc();
                             feed.metrics.bytes_in.add(n as u64);
@@ -106,11 +119,7 @@ fn serve(
                                 return;
                             }
                         }
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
-                            ) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                         Err(e) => break e.to_string(),
                     }
                 };
@@ -130,4 +139,18 @@ fn serve(
         }
         delay = (delay * 2).min(REOPEN_MAX);
     }
+}
+
+/// Blocking reads that return what is buffered at once, or nothing after `VTIME_DS` tenths of
+/// a second: `VMIN = 0`, `VTIME = VTIME_DS` (raw mode is already set by tokio-serial).
+fn timed_reads(port: impl std::os::fd::IntoRawFd) -> std::io::Result<std::fs::File> {
+    use nix::sys::termios::{tcgetattr, tcsetattr, SetArg, SpecialCharacterIndices};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: `into_raw_fd` hands over the port's open descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(port.into_raw_fd()) };
+    let mut t = tcgetattr(&fd)?;
+    t.control_chars[SpecialCharacterIndices::VMIN as usize] = 0;
+    t.control_chars[SpecialCharacterIndices::VTIME as usize] = VTIME_DS;
+    tcsetattr(&fd, SetArg::TCSANOW, &t)?;
+    Ok(std::fs::File::from(fd))
 }

@@ -10,6 +10,20 @@ pub struct Daemon {
     pub log: PathBuf,
 }
 
+/// A pseudo-terminal pair whose descriptors are not inherited by processes spawned later (a
+/// daemon holding a copy of the master would keep the port "plugged in" after the test
+/// closes it).
+pub fn pty_pair() -> (serialport::TTYPort, serialport::TTYPort) {
+    use std::os::fd::AsRawFd;
+    let (master, slave) = serialport::TTYPort::pair().expect("a pseudo-terminal pair");
+    for fd in [master.as_raw_fd(), slave.as_raw_fd()] {
+        // SAFETY: F_SETFD with FD_CLOEXEC on a descriptor this function owns.
+        let r = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        assert_eq!(r, 0, "cannot set FD_CLOEXEC on the pty");
+    }
+    (master, slave)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
