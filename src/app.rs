@@ -233,6 +233,7 @@ pub async fn run(
         metrics: metrics.clone(),
     });
     crate::service::notify_ready(&format!("running; backlog {}", report.backlog));
+    crate::service::release_startup_pages();
     let watchdog = crate::service::spawn_watchdog(handle.clone());
 
     // Wait for a reason to stop.

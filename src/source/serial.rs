@@ -3,10 +3,13 @@
 //! The port is read on a thread of its own with blocking reads, not on the async runtime:
 //! an async tty wakes the poller on every write the device makes (hundreds of small writes
 //! per second from a busy reader), each wake-up costing a context switch on a small box. The
-//! thread instead reads whatever the tty has buffered, then pauses for `Feed::read_coalesce`
-//! (a few ms) so the kernel collects the next bytes; a read of at least [`STREAMING_READ`]
-//! bytes means data is streaming and the next read follows at once. The kernel's tty buffer
-//! holds 4 KiB, over 40 ms even at 921,600 baud, so the pause can never overflow it.
+//! thread instead reads whatever the tty has buffered, then pauses so the kernel collects the
+//! next bytes: long enough for about [`TARGET_READ`] bytes at the rate the device has been
+//! sending, at most `Feed::read_coalesce` (a few ms, so a trickle of reads is still
+//! committed promptly). A read of at least [`STREAMING_READ`] bytes means data is streaming
+//! and the next read follows at once. The kernel's tty buffer holds 4 KiB, over 40 ms even at
+//! 921,600 baud, so the pause never overflows it; a faster device (USB, a pseudo-terminal)
+//! only fills it and waits.
 //!
 //! Reads are plain `read(2)` with the termios read timer (`VMIN = 0`, `VTIME`): no `poll`
 //! before each read (on Linux a tty poll also waits for the kernel's input worker), and a
@@ -28,8 +31,11 @@ use tokio_util::sync::CancellationToken;
 
 const REOPEN_MIN: Duration = Duration::from_millis(200);
 const REOPEN_MAX: Duration = Duration::from_secs(10);
-/// A read at least this large means data is streaming: read again at once.
-pub const STREAMING_READ: usize = 2048;
+/// A read this large found the kernel's tty input buffer (4 KiB on Linux, of which 4095
+/// bytes are returned) full, so more may be waiting behind it: read again at once.
+pub const STREAMING_READ: usize = 4000;
+/// Bytes a read should find waiting after a pause: seven eighths of the tty buffer.
+pub const TARGET_READ: f64 = 3584.0;
 /// How long one blocking read waits for data before looking for a stop request, in tenths of
 /// a second (termios `VTIME`).
 const VTIME_DS: u8 = 2;
@@ -90,6 +96,9 @@ fn serve(
                 delay = REOPEN_MIN;
                 let mut decoder = crate::protocol::Protocol::new(protocol);
                 let mut buf = BytesMut::with_capacity(READ_SIZE);
+                // Bytes read since the last pause began, and when it began: the device's rate.
+                let mut cycle_bytes = 0usize;
+                let mut cycle_start = tokio::time::Instant::now();
                 let reason = loop {
                     if stopped.is_stopped() {
                         feed.metrics.sources_connected.sub(1);
@@ -114,9 +123,17 @@ fn serve(
                                 }
                             }
                             feed.wake_if_high();
-                            if n < STREAMING_READ && stopped.wait(feed.read_coalesce) {
-                                feed.metrics.sources_connected.sub(1);
-                                return;
+                            cycle_bytes += n;
+                            if n < STREAMING_READ {
+                                let now = tokio::time::Instant::now();
+                                let pause =
+                                    pause_for(cycle_bytes, now - cycle_start, feed.read_coalesce);
+                                cycle_bytes = 0;
+                                cycle_start = now;
+                                if stopped.wait(pause) {
+                                    feed.metrics.sources_connected.sub(1);
+                                    return;
+                                }
                             }
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -153,4 +170,35 @@ fn timed_reads(port: impl std::os::fd::IntoRawFd) -> std::io::Result<std::fs::Fi
     t.control_chars[SpecialCharacterIndices::VTIME as usize] = VTIME_DS;
     tcsetattr(&fd, SetArg::TCSANOW, &t)?;
     Ok(std::fs::File::from(fd))
+}
+
+/// The pause after a short read: the time the device needs to send [`TARGET_READ`] bytes at
+/// the rate it sent `bytes` over `over`, at most `max`.
+pub fn pause_for(bytes: usize, over: Duration, max: Duration) -> Duration {
+    let per_sec = bytes as f64 / over.as_secs_f64().max(1e-6);
+    if per_sec <= 0.0 {
+        return max;
+    }
+    Duration::from_secs_f64(TARGET_READ / per_sec).min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pause_follows_the_device_rate_up_to_the_limit() {
+        let max = Duration::from_millis(10);
+        // 490 kB/s (5,000 frames/s of 98 bytes): ~7.3 ms for 3.5 KiB.
+        let p = pause_for(4900, Duration::from_millis(10), max);
+        assert!(
+            p > Duration::from_millis(7) && p < Duration::from_millis(8),
+            "{p:?}"
+        );
+        // A trickle (or an idle line): the full coalescing pause.
+        assert_eq!(pause_for(30, Duration::from_millis(200), max), max);
+        assert_eq!(pause_for(0, Duration::from_millis(1), max), max);
+        // Streaming at 10 MB/s: well under a millisecond, so the buffer never waits full.
+        assert!(pause_for(40_000, Duration::from_millis(4), max) < Duration::from_micros(400));
+    }
 }

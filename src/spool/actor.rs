@@ -40,6 +40,10 @@ impl Handoff {
 /// is full the group timer's task waits, and its own bounded input absorbs the burst.
 pub const COMMAND_CAPACITY: usize = 4;
 
+/// Queued appends are merged into one transaction up to this many events: enough to catch up
+/// after an fsync stall, small enough to bound the memory of one commit.
+pub const MERGE_MAX_EVENTS: usize = 8192;
+
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
 pub enum Cmd {
@@ -128,7 +132,7 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
                 Cmd::Append { mut bodies, reply } => {
                     // Merge appends that are already queued into this transaction.
                     let mut replies = vec![(reply, bodies.len())];
-                    while bodies.len() < 65_536 {
+                    while bodies.len() < MERGE_MAX_EVENTS {
                         match rx.try_recv() {
                             Ok(Cmd::Append { bodies: more, reply }) => {
                                 replies.push((reply, more.len()));
