@@ -68,7 +68,26 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
 }
 
-fn body_of(read: SourceRead, sources: &[crate::config::SourceConfig]) -> EventBody {
+/// A source's names as every one of its events carries them (shared, not copied per event).
+struct SourceNames {
+    name: Arc<str>,
+    location: Arc<str>,
+    device: Arc<str>,
+    scan_type: Option<Arc<str>>,
+}
+
+impl SourceNames {
+    fn of(s: &crate::config::SourceConfig) -> Self {
+        SourceNames {
+            name: s.name.as_str().into(),
+            location: s.location.as_str().into(),
+            device: s.device.as_str().into(),
+            scan_type: s.scan_type.as_deref().map(Arc::from),
+        }
+    }
+}
+
+fn body_of(read: SourceRead, sources: &[SourceNames]) -> EventBody {
     let src = &sources[read.source];
     let r = read.read;
     EventBody {
@@ -101,7 +120,7 @@ async fn ingest(
     metrics: Arc<Metrics>,
 ) {
     use tokio::sync::mpsc::error::TryRecvError;
-    let sources = cfg.sources.clone();
+    let sources: Vec<SourceNames> = cfg.sources.iter().map(SourceNames::of).collect();
     let spool_cfg: SpoolConfig = cfg.spool.clone();
     let floor = cfg.suppress.min_rssi_dbm;
     let max = spool_cfg.commit_max_events;

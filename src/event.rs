@@ -11,6 +11,7 @@
 //!   per event (16 incompressible bytes per event saved on flash).
 
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
@@ -78,10 +79,11 @@ pub struct Read {
 pub struct EventBody {
     pub kind: ReadKind,
     pub tag: String,
-    pub source: String,
-    pub location: String,
-    pub device: String,
-    pub scan_type: Option<String>,
+    /// Shared: the same few names repeat on every event of a source.
+    pub source: Arc<str>,
+    pub location: Arc<str>,
+    pub device: Arc<str>,
+    pub scan_type: Option<Arc<str>>,
     pub antenna: Option<u16>,
     /// Peak RSSI in centi-dBm (-5250 = -52.5 dBm): integers compress and compare exactly.
     pub rssi_cdbm: Option<i32>,

@@ -42,9 +42,38 @@ pub struct Encoder {
     pub fields: FieldMapping,
 }
 
-fn push_json_str(out: &mut Vec<u8>, s: &str) {
-    // serde_json's escaper is table-driven and copies unescaped runs whole.
-    let _ = serde_json::to_writer(&mut *out, s);
+/// A JSON string literal: unescaped runs are copied whole; `"`, `\\` and control characters
+/// are escaped (RFC 8259 section 7).
+pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let b = s.as_bytes();
+    out.reserve(b.len() + 2);
+    out.push(b'"');
+    let mut run = 0;
+    for (i, &c) in b.iter().enumerate() {
+        if c >= 0x20 && c != b'"' && c != b'\\' {
+            continue;
+        }
+        out.extend_from_slice(&b[run..i]);
+        run = i + 1;
+        match c {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            _ => out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[(c >> 4) as usize],
+                HEX[(c & 15) as usize],
+            ]),
+        }
+    }
+    out.extend_from_slice(&b[run..]);
+    out.push(b'"');
 }
 
 /// Writes one JSON object, applying renames to its keys.
@@ -63,18 +92,24 @@ impl<'a> Obj<'a> {
             rename,
         }
     }
+    /// `k` is one of this module's field names (plain ASCII, nothing to escape); a rename
+    /// comes from the config and is escaped.
     fn key(&mut self, k: &str) {
         if !self.first {
             self.out.push(b',');
         }
         self.first = false;
-        let k = self
-            .rename
-            .iter()
-            .find(|(from, _)| from == k)
-            .map(|(_, to)| to.as_str())
-            .unwrap_or(k);
-        push_json_str(self.out, k);
+        match self.rename.iter().find(|(from, _)| from == k) {
+            Some((_, to)) => push_json_str(self.out, to),
+            None => {
+                debug_assert!(k
+                    .bytes()
+                    .all(|c| c.is_ascii_graphic() && c != b'"' && c != b'\\'));
+                self.out.push(b'"');
+                self.out.extend_from_slice(k.as_bytes());
+                self.out.push(b'"');
+            }
+        }
         self.out.push(b':');
     }
     fn str(&mut self, k: &str, v: &str) {
@@ -304,6 +339,16 @@ impl Encoder {
 
 #[cfg(test)]
 mod tests {
+    proptest::proptest! {
+        #[test]
+        fn json_strings_round_trip(s in "\\PC*|[\\x00-\\x7f]*") {
+            let mut out = Vec::new();
+            super::push_json_str(&mut out, &s);
+            let back: String = serde_json::from_slice(&out).unwrap();
+            proptest::prop_assert_eq!(back, s);
+        }
+    }
+
     use super::*;
     use crate::event::{event_id, EventBody, Loc};
 
