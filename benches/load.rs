@@ -523,8 +523,19 @@ fn main() {
             // BENCH_SPOOL / BENCH_UPSTREAM: extra config lines for exploring (e.g. sync = "normal").
             let spool_extra = std::env::var("BENCH_SPOOL").unwrap_or_default();
             let up_extra = std::env::var("BENCH_UPSTREAM").unwrap_or_default();
+            // BENCH_REPEAT: runs per interval (this VM varies by ±10 % run to run); the median
+            // run by CPU is printed last.
+            let repeat: usize = std::env::var("BENCH_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
             for ms in intervals {
-                through(&format!("commit_interval_ms = {ms} {spool_extra} {up_extra}"), 100_000, 5000, &format!("commit_interval_ms = {ms}\n{spool_extra}"), &up_extra).await;
+                let label = format!("commit_interval_ms = {ms} {spool_extra} {up_extra}");
+                let mut rows = Vec::new();
+                for _ in 0..repeat {
+                    rows.push(through(&label, 100_000, 5000, &format!("commit_interval_ms = {ms}\n{spool_extra}"), &up_extra).await);
+                }
+                if repeat > 1 {
+                    rows.sort_by(|a, b| a.cpu.total_cmp(&b.cpu));
+                    rows[repeat / 2].print(&format!("{label} (median of {repeat})"));
+                }
             }
         }
         if want("full") {

@@ -45,29 +45,49 @@ const MAX_RAW: usize = 64 * 1024 * 1024;
 pub struct Codec {
     comp: Option<zstd::bulk::Compressor<'static>>,
     decomp: Option<zstd::bulk::Decompressor<'static>>,
+    /// Encoding buffers kept between commits (no regrowing and copying per commit), dropped
+    /// when a large commit has grown them past [`KEEP_BUFFER`].
+    raw: Vec<u8>,
+    packed: Vec<u8>,
 }
+
+/// Largest encoding buffer kept between commits.
+const KEEP_BUFFER: usize = 256 * 1024;
 
 impl Default for Codec {
     fn default() -> Self {
         Codec {
             comp: zstd::bulk::Compressor::new(ZSTD_LEVEL).ok(),
             decomp: zstd::bulk::Decompressor::new().ok(),
+            raw: Vec::new(),
+            packed: Vec::new(),
         }
     }
 }
 
 impl Codec {
     pub fn encode(&mut self, data: &ChunkData) -> Result<Vec<u8>, postcard::Error> {
-        let raw = postcard::to_stdvec(data)?;
-        let compressed = match self.comp.as_mut() {
-            Some(c) => c.compress(&raw),
-            None => zstd::bulk::compress(&raw, ZSTD_LEVEL),
+        let mut raw = std::mem::take(&mut self.raw);
+        raw.clear();
+        let raw = postcard::to_extend(data, raw)?;
+        let mut packed = std::mem::take(&mut self.packed);
+        packed.clear();
+        packed.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        let n = match self.comp.as_mut() {
+            Some(c) => c.compress_to_buffer(&raw, &mut packed),
+            None => zstd::bulk::compress_to_buffer(&raw, &mut packed, ZSTD_LEVEL),
         };
         // Compressing into memory cannot fail for I/O reasons; map the impossible error anyway.
-        let compressed = compressed.map_err(|_| postcard::Error::SerializeBufferFull)?;
-        let mut out = Vec::with_capacity(compressed.len() + 1);
+        let n = n.map_err(|_| postcard::Error::SerializeBufferFull)?;
+        let mut out = Vec::with_capacity(n + 1);
         out.push(FORMAT_ZSTD_POSTCARD_V1);
-        out.extend_from_slice(&compressed);
+        out.extend_from_slice(&packed[..n]);
+        if raw.capacity() <= KEEP_BUFFER {
+            self.raw = raw;
+        }
+        if packed.capacity() <= KEEP_BUFFER {
+            self.packed = packed;
+        }
         Ok(out)
     }
 
@@ -88,5 +108,51 @@ impl Codec {
         }
         .map_err(ChunkError::Zstd)?;
         Ok(postcard::from_bytes(&raw)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventBody, ReadKind};
+
+    fn chunk(n: usize, salt: &str) -> ChunkData {
+        ChunkData {
+            boot_id: [7; 16],
+            records: (0..n)
+                .map(|i| Record {
+                    seq_delta: i as i64,
+                    committed_delta: 0,
+                    body: EventBody {
+                        kind: ReadKind::Barcode,
+                        tag: format!("{salt}-{i:08}"),
+                        source: "belt".into(),
+                        location: "HALL".into(),
+                        device: "r1".into(),
+                        scan_type: None,
+                        antenna: Some(1),
+                        rssi_cdbm: Some(-5000 - i as i32),
+                        read_count: 1,
+                        first_seen_ms: i as i64,
+                        last_seen_ms: i as i64,
+                        symbology: None,
+                        value: None,
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn one_codec_encodes_chunks_of_any_size_in_turn() {
+        let mut c = Codec::default();
+        // Large (beyond the kept buffer size), small, medium, empty, small again.
+        for (n, salt) in [(5000, "a"), (3, "b"), (400, "c"), (0, "d"), (1, "e")] {
+            let data = chunk(n, salt);
+            let blob = c.encode(&data).unwrap();
+            assert_eq!(blob[0], FORMAT_ZSTD_POSTCARD_V1);
+            assert_eq!(c.decode(&blob).unwrap(), data);
+            assert!(c.raw.capacity() <= KEEP_BUFFER && c.packed.capacity() <= KEEP_BUFFER);
+        }
     }
 }
