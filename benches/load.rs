@@ -378,11 +378,14 @@ async fn outage() {
     .await;
     let took = back.elapsed();
     println!("outage {:.1} s, backlog at recovery {backlog} events; all events committed before recovery delivered {:.2} s after the upstream came back ({:.0} events/s while live traffic continued)", (back - down).as_secs_f64(), took.as_secs_f64(), backlog as f64 / took.as_secs_f64());
-    let _ = feeder.join();
+    // Keep the pty's master open until everything is delivered: closing it hangs up the
+    // line, and the kernel discards whatever the daemon has not read yet (as on an unplug).
+    let master = feeder.join();
     wait_for("everything delivered", Duration::from_secs(60), || {
         ing.with(|s| s.light_count) >= total
     })
     .await;
+    drop(master);
     println!(
         "all {total} frames delivered; duplicates {}",
         ing.with(|s| s.duplicates)

@@ -16,6 +16,9 @@
 //! read with nothing to return comes back after [`VTIME_DS`] so a stop request is seen. A
 //! read that returns nothing *before* the timer ran means the line hung up (unplugged).
 //!
+//! When a device is unplugged the kernel discards what is still in its buffer: with the
+//! pauses, that is at most one pause's worth of bytes (a few ms of reads).
+//!
 //! Never waits on the pipeline (see [`Feed::offer`]). On open failure, error or EOF (unplug)
 //! it closes the port, waits a backoff step and reopens: no reconnect storms. Full port
 //! settings and init bytes come with the serial-protocols work.
