@@ -12,12 +12,15 @@
 //! ## Tasks and channels
 //! | stage | runs as | input | capacity | when full |
 //! |---|---|---|---|---|
-//! | source (serial) | tokio task per port | the port | kernel buffer | must never happen: the task never waits on the pipeline |
+//! | source (serial) | one OS thread per port (blocking reads paced by the device's rate) | the port | kernel tty buffer (4 KiB + the driver's) | must never happen: the thread never waits on the pipeline |
 //! | source (replay) | tokio task per file | the file | — | waits (a file can be paused) |
-//! | ingest | one tokio task | read channel | [`app::READ_CHANNEL`] = 8192 reads | serial reads dropped, counted `pipeline_full`; replay waits |
+//! | ingest | one tokio task, woken per group, not per read | read channel | [`app::READ_CHANNEL`] = 8192 reads | serial reads dropped, counted `pipeline_full`; replay waits |
 //! | spool | one OS thread (blocking SQLite) | command channel | [`spool::actor::COMMAND_CAPACITY`] = 4 commands | ingest waits; its read channel absorbs the burst |
-//! | forwarder | one tokio task | the spool (pull) | one batch (≤ 1000 events) in memory | — |
+//! | forwarder | one tokio task | the spool (pull), or a just-committed chunk handed over ([`spool::actor::Handoff`], one chunk ≤ one batch) | one batch (≤ 1000 events) in memory | — |
 //! | admin | axum on loopback | HTTP | — | — |
+//!
+//! The async runtime has one worker: the async stages are light, and the heavy work (ports,
+//! SQLite) has threads of its own.
 //!
 //! ## Invariants
 //! - An event is *accepted* when its spool transaction commits (fsync with `sync = "full"`).

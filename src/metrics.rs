@@ -239,7 +239,7 @@ impl Metrics {
     }
 }
 
-/// `write_bytes` of /proc/<pid>/io: bytes this process caused to be sent to storage.
+/// `write_bytes` of `/proc/<pid>/io`: bytes this process caused to be sent to storage.
 pub fn proc_write_bytes() -> Option<u64> {
     proc_io_field("self", "write_bytes")
 }

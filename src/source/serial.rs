@@ -13,7 +13,7 @@
 //!
 //! Reads are plain `read(2)` with the termios read timer (`VMIN = 0`, `VTIME`): no `poll`
 //! before each read (on Linux a tty poll also waits for the kernel's input worker), and a
-//! read with nothing to return comes back after [`VTIME_DS`] so a stop request is seen. A
+//! read with nothing to return comes back after `VTIME_DS` tenths of a second so a stop request is seen. A
 //! read that returns nothing *before* the timer ran means the line hung up (unplugged).
 //!
 //! When a device is unplugged the kernel discards what is still in its buffer: with the
