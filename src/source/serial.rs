@@ -8,13 +8,14 @@
 //! sending, at most `Feed::read_coalesce` (a few ms, so a trickle of reads is still
 //! committed promptly). A read of at least [`STREAMING_READ`] bytes means data is streaming
 //! and the next read follows at once. The kernel's tty buffer holds 4 KiB, over 40 ms even at
-//! 921,600 baud, so the pause never overflows it; a faster device (USB, a pseudo-terminal)
-//! only fills it and waits.
+//! 921,600 baud, so the pause never overflows it; from a faster device (USB CDC, a
+//! pseudo-terminal) the rest waits in the driver's buffers, and full reads follow at once.
 //!
 //! Reads are plain `read(2)` with the termios read timer (`VMIN = 0`, `VTIME`): no `poll`
 //! before each read (on Linux a tty poll also waits for the kernel's input worker), and a
-//! read with nothing to return comes back after `VTIME_DS` tenths of a second so a stop request is seen. A
-//! read that returns nothing *before* the timer ran means the line hung up (unplugged).
+//! read with nothing to return comes back after `VTIME_DS` tenths of a second, so a stop
+//! request is seen. A read that returns nothing *before* the timer ran means the line hung
+//! up (unplugged).
 //!
 //! When a device is unplugged the kernel discards what is still in its buffer: with the
 //! pauses, that is at most one pause's worth of bytes (a few ms of reads).
