@@ -37,13 +37,15 @@ pub fn tune_allocator() {
 pub fn release_startup_pages() {
     #[cfg(target_os = "linux")]
     {
-        let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        // smaps rather than maps: each mapping's count of anonymous (copy-on-write) pages
+        // proves it holds no modified data.
+        let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
             return;
         };
         let exe = std::fs::read_link("/proc/self/exe").ok();
         let mut released = 0usize;
-        for line in maps.lines() {
-            let mut f = line.split_whitespace();
+        for (header, anonymous_kb) in mappings(&smaps) {
+            let mut f = header.split_whitespace();
             let (Some(range), Some(perms), Some(offset)) = (f.next(), f.next(), f.next()) else {
                 continue;
             };
@@ -53,7 +55,7 @@ pub fn release_startup_pages() {
             };
             let is_exe = exe.as_deref() == Some(path);
             let eligible = perms == "r-xp" || (is_exe && perms == "r--p" && offset == "00000000");
-            if !eligible {
+            if !eligible || anonymous_kb != Some(0) {
                 continue;
             }
             let Some((a, b)) = range.split_once('-') else {
@@ -64,8 +66,9 @@ pub fn release_startup_pages() {
                 continue;
             };
             // SAFETY: the range is a whole read-only, file-backed private mapping of this
-            // process (from /proc/self/maps) that holds no modified pages; MADV_DONTNEED only
-            // drops its page-table entries, and the next access maps the same file pages again.
+            // process with no anonymous (modified) pages, from /proc/self/smaps; MADV_DONTNEED
+            // only drops its page-table entries, and the next access maps the same file pages
+            // again.
             let r = unsafe {
                 libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED)
             };
@@ -75,6 +78,21 @@ pub fn release_startup_pages() {
         }
         tracing::debug!(bytes = released, "Released start-up code mappings");
     }
+}
+
+/// Each mapping's header line in `/proc/self/smaps` with its `Anonymous:` size in kB.
+#[cfg(target_os = "linux")]
+fn mappings(smaps: &str) -> Vec<(&str, Option<u64>)> {
+    let mut out: Vec<(&str, Option<u64>)> = Vec::new();
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            out.push((line, None));
+        } else if let (Some(last), Some(kb)) = (out.last_mut(), line.strip_prefix("Anonymous:")) {
+            last.1 = kb.split_whitespace().next().and_then(|v| v.parse().ok());
+        }
+    }
+    out
 }
 
 /// `trace|debug|info|warn|error` → a level (anything else: `default`). A plain level rather than

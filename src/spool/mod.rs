@@ -163,6 +163,9 @@ pub struct Spool {
     _lock: std::fs::File,
     /// Commits since the reserve was released (it is recreated every so often, not per commit).
     reserve_missing_commits: Option<u32>,
+    /// An acknowledgement relaxed `synchronous` and could not set it back: appends set it
+    /// back before they commit (they never commit without their fsync).
+    relaxed_sync: bool,
 }
 
 fn is_code(e: &rusqlite::Error, code: ErrorCode) -> bool {
@@ -375,6 +378,7 @@ impl Spool {
             reserve: state_dir.join("spool.reserve"),
             _lock: lock,
             reserve_missing_commits: None,
+            relaxed_sync: false,
         };
         if !spool.make_reserve() {
             spool.reserve_missing_commits = Some(0);
@@ -603,6 +607,16 @@ impl Spool {
         }
     }
 
+    fn restore_sync(&mut self) -> rusqlite::Result<()> {
+        if self.relaxed_sync {
+            self.conn
+                .prepare_cached("PRAGMA synchronous = FULL")?
+                .execute([])?;
+            self.relaxed_sync = false;
+        }
+        Ok(())
+    }
+
     fn try_insert(
         &mut self,
         first_seq: u64,
@@ -613,6 +627,7 @@ impl Spool {
         requeued: &[i64],
     ) -> Result<i64, SpoolError> {
         let id = self.next_chunk;
+        self.restore_sync().map_err(classify)?;
         let tx = self.conn.transaction().map_err(classify)?;
         tx.prepare_cached("INSERT INTO chunks(id, first_seq, count, created_ms, data) VALUES (?1, ?2, ?3, ?4, ?5)")?.execute(params![id, first_seq as i64, count as i64, created_ms, blob])
             .map_err(classify)?;
@@ -819,6 +834,7 @@ impl Spool {
     fn ack_once(&mut self, locs: &[Loc], now_ms: i64) -> Result<(), SpoolError> {
         let relax = self.opts.sync == SyncMode::Full;
         if relax {
+            self.relaxed_sync = true;
             self.conn
                 .prepare_cached("PRAGMA synchronous = NORMAL")?
                 .execute([])?;
@@ -831,9 +847,9 @@ impl Spool {
             Ok::<u64, SpoolError>(n)
         })();
         if relax {
-            self.conn
-                .prepare_cached("PRAGMA synchronous = FULL")?
-                .execute([])?;
+            if let Err(e) = self.restore_sync() {
+                tracing::error!(error = %e, "Cannot set synchronous = FULL back after an acknowledgement; the next append will");
+            }
         }
         let n = result?;
         self.metrics.spool_backlog.sub(n);
@@ -1107,4 +1123,53 @@ pub fn dead_letters_of(conn: &Connection, limit: usize) -> Result<Vec<DeadLetter
         })
     })?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::ReadKind;
+
+    fn body(tag: &str) -> EventBody {
+        EventBody {
+            kind: ReadKind::Barcode,
+            tag: tag.into(),
+            source: "s".into(),
+            location: "L".into(),
+            device: "d".into(),
+            scan_type: None,
+            antenna: None,
+            rssi_cdbm: None,
+            read_count: 1,
+            first_seen_ms: 1,
+            last_seen_ms: 1,
+            symbology: None,
+            value: None,
+        }
+    }
+
+    fn synchronous(sp: &Spool) -> i64 {
+        sp.conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn an_ack_relaxes_fsync_only_for_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sp, _) = Spool::open(dir.path(), SpoolOptions::default(), Arc::default()).unwrap();
+        assert_eq!(synchronous(&sp), 2, "FULL");
+        sp.append(vec![body("a"), body("b")], 1).unwrap();
+        let evs = sp.read_after(None, 0, 10).unwrap();
+        sp.ack(&[evs[0].loc], 2).unwrap();
+        assert_eq!(synchronous(&sp), 2, "FULL again after the ack");
+        // Had it not been set back, the next append would set it before committing.
+        sp.conn
+            .execute_batch("PRAGMA synchronous = NORMAL")
+            .unwrap();
+        sp.relaxed_sync = true;
+        sp.append(vec![body("c")], 3).unwrap();
+        assert_eq!(synchronous(&sp), 2, "appends always commit with FULL");
+        assert_eq!(sp.backlog().unwrap(), 2);
+    }
 }
