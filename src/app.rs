@@ -160,8 +160,10 @@ async fn ingest(
                 _ = wake.notified() => {}
             }
         }
-        if !group.is_empty() && spool.append_detached(group).await.is_err() {
-            tracing::error!("Spool is gone; reads dropped");
+        let n = group.len() as u64;
+        if n > 0 && spool.append_detached(group).await.is_err() {
+            metrics.count_drop("spool_unavailable", n);
+            tracing::error!(events = n, "Spool is gone; reads dropped");
             break;
         }
     }

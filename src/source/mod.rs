@@ -43,7 +43,8 @@ pub struct Feed {
     pub wake: Arc<Notify>,
     /// Reads queued in the channel at which the ingest stage is woken early.
     pub high_water: usize,
-    /// Pause between short reads of a device so one read carries several frames.
+    /// Longest pause between reads of a device (the pause follows the device's rate; see
+    /// `source::serial`), so one read carries several frames.
     pub read_coalesce: Duration,
 }
 
