@@ -202,6 +202,40 @@ enum Check {
     Corrupt(String),
 }
 
+/// What every event of one chunk shares. [`ChunkBase::event`] is the one place a stored record
+/// becomes a [`SpooledEvent`], for events read back and for events handed over at commit.
+struct ChunkBase {
+    salt: u64,
+    chunk: i64,
+    first_seq: u64,
+    created_ms: i64,
+    boot: Uuid,
+}
+
+impl ChunkBase {
+    fn event(
+        &self,
+        idx: usize,
+        seq_delta: i64,
+        committed_delta: i64,
+        body: EventBody,
+    ) -> SpooledEvent {
+        let seq = (self.first_seq as i64 + seq_delta) as u64;
+        let committed_ms = self.created_ms + committed_delta;
+        SpooledEvent {
+            loc: Loc {
+                chunk: self.chunk,
+                idx: idx as u32,
+            },
+            seq,
+            committed_ms,
+            event_id: event_id(self.salt, seq, committed_ms),
+            boot_id: self.boot,
+            body,
+        }
+    }
+}
+
 /// Take the one-process-per-state-dir lock. A process that forked a moment ago (any
 /// `Command::spawn` in this or a previous owner) holds a copy of the descriptor until its exec
 /// closes it, so a refusal is retried for up to half a second before it means "another
@@ -480,26 +514,18 @@ impl Spool {
         now_ms: i64,
     ) -> Result<(AppendResult, Vec<SpooledEvent>), SpoolError> {
         let (r, data) = self.append_inner(bodies, now_ms)?;
-        let boot = Uuid::from_bytes(data.boot_id);
-        let salt = self.salt;
+        let base = ChunkBase {
+            salt: self.salt,
+            chunk: r.chunk,
+            first_seq: r.first_seq,
+            created_ms: now_ms,
+            boot: Uuid::from_bytes(data.boot_id),
+        };
         let events = data
             .records
             .into_iter()
             .enumerate()
-            .map(|(i, rec)| {
-                let seq = r.first_seq + i as u64;
-                SpooledEvent {
-                    loc: Loc {
-                        chunk: r.chunk,
-                        idx: i as u32,
-                    },
-                    seq,
-                    committed_ms: now_ms,
-                    event_id: event_id(salt, seq, now_ms),
-                    boot_id: boot,
-                    body: rec.body,
-                }
-            })
+            .map(|(i, rec)| base.event(i, rec.seq_delta, rec.committed_delta, rec.body))
             .collect();
         Ok((r, events))
     }
@@ -789,7 +815,13 @@ impl Spool {
             let Some(c) = self.load_chunk(id)? else {
                 continue;
             };
-            let boot = Uuid::from_bytes(c.data.boot_id);
+            let base = ChunkBase {
+                salt,
+                chunk: c.id,
+                first_seq: c.first_seq,
+                created_ms: c.created_ms,
+                boot: Uuid::from_bytes(c.data.boot_id),
+            };
             for (i, rec) in c.data.records.iter().enumerate().skip(start_idx as usize) {
                 if out.len() >= max {
                     break;
@@ -797,19 +829,7 @@ impl Spool {
                 if bit(&bits, i) {
                     continue;
                 }
-                let seq = (c.first_seq as i64 + rec.seq_delta) as u64;
-                let committed_ms = c.created_ms + rec.committed_delta;
-                out.push(SpooledEvent {
-                    loc: Loc {
-                        chunk: c.id,
-                        idx: i as u32,
-                    },
-                    seq,
-                    committed_ms,
-                    event_id: event_id(salt, seq, committed_ms),
-                    boot_id: boot,
-                    body: rec.body.clone(),
-                });
+                out.push(base.event(i, rec.seq_delta, rec.committed_delta, rec.body.clone()));
             }
         }
         Ok(out)
