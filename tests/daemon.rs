@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::daemon::{free_port, metric, pty_pair, write_config, Daemon};
+use common::daemon::{free_port, metric, pty_pair, wait_metric, write_config, Daemon};
 use common::ingest::{wait_until, Ingest};
 use serialport::SerialPort;
 use std::io::Write;
@@ -28,14 +28,7 @@ async fn serial_pty_lines_to_ingest_end_to_end_then_sigterm_exits_zero() {
         Some(admin),
     );
     let mut d = Daemon::spawn(&cfg, &dir.path().join("log"));
-    let mut connected = false;
-    for _ in 0..1000 {
-        if metric(admin, "scangate_sources_connected").await == Some(1) {
-            connected = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let connected = wait_metric(admin, "scangate_sources_connected", 1, T).await;
     assert!(
         connected,
         "daemon never opened the pty; log:\n{}",
@@ -108,15 +101,7 @@ async fn unplugged_serial_port_is_reopened_when_it_comes_back() {
         Some(admin),
     );
     let mut d = Daemon::spawn(&cfg, &dir.path().join("log"));
-    let connected = |want: u64| async move {
-        for _ in 0..3000 {
-            if metric(admin, "scangate_sources_connected").await == Some(want) {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        false
-    };
+    let connected = |want: u64| wait_metric(admin, "scangate_sources_connected", want, T);
     assert!(connected(1).await, "never opened; log:\n{}", d.log_text());
     for i in 0..10 {
         master

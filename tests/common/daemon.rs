@@ -119,6 +119,18 @@ pub async fn metric(port: u16, name: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
 }
 
+/// Wait (polling every 10 ms, at most `deadline`) until the daemon's metric `name` is `want`.
+pub async fn wait_metric(port: u16, name: &str, want: u64, deadline: Duration) -> bool {
+    let end = tokio::time::Instant::now() + deadline;
+    while tokio::time::Instant::now() < end {
+        if metric(port, name).await == Some(want) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
 /// A config file for the binary.
 pub fn write_config(
     dir: &Path,
