@@ -89,6 +89,19 @@ struct Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // Under a wrapper (a profiler), end the daemon with SIGTERM so that the wrapper writes
+        // its output; otherwise a plain kill.
+        if std::env::var_os("BENCH_WRAP").is_some() {
+            // SAFETY: kill(2) on our own child's pid; no memory is involved.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(120) {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -110,7 +123,19 @@ fn start_daemon(
     let p = dir.join("bench.toml");
     std::fs::write(&p, cfg).unwrap();
     let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_scangate"))
+    // BENCH_WRAP="valgrind --tool=callgrind ..." runs the daemon under a profiler
+    // (cross/symbol-order.sh uses this).
+    let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(w) => {
+            let mut c = Command::new(w);
+            c.args(words).arg(env!("CARGO_BIN_EXE_scangate"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_scangate")),
+    };
+    let child = cmd
         .args(["run", "--config"])
         .arg(&p)
         .env("SCANGATE_LOG", "warn")
@@ -254,7 +279,19 @@ async fn through(label: &str, n: u64, rate: u64, spool_extra: &str, up_extra: &s
     let t0 = Instant::now();
     let feeder = feed(master, 0, n, rate);
     let limit = Duration::from_secs(120 + n.checked_div(rate).unwrap_or(0));
-    wait_for("all delivered", limit, || ing.with(|s| s.light_count) >= n).await;
+    let t = Instant::now();
+    while ing.with(|s| s.light_count) < n {
+        if t.elapsed() > limit {
+            let got = ing.with(|s| s.light_count);
+            let body = match reqwest::get(format!("http://127.0.0.1:{}/metrics", d.admin)).await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(e) => format!("(no metrics: {e})"),
+            };
+            let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
+            panic!("timed out: {got} of {n} delivered\n--- daemon log ---\n{log}\n--- metrics ---\n{body}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let secs = t0.elapsed().as_secs_f64();
     let row = Row {
         frames: n,
