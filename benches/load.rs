@@ -304,6 +304,12 @@ async fn through(label: &str, n: u64, rate: u64, spool_extra: &str, up_extra: &s
     let _ = feeder.join();
     drop(slave);
     row.print(label);
+    if let Some(h) = metric(d.admin, "scangate_forward_handoff_events_total").await {
+        println!(
+            "  ({:.0} % of events handed from commit to the forwarder without a read-back)",
+            100.0 * h as f64 / n as f64
+        );
+    }
     if dups > 0 {
         println!("  ({dups} duplicates)");
     }

@@ -424,8 +424,8 @@ async fn https_upstream_with_a_private_ca_needs_ca_file_and_loses_nothing_withou
 }
 
 /// Commits of uneven sizes, some while the forwarder is caught up (handed over straight from
-/// the commit, also split across batches) and some in bursts (read back from the spool), are
-/// each delivered once, in commit order.
+/// the commit, also split across batches and across chunks) and some beyond what the hand-over
+/// holds (read back from the spool), are each delivered once, in commit order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handed_over_and_read_back_events_are_delivered_once_in_order() {
     let ingest = Ingest::start().await;
@@ -437,8 +437,12 @@ async fn handed_over_and_read_back_events_are_delivered_once_in_order() {
     for round in 0..90 {
         x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
         // Mostly chunks that fit a batch (handed over, often split across two batches when
-        // two arrive back to back); every fifth a burst larger than a batch (read back).
-        let n = if round % 5 == 4 {
+        // two arrive back to back); every fifth a burst larger than a batch (handed over in
+        // parts); once a commit larger than the hand-over queue holds (read back, and the
+        // commits after it until the forwarder has caught up).
+        let n = if round == 45 {
+            scangate::spool::actor::HANDOFF_MAX_EVENTS + 1 + (x >> 16) as usize % 50
+        } else if round % 5 == 4 {
             51 + (x >> 16) as usize % 70
         } else {
             1 + (x >> 16) as usize % 50

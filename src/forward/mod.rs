@@ -247,25 +247,18 @@ impl Forwarder {
             let fresh = next_fresh
                 .filter(|_| !nothing_new)
                 .and_then(|n| self.spool.take_fresh(n, room));
-            if let Some((more, whole_chunk)) = fresh {
+            if let Some((more, after)) = fresh {
                 // Handed over by the spool thread: exactly the events that follow the cursor.
                 if let Some(last) = more.last().map(|e| e.loc) {
                     cursor = Some(last);
-                    next_fresh = Some(if whole_chunk {
-                        Loc {
-                            chunk: last.chunk + 1,
-                            idx: 0,
-                        }
-                    } else {
-                        Loc {
-                            chunk: last.chunk,
-                            idx: last.idx + 1,
-                        }
-                    });
                 }
-                self.spool.want_fresh(next_fresh, max);
+                next_fresh = Some(after);
                 self.metrics.forward_handoff.add(more.len() as u64);
-                pending.extend(more);
+                if pending.is_empty() {
+                    pending = more;
+                } else {
+                    pending.extend(more);
+                }
             } else if room > 0 && !nothing_new {
                 match self.spool.read_after_head(cursor, floor, room).await {
                     Ok((more, head)) => {
@@ -274,7 +267,7 @@ impl Forwarder {
                             chunk: head + 1,
                             idx: 0,
                         });
-                        self.spool.want_fresh(next_fresh, max);
+                        self.spool.want_fresh(next_fresh);
                         if let Some(last) = more.last() {
                             cursor = Some(last.loc);
                         }
@@ -355,11 +348,19 @@ impl Forwarder {
         shutdown: &CancellationToken,
     ) -> Result<(), ()> {
         // Split by event type (one type per batch in the bag-events contract), keeping order.
+        // Usually a batch has one type and is kept as it is.
         let mut groups: Vec<Vec<SpooledEvent>> = Vec::new();
-        for e in batch {
-            match groups.last_mut() {
-                Some(g) if batch_type(&g[0]) == batch_type(&e) => g.push(e),
-                _ => groups.push(vec![e]),
+        let one_type = batch
+            .first()
+            .is_some_and(|f| batch.iter().all(|e| batch_type(e) == batch_type(f)));
+        if one_type {
+            groups.push(batch);
+        } else {
+            for e in batch {
+                match groups.last_mut() {
+                    Some(g) if batch_type(&g[0]) == batch_type(&e) => g.push(e),
+                    _ => groups.push(vec![e]),
+                }
             }
         }
         let mut stack: Vec<(Vec<SpooledEvent>, bool)> =

@@ -7,32 +7,50 @@
 
 use super::{AppendResult, DeadLetter, Spool, SpoolError, Stats};
 use crate::event::{wall_now_ms, EventBody, Loc, SpooledEvent};
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Freshly committed events handed from the spool thread straight to a forwarder that has
 /// read everything before them, so the steady state never reads a chunk back (no read
-/// transaction, no decompression, no decoding). Only an optimisation: whenever the slot does
-/// not hold exactly the events the forwarder needs next, it reads from the spool as usual.
-/// At most one chunk is held, and only chunks no larger than one batch.
+/// transaction, no decompression, no decoding). Only an optimisation: whenever the queue does
+/// not start with exactly the events the forwarder needs next, it reads from the spool as
+/// usual.
+///
+/// The queue holds consecutive chunks, at most [`HANDOFF_MAX_EVENTS`] events in all. A chunk
+/// that does not follow the queue (or the forwarder's position, when the queue is empty), or
+/// that would pass the bound, empties the queue: the forwarder has fallen behind and reads
+/// back until it catches up again ([`SpoolHandle::want_fresh`]).
 #[derive(Default)]
 pub struct Handoff {
-    slot: Mutex<Option<Vec<SpooledEvent>>>,
+    queue: Mutex<VecDeque<Vec<SpooledEvent>>>,
     /// The chunk id the forwarder needs next from its start, or -1 when it is behind.
     wants_chunk: AtomicI64,
-    max_events: AtomicUsize,
 }
+
+/// Bound of the hand-over queue: one full merged commit. Beyond it a forwarder is behind by
+/// more than a commit, and reading back costs less than holding the events.
+pub const HANDOFF_MAX_EVENTS: usize = MERGE_MAX_EVENTS;
 
 impl Handoff {
     /// Called by the spool thread after committing `events` (one chunk).
     fn offer(&self, events: Vec<SpooledEvent>) {
-        let wanted = events.first().is_some_and(|e| {
-            e.loc.chunk == self.wants_chunk.load(Ordering::Acquire)
-                && events.len() <= self.max_events.load(Ordering::Relaxed)
-        });
-        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
-        *slot = wanted.then_some(events);
+        let Some(chunk) = events.first().map(|e| e.loc.chunk) else {
+            return;
+        };
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let follows = match queue.back() {
+            Some(last) => last.first().map(|e| e.loc.chunk + 1) == Some(chunk),
+            None => self.wants_chunk.load(Ordering::Acquire) == chunk,
+        };
+        let queued: usize = queue.iter().map(Vec::len).sum();
+        if follows && queued + events.len() <= HANDOFF_MAX_EVENTS {
+            queue.push_back(events);
+        } else {
+            queue.clear();
+            self.wants_chunk.store(-1, Ordering::Release);
+        }
     }
 }
 
@@ -315,30 +333,74 @@ impl SpoolHandle {
     }
 
     /// Tell the spool thread which events the caller needs next: `Some(loc)` when it has read
-    /// everything before `loc` (then fresh commits starting there are handed over, up to
-    /// `max_events` per chunk), `None` when it is behind.
-    pub fn want_fresh(&self, next: Option<Loc>, max_events: usize) {
-        let chunk = match next {
-            Some(l) if l.idx == 0 => l.chunk,
-            _ => -1,
+    /// everything before `loc` (then fresh commits from there on are handed over), `None` when
+    /// it is behind. Queued chunks before `loc` are dropped.
+    pub fn want_fresh(&self, next: Option<Loc>) {
+        let mut queue = self.handoff.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(next) = next else {
+            queue.clear();
+            self.handoff.wants_chunk.store(-1, Ordering::Release);
+            return;
         };
-        self.handoff.max_events.store(max_events, Ordering::Relaxed);
-        self.handoff.wants_chunk.store(chunk, Ordering::Release);
+        while queue
+            .front()
+            .and_then(|c| c.first())
+            .is_some_and(|e| e.loc.chunk < next.chunk)
+        {
+            queue.pop_front();
+        }
+        if queue.is_empty() {
+            let chunk = if next.idx == 0 { next.chunk } else { -1 };
+            self.handoff.wants_chunk.store(chunk, Ordering::Release);
+        }
     }
 
-    /// Take up to `room` handed-over events if they start exactly at `next`. The flag says
-    /// whether the rest of that chunk was taken too.
-    pub fn take_fresh(&self, next: Loc, room: usize) -> Option<(Vec<SpooledEvent>, bool)> {
-        let mut slot = self.handoff.slot.lock().unwrap_or_else(|p| p.into_inner());
-        let events = slot.as_mut()?;
-        if events.first().map(|e| e.loc) != Some(next) || room == 0 {
+    /// Take up to `room` handed-over events if they start exactly at `next`, across queued
+    /// chunks. Returns them and the position that follows the last one taken.
+    pub fn take_fresh(&self, next: Loc, room: usize) -> Option<(Vec<SpooledEvent>, Loc)> {
+        let mut queue = self.handoff.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let front = queue.front()?.first()?.loc;
+        if front != next || room == 0 {
             return None;
         }
-        if events.len() <= room {
-            return slot.take().map(|v| (v, true));
+        let mut out: Vec<SpooledEvent> = Vec::new();
+        let mut after = next;
+        while out.len() < room {
+            let Some(chunk) = queue.front_mut() else {
+                break;
+            };
+            let want = room - out.len();
+            if chunk.len() <= want {
+                let chunk = queue.pop_front().unwrap_or_default();
+                if let Some(last) = chunk.last() {
+                    after = Loc {
+                        chunk: last.loc.chunk + 1,
+                        idx: 0,
+                    };
+                }
+                if out.is_empty() {
+                    out = chunk;
+                } else {
+                    out.extend(chunk);
+                }
+            } else {
+                let rest = chunk.split_off(want);
+                let head = std::mem::replace(chunk, rest);
+                if let Some(last) = head.last() {
+                    after = Loc {
+                        chunk: last.loc.chunk,
+                        idx: last.loc.idx + 1,
+                    };
+                }
+                out.extend(head);
+            }
         }
-        let rest = events.split_off(room);
-        Some((std::mem::replace(events, rest), false))
+        if queue.is_empty() {
+            // Everything handed over so far is taken: the next commit follows `after`.
+            let chunk = if after.idx == 0 { after.chunk } else { -1 };
+            self.handoff.wants_chunk.store(chunk, Ordering::Release);
+        }
+        Some((out, after))
     }
 
     pub async fn ack(&self, locs: Vec<Loc>) -> Result<(), HandleError> {
@@ -371,5 +433,109 @@ impl SpoolHandle {
     /// A receiver that changes whenever a chunk is committed (value: its id).
     pub fn committed(&self) -> watch::Receiver<i64> {
         self.committed.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::ReadKind;
+
+    fn chunk(id: i64, n: u32) -> Vec<SpooledEvent> {
+        (0..n)
+            .map(|idx| SpooledEvent {
+                loc: Loc { chunk: id, idx },
+                seq: 0,
+                committed_ms: 0,
+                event_id: uuid::Uuid::nil(),
+                boot_id: uuid::Uuid::nil(),
+                body: EventBody {
+                    kind: ReadKind::Barcode,
+                    tag: format!("{id}-{idx}"),
+                    source: "s".into(),
+                    location: "l".into(),
+                    device: "d".into(),
+                    scan_type: None,
+                    antenna: None,
+                    rssi_cdbm: None,
+                    read_count: 1,
+                    first_seen_ms: 0,
+                    last_seen_ms: 0,
+                    symbology: None,
+                    value: None,
+                },
+            })
+            .collect()
+    }
+
+    fn handle() -> SpoolHandle {
+        let (tx, _rx) = mpsc::channel(1);
+        let (_w, committed) = watch::channel(0);
+        SpoolHandle {
+            tx,
+            committed,
+            handoff: Arc::new(Handoff {
+                wants_chunk: AtomicI64::new(-1),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn locs(v: &[SpooledEvent]) -> Vec<(i64, u32)> {
+        v.iter().map(|e| (e.loc.chunk, e.loc.idx)).collect()
+    }
+
+    #[test]
+    fn consecutive_chunks_are_taken_across_chunk_boundaries() {
+        let h = handle();
+        // Behind: nothing is queued.
+        h.handoff.offer(chunk(1, 3));
+        assert!(h.take_fresh(Loc { chunk: 1, idx: 0 }, 10).is_none());
+        h.want_fresh(Some(Loc { chunk: 2, idx: 0 }));
+        h.handoff.offer(chunk(2, 3));
+        h.handoff.offer(chunk(3, 4));
+        // Not where the forwarder is: refused, queue kept.
+        assert!(h.take_fresh(Loc { chunk: 2, idx: 1 }, 10).is_none());
+        let (got, after) = h.take_fresh(Loc { chunk: 2, idx: 0 }, 5).unwrap();
+        assert_eq!(locs(&got), [(2, 0), (2, 1), (2, 2), (3, 0), (3, 1)]);
+        assert_eq!(after, Loc { chunk: 3, idx: 2 });
+        // A new commit while part of chunk 3 is still queued joins the queue.
+        h.handoff.offer(chunk(4, 1));
+        let (got, after) = h.take_fresh(after, 10).unwrap();
+        assert_eq!(locs(&got), [(3, 2), (3, 3), (4, 0)]);
+        assert_eq!(after, Loc { chunk: 5, idx: 0 });
+        // Queue empty: the next commit follows the last one taken.
+        h.handoff.offer(chunk(5, 2));
+        let (got, _) = h.take_fresh(after, 10).unwrap();
+        assert_eq!(locs(&got), [(5, 0), (5, 1)]);
+    }
+
+    #[test]
+    fn a_gap_or_an_overflow_empties_the_queue_until_the_forwarder_catches_up() {
+        let h = handle();
+        h.want_fresh(Some(Loc { chunk: 1, idx: 0 }));
+        h.handoff.offer(chunk(1, 2));
+        h.handoff.offer(chunk(3, 2)); // chunk 2 missing
+        assert!(h.take_fresh(Loc { chunk: 1, idx: 0 }, 10).is_none());
+        h.handoff.offer(chunk(4, 2)); // still behind: not queued
+        assert!(h.take_fresh(Loc { chunk: 4, idx: 0 }, 10).is_none());
+
+        // Caught up again (read back to chunk 4), then more than the bound is committed.
+        h.want_fresh(Some(Loc { chunk: 5, idx: 0 }));
+        h.handoff.offer(chunk(5, HANDOFF_MAX_EVENTS as u32 - 1));
+        h.handoff.offer(chunk(6, 2));
+        assert!(h.take_fresh(Loc { chunk: 5, idx: 0 }, 10).is_none());
+
+        // Stale queued chunks are dropped when the forwarder says where it is.
+        h.want_fresh(Some(Loc { chunk: 7, idx: 0 }));
+        h.handoff.offer(chunk(7, 1));
+        h.handoff.offer(chunk(8, 1));
+        h.want_fresh(Some(Loc { chunk: 8, idx: 0 }));
+        let (got, _) = h.take_fresh(Loc { chunk: 8, idx: 0 }, 10).unwrap();
+        assert_eq!(locs(&got), [(8, 0)]);
+        // Behind: the queue is emptied at once.
+        h.handoff.offer(chunk(9, 1));
+        h.want_fresh(None);
+        assert!(h.take_fresh(Loc { chunk: 9, idx: 0 }, 10).is_none());
     }
 }
