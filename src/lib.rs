@@ -16,7 +16,7 @@
 //! | source (replay) | tokio task per file | the file | — | waits (a file can be paused) |
 //! | ingest | one tokio task, woken per group, not per read | read channel | [`app::READ_CHANNEL`] = 8192 reads | serial reads dropped, counted `pipeline_full`; replay waits |
 //! | spool | one OS thread (blocking SQLite) | command channel | [`spool::actor::COMMAND_CAPACITY`] = 4 commands | ingest waits; its read channel absorbs the burst |
-//! | forwarder | one tokio task | the spool (pull), or a just-committed chunk handed over ([`spool::actor::Handoff`], one chunk ≤ one batch) | one batch (≤ 1000 events) in memory | — |
+//! | forwarder | one tokio task | the spool (pull), or just-committed chunks handed over when caught up ([`spool::actor::Handoff`], consecutive chunks, ≤ 8,192 events queued; beyond that it reads back) | one batch (≤ 1000 events) in memory | — |
 //! | admin | axum on loopback | HTTP | — | — |
 //!
 //! The async runtime has one worker: the async stages are light, and the heavy work (ports,
