@@ -54,10 +54,24 @@ fn main() {
     println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
 }
 
-/// Rust 1.90 and later link `x86_64-unknown-linux-gnu` with its bundled LLD.
+/// Rust 1.90 and later link `x86_64-unknown-linux-gnu` with their bundled LLD, when the
+/// toolchain ships it (rustup's do; some distributions' packages do not).
 fn rustc_links_with_lld() -> bool {
     let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let Ok(out) = Command::new(rustc).arg("--version").output() else {
+    let bundled = Command::new(&rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .is_some_and(|root| {
+            Path::new(&root)
+                .join("lib/rustlib/x86_64-unknown-linux-gnu/bin/gcc-ld/ld.lld")
+                .exists()
+        });
+    if !bundled {
+        return false;
+    }
+    let Ok(out) = Command::new(&rustc).arg("--version").output() else {
         return false;
     };
     let v = String::from_utf8_lossy(&out.stdout);
