@@ -279,18 +279,21 @@ async fn through(label: &str, n: u64, rate: u64, spool_extra: &str, up_extra: &s
     let t0 = Instant::now();
     let feeder = feed(master, 0, n, rate);
     let limit = Duration::from_secs(120 + n.checked_div(rate).unwrap_or(0));
-    let t = Instant::now();
-    while ing.with(|s| s.light_count) < n {
-        if t.elapsed() > limit {
-            let got = ing.with(|s| s.light_count);
-            let body = match reqwest::get(format!("http://127.0.0.1:{}/metrics", d.admin)).await {
-                Ok(r) => r.text().await.unwrap_or_default(),
-                Err(e) => format!("(no metrics: {e})"),
-            };
-            let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
-            panic!("timed out: {got} of {n} delivered\n--- daemon log ---\n{log}\n--- metrics ---\n{body}");
+    let delivered = async {
+        while ing.with(|s| s.light_count) < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    if tokio::time::timeout(limit, delivered).await.is_err() {
+        let got = ing.with(|s| s.light_count);
+        let body = match reqwest::get(format!("http://127.0.0.1:{}/metrics", d.admin)).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(e) => format!("(no metrics: {e})"),
+        };
+        let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
+        panic!(
+            "timed out: {got} of {n} delivered\n--- daemon log ---\n{log}\n--- metrics ---\n{body}"
+        );
     }
     let secs = t0.elapsed().as_secs_f64();
     let row = Row {

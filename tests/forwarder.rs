@@ -481,3 +481,40 @@ async fn handed_over_and_read_back_events_are_delivered_once_in_order() {
     );
     rig.shutdown().await;
 }
+
+/// One commit with scan and sensor events interleaved: the bag-events contract allows one
+/// event type per batch, so each run of one type goes as a batch of its own, in commit order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_mixed_event_types_is_sent_as_one_request_per_run_in_order() {
+    let ingest = Ingest::start().await;
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| config(d, &url, "bag-events", "batch_max_events = 10")).await;
+    let kinds = [false, false, false, true, true, false];
+    let bodies = kinds
+        .iter()
+        .enumerate()
+        .map(|(i, &sensor)| {
+            let mut b = common::body(&format!("m{i}"), 1_763_289_000_000 + i as i64);
+            if sensor {
+                b.kind = scangate::event::ReadKind::Sensor;
+                b.value = Some(21.5);
+            }
+            b
+        })
+        .collect();
+    rig.spool.append(bodies).await.expect("append");
+    wait_until("6 events delivered", T, || ingest.unique() == 6).await;
+    ingest.with(|s| {
+        let types: Vec<(String, usize)> = s
+            .envelopes
+            .iter()
+            .zip(&s.requests)
+            .map(|(e, r)| (e["event_type"].as_str().unwrap().to_string(), r.events))
+            .collect();
+        assert_eq!(
+            types,
+            [("scan".into(), 3), ("sensor".into(), 2), ("scan".into(), 1)]
+        );
+    });
+    rig.shutdown().await;
+}

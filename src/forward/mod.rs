@@ -348,20 +348,17 @@ impl Forwarder {
         shutdown: &CancellationToken,
     ) -> Result<(), ()> {
         // Split by event type (one type per batch in the bag-events contract), keeping order.
-        // Usually a batch has one type and is kept as it is.
+        // Runs are split off in place: a batch of one type (the usual case) is not copied.
         let mut groups: Vec<Vec<SpooledEvent>> = Vec::new();
-        let one_type = batch
-            .first()
-            .is_some_and(|f| batch.iter().all(|e| batch_type(e) == batch_type(f)));
-        if one_type {
-            groups.push(batch);
-        } else {
-            for e in batch {
-                match groups.last_mut() {
-                    Some(g) if batch_type(&g[0]) == batch_type(&e) => g.push(e),
-                    _ => groups.push(vec![e]),
-                }
-            }
+        let mut rest = batch;
+        while let Some(first) = rest.first() {
+            let t = batch_type(first);
+            let end = rest
+                .iter()
+                .position(|e| batch_type(e) != t)
+                .unwrap_or(rest.len());
+            let tail = rest.split_off(end);
+            groups.push(std::mem::replace(&mut rest, tail));
         }
         let mut stack: Vec<(Vec<SpooledEvent>, bool)> =
             groups.into_iter().rev().map(|g| (g, false)).collect();
