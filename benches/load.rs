@@ -126,14 +126,16 @@ fn start_daemon(
     // BENCH_WRAP="valgrind --tool=callgrind ..." runs the daemon under a profiler
     // (cross/symbol-order.sh uses this).
     let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
+    // BENCH_BIN: another scangate binary (a saved build, for paired before/after runs).
+    let bin = std::env::var("BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_scangate").into());
     let mut words = wrap.split_whitespace();
     let mut cmd = match words.next() {
         Some(w) => {
             let mut c = Command::new(w);
-            c.args(words).arg(env!("CARGO_BIN_EXE_scangate"));
+            c.args(words).arg(&bin);
             c
         }
-        None => Command::new(env!("CARGO_BIN_EXE_scangate")),
+        None => Command::new(&bin),
     };
     let child = cmd
         .args(["run", "--config"])

@@ -79,10 +79,15 @@ pub struct Read {
 pub struct EventBody {
     pub kind: ReadKind,
     pub tag: String,
-    /// Shared: the same few names repeat on every event of a source.
+    /// Shared: the same few names repeat on every event of a source (and are decoded into one
+    /// shared allocation, see [`intern`]).
+    #[serde(deserialize_with = "de_name")]
     pub source: Arc<str>,
+    #[serde(deserialize_with = "de_name")]
     pub location: Arc<str>,
+    #[serde(deserialize_with = "de_name")]
     pub device: Arc<str>,
+    #[serde(deserialize_with = "de_opt_name")]
     pub scan_type: Option<Arc<str>>,
     pub antenna: Option<u16>,
     /// Peak RSSI in centi-dBm (-5250 = -52.5 dBm): integers compress and compare exactly.
@@ -104,6 +109,73 @@ impl EventBody {
     pub fn clock_unsynced(&self) -> bool {
         self.first_seen_ms < PLAUSIBLE_WALL_MS
     }
+}
+
+/// Names recently decoded on this thread (most recent first), at most [`INTERN_MAX`].
+const INTERN_MAX: usize = 32;
+
+thread_local! {
+    static NAMES: std::cell::RefCell<Vec<Arc<str>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The shared copy of a source, location or device name. A chunk read back from the spool
+/// holds thousands of events that name the same few places; decoding each name into its own
+/// allocation cost three allocations and frees per event. The table is per thread (the spool
+/// thread decodes) and bounded: names beyond [`INTERN_MAX`] distinct ones are still shared
+/// while they are among the most recent.
+pub fn intern(name: &str) -> Arc<str> {
+    NAMES.with(|names| {
+        let mut names = names.borrow_mut();
+        if let Some(i) = names.iter().position(|n| **n == *name) {
+            let hit = names[i].clone();
+            if i > 0 {
+                names[..=i].rotate_right(1);
+            }
+            return hit;
+        }
+        let fresh: Arc<str> = Arc::from(name);
+        if names.len() == INTERN_MAX {
+            names.pop();
+        }
+        names.insert(0, fresh.clone());
+        fresh
+    })
+}
+
+struct NameVisitor;
+
+impl serde::de::Visitor<'_> for NameVisitor {
+    type Value = Arc<str>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a name")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Arc<str>, E> {
+        Ok(intern(v))
+    }
+}
+
+fn de_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Arc<str>, D::Error> {
+    d.deserialize_str(NameVisitor)
+}
+
+fn de_opt_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Arc<str>>, D::Error> {
+    struct Opt;
+    impl<'de> serde::de::Visitor<'de> for Opt {
+        type Value = Option<Arc<str>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an optional name")
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            de_name(d).map(Some)
+        }
+    }
+    d.deserialize_option(Opt)
 }
 
 /// Where an event lives in the spool: chunk row id and index inside the chunk.
@@ -231,6 +303,21 @@ mod tests {
         assert_ne!(a, event_id(43, 1, 1_700_000_000_000), "salt must matter");
         let (secs, _) = a.get_timestamp().expect("v7 has a timestamp").to_unix();
         assert_eq!(secs, 1_700_000_000);
+    }
+
+    #[test]
+    fn interned_names_are_shared_and_bounded() {
+        let a = intern("HALL-A");
+        assert!(Arc::ptr_eq(&a, &intern("HALL-A")));
+        assert_eq!(&*intern("HALL-B"), "HALL-B");
+        for i in 0..INTERN_MAX {
+            intern(&format!("other-{i}"));
+        }
+        // Pushed out by newer names: a new allocation with the same text.
+        let again = intern("HALL-A");
+        assert!(!Arc::ptr_eq(&a, &again));
+        assert_eq!(again, a);
+        NAMES.with(|n| assert_eq!(n.borrow().len(), INTERN_MAX));
     }
 
     #[test]

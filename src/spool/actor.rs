@@ -18,13 +18,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// not start with exactly the events the forwarder needs next, it reads from the spool as
 /// usual.
 ///
-/// The queue holds consecutive chunks, at most [`HANDOFF_MAX_EVENTS`] events in all. A chunk
-/// that does not follow the queue (or the forwarder's position, when the queue is empty), or
-/// that would pass the bound, empties the queue: the forwarder has fallen behind and reads
-/// back until it catches up again ([`SpoolHandle::want_fresh`]).
+/// The queue holds the events of consecutive chunks, at most [`HANDOFF_MAX_EVENTS`] in all, in
+/// one ring buffer (a take moves only the events taken). A chunk that does not follow the queue
+/// (or the forwarder's position, when the queue is empty), or that would pass the bound, empties
+/// the queue: the forwarder has fallen behind and reads back until it catches up again
+/// ([`SpoolHandle::want_fresh`]).
 #[derive(Default)]
 pub struct Handoff {
-    queue: Mutex<VecDeque<Vec<SpooledEvent>>>,
+    queue: Mutex<VecDeque<SpooledEvent>>,
     /// The chunk id the forwarder needs next from its start, or -1 when it is behind.
     wants_chunk: AtomicI64,
 }
@@ -33,23 +34,50 @@ pub struct Handoff {
 /// more than a commit, and reading back costs less than holding the events.
 pub const HANDOFF_MAX_EVENTS: usize = MERGE_MAX_EVENTS;
 
+/// Capacity an emptied queue keeps: a burst's ring buffer (over four times this) is given
+/// back, a steady state's is reused.
+const HANDOFF_KEEP: usize = 1024;
+
 impl Handoff {
+    fn follows(&self, queue: &VecDeque<SpooledEvent>, chunk: i64) -> bool {
+        match queue.back() {
+            Some(last) => last.loc.chunk + 1 == chunk,
+            None => self.wants_chunk.load(Ordering::Acquire) == chunk,
+        }
+    }
+
+    fn give_up(&self, queue: &mut VecDeque<SpooledEvent>) {
+        queue.clear();
+        queue.shrink_to(HANDOFF_KEEP);
+        self.wants_chunk.store(-1, Ordering::Release);
+    }
+
+    /// Whether chunk `chunk` of `n` events would be queued now. Asked before the committed
+    /// events are built, so that a forwarder that is behind costs nothing here; when the answer
+    /// is no, the queue is emptied (the forwarder reads back from its position).
+    fn accepts(&self, chunk: i64, n: usize) -> bool {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let ok = n > 0 && self.follows(&queue, chunk) && queue.len() + n <= HANDOFF_MAX_EVENTS;
+        if !ok && (!queue.is_empty() || self.wants_chunk.load(Ordering::Acquire) != -1) {
+            self.give_up(&mut queue);
+        }
+        ok
+    }
+
     /// Called by the spool thread after committing `events` (one chunk).
     fn offer(&self, events: Vec<SpooledEvent>) {
         let Some(chunk) = events.first().map(|e| e.loc.chunk) else {
             return;
         };
+        if !self.accepts(chunk, events.len()) {
+            return;
+        }
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let follows = match queue.back() {
-            Some(last) => last.first().map(|e| e.loc.chunk + 1) == Some(chunk),
-            None => self.wants_chunk.load(Ordering::Acquire) == chunk,
-        };
-        let queued: usize = queue.iter().map(Vec::len).sum();
-        if follows && queued + events.len() <= HANDOFF_MAX_EVENTS {
-            queue.push_back(events);
+        // The forwarder may have taken or given up in between: check again under the lock.
+        if self.follows(&queue, chunk) {
+            queue.extend(events);
         } else {
-            queue.clear();
-            self.wants_chunk.store(-1, Ordering::Release);
+            self.give_up(&mut queue);
         }
     }
 }
@@ -164,9 +192,12 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
                         }
                     }
                     let total = bodies.len() as u64;
-                    let result = match spool.append_events(bodies, wall_now_ms()) {
+                    let keep = |chunk, n| offer.accepts(chunk, n);
+                    let result = match spool.append_events(bodies, wall_now_ms(), keep) {
                         Ok((r, events)) => {
-                            offer.offer(events);
+                            if let Some(events) = events {
+                                offer.offer(events);
+                            }
                             Ok(r)
                         }
                         Err(e) => Err(e),
@@ -336,70 +367,44 @@ impl SpoolHandle {
     /// everything before `loc` (then fresh commits from there on are handed over), `None` when
     /// it is behind. Queued chunks before `loc` are dropped.
     pub fn want_fresh(&self, next: Option<Loc>) {
-        let mut queue = self.handoff.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let handoff = &self.handoff;
+        let mut queue = handoff.queue.lock().unwrap_or_else(|p| p.into_inner());
         let Some(next) = next else {
-            queue.clear();
-            self.handoff.wants_chunk.store(-1, Ordering::Release);
+            handoff.give_up(&mut queue);
             return;
         };
-        while queue
-            .front()
-            .and_then(|c| c.first())
-            .is_some_and(|e| e.loc.chunk < next.chunk)
-        {
+        while queue.front().is_some_and(|e| e.loc < next) {
             queue.pop_front();
         }
         if queue.is_empty() {
             let chunk = if next.idx == 0 { next.chunk } else { -1 };
-            self.handoff.wants_chunk.store(chunk, Ordering::Release);
+            handoff.wants_chunk.store(chunk, Ordering::Release);
         }
     }
 
     /// Take up to `room` handed-over events if they start exactly at `next`, across queued
     /// chunks. Returns them and the position that follows the last one taken.
     pub fn take_fresh(&self, next: Loc, room: usize) -> Option<(Vec<SpooledEvent>, Loc)> {
-        let mut queue = self.handoff.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let front = queue.front()?.first()?.loc;
-        if front != next || room == 0 {
+        let handoff = &self.handoff;
+        let mut queue = handoff.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if queue.front()?.loc != next || room == 0 {
             return None;
         }
-        let mut out: Vec<SpooledEvent> = Vec::new();
-        let mut after = next;
-        while out.len() < room {
-            let Some(chunk) = queue.front_mut() else {
-                break;
-            };
-            let want = room - out.len();
-            if chunk.len() <= want {
-                let chunk = queue.pop_front().unwrap_or_default();
-                if let Some(last) = chunk.last() {
-                    after = Loc {
-                        chunk: last.loc.chunk + 1,
-                        idx: 0,
-                    };
+        let n = room.min(queue.len());
+        let out: Vec<SpooledEvent> = queue.drain(..n).collect();
+        let after = match queue.front() {
+            Some(e) => e.loc,
+            None => {
+                // Everything handed over so far is taken (whole chunks are queued, so the last
+                // one taken ends its chunk): the next commit follows it.
+                let chunk = out.last().map_or(next.chunk, |e| e.loc.chunk) + 1;
+                handoff.wants_chunk.store(chunk, Ordering::Release);
+                if queue.capacity() > 4 * HANDOFF_KEEP {
+                    queue.shrink_to(HANDOFF_KEEP);
                 }
-                if out.is_empty() {
-                    out = chunk;
-                } else {
-                    out.extend(chunk);
-                }
-            } else {
-                let rest = chunk.split_off(want);
-                let head = std::mem::replace(chunk, rest);
-                if let Some(last) = head.last() {
-                    after = Loc {
-                        chunk: last.loc.chunk,
-                        idx: last.loc.idx + 1,
-                    };
-                }
-                out.extend(head);
+                Loc { chunk, idx: 0 }
             }
-        }
-        if queue.is_empty() {
-            // Everything handed over so far is taken: the next commit follows `after`.
-            let chunk = if after.idx == 0 { after.chunk } else { -1 };
-            self.handoff.wants_chunk.store(chunk, Ordering::Release);
-        }
+        };
         Some((out, after))
     }
 

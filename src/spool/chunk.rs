@@ -25,6 +25,34 @@ pub struct ChunkData {
     pub records: Vec<Record>,
 }
 
+/// A fresh group serialised straight from its bodies, byte for byte what
+/// `ChunkData { boot_id, records: [Record { seq_delta: i, committed_delta: 0, body }] }` gives,
+/// without moving every body into a `Record` first.
+#[derive(Serialize)]
+struct FreshChunk<'a> {
+    boot_id: [u8; 16],
+    records: FreshRecords<'a>,
+}
+
+struct FreshRecords<'a>(&'a [EventBody]);
+
+#[derive(Serialize)]
+struct RecordRef<'a> {
+    seq_delta: i64,
+    committed_delta: i64,
+    body: &'a EventBody,
+}
+
+impl Serialize for FreshRecords<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().enumerate().map(|(i, body)| RecordRef {
+            seq_delta: i as i64,
+            committed_delta: 0,
+            body,
+        }))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {
     #[error("unknown chunk format byte {0}")]
@@ -67,6 +95,22 @@ impl Default for Codec {
 
 impl Codec {
     pub fn encode(&mut self, data: &ChunkData) -> Result<Vec<u8>, postcard::Error> {
+        self.encode_value(data)
+    }
+
+    /// The chunk of a fresh group: `bodies` get seqs `first_seq + i`, all committed now.
+    pub fn encode_fresh(
+        &mut self,
+        boot_id: [u8; 16],
+        bodies: &[EventBody],
+    ) -> Result<Vec<u8>, postcard::Error> {
+        self.encode_value(&FreshChunk {
+            boot_id,
+            records: FreshRecords(bodies),
+        })
+    }
+
+    fn encode_value<T: Serialize>(&mut self, data: &T) -> Result<Vec<u8>, postcard::Error> {
         let mut raw = std::mem::take(&mut self.raw);
         raw.clear();
         let raw = postcard::to_extend(data, raw)?;
@@ -154,5 +198,29 @@ mod tests {
             assert_eq!(c.decode(&blob).unwrap(), data);
             assert!(c.raw.capacity() <= KEEP_BUFFER && c.packed.capacity() <= KEEP_BUFFER);
         }
+    }
+
+    #[test]
+    fn a_fresh_group_encodes_exactly_as_its_records() {
+        let mut c = Codec::default();
+        for n in [0, 1, 300] {
+            let data = chunk(n, "f");
+            let bodies: Vec<EventBody> = data.records.iter().map(|r| r.body.clone()).collect();
+            let fresh = c.encode_fresh(data.boot_id, &bodies).unwrap();
+            assert_eq!(fresh, c.encode(&data).unwrap());
+            assert_eq!(c.decode(&fresh).unwrap(), data);
+        }
+    }
+
+    #[test]
+    fn decoded_names_share_one_allocation() {
+        let mut c = Codec::default();
+        let blob = c.encode(&chunk(50, "n")).unwrap();
+        let data = c.decode(&blob).unwrap();
+        let (a, b) = (&data.records[0].body, &data.records[49].body);
+        assert!(std::sync::Arc::ptr_eq(&a.location, &b.location));
+        assert!(std::sync::Arc::ptr_eq(&a.source, &b.source));
+        assert!(std::sync::Arc::ptr_eq(&a.device, &b.device));
+        assert_eq!(&*a.location, "HALL");
     }
 }

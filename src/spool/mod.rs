@@ -135,11 +135,16 @@ pub struct AppendResult {
     pub evicted: u64,
 }
 
+/// The chunk being read, decoded once. Records are moved out as they are read (no copy per
+/// event); a read that starts before `next` decodes the chunk again.
 struct DecodedChunk {
     id: i64,
     first_seq: u64,
     created_ms: i64,
-    data: ChunkData,
+    boot: Uuid,
+    /// Records not yet read, starting at index `next`.
+    records: std::vec::IntoIter<Record>,
+    next: usize,
 }
 
 pub struct Spool {
@@ -502,55 +507,46 @@ impl Spool {
         bodies: Vec<EventBody>,
         now_ms: i64,
     ) -> Result<AppendResult, SpoolError> {
-        self.append_inner(bodies, now_ms).map(|(r, _)| r)
+        self.append_inner(&bodies, now_ms)
     }
 
     /// [`Spool::append`], also returning the committed events exactly as
     /// [`Spool::read_after`] would return them, so the caller can forward them without reading
-    /// the chunk back.
+    /// the chunk back. `keep(chunk, count)` is asked after the commit; when it says no, the
+    /// events are not built (a forwarder that is behind reads them back later).
     pub fn append_events(
         &mut self,
         bodies: Vec<EventBody>,
         now_ms: i64,
-    ) -> Result<(AppendResult, Vec<SpooledEvent>), SpoolError> {
-        let (r, data) = self.append_inner(bodies, now_ms)?;
+        keep: impl FnOnce(i64, usize) -> bool,
+    ) -> Result<(AppendResult, Option<Vec<SpooledEvent>>), SpoolError> {
+        let r = self.append_inner(&bodies, now_ms)?;
+        if !keep(r.chunk, bodies.len()) {
+            return Ok((r, None));
+        }
         let base = ChunkBase {
             salt: self.salt,
             chunk: r.chunk,
             first_seq: r.first_seq,
             created_ms: now_ms,
-            boot: Uuid::from_bytes(data.boot_id),
+            boot: self.boot_id,
         };
-        let events = data
-            .records
+        let events = bodies
             .into_iter()
             .enumerate()
-            .map(|(i, rec)| base.event(i, rec.seq_delta, rec.committed_delta, rec.body))
+            .map(|(i, body)| base.event(i, i as i64, 0, body))
             .collect();
-        Ok((r, events))
+        Ok((r, Some(events)))
     }
 
     fn append_inner(
         &mut self,
-        bodies: Vec<EventBody>,
+        bodies: &[EventBody],
         now_ms: i64,
-    ) -> Result<(AppendResult, ChunkData), SpoolError> {
+    ) -> Result<AppendResult, SpoolError> {
         let count = bodies.len();
         let first_seq = self.next_seq;
-        let records: Vec<Record> = bodies
-            .into_iter()
-            .enumerate()
-            .map(|(i, body)| Record {
-                seq_delta: i as i64,
-                committed_delta: 0,
-                body,
-            })
-            .collect();
-        let data = ChunkData {
-            boot_id: *self.boot_id.as_bytes(),
-            records,
-        };
-        let blob = self.codec.encode(&data)?;
+        let blob = self.codec.encode_fresh(*self.boot_id.as_bytes(), bodies)?;
         let chunk = self.insert_chunk(
             first_seq,
             now_ms,
@@ -560,15 +556,12 @@ impl Spool {
             &[],
         )?;
         self.next_seq = first_seq + count as u64;
-        Ok((
-            AppendResult {
-                first_seq,
-                count,
-                chunk: chunk.0,
-                evicted: chunk.1,
-            },
-            data,
-        ))
+        Ok(AppendResult {
+            first_seq,
+            count,
+            chunk: chunk.0,
+            evicted: chunk.1,
+        })
     }
 
     /// Insert one chunk row (and advance next_seq / delete requeued dead letters) in one
@@ -713,8 +706,13 @@ impl Spool {
         Ok(evicted)
     }
 
-    fn load_chunk(&mut self, id: i64) -> Result<Option<&DecodedChunk>, SpoolError> {
-        if self.cache.as_ref().map(|c| c.id) != Some(id) {
+    /// The decoded chunk `id`, positioned at or before record `from`.
+    fn load_chunk(
+        &mut self,
+        id: i64,
+        from: usize,
+    ) -> Result<Option<&mut DecodedChunk>, SpoolError> {
+        if self.cache.as_ref().map(|c| (c.id, c.next <= from)) != Some((id, true)) {
             let row: Option<(i64, i64, Vec<u8>)> = self
                 .conn
                 .prepare_cached("SELECT first_seq, created_ms, data FROM chunks WHERE id = ?1")?
@@ -729,7 +727,9 @@ impl Spool {
                         id,
                         first_seq: first_seq as u64,
                         created_ms,
-                        data,
+                        boot: Uuid::from_bytes(data.boot_id),
+                        records: data.records.into_iter(),
+                        next: 0,
                     })
                 }
                 Err(e) => {
@@ -739,7 +739,7 @@ impl Spool {
                 }
             }
         }
-        Ok(self.cache.as_ref())
+        Ok(self.cache.as_mut())
     }
 
     fn quarantine_chunk(
@@ -812,7 +812,8 @@ impl Spool {
             next_id = id + 1;
             let bits = self.done_bits(id)?;
             let salt = self.salt;
-            let Some(c) = self.load_chunk(id)? else {
+            let from = start_idx as usize;
+            let Some(c) = self.load_chunk(id, from)? else {
                 continue;
             };
             let base = ChunkBase {
@@ -820,16 +821,20 @@ impl Spool {
                 chunk: c.id,
                 first_seq: c.first_seq,
                 created_ms: c.created_ms,
-                boot: Uuid::from_bytes(c.data.boot_id),
+                boot: c.boot,
             };
-            for (i, rec) in c.data.records.iter().enumerate().skip(start_idx as usize) {
-                if out.len() >= max {
-                    break;
-                }
+            if c.next < from {
+                c.records.nth(from - c.next - 1);
+                c.next = from;
+            }
+            while out.len() < max {
+                let Some(rec) = c.records.next() else { break };
+                let i = c.next;
+                c.next += 1;
                 if bit(&bits, i) {
                     continue;
                 }
-                out.push(base.event(i, rec.seq_delta, rec.committed_delta, rec.body.clone()));
+                out.push(base.event(i, rec.seq_delta, rec.committed_delta, rec.body));
             }
         }
         Ok(out)
