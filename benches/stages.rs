@@ -93,13 +93,13 @@ fn stages(c: &mut Criterion) {
     rspool.append(bodies(), 1_763_289_000_000).unwrap();
     let events = rspool.read_after(None, 0, N).unwrap();
     assert_eq!(events.len(), N);
-    let enc = Encoder {
-        profile: Profile::BagEvents,
-        gateway_id: "gw1".into(),
-        site: "PTY".into(),
-        event_type: "interaction".into(),
-        fields: FieldMapping::default(),
-    };
+    let mut enc = Encoder::new(
+        Profile::BagEvents,
+        "gw1".into(),
+        "PTY".into(),
+        "interaction".into(),
+        FieldMapping::default(),
+    );
     let key = batch_key(&events);
     let mut buf = Vec::new();
     g.bench_function("encode_bag_events_json", |b| {

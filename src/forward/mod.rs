@@ -171,13 +171,13 @@ impl Forwarder {
         }
         let client = b.build().map_err(ForwardError::Client)?;
         let token = cfg.token_file.as_deref().and_then(read_token);
-        let encoder = Encoder {
-            profile: cfg.profile,
+        let encoder = Encoder::new(
+            cfg.profile,
             gateway_id,
             site,
-            event_type: cfg.event_type.clone(),
-            fields: cfg.fields.clone(),
-        };
+            cfg.event_type.clone(),
+            cfg.fields.clone(),
+        );
         let backoff = Self::new_backoff(&cfg);
         let compressor = BodyCompressor::new(cfg.compression);
         // Everything committed before the forwarder exists is backlog (live-first).

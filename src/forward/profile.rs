@@ -6,6 +6,7 @@
 
 use crate::config::{FieldMapping, Profile};
 use crate::event::{write_rfc3339_ms, ReadKind, SpooledEvent};
+use std::sync::Arc;
 use uuid::Uuid;
 
 /// Which `event_type` a batch carries (the bag-events contract allows one per batch).
@@ -34,120 +35,263 @@ pub fn batch_key(events: &[SpooledEvent]) -> Uuid {
     Uuid::new_v5(&NS, &bytes)
 }
 
+/// The field names this module writes. Each has its JSON key (`"name":`, after
+/// `[upstream.fields]` renames) written once, in [`Encoder::new`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum K {
+    EventId,
+    Timestamp,
+    SensorId,
+    Location,
+    DeviceId,
+    Value,
+    BagId,
+    ScanType,
+    SignalStrength,
+    ReadCount,
+    Antenna,
+    TagKind,
+    Symbology,
+    FirstSeen,
+    LastSeen,
+    GatewayId,
+    Seq,
+    ClockUnsynced,
+    LearnerId,
+    TenantId,
+    EventType,
+    SourceService,
+    EventData,
+    Metadata,
+    Source,
+    RssiDbm,
+    BootId,
+    Version,
+}
+
+impl K {
+    const ALL: [K; 28] = [
+        K::EventId,
+        K::Timestamp,
+        K::SensorId,
+        K::Location,
+        K::DeviceId,
+        K::Value,
+        K::BagId,
+        K::ScanType,
+        K::SignalStrength,
+        K::ReadCount,
+        K::Antenna,
+        K::TagKind,
+        K::Symbology,
+        K::FirstSeen,
+        K::LastSeen,
+        K::GatewayId,
+        K::Seq,
+        K::ClockUnsynced,
+        K::LearnerId,
+        K::TenantId,
+        K::EventType,
+        K::SourceService,
+        K::EventData,
+        K::Metadata,
+        K::Source,
+        K::RssiDbm,
+        K::BootId,
+        K::Version,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            K::EventId => "event_id",
+            K::Timestamp => "timestamp",
+            K::SensorId => "sensor_id",
+            K::Location => "location",
+            K::DeviceId => "device_id",
+            K::Value => "value",
+            K::BagId => "bag_id",
+            K::ScanType => "scan_type",
+            K::SignalStrength => "signal_strength",
+            K::ReadCount => "read_count",
+            K::Antenna => "antenna",
+            K::TagKind => "tag_kind",
+            K::Symbology => "symbology",
+            K::FirstSeen => "first_seen",
+            K::LastSeen => "last_seen",
+            K::GatewayId => "gateway_id",
+            K::Seq => "seq",
+            K::ClockUnsynced => "clock_unsynced",
+            K::LearnerId => "learner_id",
+            K::TenantId => "tenant_id",
+            K::EventType => "event_type",
+            K::SourceService => "source_service",
+            K::EventData => "event_data",
+            K::Metadata => "metadata",
+            K::Source => "source",
+            K::RssiDbm => "rssi_dbm",
+            K::BootId => "boot_id",
+            K::Version => "version",
+        }
+    }
+}
+
+/// `"key":` for every [`K`], indexed by `K as usize`.
+struct Keys(Vec<Vec<u8>>);
+
+impl Keys {
+    fn new(rename: &[(String, String)]) -> Self {
+        Keys(
+            K::ALL
+                .iter()
+                .map(|k| {
+                    let mut v = Vec::new();
+                    match rename.iter().find(|(from, _)| from == k.name()) {
+                        Some((_, to)) => push_json_str(&mut v, to),
+                        None => push_json_str(&mut v, k.name()),
+                    }
+                    v.push(b':');
+                    v
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Names (location, device, scan type) as JSON string literals, remembered by allocation: the
+/// events of a batch share a handful of `Arc<str>` names (the pipeline's, or the spool's
+/// shared copies), so each is escaped once rather than once per event.
+#[derive(Default)]
+struct NameCache(Vec<(Arc<str>, Vec<u8>)>);
+
+/// Names remembered at once (a gateway has a few sources, each with a few names).
+const NAME_CACHE_MAX: usize = 16;
+
+impl NameCache {
+    fn get(&mut self, name: &Arc<str>) -> &[u8] {
+        let i = match self.0.iter().position(|(n, _)| Arc::ptr_eq(n, name)) {
+            Some(i) => i,
+            None => {
+                if self.0.len() == NAME_CACHE_MAX {
+                    self.0.remove(0);
+                }
+                let mut json = Vec::with_capacity(name.len() + 2);
+                push_json_str(&mut json, name);
+                self.0.push((name.clone(), json));
+                self.0.len() - 1
+            }
+        };
+        &self.0[i].1
+    }
+}
+
+/// Request bodies of one wire profile, with `[upstream.fields]` applied.
 pub struct Encoder {
-    pub profile: Profile,
+    profile: Profile,
     pub gateway_id: String,
-    pub site: String,
-    pub event_type: String,
-    pub fields: FieldMapping,
+    site: String,
+    event_type: String,
+    fields: FieldMapping,
+    keys: Keys,
+    /// Keys of the nested objects (`event_data`, `metadata`), which renames do not touch.
+    plain: Keys,
+    gateway_json: Vec<u8>,
+    names: NameCache,
+    /// The last second formatted by [`Encoder::time`]: consecutive events share it.
+    second: (i64, [u8; 24]),
 }
 
 /// A JSON string literal: unescaped runs are copied whole; `"`, `\\` and control characters
-/// are escaped (RFC 8259 section 7).
+/// are escaped (RFC 8259 section 7). Built in a stack buffer (a tag with quotes in it has many
+/// short runs, and one `Vec` copy per run was a large share of encoding).
 pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let b = s.as_bytes();
-    out.reserve(b.len() + 2);
-    out.push(b'"');
-    let mut run = 0;
-    for (i, &c) in b.iter().enumerate() {
+    const FLUSH: usize = 250;
+    let mut buf = [0u8; 256];
+    buf[0] = b'"';
+    let mut n = 1;
+    for &c in s.as_bytes() {
+        if n >= FLUSH {
+            out.extend_from_slice(&buf[..n]);
+            n = 0;
+        }
         if c >= 0x20 && c != b'"' && c != b'\\' {
+            buf[n] = c;
+            n += 1;
             continue;
         }
-        out.extend_from_slice(&b[run..i]);
-        run = i + 1;
-        match c {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            _ => out.extend_from_slice(&[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[(c >> 4) as usize],
-                HEX[(c & 15) as usize],
-            ]),
-        }
+        let esc = match c {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            b'\n' => b'n',
+            b'\r' => b'r',
+            b'\t' => b't',
+            _ => {
+                buf[n..n + 6].copy_from_slice(&[
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[(c >> 4) as usize],
+                    HEX[(c & 15) as usize],
+                ]);
+                n += 6;
+                continue;
+            }
+        };
+        buf[n] = b'\\';
+        buf[n + 1] = esc;
+        n += 2;
     }
-    out.extend_from_slice(&b[run..]);
-    out.push(b'"');
+    buf[n] = b'"';
+    out.extend_from_slice(&buf[..n + 1]);
 }
 
-/// Writes one JSON object, applying renames to its keys.
+/// Writes one JSON object with precomputed keys.
 struct Obj<'a> {
     out: &'a mut Vec<u8>,
     first: bool,
-    rename: &'a [(String, String)],
+    keys: &'a Keys,
 }
 
 impl<'a> Obj<'a> {
-    fn open(out: &'a mut Vec<u8>, rename: &'a [(String, String)]) -> Self {
+    fn open(out: &'a mut Vec<u8>, keys: &'a Keys) -> Self {
         out.push(b'{');
         Obj {
             out,
             first: true,
-            rename,
+            keys,
         }
     }
-    /// `k` is one of this module's field names (plain ASCII, nothing to escape); a rename
-    /// comes from the config and is escaped.
-    fn key(&mut self, k: &str) {
+    fn key(&mut self, k: K) {
         if !self.first {
             self.out.push(b',');
         }
         self.first = false;
-        match self.rename.iter().find(|(from, _)| from == k) {
-            Some((_, to)) => push_json_str(self.out, to),
-            None => {
-                debug_assert!(k
-                    .bytes()
-                    .all(|c| c.is_ascii_graphic() && c != b'"' && c != b'\\'));
-                self.out.push(b'"');
-                self.out.extend_from_slice(k.as_bytes());
-                self.out.push(b'"');
-            }
-        }
-        self.out.push(b':');
+        self.out.extend_from_slice(&self.keys.0[k as usize]);
     }
-    fn str(&mut self, k: &str, v: &str) {
+    /// A value already in JSON (a literal, a cached string, a number).
+    fn json(&mut self, k: K, v: &[u8]) {
+        self.key(k);
+        self.out.extend_from_slice(v);
+    }
+    fn str(&mut self, k: K, v: &str) {
         self.key(k);
         push_json_str(self.out, v);
     }
-    fn opt_str(&mut self, k: &str, v: Option<&str>) {
+    fn opt_str(&mut self, k: K, v: Option<&str>) {
         if let Some(v) = v {
             self.str(k, v);
         }
     }
-    fn int(&mut self, k: &str, v: i64) {
-        self.key(k);
-        self.out
-            .extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+    fn int(&mut self, k: K, v: i64) {
+        self.json(k, itoa::Buffer::new().format(v).as_bytes());
     }
-    fn time(&mut self, k: &str, ms: i64) {
-        self.key(k);
-        self.out.push(b'"');
-        write_rfc3339_ms(self.out, ms);
-        self.out.push(b'"');
-    }
-    /// A timestamp already formatted (with its quotes) by [`quoted_time`].
-    fn time_raw(&mut self, k: &str, quoted: &[u8]) {
-        self.key(k);
-        self.out.extend_from_slice(quoted);
-    }
-    fn uuid(&mut self, k: &str, id: &Uuid) {
-        self.key(k);
-        let mut buf = [0u8; 36];
-        self.out.push(b'"');
-        self.out
-            .extend_from_slice(id.hyphenated().encode_lower(&mut buf).as_bytes());
-        self.out.push(b'"');
-    }
-    fn raw(&mut self, k: &str, v: &str) {
-        self.key(k);
-        self.out.extend_from_slice(v.as_bytes());
+    fn uuid(&mut self, k: K, id: &Uuid) {
+        let mut buf = [0u8; 38];
+        buf[0] = b'"';
+        id.hyphenated().encode_lower(&mut buf[1..37]);
+        buf[37] = b'"';
+        self.json(k, &buf);
     }
     fn close(self) {
         self.out.push(b'}');
@@ -162,28 +306,39 @@ fn fmt_f64(v: f64) -> String {
     }
 }
 
-const NO_RENAME: &[(String, String)] = &[];
-
-/// `"2025-11-16T10:30:00.123Z"` with quotes: formatted once per event, used for the
-/// `timestamp` and `first_seen` fields (and `last_seen` when equal).
-fn quoted_time(ms: i64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(26);
-    v.push(b'"');
-    write_rfc3339_ms(&mut v, ms);
-    v.push(b'"');
-    v
-}
-
 impl Encoder {
+    pub fn new(
+        profile: Profile,
+        gateway_id: String,
+        site: String,
+        event_type: String,
+        fields: FieldMapping,
+    ) -> Self {
+        let mut gateway_json = Vec::new();
+        push_json_str(&mut gateway_json, &gateway_id);
+        Encoder {
+            profile,
+            keys: Keys::new(&fields.rename),
+            plain: Keys::new(&[]),
+            gateway_id,
+            site,
+            event_type,
+            fields,
+            gateway_json,
+            names: NameCache::default(),
+            second: (i64::MIN, [0; 24]),
+        }
+    }
+
     /// The request body for `events` (all of one [`BatchType`]).
-    pub fn encode(&self, events: &[SpooledEvent], key: Uuid) -> Vec<u8> {
+    pub fn encode(&mut self, events: &[SpooledEvent], key: Uuid) -> Vec<u8> {
         let mut out = Vec::new();
         self.encode_into(events, key, &mut out);
         out
     }
 
     /// Encode into `out` (cleared first; its capacity is reused).
-    pub fn encode_into(&self, events: &[SpooledEvent], key: Uuid, out: &mut Vec<u8>) {
+    pub fn encode_into(&mut self, events: &[SpooledEvent], key: Uuid, out: &mut Vec<u8>) {
         out.clear();
         out.reserve(128 + events.len() * 480);
         match self.profile {
@@ -197,17 +352,12 @@ impl Encoder {
                     self.bag_event(out, e);
                 }
                 out.extend_from_slice(b"],\"source_system\":");
-                push_json_str(out, &self.gateway_id);
-                out.extend_from_slice(b",\"event_type\":");
-                push_json_str(
-                    out,
-                    if kind == BatchType::Sensor {
-                        "sensor"
-                    } else {
-                        "scan"
-                    },
-                );
-                out.push(b'}');
+                out.extend_from_slice(&self.gateway_json);
+                out.extend_from_slice(if kind == BatchType::Sensor {
+                    b",\"event_type\":\"sensor\"}"
+                } else {
+                    b",\"event_type\":\"scan\"}"
+                });
             }
             Profile::Collect => {
                 out.extend_from_slice(b"{\"batch_id\":");
@@ -220,120 +370,168 @@ impl Encoder {
                     self.collect_event(out, e);
                 }
                 out.extend_from_slice(b"],\"metadata\":");
-                let mut m = Obj::open(out, NO_RENAME);
-                m.str("source", "scangate");
-                m.str("version", env!("CARGO_PKG_VERSION"));
-                m.str("gateway_id", &self.gateway_id);
+                let mut m = Obj::open(out, &self.plain);
+                m.str(K::Source, "scangate");
+                m.str(K::Version, env!("CARGO_PKG_VERSION"));
+                m.json(K::GatewayId, &self.gateway_json);
                 m.close();
                 out.push(b'}');
             }
         }
     }
 
-    fn constants(&self, o: &mut Obj<'_>) {
-        for (k, v) in &self.fields.constant {
-            o.str(k, v);
+    /// `"2025-11-16T10:30:00.123Z"` with its quotes; the date and time to the second are
+    /// formatted once per second of events.
+    fn time(second: &mut (i64, [u8; 24]), ms: i64) -> [u8; 26] {
+        /// 9999-12-31T23:59:59.999Z, the last instant RFC 3339 can write.
+        const MAX_MS: i64 = 253_402_300_799_999;
+        let mut q = [0u8; 26];
+        q[0] = b'"';
+        q[25] = b'"';
+        let mut v = Vec::new();
+        if !(0..=MAX_MS).contains(&ms) {
+            // Clamped by the formatter: format it whole.
+            write_rfc3339_ms(&mut v, ms);
+            q[1..25].copy_from_slice(&v[..24]);
+            return q;
+        }
+        let s = ms / 1000;
+        if second.0 != s {
+            write_rfc3339_ms(&mut v, s * 1000);
+            second.1.copy_from_slice(&v[..24]);
+            second.0 = s;
+        }
+        q[1..25].copy_from_slice(&second.1);
+        let milli = ms % 1000;
+        q[21] = b'0' + (milli / 100) as u8;
+        q[22] = b'0' + (milli / 10 % 10) as u8;
+        q[23] = b'0' + (milli % 10) as u8;
+        q
+    }
+
+    fn constants(fields: &FieldMapping, o: &mut Obj<'_>) {
+        for (k, v) in &fields.constant {
+            o.key_str(k);
+            push_json_str(o.out, v);
         }
     }
 
-    fn bag_event(&self, out: &mut Vec<u8>, e: &SpooledEvent) {
+    fn bag_event(&mut self, out: &mut Vec<u8>, e: &SpooledEvent) {
         let b = &e.body;
-        let first = quoted_time(b.first_seen_ms);
-        let mut o = Obj::open(out, &self.fields.rename);
-        o.uuid("event_id", &e.event_id);
-        o.time_raw("timestamp", &first);
+        let first = Self::time(&mut self.second, b.first_seen_ms);
+        let mut o = Obj::open(out, &self.keys);
+        o.uuid(K::EventId, &e.event_id);
+        o.json(K::Timestamp, &first);
         if b.kind == ReadKind::Sensor {
-            o.str("sensor_id", &b.tag);
-            o.str("location", &b.location);
-            o.str("device_id", &b.device);
-            o.raw(
-                "value",
-                &b.value.map(fmt_f64).unwrap_or_else(|| "null".into()),
-            );
+            o.str(K::SensorId, &b.tag);
+            o.json(K::Location, self.names.get(&b.location));
+            o.json(K::DeviceId, self.names.get(&b.device));
+            let value = b.value.map(fmt_f64);
+            o.json(K::Value, value.as_deref().unwrap_or("null").as_bytes());
         } else {
-            o.str("bag_id", &b.tag);
-            o.str("location", &b.location);
-            o.str("device_id", &b.device);
-            o.str(
-                "scan_type",
-                b.scan_type.as_deref().unwrap_or(b.kind.default_scan_type()),
-            );
+            o.str(K::BagId, &b.tag);
+            o.json(K::Location, self.names.get(&b.location));
+            o.json(K::DeviceId, self.names.get(&b.device));
+            match &b.scan_type {
+                Some(t) => o.json(K::ScanType, self.names.get(t)),
+                None => o.json(
+                    K::ScanType,
+                    match b.kind.default_scan_type() {
+                        "rfid" => b"\"rfid\"",
+                        _ => b"\"barcode\"",
+                    },
+                ),
+            }
             // The contract's signal_strength is an integer: peak RSSI in dBm, rounded.
             match b.rssi_cdbm {
-                Some(c) => o.int("signal_strength", ((c as f64) / 100.0).round() as i64),
-                None => o.raw("signal_strength", "null"),
+                Some(c) => o.int(K::SignalStrength, ((c as f64) / 100.0).round() as i64),
+                None => o.json(K::SignalStrength, b"null"),
             }
-            o.int("read_count", b.read_count as i64);
+            o.int(K::ReadCount, b.read_count as i64);
             match b.antenna {
-                Some(a) => o.int("antenna", a as i64),
-                None => o.raw("antenna", "null"),
+                Some(a) => o.int(K::Antenna, a as i64),
+                None => o.json(K::Antenna, b"null"),
             }
-            o.str("tag_kind", b.kind.as_str());
-            o.opt_str("symbology", b.symbology.as_deref());
+            o.str(K::TagKind, b.kind.as_str());
+            o.opt_str(K::Symbology, b.symbology.as_deref());
         }
-        o.time_raw("first_seen", &first);
+        o.json(K::FirstSeen, &first);
         if b.last_seen_ms == b.first_seen_ms {
-            o.time_raw("last_seen", &first);
+            o.json(K::LastSeen, &first);
         } else {
-            o.time("last_seen", b.last_seen_ms);
+            o.json(K::LastSeen, &Self::time(&mut self.second, b.last_seen_ms));
         }
-        o.str("gateway_id", &self.gateway_id);
-        o.int("seq", e.seq as i64);
+        o.json(K::GatewayId, &self.gateway_json);
+        o.int(K::Seq, e.seq as i64);
         if b.clock_unsynced() {
-            o.raw("clock_unsynced", "true");
+            o.json(K::ClockUnsynced, b"true");
         }
-        self.constants(&mut o);
+        Self::constants(&self.fields, &mut o);
         o.close();
     }
 
-    fn collect_event(&self, out: &mut Vec<u8>, e: &SpooledEvent) {
+    fn collect_event(&mut self, out: &mut Vec<u8>, e: &SpooledEvent) {
         let b = &e.body;
-        let mut o = Obj::open(out, &self.fields.rename);
-        o.uuid("event_id", &e.event_id);
-        o.str("learner_id", &b.tag);
-        o.str("tenant_id", &self.site);
-        o.str("event_type", &self.event_type);
-        o.time("timestamp", b.first_seen_ms);
-        o.str("source_service", &self.gateway_id);
-        o.key("event_data");
+        let first = Self::time(&mut self.second, b.first_seen_ms);
+        let last = Self::time(&mut self.second, b.last_seen_ms);
+        let mut o = Obj::open(out, &self.keys);
+        o.uuid(K::EventId, &e.event_id);
+        o.str(K::LearnerId, &b.tag);
+        o.str(K::TenantId, &self.site);
+        o.str(K::EventType, &self.event_type);
+        o.json(K::Timestamp, &first);
+        o.json(K::SourceService, &self.gateway_json);
+        o.key(K::EventData);
         {
-            let mut d = Obj::open(o.out, NO_RENAME);
-            d.str("tag_kind", b.kind.as_str());
-            d.str("location", &b.location);
-            d.str("device_id", &b.device);
-            d.str("source", &b.source);
-            d.str(
-                "scan_type",
-                b.scan_type.as_deref().unwrap_or(b.kind.default_scan_type()),
-            );
+            let mut d = Obj::open(o.out, &self.plain);
+            d.str(K::TagKind, b.kind.as_str());
+            d.json(K::Location, self.names.get(&b.location));
+            d.json(K::DeviceId, self.names.get(&b.device));
+            d.json(K::Source, self.names.get(&b.source));
+            match &b.scan_type {
+                Some(t) => d.json(K::ScanType, self.names.get(t)),
+                None => d.str(K::ScanType, b.kind.default_scan_type()),
+            }
             if let Some(a) = b.antenna {
-                d.int("antenna", a as i64);
+                d.int(K::Antenna, a as i64);
             }
             if let Some(r) = b.rssi_dbm() {
-                d.raw("rssi_dbm", &fmt_f64(r));
+                d.json(K::RssiDbm, fmt_f64(r).as_bytes());
             }
-            d.int("read_count", b.read_count as i64);
-            d.time("first_seen", b.first_seen_ms);
-            d.time("last_seen", b.last_seen_ms);
-            d.opt_str("symbology", b.symbology.as_deref());
+            d.int(K::ReadCount, b.read_count as i64);
+            d.json(K::FirstSeen, &first);
+            d.json(K::LastSeen, &last);
+            d.opt_str(K::Symbology, b.symbology.as_deref());
             if let Some(v) = b.value {
-                d.raw("value", &fmt_f64(v));
+                d.json(K::Value, fmt_f64(v).as_bytes());
             }
             d.close();
         }
-        o.key("metadata");
+        o.key(K::Metadata);
         {
-            let mut m = Obj::open(o.out, NO_RENAME);
-            m.str("gateway_id", &self.gateway_id);
-            m.int("seq", e.seq as i64);
-            m.uuid("boot_id", &e.boot_id);
+            let mut m = Obj::open(o.out, &self.plain);
+            m.json(K::GatewayId, &self.gateway_json);
+            m.int(K::Seq, e.seq as i64);
+            m.uuid(K::BootId, &e.boot_id);
             if b.clock_unsynced() {
-                m.raw("clock_unsynced", "true");
+                m.json(K::ClockUnsynced, b"true");
             }
             m.close();
         }
-        self.constants(&mut o);
+        Self::constants(&self.fields, &mut o);
         o.close();
+    }
+}
+
+impl Obj<'_> {
+    /// A key from the config (a constant's name): escaped as written.
+    fn key_str(&mut self, k: &str) {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        push_json_str(self.out, k);
+        self.out.push(b':');
     }
 }
 
@@ -381,13 +579,17 @@ mod tests {
     }
 
     fn enc(profile: Profile) -> Encoder {
-        Encoder {
+        enc_with(profile, FieldMapping::default())
+    }
+
+    fn enc_with(profile: Profile, fields: FieldMapping) -> Encoder {
+        Encoder::new(
             profile,
-            gateway_id: "gw1".into(),
-            site: "PTY".into(),
-            event_type: "interaction".into(),
-            fields: FieldMapping::default(),
-        }
+            "gw1".into(),
+            "PTY".into(),
+            "interaction".into(),
+            fields,
+        )
     }
 
     #[test]
@@ -413,9 +615,10 @@ mod tests {
     #[test]
     fn collect_envelope_and_mapping() {
         let evs = vec![sample(7, ReadKind::Epc)];
-        let mut en = enc(Profile::Collect);
-        en.fields.rename.push(("learner_id".into(), "tag".into()));
-        en.fields.constant.push(("airport".into(), "PTY".into()));
+        let mut fields = FieldMapping::default();
+        fields.rename.push(("learner_id".into(), "tag".into()));
+        fields.constant.push(("airport".into(), "PTY".into()));
+        let mut en = enc_with(Profile::Collect, fields);
         let key = batch_key(&evs);
         let v: serde_json::Value = serde_json::from_slice(&en.encode(&evs, key)).unwrap();
         assert_eq!(v["batch_id"], key.to_string());
@@ -442,5 +645,249 @@ mod tests {
         push_json_str(&mut out, "a\u{1d}b\"\\");
         let s: String = serde_json::from_slice(&out).unwrap();
         assert_eq!(s, "a\u{1d}b\"\\");
+    }
+
+    /// The body as the contracts describe it, built independently with `serde_json`.
+    fn expected(en: &Encoder, evs: &[SpooledEvent], key: Uuid) -> serde_json::Value {
+        use crate::event::rfc3339_ms;
+        use serde_json::{json, Map, Value};
+        let num = |v: Option<f64>| {
+            v.filter(|v| v.is_finite())
+                .map_or(Value::Null, |v| json!(v))
+        };
+        let rename = |k: &str| {
+            en.fields
+                .rename
+                .iter()
+                .find(|(f, _)| f == k)
+                .map_or(k.to_string(), |(_, t)| t.clone())
+        };
+        let finish = |pairs: Vec<(&str, Value)>| {
+            let mut m = Map::new();
+            for (k, v) in pairs {
+                m.insert(rename(k), v);
+            }
+            for (k, v) in &en.fields.constant {
+                m.insert(k.clone(), json!(v));
+            }
+            Value::Object(m)
+        };
+        let scan_type = |e: &SpooledEvent| {
+            e.body
+                .scan_type
+                .as_deref()
+                .unwrap_or(e.body.kind.default_scan_type())
+                .to_string()
+        };
+        match en.profile {
+            Profile::BagEvents => {
+                let events: Vec<Value> = evs
+                    .iter()
+                    .map(|e| {
+                        let b = &e.body;
+                        let mut p = vec![
+                            ("event_id", json!(e.event_id.to_string())),
+                            ("timestamp", json!(rfc3339_ms(b.first_seen_ms))),
+                        ];
+                        if b.kind == ReadKind::Sensor {
+                            p.push(("sensor_id", json!(b.tag)));
+                            p.push(("location", json!(&*b.location)));
+                            p.push(("device_id", json!(&*b.device)));
+                            p.push(("value", num(b.value)));
+                        } else {
+                            p.push(("bag_id", json!(b.tag)));
+                            p.push(("location", json!(&*b.location)));
+                            p.push(("device_id", json!(&*b.device)));
+                            p.push(("scan_type", json!(scan_type(e))));
+                            p.push((
+                                "signal_strength",
+                                b.rssi_cdbm.map_or(Value::Null, |c| {
+                                    json!((c as f64 / 100.0).round() as i64)
+                                }),
+                            ));
+                            p.push(("read_count", json!(b.read_count)));
+                            p.push(("antenna", json!(b.antenna)));
+                            p.push(("tag_kind", json!(b.kind.as_str())));
+                            if let Some(s) = &b.symbology {
+                                p.push(("symbology", json!(s)));
+                            }
+                        }
+                        p.push(("first_seen", json!(rfc3339_ms(b.first_seen_ms))));
+                        p.push(("last_seen", json!(rfc3339_ms(b.last_seen_ms))));
+                        p.push(("gateway_id", json!(en.gateway_id)));
+                        p.push(("seq", json!(e.seq)));
+                        if b.clock_unsynced() {
+                            p.push(("clock_unsynced", json!(true)));
+                        }
+                        finish(p)
+                    })
+                    .collect();
+                let sensor = evs.first().map(batch_type) == Some(BatchType::Sensor);
+                json!({
+                    "events": events,
+                    "source_system": en.gateway_id,
+                    "event_type": if sensor { "sensor" } else { "scan" },
+                })
+            }
+            Profile::Collect => {
+                let events: Vec<Value> = evs
+                    .iter()
+                    .map(|e| {
+                        let b = &e.body;
+                        let mut data = json!({
+                            "tag_kind": b.kind.as_str(),
+                            "location": &*b.location,
+                            "device_id": &*b.device,
+                            "source": &*b.source,
+                            "scan_type": scan_type(e),
+                            "read_count": b.read_count,
+                            "first_seen": rfc3339_ms(b.first_seen_ms),
+                            "last_seen": rfc3339_ms(b.last_seen_ms),
+                        });
+                        if let Some(a) = b.antenna {
+                            data["antenna"] = json!(a);
+                        }
+                        if let Some(r) = b.rssi_dbm() {
+                            data["rssi_dbm"] = num(Some(r));
+                        }
+                        if let Some(s) = &b.symbology {
+                            data["symbology"] = json!(s);
+                        }
+                        if let Some(v) = b.value {
+                            data["value"] = num(Some(v));
+                        }
+                        let mut meta = json!({
+                            "gateway_id": en.gateway_id,
+                            "seq": e.seq,
+                            "boot_id": e.boot_id.to_string(),
+                        });
+                        if b.clock_unsynced() {
+                            meta["clock_unsynced"] = json!(true);
+                        }
+                        finish(vec![
+                            ("event_id", json!(e.event_id.to_string())),
+                            ("learner_id", json!(b.tag)),
+                            ("tenant_id", json!(en.site)),
+                            ("event_type", json!(en.event_type)),
+                            ("timestamp", json!(rfc3339_ms(b.first_seen_ms))),
+                            ("source_service", json!(en.gateway_id)),
+                            ("event_data", data),
+                            ("metadata", meta),
+                        ])
+                    })
+                    .collect();
+                json!({
+                    "batch_id": key.to_string(),
+                    "events": events,
+                    "metadata": {"source": "scangate", "version": env!("CARGO_PKG_VERSION"), "gateway_id": en.gateway_id},
+                })
+            }
+        }
+    }
+
+    /// JSON does not tell `2` from `2.0`: compare numbers by value.
+    fn numbers_as_f64(v: serde_json::Value) -> serde_json::Value {
+        use serde_json::Value;
+        match v {
+            Value::Number(n) => serde_json::json!(n.as_f64()),
+            Value::Array(a) => Value::Array(a.into_iter().map(numbers_as_f64).collect()),
+            Value::Object(o) => {
+                Value::Object(o.into_iter().map(|(k, v)| (k, numbers_as_f64(v))).collect())
+            }
+            other => other,
+        }
+    }
+
+    fn arb_event() -> impl proptest::strategy::Strategy<Value = (SpooledEvent, usize, usize)> {
+        use proptest::prelude::*;
+        let kind = prop_oneof![
+            Just(ReadKind::Epc),
+            Just(ReadKind::Em4100),
+            Just(ReadKind::Barcode),
+            Just(ReadKind::BagTag),
+            Just(ReadKind::Text),
+        ];
+        let time = prop_oneof![
+            1_700_000_000_000i64..1_700_000_005_000,
+            -5_000i64..5_000,
+            253_402_300_790_000i64..253_402_300_810_000,
+        ];
+        (
+            (
+                kind,
+                "\\PC{0,20}|[\\x00-\\x7f]{0,40}",
+                0usize..20,
+                0usize..20,
+            ),
+            (
+                proptest::option::of(0u16..9),
+                proptest::option::of(-12_000i32..0),
+                0u32..50,
+                time,
+                0i64..3000,
+            ),
+            (
+                proptest::option::of("\\PC{0,4}"),
+                proptest::option::of(prop_oneof![Just("rfid".to_string()), "[a-z\"]{1,6}"]),
+                0u64..1 << 40,
+            ),
+        )
+            .prop_map(
+                |((kind, tag, loc, dev), (antenna, rssi, count, first, dur), (sym, st, seq))| {
+                    let mut e = sample(seq, kind);
+                    e.body.tag = tag;
+                    e.body.antenna = antenna;
+                    e.body.rssi_cdbm = rssi;
+                    e.body.read_count = count;
+                    e.body.first_seen_ms = first;
+                    e.body.last_seen_ms = if dur % 3 == 0 { first } else { first + dur };
+                    e.body.symbology = sym;
+                    e.body.scan_type = st.map(|s| Arc::from(s.as_str()));
+                    (e, loc, dev)
+                },
+            )
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn bodies_are_exactly_what_the_contracts_describe(
+            batches in proptest::collection::vec(proptest::collection::vec(arb_event(), 1..30), 1..4),
+            sensors in proptest::bool::ANY,
+            collect in proptest::bool::ANY,
+            renamed in proptest::bool::ANY,
+        ) {
+            // A pool of shared names, more than the name cache holds, some with equal text in
+            // different allocations.
+            let pool: Vec<Arc<str>> = (0..20)
+                .map(|i| Arc::from(format!("HALL \"{}\"\u{7}", i % 17).as_str()))
+                .collect();
+            let mut fields = FieldMapping::default();
+            if renamed {
+                fields.rename.push(("bag_id".into(), "tag \"id\"".into()));
+                fields.rename.push(("learner_id".into(), "tag".into()));
+                fields.constant.push(("airport".into(), "P\"TY".into()));
+            }
+            let profile = if collect { Profile::Collect } else { Profile::BagEvents };
+            let mut en = enc_with(profile, fields);
+            // One encoder for every batch: its caches carry over.
+            for batch in batches {
+                let evs: Vec<SpooledEvent> = batch
+                    .into_iter()
+                    .map(|(mut e, loc, dev)| {
+                        e.body.location = pool[loc].clone();
+                        e.body.device = pool[dev].clone();
+                        if sensors && !collect {
+                            e.body.kind = ReadKind::Sensor;
+                            e.body.value = Some(e.body.read_count as f64 * 0.25 - 3.0);
+                        }
+                        e
+                    })
+                    .collect();
+                let key = batch_key(&evs);
+                let body = en.encode(&evs, key);
+                let got: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                proptest::prop_assert_eq!(numbers_as_f64(got), numbers_as_f64(expected(&en, &evs, key)));
+            }
+        }
     }
 }
