@@ -95,7 +95,7 @@ impl Decoder for LinesDecoder {
             if !src.is_empty() {
                 self.after_cr = false;
             }
-            let Some(pos) = src.iter().position(|&b| b == b'\r' || b == b'\n') else {
+            let Some(pos) = memchr::memchr2(b'\r', b'\n', src) else {
                 if src.len() > MAX_LINE {
                     // No terminator in sight: drop what we have and keep discarding until one.
                     self.discarding += src.len();
@@ -103,28 +103,31 @@ impl Decoder for LinesDecoder {
                 }
                 return Ok(None);
             };
-            let line = src.split_to(pos);
-            self.after_cr = src[0] == b'\r';
-            src.advance(1);
-            if self.discarding > 0 {
-                let bytes = self.discarding + line.len();
+            // The line is read in place and then skipped (`advance` moves a cursor; splitting
+            // the buffer per line would share it and count references per frame).
+            self.after_cr = src[pos] == b'\r';
+            let out = if self.discarding > 0 {
+                let bytes = self.discarding + pos;
                 self.discarding = 0;
-                return Ok(Some(Decoded::Skipped {
+                Some(Decoded::Skipped {
                     reason: "line_too_long",
                     bytes,
-                }));
-            }
-            if line.len() > MAX_LINE {
-                return Ok(Some(Decoded::Skipped {
+                })
+            } else if pos > MAX_LINE {
+                Some(Decoded::Skipped {
                     reason: "line_too_long",
-                    bytes: line.len(),
-                }));
-            }
-            if line.is_empty() {
+                    bytes: pos,
+                })
+            } else if pos == 0 {
                 // A bare terminator (e.g. "\n\n"): nothing to report.
-                continue;
+                None
+            } else {
+                Some(Self::interpret(&src[..pos]))
+            };
+            src.advance(pos + 1);
+            if out.is_some() {
+                return Ok(out);
             }
-            return Ok(Some(Self::interpret(&line)));
         }
     }
 

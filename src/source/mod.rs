@@ -49,7 +49,7 @@ pub struct Feed {
 }
 
 impl Feed {
-    fn read_of(&self, d: Decoded) -> Option<SourceRead> {
+    fn read_of(&self, d: Decoded, wall_ms: i64) -> Option<SourceRead> {
         match d {
             Decoded::Skipped { reason, bytes } => {
                 self.metrics.count_drop(reason, 1);
@@ -61,7 +61,7 @@ impl Feed {
                 Some(SourceRead {
                     source: self.source,
                     read,
-                    wall_ms: crate::event::wall_now_ms(),
+                    wall_ms,
                 })
             }
         }
@@ -70,10 +70,11 @@ impl Feed {
     /// Hand decoder output to the pipeline, waiting while the read channel is full (a source
     /// that can be paused). Returns false once the pipeline is gone.
     pub async fn push(&self, d: Decoded) -> bool {
+        let wall_ms = crate::event::wall_now_ms();
         if !self.can_wait {
-            return self.offer(d);
+            return self.offer(d, wall_ms);
         }
-        let Some(r) = self.read_of(d) else {
+        let Some(r) = self.read_of(d, wall_ms) else {
             return true;
         };
         match self.tx.try_send(r) {
@@ -91,8 +92,9 @@ impl Feed {
 
     /// Hand decoder output to the pipeline without waiting (any thread): when the read channel
     /// is full the read is dropped and counted. Returns false once the pipeline is gone.
-    pub fn offer(&self, d: Decoded) -> bool {
-        let Some(r) = self.read_of(d) else {
+    /// `wall_ms` is when the bytes were received (one clock read serves every frame of a read).
+    pub fn offer(&self, d: Decoded, wall_ms: i64) -> bool {
+        let Some(r) = self.read_of(d, wall_ms) else {
             return true;
         };
         match self.tx.try_send(r) {

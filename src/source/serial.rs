@@ -120,8 +120,9 @@ fn serve(
                             feed.metrics.frames_in.inc();
                             feed.metrics.bytes_in.add(n as u64);
                             buf.extend_from_slice(&chunk[..n]);
+                            let wall_ms = crate::event::wall_now_ms();
                             while let Ok(Some(d)) = decoder.decode(&mut buf) {
-                                if !feed.offer(d) {
+                                if !feed.offer(d, wall_ms) {
                                     feed.metrics.sources_connected.sub(1);
                                     return;
                                 }
