@@ -577,11 +577,15 @@ fn main() {
             // BENCH_REPEAT: runs per interval (this VM varies by ±10 % run to run); the median
             // run by CPU is printed last.
             let repeat: usize = std::env::var("BENCH_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+            // BENCH_RATE / BENCH_FRAMES: another rate (cross/symbol-order.sh runs the daemon
+            // under callgrind, which cannot keep up with 5,000 frames/s).
+            let env_or = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+            let (rate, frames) = (env_or("BENCH_RATE", 5000), env_or("BENCH_FRAMES", 100_000));
             for ms in intervals {
                 let label = format!("commit_interval_ms = {ms} {spool_extra} {up_extra}");
                 let mut rows = Vec::new();
                 for _ in 0..repeat {
-                    rows.push(through(&label, 100_000, 5000, &format!("commit_interval_ms = {ms}\n{spool_extra}"), &up_extra).await);
+                    rows.push(through(&label, frames, rate, &format!("commit_interval_ms = {ms}\n{spool_extra}"), &up_extra).await);
                 }
                 if repeat > 1 {
                     rows.sort_by(|a, b| a.cpu.total_cmp(&b.cpu));

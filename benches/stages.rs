@@ -79,6 +79,11 @@ fn stages(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    // Part of the commit: postcard + zstd-1 of the group (the chunk row's blob).
+    let mut codec = scangate::spool::chunk::Codec::default();
+    g.bench_function("spool_encode_chunk", |b| {
+        b.iter(|| codec.encode_fresh([7; 16], &bs).unwrap().len())
+    });
     g.bench_function("spool_read_back", |b| {
         b.iter(|| spool.read_after(None, 0, N).unwrap())
     });
@@ -105,6 +110,17 @@ fn stages(c: &mut Criterion) {
     g.bench_function("encode_bag_events_json", |b| {
         b.iter(|| {
             enc.encode_into(&events, key, &mut buf);
+            buf.len()
+        })
+    });
+    // Part of the above: the tags (JSON text from the reader, a quote every few bytes).
+    let tags: Vec<String> = events.iter().map(|e| e.body.tag.clone()).collect();
+    g.bench_function("escape_tags_json", |b| {
+        b.iter(|| {
+            buf.clear();
+            for t in &tags {
+                scangate::forward::profile::push_json_str(&mut buf, t);
+            }
             buf.len()
         })
     });
