@@ -171,6 +171,8 @@ pub struct Spool {
     /// An acknowledgement relaxed `synchronous` and could not set it back: appends set it
     /// back before they commit (they never commit without their fsync).
     relaxed_sync: bool,
+    /// When `last_delivery_ms` was last written (see [`Spool::ack`]).
+    delivery_noted_ms: i64,
 }
 
 fn is_code(e: &rusqlite::Error, code: ErrorCode) -> bool {
@@ -418,6 +420,7 @@ impl Spool {
             _lock: lock,
             reserve_missing_commits: None,
             relaxed_sync: false,
+            delivery_noted_ms: i64::MIN / 2,
         };
         if !spool.make_reserve() {
             spool.reserve_missing_commits = Some(0);
@@ -864,21 +867,33 @@ impl Spool {
                 .prepare_cached("PRAGMA synchronous = NORMAL")?
                 .execute([])?;
         }
+        // `last_delivery_ms` (for `scangate status`) is written at most once a second: it is
+        // one more page in the WAL per acknowledgement otherwise.
+        let note_delivery =
+            now_ms - self.delivery_noted_ms >= 1000 || now_ms < self.delivery_noted_ms;
         let result = (|| {
             let tx = self.conn.transaction().map_err(classify)?;
-            let n = mark_done(&tx, locs)?;
-            meta_set(&tx, "last_delivery_ms", now_ms).map_err(classify)?;
+            let done = mark_done(&tx, locs)?;
+            if note_delivery {
+                meta_set(&tx, "last_delivery_ms", now_ms).map_err(classify)?;
+            }
             tx.commit().map_err(classify)?;
-            Ok::<u64, SpoolError>(n)
+            Ok::<(u64, bool), SpoolError>(done)
         })();
         if relax {
             if let Err(e) = self.restore_sync() {
                 tracing::error!(error = %e, "Cannot set synchronous = FULL back after an acknowledgement; the next append will");
             }
         }
-        let n = result?;
+        let (n, deleted) = result?;
+        if note_delivery {
+            self.delivery_noted_ms = now_ms;
+        }
         self.metrics.spool_backlog.sub(n);
-        self.after_delete()?;
+        // Only a deleted chunk frees pages or can be the chunk being read.
+        if deleted {
+            self.after_delete()?;
+        }
         Ok(())
     }
 
@@ -914,7 +929,7 @@ impl Spool {
             }
         }
         let locs: Vec<Loc> = items.iter().map(|(e, _, _)| e.loc).collect();
-        let n = mark_done(&tx, &locs)?;
+        let (n, _) = mark_done(&tx, &locs)?;
         tx.commit().map_err(classify)?;
         self.metrics.spool_backlog.sub(n);
         self.metrics.dead_lettered.add(items.len() as u64);
@@ -1009,8 +1024,10 @@ fn bit(bits: &[u8], i: usize) -> bool {
     bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
 }
 
-/// Set done bits for `locs`; delete chunks that become fully done. Returns newly-done events.
-fn mark_done(tx: &rusqlite::Transaction<'_>, locs: &[Loc]) -> Result<u64, SpoolError> {
+/// Set done bits for `locs`; delete chunks that become fully done. Returns newly-done events
+/// and whether a chunk was deleted.
+fn mark_done(tx: &rusqlite::Transaction<'_>, locs: &[Loc]) -> Result<(u64, bool), SpoolError> {
+    let mut deleted = false;
     let mut sorted = locs.to_vec();
     sorted.sort_unstable();
     let mut newly = 0u64;
@@ -1042,6 +1059,7 @@ fn mark_done(tx: &rusqlite::Transaction<'_>, locs: &[Loc]) -> Result<u64, SpoolE
             }
             let done = (0..count).filter(|&k| bit(&bits, k)).count();
             if done == count {
+                deleted = true;
                 tx.prepare_cached("DELETE FROM chunks WHERE id = ?1")?
                     .execute([chunk])
                     .map_err(classify)?;
@@ -1056,7 +1074,7 @@ fn mark_done(tx: &rusqlite::Transaction<'_>, locs: &[Loc]) -> Result<u64, SpoolE
         }
         i = j;
     }
-    Ok(newly)
+    Ok((newly, deleted))
 }
 
 fn migrate_to_1(conn: &Connection) -> rusqlite::Result<()> {
