@@ -64,17 +64,15 @@ impl Handoff {
         ok
     }
 
-    /// Called by the spool thread after committing `events` (one chunk).
+    /// Called by the spool thread after committing `events` (one chunk) that
+    /// [`Handoff::accepts`] said would be queued. Checked again under the lock: the forwarder
+    /// may have taken events or given up in between.
     fn offer(&self, events: Vec<SpooledEvent>) {
         let Some(chunk) = events.first().map(|e| e.loc.chunk) else {
             return;
         };
-        if !self.accepts(chunk, events.len()) {
-            return;
-        }
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        // The forwarder may have taken or given up in between: check again under the lock.
-        if self.follows(&queue, chunk) {
+        if self.follows(&queue, chunk) && queue.len() + events.len() <= HANDOFF_MAX_EVENTS {
             queue.extend(events);
         } else {
             self.give_up(&mut queue);
@@ -538,6 +536,16 @@ mod tests {
         h.want_fresh(Some(Loc { chunk: 8, idx: 0 }));
         let (got, _) = h.take_fresh(Loc { chunk: 8, idx: 0 }, 10).unwrap();
         assert_eq!(locs(&got), [(8, 0)]);
+        // Asked before the events are built: only a chunk that follows, within the bound.
+        assert!(!h.handoff.accepts(10, 1), "chunk 9 is next");
+        h.want_fresh(Some(Loc { chunk: 9, idx: 0 }));
+        assert!(h.handoff.accepts(9, 1));
+        assert!(!h.handoff.accepts(9, HANDOFF_MAX_EVENTS + 1));
+        assert!(
+            !h.handoff.accepts(9, 1),
+            "an overflow gives up until the forwarder catches up"
+        );
+        h.want_fresh(Some(Loc { chunk: 9, idx: 0 }));
         // Behind: the queue is emptied at once.
         h.handoff.offer(chunk(9, 1));
         h.want_fresh(None);
