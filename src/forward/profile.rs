@@ -253,11 +253,12 @@ pub struct Encoder {
     pub gateway_id: String,
     site: String,
     event_type: String,
-    fields: FieldMapping,
     keys: Keys,
     /// Keys of the nested objects (`event_data`, `metadata`), which renames do not touch.
     plain: Keys,
     gateway_json: Vec<u8>,
+    /// `,"name":"value"` of every `[upstream.fields]` constant, written once.
+    constants_json: Vec<u8>,
     names: NameCache,
     places: PlaceCache,
     /// The last second formatted by [`Encoder::time`]: consecutive events share it.
@@ -411,6 +412,13 @@ impl Encoder {
     ) -> Self {
         let mut gateway_json = Vec::new();
         push_json_str(&mut gateway_json, &gateway_id);
+        let mut constants_json = Vec::new();
+        for (k, v) in &fields.constant {
+            constants_json.push(b',');
+            push_json_str(&mut constants_json, k);
+            constants_json.push(b':');
+            push_json_str(&mut constants_json, v);
+        }
         Encoder {
             profile,
             keys: Keys::new(&fields.rename),
@@ -418,8 +426,8 @@ impl Encoder {
             gateway_id,
             site,
             event_type,
-            fields,
             gateway_json,
+            constants_json,
             names: NameCache::default(),
             places: PlaceCache::default(),
             second: (i64::MIN, [0; 24]),
@@ -505,13 +513,6 @@ impl Encoder {
         q
     }
 
-    fn constants(fields: &FieldMapping, o: &mut Obj<'_>) {
-        for (k, v) in &fields.constant {
-            o.key_str(k);
-            push_json_str(o.out, v);
-        }
-    }
-
     fn bag_event(&mut self, out: &mut Vec<u8>, e: &SpooledEvent) {
         let b = &e.body;
         let first = Self::time(&mut self.second, b.first_seen_ms);
@@ -552,7 +553,8 @@ impl Encoder {
         if b.clock_unsynced() {
             o.json(K::ClockUnsynced, b"true");
         }
-        Self::constants(&self.fields, &mut o);
+        // Never the first key: event_id is.
+        o.out.extend_from_slice(&self.constants_json);
         o.close();
     }
 
@@ -604,20 +606,9 @@ impl Encoder {
             }
             m.close();
         }
-        Self::constants(&self.fields, &mut o);
+        // Never the first key: event_id is.
+        o.out.extend_from_slice(&self.constants_json);
         o.close();
-    }
-}
-
-impl Obj<'_> {
-    /// A key from the config (a constant's name): escaped as written.
-    fn key_str(&mut self, k: &str) {
-        if !self.first {
-            self.out.push(b',');
-        }
-        self.first = false;
-        push_json_str(self.out, k);
-        self.out.push(b':');
     }
 }
 
@@ -769,7 +760,12 @@ mod tests {
     }
 
     /// The body as the contracts describe it, built independently with `serde_json`.
-    fn expected(en: &Encoder, evs: &[SpooledEvent], key: Uuid) -> serde_json::Value {
+    fn expected(
+        en: &Encoder,
+        fields: &FieldMapping,
+        evs: &[SpooledEvent],
+        key: Uuid,
+    ) -> serde_json::Value {
         use crate::event::rfc3339_ms;
         use serde_json::{json, Map, Value};
         let num = |v: Option<f64>| {
@@ -777,7 +773,7 @@ mod tests {
                 .map_or(Value::Null, |v| json!(v))
         };
         let rename = |k: &str| {
-            en.fields
+            fields
                 .rename
                 .iter()
                 .find(|(f, _)| f == k)
@@ -788,7 +784,7 @@ mod tests {
             for (k, v) in pairs {
                 m.insert(rename(k), v);
             }
-            for (k, v) in &en.fields.constant {
+            for (k, v) in &fields.constant {
                 m.insert(k.clone(), json!(v));
             }
             Value::Object(m)
@@ -991,7 +987,7 @@ mod tests {
                 fields.constant.push(("airport".into(), "P\"TY".into()));
             }
             let profile = if collect { Profile::Collect } else { Profile::BagEvents };
-            let mut en = enc_with(profile, fields);
+            let mut en = enc_with(profile, fields.clone());
             // One encoder for every batch: its caches carry over.
             for batch in batches {
                 let evs: Vec<SpooledEvent> = batch
@@ -1009,7 +1005,7 @@ mod tests {
                 let key = batch_key(&evs);
                 let body = en.encode(&evs, key);
                 let got: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                proptest::prop_assert_eq!(numbers_as_f64(got), numbers_as_f64(expected(&en, &evs, key)));
+                proptest::prop_assert_eq!(numbers_as_f64(got), numbers_as_f64(expected(&en, &fields, &evs, key)));
             }
         }
     }
