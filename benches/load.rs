@@ -322,6 +322,132 @@ async fn through(label: &str, n: u64, rate: u64, spool_extra: &str, up_extra: &s
     row
 }
 
+/// The reference peer (Fluent Bit, given by `BENCH_PEER`) on the same job: the same pty and
+/// frames, its serial input parsing the JSON frames, its filesystem buffer with
+/// `storage.sync full`, its HTTP output gzip-compressed to the same loopback receiver. CPU,
+/// bytes written and RSS are read from /proc of its process, as for scangate.
+async fn peer_through(peer: &str, label: &str, n: u64, rate: u64) -> Row {
+    let mut ing = Ingest::start().await;
+    ing.with(|s| {
+        s.light = true;
+        s.light_array = true;
+    });
+    let dir = bench_dir();
+    let (master, slave, name) = pty();
+    let conf = dir.path().join("fluent-bit.conf");
+    let monitor = free_port();
+    std::fs::write(
+        &conf,
+        format!(
+            "[SERVICE]\n    Flush 1\n    Log_Level warn\n    storage.path {}\n    storage.sync full\n    HTTP_Server On\n    HTTP_Listen 127.0.0.1\n    HTTP_Port {monitor}\n\n\
+             [INPUT]\n    Name serial\n    File {name}\n    Bitrate 115200\n    Format json\n    storage.type filesystem\n\n\
+             [OUTPUT]\n    Name http\n    Match *\n    Host 127.0.0.1\n    Port {}\n    URI /api/v1/events/batch\n    Format json\n    Compress gzip\n",
+            dir.path().join("fb-storage").display(),
+            ing.addr.port()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("peer.log")).unwrap();
+    let child = Command::new(peer)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let d = Daemon {
+        proc: Proc { pid: child.id() },
+        child,
+        admin: 0,
+    };
+    // Frames written before it has set the port up are discarded (it flushes the tty's
+    // input when it opens it): write one frame at a time until one comes through, then wait
+    // until its own counters say every frame it read has been delivered.
+    let records = |path: &str| {
+        let url = format!("http://127.0.0.1:{monitor}/api/v1/metrics");
+        let path = path.to_string();
+        async move {
+            let body = reqwest::get(url).await.ok()?.text().await.ok()?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            v.pointer(&path)?.as_u64()
+        }
+    };
+    let t = Instant::now();
+    let mut master = master;
+    let mut warm = 0;
+    while ing.with(|s| s.light_count) == 0 {
+        if t.elapsed() > Duration::from_secs(30) {
+            let log = std::fs::read_to_string(dir.path().join("peer.log")).unwrap_or_default();
+            panic!("the peer delivered nothing of {warm} frames\n--- its log ---\n{log}");
+        }
+        master = feed(master, warm, 1, 0).join().unwrap();
+        warm += 1;
+        let t1 = Instant::now();
+        while ing.with(|s| s.light_count) == 0 && t1.elapsed() < Duration::from_millis(1500) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    loop {
+        let read = records("/input/serial.0/records").await;
+        let sent = records("/output/http.0/proc_records").await;
+        if read.is_some() && read == sent && sent == Some(ing.with(|s| s.light_count)) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the peer never settled: read {read:?}, sent {sent:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let base = ing.with(|s| s.light_count);
+    let (cpu0, w0) = (d.proc.cpu(), d.proc.write_bytes());
+    let t0 = Instant::now();
+    let feeder = feed(master, warm, n, rate);
+    let limit = Duration::from_secs(120 + n.checked_div(rate).unwrap_or(0));
+    wait_for("the peer delivers every frame", limit, || {
+        ing.with(|s| s.light_count) >= base + n
+    })
+    .await;
+    let row = Row {
+        frames: n,
+        secs: t0.elapsed().as_secs_f64(),
+        cpu: d.proc.cpu() - cpu0,
+        written: d.proc.write_bytes() - w0,
+        hwm_kb: d.proc.hwm_kb(),
+    };
+    let _ = feeder.join();
+    drop(slave);
+    row.print(label);
+    drop(d);
+    ing.stop().await;
+    row
+}
+
+/// scangate and the reference peer on the same job, alternately, so that both see the same
+/// state of the machine: CPU per frame as a ratio (the issue's goal is a quarter of the peer's).
+async fn peer(peer: &str, repeat: usize) {
+    println!("\n## against the reference peer ({peer}), alternating runs");
+    for (what, n, rate) in [
+        ("full speed", 300_000u64, 0u64),
+        ("5,000 frames/s", 100_000, 5000),
+    ] {
+        let mut ratios = Vec::new();
+        for _ in 0..repeat {
+            let p = peer_through(peer, &format!("peer, {what}"), n, rate).await;
+            let s = through(&format!("scangate, {what}"), n, rate, "", "").await;
+            let r = (s.cpu / s.frames as f64) / (p.cpu / p.frames as f64);
+            println!("  scangate / peer, CPU per frame: {r:.3}");
+            ratios.push(r);
+        }
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "{what}: median CPU ratio scangate / peer {:.3} (runs {:?})",
+            ratios[ratios.len() / 2],
+            ratios.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>()
+        );
+    }
+}
+
 fn bodies(n: usize, base: u64) -> Vec<EventBody> {
     (0..n as u64)
         .map(|i| {
@@ -597,6 +723,13 @@ fn main() {
             println!("\n## full speed (pty written as fast as it accepts)");
             through("full speed, gzip 1", 300_000, 0, "", "").await;
             through("full speed, zstd 1", 300_000, 0, "", "compression = \"zstd\"").await;
+        }
+        // BENCH_PEER: a Fluent Bit binary (built beside the project, never committed).
+        if let Ok(p) = std::env::var("BENCH_PEER") {
+            if args.iter().any(|a| a == "peer") {
+                let repeat = std::env::var("BENCH_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+                peer(&p, repeat).await;
+            }
         }
         if want("outage") {
             outage().await;

@@ -52,6 +52,9 @@ pub struct State {
     pub poison_status: u16,
     /// Benchmark mode: parse only event_id, keep counts and the id set, store no events.
     pub light: bool,
+    /// With `light`: the body is a plain JSON array of records (the reference peer's HTTP
+    /// output, which has no event ids); count its elements.
+    pub light_array: bool,
     pub light_count: u64,
     pub token: Option<String>,
     pub down: bool,
@@ -364,6 +367,16 @@ fn light(
     encoding: Option<&str>,
     body: &[u8],
 ) -> Result<Response<Full<Bytes>>, DropConnection> {
+    if state.lock().expect("state").light_array {
+        let records = decode_body(encoding, body)
+            .ok()
+            .and_then(|raw| serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&raw).ok());
+        let Some(records) = records else {
+            return json(400, serde_json::json!({"detail": "bad body"}));
+        };
+        state.lock().expect("state").light_count += records.len() as u64;
+        return json(200, serde_json::json!({"status": "success"}));
+    }
     let parsed = decode_body(encoding, body)
         .ok()
         .and_then(|raw| serde_json::from_slice::<LightEnv>(&raw).ok());
