@@ -26,6 +26,9 @@
 //! - An event is *accepted* when its spool transaction commits (fsync with `sync = "full"`).
 //!   From then on only a 2xx/207 outcome, a dead letter, or a counted `drop_oldest` eviction
 //!   removes it (`spool` docs).
+//! - An acknowledgement is taken at once and written with the next commit's transaction, or
+//!   on its own after [`spool::actor::ACK_DELAY`] when no commit comes, and before the spool
+//!   thread ends. One lost to a crash only means its events are sent again with the same ids.
 //! - `seq` and `event_id` (UUIDv7) are fixed at commit; retries and replays resend the same ids
 //!   (`event` docs).
 //! - Memory is bounded: channels are bounded, the forwarder holds one batch, the spool decodes

@@ -34,6 +34,10 @@ enum Op {
     Read(usize),
     /// Ack the first k events of the last read batch (k as a fraction of 8).
     Ack(u8),
+    /// The same, taken now and written later (`ack_later`): by the next append's transaction,
+    /// `flush_acks`, or a read that could return them; lost on reopen.
+    AckLater(u8),
+    FlushAcks,
     /// Dead-letter the event at index i (mod len) of the last read batch.
     DeadLetter(usize),
     Reopen,
@@ -45,6 +49,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (1usize..40).prop_map(Op::Append),
         3 => (1usize..60).prop_map(Op::Read),
         3 => (0u8..=8).prop_map(Op::Ack),
+        3 => (0u8..=8).prop_map(Op::AckLater),
+        1 => Just(Op::FlushAcks),
         1 => (0usize..100).prop_map(Op::DeadLetter),
         1 => Just(Op::Reopen),
         1 => Just(Op::Requeue),
@@ -60,6 +66,8 @@ proptest! {
         // Model: pending (seq, tag) in delivery order; dead letters (seq, tag).
         let mut pending: VecDeque<(u64, String)> = VecDeque::new();
         let mut dead: Vec<(u64, String)> = Vec::new();
+        // Acknowledged with ack_later and not yet written: still undelivered on disk.
+        let mut deferred: Vec<(u64, String, Loc)> = Vec::new();
         let mut ids: HashMap<u64, uuid::Uuid> = HashMap::new();
         let mut next_tag = 0usize;
         let mut last_read: Vec<scangate::event::SpooledEvent> = Vec::new();
@@ -76,8 +84,14 @@ proptest! {
                     }
                     last_seq = r.first_seq + n as u64 - 1;
                     next_tag += n;
+                    // Written in the append's transaction.
+                    deferred.clear();
                 }
                 Op::Read(n) => {
+                    // A read that could return acknowledged events writes them first.
+                    if deferred.iter().any(|d| Some(d.2) > cursor) {
+                        deferred.clear();
+                    }
                     let b = sp.read_after(cursor, 0, n).unwrap();
                     for e in &b {
                         prop_assert!(pending.iter().any(|(s, t)| *s == e.seq && *t == e.body.tag), "read an event the model does not have pending: {} {}", e.seq, e.body.tag);
@@ -99,6 +113,19 @@ proptest! {
                     sp.ack(&acked.iter().map(|e| e.loc).collect::<Vec<_>>(), 0).unwrap();
                     pending.retain(|(s, _)| !acked.iter().any(|e| e.seq == *s));
                 }
+                Op::AckLater(k) => {
+                    let k = last_read.len() * k as usize / 8;
+                    let acked: Vec<_> = last_read.drain(..k).collect();
+                    sp.ack_later(&acked.iter().map(|e| e.loc).collect::<Vec<_>>());
+                    for e in &acked {
+                        pending.retain(|(s, _)| *s != e.seq);
+                        deferred.push((e.seq, e.body.tag.clone(), e.loc));
+                    }
+                }
+                Op::FlushAcks => {
+                    sp.flush_acks(0).unwrap();
+                    deferred.clear();
+                }
                 Op::DeadLetter(i) => {
                     if !last_read.is_empty() {
                         let e = last_read.remove(i % last_read.len());
@@ -110,12 +137,18 @@ proptest! {
                 Op::Reopen => {
                     drop(sp);
                     sp = open(dir.path());
+                    // Never written: undelivered again.
+                    pending.extend(deferred.drain(..).map(|(s, t, _)| (s, t)));
                     cursor = None;
                     last_read.clear();
                 }
                 Op::Requeue => {
                     let n = sp.requeue(None, 1_763_289_000_000).unwrap();
                     prop_assert_eq!(n, dead.len());
+                    if n > 0 {
+                        // Written with the requeued chunk.
+                        deferred.clear();
+                    }
                     for d in dead.drain(..) {
                         pending.push_back(d);
                     }
@@ -124,8 +157,13 @@ proptest! {
                     last_read.clear();
                 }
             }
-            // Invariants after every step.
-            prop_assert_eq!(sp.backlog().unwrap(), pending.len() as u64);
+            // Invariants after every step. The backlog on disk still counts deferred acks.
+            prop_assert_eq!(sp.backlog().unwrap(), (pending.len() + deferred.len()) as u64);
+            prop_assert_eq!(sp.acks_pending(), deferred.len());
+            if !deferred.is_empty() {
+                // Reading from the start would write them; leave them for the next step.
+                continue;
+            }
             let all = sp.read_after(None, 0, usize::MAX).unwrap();
             let got: Vec<(u64, String)> = all.iter().map(|e| (e.seq, e.body.tag.clone())).collect();
             let mut want: Vec<(u64, String)> = pending.iter().cloned().collect();
@@ -531,4 +569,51 @@ fn a_chunk_read_in_pieces_and_again_from_earlier_gives_the_same_events() {
     let rest = sp.read_after(Some(all[10].loc), 0, 100).unwrap();
     let want: Vec<_> = all[11..12].iter().chain(&all[20..]).cloned().collect();
     assert_eq!(rest, want);
+}
+
+/// The spool thread takes an acknowledgement at once and writes it with the next append; when
+/// no append comes, on its own after `ACK_DELAY`, where another reader of the file (`scangate
+/// status`) sees it; and when the thread stops, before it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_reach_the_file_with_or_without_a_following_append() {
+    use scangate::spool::{actor, backlog_of};
+    let dir = tempfile::tempdir().unwrap();
+    let (h, thread) = actor::spawn(open(dir.path())).unwrap();
+    let bodies = |p: &str| {
+        (0..10)
+            .map(|i| body(&format!("{p}{i}"), 1))
+            .collect::<Vec<_>>()
+    };
+    let on_disk = || backlog_of(&Spool::open_read_only(dir.path()).unwrap()).unwrap();
+
+    // Followed by an append: written in its transaction.
+    h.append(bodies("a")).await.unwrap();
+    let (read, _) = h.read_after_head(None, 0, 10).await.unwrap();
+    h.ack(read.iter().map(|e| e.loc).collect()).await.unwrap();
+    h.append(bodies("b")).await.unwrap();
+    assert_eq!(on_disk(), 10, "the append wrote the acknowledgements");
+
+    // Nothing follows: written after the delay.
+    let (read, _) = h
+        .read_after_head(read.last().map(|e| e.loc), 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(read.len(), 10);
+    h.ack(read[..4].iter().map(|e| e.loc).collect())
+        .await
+        .unwrap();
+    common::ingest::wait_until(
+        "acknowledgements written",
+        std::time::Duration::from_secs(10),
+        || on_disk() == 6,
+    )
+    .await;
+
+    // Taken just before the thread stops: written before it ends.
+    h.ack(read[4..].iter().map(|e| e.loc).collect())
+        .await
+        .unwrap();
+    drop(h);
+    thread.join().unwrap();
+    assert_eq!(on_disk(), 0);
 }

@@ -88,6 +88,14 @@ pub const COMMAND_CAPACITY: usize = 4;
 /// after an fsync stall, small enough to bound the memory of one commit.
 pub const MERGE_MAX_EVENTS: usize = 8192;
 
+/// How long acknowledgements may wait for an append to carry them (see [`Spool::ack_later`]):
+/// with events coming in, an append always comes first (commits are at most a few tens of ms
+/// apart); when reads stop, the acknowledgements are written on their own after this.
+pub const ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Acknowledgements beyond this many are written at once, whatever comes next.
+const ACKS_MAX: usize = 65_536;
+
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
 pub enum Cmd {
@@ -161,17 +169,52 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
         ..Default::default()
     });
     let offer = handoff.clone();
+    // The thread's own timer for the acknowledgement delay; commands still come from the
+    // async side through the channel.
+    let timer = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()?;
     let join = std::thread::Builder::new().name("spool".into()).spawn(move || {
         let mut pending: Option<Cmd> = None;
         let mut refusing = false;
+        // When the oldest acknowledgement not yet written was taken.
+        let mut acks_since: Option<tokio::time::Instant> = None;
+        let flush = |spool: &mut Spool| {
+            if let Err(e) = spool.flush_acks(wall_now_ms()) {
+                tracing::error!(error = %e, "Cannot record delivery in the spool; events will be resent");
+            }
+        };
         loop {
             let cmd = match pending.take() {
                 Some(c) => c,
-                None => match rx.blocking_recv() {
-                    Some(c) => c,
-                    None => break,
-                },
+                None => {
+                    let next = match acks_since.filter(|_| spool.acks_pending() > 0) {
+                        None => rx.blocking_recv(),
+                        Some(since) => {
+                            let due = since + ACK_DELAY;
+                            let r = timer.block_on(async {
+                                tokio::time::timeout_at(due, rx.recv()).await
+                            });
+                            match r {
+                                Ok(c) => c,
+                                Err(_) => {
+                                    flush(&mut spool);
+                                    acks_since = None;
+                                    continue;
+                                }
+                            }
+                        }
+                    };
+                    match next {
+                        Some(c) => c,
+                        None => break,
+                    }
+                }
             };
+            // Whatever reads the done state sees the acknowledgements taken so far.
+            if !matches!(cmd, Cmd::Append { .. } | Cmd::Ack { .. } | Cmd::Read { .. }) {
+                flush(&mut spool);
+            }
             match cmd {
                 Cmd::Append { mut bodies, reply } => {
                     // Merge appends that are already queued into this transaction.
@@ -229,7 +272,14 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
                     let _ = reply.send(spool.read_after(after, min_chunk, max).map(|v| (v, head)));
                 }
                 Cmd::Ack { locs, reply } => {
-                    let _ = reply.send(spool.ack(&locs, wall_now_ms()));
+                    if spool.acks_pending() == 0 {
+                        acks_since = Some(tokio::time::Instant::now());
+                    }
+                    spool.ack_later(&locs);
+                    if spool.acks_pending() >= ACKS_MAX {
+                        flush(&mut spool);
+                    }
+                    let _ = reply.send(Ok(()));
                 }
                 Cmd::DeadLetter { items, reply } => {
                     let _ = reply.send(spool.dead_letter(&items, wall_now_ms()));
@@ -250,6 +300,7 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
                 }
             }
         }
+        flush(&mut spool);
         tracing::debug!("Spool thread finished");
     })?;
     Ok((

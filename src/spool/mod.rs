@@ -173,6 +173,9 @@ pub struct Spool {
     relaxed_sync: bool,
     /// When `last_delivery_ms` was last written (see [`Spool::ack`]).
     delivery_noted_ms: i64,
+    /// Acknowledgements taken by [`Spool::ack_later`] and not yet written: the next append
+    /// writes them in its own transaction, or [`Spool::flush_acks`] on their own.
+    acks: Vec<Loc>,
 }
 
 fn is_code(e: &rusqlite::Error, code: ErrorCode) -> bool {
@@ -421,6 +424,7 @@ impl Spool {
             reserve_missing_commits: None,
             relaxed_sync: false,
             delivery_noted_ms: i64::MIN / 2,
+            acks: Vec::new(),
         };
         if !spool.make_reserve() {
             spool.reserve_missing_commits = Some(0);
@@ -589,6 +593,8 @@ impl Spool {
                     });
                 }
                 WhenFull::DropOldest => {
+                    // Delivered events must not be counted as evicted.
+                    self.flush_acks(created_ms)?;
                     let target = self.opts.max_bytes.saturating_sub(need);
                     evicted = self.freeing(|sp| sp.evict_until(target))?;
                 }
@@ -617,6 +623,8 @@ impl Spool {
                     // Freed pages are reused in place: evicting the oldest chunks can make
                     // room even on a full disk.
                     attempt += 1;
+                    // Delivered events must not be counted as evicted.
+                    let _ = self.flush_acks(created_ms);
                     let target = self.used_bytes.saturating_sub(need.max(64 * 1024));
                     let n = self.freeing(|sp| sp.evict_until(target)).unwrap_or(0);
                     if n == 0 {
@@ -650,6 +658,7 @@ impl Spool {
     ) -> Result<i64, SpoolError> {
         let id = self.next_chunk;
         self.restore_sync().map_err(classify)?;
+        let note = self.delivery_due(created_ms);
         let tx = self.conn.transaction().map_err(classify)?;
         tx.prepare_cached("INSERT INTO chunks(id, first_seq, count, created_ms, data) VALUES (?1, ?2, ?3, ?4, ?5)")?.execute(params![id, first_seq as i64, count as i64, created_ms, blob])
             .map_err(classify)?;
@@ -661,8 +670,33 @@ impl Spool {
                 .execute([dl])
                 .map_err(classify)?;
         }
+        // Acknowledgements waiting to be written ride along: no transaction of their own.
+        // A failure to mark them never costs the append: they are dropped, as a failed
+        // [`Spool::ack`] is (the events are sent again).
+        let acked = if self.acks.is_empty() {
+            None
+        } else {
+            match mark_done(&tx, &self.acks) {
+                Ok(done) => {
+                    if note {
+                        meta_set(&tx, "last_delivery_ms", created_ms).map_err(classify)?;
+                    }
+                    Some((done, note))
+                }
+                Err(SpoolError::DiskFull) => return Err(SpoolError::DiskFull),
+                Err(e) => {
+                    tracing::error!(error = %e, "Cannot record delivery in the spool; events will be resent");
+                    self.acks.clear();
+                    None
+                }
+            }
+        };
         tx.commit().map_err(classify)?;
         self.next_chunk = id + 1;
+        if let Some(((n, deleted), note)) = acked {
+            self.acks.clear();
+            self.acked(n, deleted, note.then_some(created_ms))?;
+        }
         Ok(id)
     }
 
@@ -790,6 +824,11 @@ impl Spool {
         min_chunk: i64,
         max: usize,
     ) -> Result<Vec<SpooledEvent>, SpoolError> {
+        // A reader acknowledges what it has read, so pending acknowledgements normally lie
+        // before its cursor; any that do not are written first.
+        if self.acks.iter().any(|l| Some(*l) > after) {
+            self.flush_acks(crate::event::wall_now_ms())?;
+        }
         let mut out = Vec::new();
         let mut next_id = after.map(|l| l.chunk).unwrap_or(i64::MIN).max(min_chunk);
         let mut first = true;
@@ -867,10 +906,7 @@ impl Spool {
                 .prepare_cached("PRAGMA synchronous = NORMAL")?
                 .execute([])?;
         }
-        // `last_delivery_ms` (for `scangate status`) is written at most once a second: it is
-        // one more page in the WAL per acknowledgement otherwise.
-        let note_delivery =
-            now_ms - self.delivery_noted_ms >= 1000 || now_ms < self.delivery_noted_ms;
+        let note_delivery = self.delivery_due(now_ms);
         let result = (|| {
             let tx = self.conn.transaction().map_err(classify)?;
             let done = mark_done(&tx, locs)?;
@@ -886,8 +922,20 @@ impl Spool {
             }
         }
         let (n, deleted) = result?;
-        if note_delivery {
-            self.delivery_noted_ms = now_ms;
+        self.acked(n, deleted, note_delivery.then_some(now_ms))
+    }
+
+    /// `last_delivery_ms` (for `scangate status`) is written at most once a second: it is one
+    /// more page in the WAL per acknowledgement otherwise.
+    fn delivery_due(&self, now_ms: i64) -> bool {
+        now_ms - self.delivery_noted_ms >= 1000 || now_ms < self.delivery_noted_ms
+    }
+
+    /// After acknowledgements were committed: `n` events newly done, `deleted` when a chunk
+    /// went with them, `noted` when `last_delivery_ms` was written.
+    fn acked(&mut self, n: u64, deleted: bool, noted: Option<i64>) -> Result<(), SpoolError> {
+        if let Some(t) = noted {
+            self.delivery_noted_ms = t;
         }
         self.metrics.spool_backlog.sub(n);
         // Only a deleted chunk frees pages or can be the chunk being read.
@@ -895,6 +943,34 @@ impl Spool {
             self.after_delete()?;
         }
         Ok(())
+    }
+
+    /// Take an acknowledgement now and write it later: with the next append (in its
+    /// transaction, which is fsynced anyway), or by [`Spool::flush_acks`]. Until then the
+    /// events count as undelivered on disk; a crash before the write only means they are sent
+    /// again with the same event ids. Reads that could return them write them first.
+    pub fn ack_later(&mut self, locs: &[Loc]) {
+        self.acks.extend_from_slice(locs);
+    }
+
+    /// Acknowledgements taken by [`Spool::ack_later`] and not yet written.
+    pub fn acks_pending(&self) -> usize {
+        self.acks.len()
+    }
+
+    /// Write the acknowledgements taken by [`Spool::ack_later`] in a transaction of their own.
+    /// On an error they are dropped, as a failed [`Spool::ack`] is: the events stay in the
+    /// spool and are sent again.
+    pub fn flush_acks(&mut self, now_ms: i64) -> Result<(), SpoolError> {
+        if self.acks.is_empty() {
+            return Ok(());
+        }
+        let locs = std::mem::take(&mut self.acks);
+        let r = self.ack(&locs, now_ms);
+        // Keep the allocation for the next ones.
+        self.acks = locs;
+        self.acks.clear();
+        r
     }
 
     /// Move events to the dead-letter table with the upstream's status and reason.
