@@ -121,7 +121,7 @@ thread_local! {
 /// The shared copy of a source, location or device name. A chunk read back from the spool
 /// holds thousands of events that name the same few places; decoding each name into its own
 /// allocation cost three allocations and frees per event. The table is per thread (the spool
-/// thread decodes) and bounded: names beyond [`INTERN_MAX`] distinct ones are still shared
+/// thread decodes) and bounded: names beyond `INTERN_MAX` distinct ones are still shared
 /// while they are among the most recent.
 pub fn intern(name: &str) -> Arc<str> {
     NAMES.with(|names| {
