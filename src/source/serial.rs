@@ -139,6 +139,13 @@ fn serve(
                                     feed.metrics.sources_connected.sub(1);
                                     return;
                                 }
+                            } else {
+                                // Streaming: the tty refills its 4 KiB from the driver's buffer
+                                // in a kernel worker queued on this CPU by the read. Yielding
+                                // lets it run now, so the next read finds bytes instead of
+                                // sleeping until the worker has run (a sleep and a wake-up per
+                                // 4 KiB otherwise).
+                                std::thread::yield_now();
                             }
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
