@@ -109,9 +109,9 @@ pub enum Cmd {
         max: usize,
         reply: Reply<(Vec<SpooledEvent>, i64)>,
     },
+    /// Taken at once and written later ([`Spool::ack_later`]): nothing to answer.
     Ack {
         locs: Vec<Loc>,
-        reply: Reply<()>,
     },
     DeadLetter {
         items: Vec<(SpooledEvent, Option<u16>, String)>,
@@ -271,7 +271,7 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
                     let head = spool.next_chunk - 1;
                     let _ = reply.send(spool.read_after(after, min_chunk, max).map(|v| (v, head)));
                 }
-                Cmd::Ack { locs, reply } => {
+                Cmd::Ack { locs } => {
                     if spool.acks_pending() == 0 {
                         acks_since = Some(tokio::time::Instant::now());
                     }
@@ -279,7 +279,6 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
                     if spool.acks_pending() >= ACKS_MAX {
                         flush(&mut spool);
                     }
-                    let _ = reply.send(Ok(()));
                 }
                 Cmd::DeadLetter { items, reply } => {
                     let _ = reply.send(spool.dead_letter(&items, wall_now_ms()));
@@ -457,8 +456,15 @@ impl SpoolHandle {
         Some((out, after))
     }
 
+    /// Acknowledge delivered events. Returns once the spool thread's queue has taken the
+    /// acknowledgement, without a reply: the thread writes it with its next commit (see
+    /// [`Spool::ack_later`]), so a caller gains nothing by waiting, and a reply would cost the
+    /// forwarder a wake-up per batch.
     pub async fn ack(&self, locs: Vec<Loc>) -> Result<(), HandleError> {
-        self.call(|reply| Cmd::Ack { locs, reply }).await
+        self.tx
+            .send(Cmd::Ack { locs })
+            .await
+            .map_err(|_| HandleError::Closed)
     }
 
     pub async fn dead_letter(
