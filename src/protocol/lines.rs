@@ -17,6 +17,31 @@ use tokio_util::codec::Decoder;
 /// Longest accepted line. Longer input is garbage or a missing terminator.
 pub const MAX_LINE: usize = 4096;
 
+/// Whether every byte is printable ASCII (0x20..=0x7E), eight bytes at a time: the common
+/// line, which needs no per-byte check for control bytes. False does not mean bad: the line is
+/// then checked byte by byte (tabs, GS and UTF-8 are allowed).
+fn plain_ascii(l: &[u8]) -> bool {
+    const LOW7: u64 = 0x7F7F_7F7F_7F7F_7F7F;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let flagged = |w: u64| {
+        let low = w & LOW7;
+        // High bit set in a byte of `w` (≥ 0x80), or of low + 1 (0x7F), or clear in
+        // low + 0x60 (below 0x20). Each byte's sum stays within the byte: no carries.
+        let del_or_high = (low + 0x0101_0101_0101_0101) | w;
+        let control = !(low + 0x6060_6060_6060_6060);
+        (del_or_high | control) & HIGH != 0
+    };
+    let mut words = l.chunks_exact(8);
+    for c in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(c);
+        if flagged(u64::from_le_bytes(b)) {
+            return false;
+        }
+    }
+    words.remainder().iter().all(|&b| (0x20..0x7F).contains(&b))
+}
+
 #[derive(Debug, Default)]
 pub struct LinesDecoder {
     /// The previous terminator was CR: an LF right after it belongs to it.
@@ -40,8 +65,9 @@ impl LinesDecoder {
                 bytes: line.len(),
             };
         }
-        if l.iter()
-            .any(|&b| (b < 0x20 && b != 0x1D && b != b'\t') || b == 0x7F)
+        if !plain_ascii(l)
+            && l.iter()
+                .any(|&b| (b < 0x20 && b != 0x1D && b != b'\t') || b == 0x7F)
         {
             return Decoded::Skipped {
                 reason: "control_bytes",
@@ -157,6 +183,23 @@ mod tests {
     use crate::protocol::{decode_all, Protocol};
     use proptest::prelude::*;
 
+    #[test]
+    fn plain_ascii_flags_every_byte_value_at_every_position() {
+        for len in [7, 8, 17] {
+            for pos in 0..len {
+                for b in 0..=255u8 {
+                    let mut l = vec![b'A'; len];
+                    l[pos] = b;
+                    assert_eq!(
+                        plain_ascii(&l),
+                        (0x20..0x7F).contains(&b),
+                        "{b:#x} at {pos} of {len}"
+                    );
+                }
+            }
+        }
+    }
+
     fn reads(bytes: &[u8]) -> Vec<Decoded> {
         decode_all(&mut Protocol::Lines(LinesDecoder::default()), bytes, false)
     }
@@ -252,6 +295,13 @@ mod tests {
                 while let Some(x) = d.decode(&mut buf).unwrap() { out.push(x); }
             }
             prop_assert_eq!(out, expected);
+        }
+
+        #[test]
+        fn plain_ascii_is_exactly_printable_ascii(bytes in proptest::collection::vec(
+            prop_oneof![4 => 0x20u8..0x7F, 1 => any::<u8>()], 0..40)) {
+            let want = bytes.iter().all(|b| (0x20..0x7F).contains(b));
+            prop_assert_eq!(super::plain_ascii(&bytes), want);
         }
 
         #[test]
