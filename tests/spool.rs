@@ -381,6 +381,55 @@ fn max_bytes_drop_oldest_evicts_and_counts_reject_refuses() {
     }
 }
 
+/// Events acknowledged with `ack_later` and not yet written are delivered: when drop_oldest
+/// makes room, they are written first and never counted as evicted.
+#[test]
+fn drop_oldest_does_not_count_pending_acknowledgements_as_evicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let o = SpoolOptions {
+        max_bytes: 1 << 20,
+        when_full: WhenFull::DropOldest,
+        sync: SyncMode::Normal,
+    };
+    let (mut sp, _) = Spool::open(dir.path(), o, metrics.clone()).unwrap();
+    let incompressible = |i: usize| {
+        (0..50)
+            .map(|j| {
+                let x = ((i * 50 + j) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                body(
+                    &format!("{x:016x}{:032x}", uuid::Uuid::new_v4().as_u128()),
+                    1,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let (mut accepted, mut acked) = (0u64, 0u64);
+    let mut i = 0;
+    // Two chunks in, then the oldest 50 events still there acknowledged (pending until the
+    // next append, which makes room by evicting the oldest), until the spool has been full for
+    // a while.
+    while metrics.dropped("evicted") < 500 && i < 4000 {
+        for _ in 0..2 {
+            sp.append(incompressible(i), 0).unwrap();
+            accepted += 50;
+            i += 1;
+        }
+        let oldest = sp.read_after(None, 0, 50).unwrap();
+        sp.ack_later(&oldest.iter().map(|e| e.loc).collect::<Vec<_>>());
+        acked += oldest.len() as u64;
+    }
+    assert!(i < 4000, "the spool never filled");
+    sp.flush_acks(0).unwrap();
+    let evicted = metrics.dropped("evicted");
+    let left = sp.backlog().unwrap();
+    assert_eq!(
+        left + acked + evicted,
+        accepted,
+        "each event is left, delivered or evicted, never two of them ({left} left, {acked} acknowledged, {evicted} evicted)"
+    );
+}
+
 /// Mount a small tmpfs (root only). Returns None, with a printed reason, where that is not possible.
 fn mount_tmpfs(dir: &Path, opts: &str) -> Option<()> {
     if unsafe_is_root() {

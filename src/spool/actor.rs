@@ -181,11 +181,7 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
         let mut refusing = false;
         // When the oldest acknowledgement not yet written was taken.
         let mut acks_since: Option<tokio::time::Instant> = None;
-        let flush = |spool: &mut Spool| {
-            if let Err(e) = spool.flush_acks(wall_now_ms()) {
-                tracing::error!(error = %e, "Cannot record delivery in the spool; events will be resent");
-            }
-        };
+        let flush = |spool: &mut Spool| spool.flush_acks_or_log(wall_now_ms());
         loop {
             let cmd = match pending.take() {
                 Some(c) => c,

@@ -594,7 +594,7 @@ impl Spool {
                 }
                 WhenFull::DropOldest => {
                     // Delivered events must not be counted as evicted.
-                    self.flush_acks(created_ms)?;
+                    self.flush_acks_or_log(created_ms);
                     let target = self.opts.max_bytes.saturating_sub(need);
                     evicted = self.freeing(|sp| sp.evict_until(target))?;
                 }
@@ -624,7 +624,7 @@ impl Spool {
                     // room even on a full disk.
                     attempt += 1;
                     // Delivered events must not be counted as evicted.
-                    let _ = self.flush_acks(created_ms);
+                    self.flush_acks_or_log(created_ms);
                     let target = self.used_bytes.saturating_sub(need.max(64 * 1024));
                     let n = self.freeing(|sp| sp.evict_until(target)).unwrap_or(0);
                     if n == 0 {
@@ -951,6 +951,14 @@ impl Spool {
     /// again with the same event ids. Reads that could return them write them first.
     pub fn ack_later(&mut self, locs: &[Loc]) {
         self.acks.extend_from_slice(locs);
+    }
+
+    /// [`Spool::flush_acks`] where its failure must not stop the caller (it only means the
+    /// events are sent again).
+    pub fn flush_acks_or_log(&mut self, now_ms: i64) {
+        if let Err(e) = self.flush_acks(now_ms) {
+            tracing::error!(error = %e, "Cannot record delivery in the spool; events will be resent");
+        }
     }
 
     /// Acknowledgements taken by [`Spool::ack_later`] and not yet written.
