@@ -176,6 +176,8 @@ pub struct Spool {
     /// Acknowledgements taken by [`Spool::ack_later`] and not yet written: the next append
     /// writes them in its own transaction, or [`Spool::flush_acks`] on their own.
     acks: Vec<Loc>,
+    /// The latest of `acks` (None when there are none): a read after it cannot return them.
+    acks_max: Option<Loc>,
 }
 
 fn is_code(e: &rusqlite::Error, code: ErrorCode) -> bool {
@@ -425,6 +427,7 @@ impl Spool {
             relaxed_sync: false,
             delivery_noted_ms: i64::MIN / 2,
             acks: Vec::new(),
+            acks_max: None,
         };
         if !spool.make_reserve() {
             spool.reserve_missing_commits = Some(0);
@@ -687,6 +690,7 @@ impl Spool {
                 Err(e) => {
                     tracing::error!(error = %e, "Cannot record delivery in the spool; events will be resent");
                     self.acks.clear();
+                    self.acks_max = None;
                     None
                 }
             }
@@ -695,6 +699,7 @@ impl Spool {
         self.next_chunk = id + 1;
         if let Some(((n, deleted), note)) = acked {
             self.acks.clear();
+            self.acks_max = None;
             self.acked(n, deleted, note.then_some(created_ms))?;
         }
         Ok(id)
@@ -826,7 +831,7 @@ impl Spool {
     ) -> Result<Vec<SpooledEvent>, SpoolError> {
         // A reader acknowledges what it has read, so pending acknowledgements normally lie
         // before its cursor; any that do not are written first.
-        if self.acks.iter().any(|l| Some(*l) > after) {
+        if self.acks_max > after {
             self.flush_acks(crate::event::wall_now_ms())?;
         }
         let mut out = Vec::new();
@@ -951,6 +956,7 @@ impl Spool {
     /// again with the same event ids. Reads that could return them write them first.
     pub fn ack_later(&mut self, locs: &[Loc]) {
         self.acks.extend_from_slice(locs);
+        self.acks_max = self.acks_max.max(locs.iter().max().copied());
     }
 
     /// [`Spool::flush_acks`] where its failure must not stop the caller (it only means the
@@ -974,6 +980,7 @@ impl Spool {
             return Ok(());
         }
         let locs = std::mem::take(&mut self.acks);
+        self.acks_max = None;
         let r = self.ack(&locs, now_ms);
         // Keep the allocation for the next ones.
         self.acks = locs;
