@@ -136,7 +136,7 @@ fn stages(c: &mut Criterion) {
     ] {
         eprintln!(
             "{name}: {} bytes per event compressed",
-            compress(&json, c).len() / N
+            compress(&json, c).unwrap().len() / N
         );
         // As the forwarder does: one compressor, reused batch after batch.
         let mut comp = BodyCompressor::new(c);

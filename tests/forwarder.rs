@@ -518,3 +518,144 @@ async fn a_batch_of_mixed_event_types_is_sent_as_one_request_per_run_in_order() 
     });
     rig.shutdown().await;
 }
+
+/// Regression: the client followed `302 Location: /moved` as a bodyless GET, counted the HTML
+/// 200 as delivered and deleted the events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_302_is_never_followed_and_keeps_everything() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| s.redirect = Some("/moved".into()));
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| config(d, &url, "bag-events", "auth_retry_ms = 100")).await;
+    rig.commit("r", 6, 6).await;
+    wait_until("three 302s", T, || {
+        ingest.with(|s| s.requests.iter().filter(|r| r.status == 302).count() >= 3)
+    })
+    .await;
+    assert_eq!(rig.backlog().await, 6, "a redirect must never delete data");
+    assert_eq!(rig.metrics.delivered.get(), 0);
+    assert_eq!(rig.metrics.dead_lettered.get(), 0);
+    ingest.with(|s| assert!(s.requests.iter().all(|r| r.path != "/moved")));
+    let err = rig
+        .spool
+        .stats()
+        .await
+        .unwrap()
+        .last_error
+        .unwrap_or_default();
+    assert!(err.contains("302") && err.contains("/moved"), "{err}");
+    // Retried slowly, not hammered.
+    ingest.with(|s| {
+        let t: Vec<_> = s.requests.iter().map(|r| r.at).collect();
+        assert!(t
+            .windows(2)
+            .all(|w| w[1] - w[0] >= Duration::from_millis(90)));
+    });
+    ingest.with(|s| s.redirect = None);
+    wait_until("delivered once fixed", T, || ingest.unique() == 6).await;
+    wait_until("backlog empty", T, || rig.metrics.spool_backlog.get() == 0).await;
+    rig.shutdown().await;
+}
+
+/// A 200 whose body is an HTML page (a captive portal, a proxy) is not a delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn html_200_from_a_portal_is_not_a_delivery() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| s.html = true);
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| config(d, &url, "collect", "auth_retry_ms = 100")).await;
+    rig.commit("h", 4, 4).await;
+    wait_until("two HTML answers", T, || {
+        ingest.with(|s| s.requests.len() >= 2)
+    })
+    .await;
+    assert_eq!(rig.backlog().await, 4);
+    assert_eq!(rig.metrics.delivered.get(), 0);
+    let err = rig
+        .spool
+        .stats()
+        .await
+        .unwrap()
+        .last_error
+        .unwrap_or_default();
+    assert!(err.contains("HTML"), "{err}");
+    ingest.with(|s| s.html = false);
+    wait_until("delivered once the portal is gone", T, || {
+        ingest.unique() == 4
+    })
+    .await;
+    rig.shutdown().await;
+}
+
+/// Regression: 409 (the original request with this Idempotency-Key is still in progress) was
+/// counted as delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflict_409_is_retried_not_delivered() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| {
+        s.script.push_back(Reply::Status(409));
+        s.script.push_back(Reply::Status(409));
+    });
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| config(d, &url, "bag-events", "")).await;
+    rig.commit("c", 5, 5).await;
+    wait_until("delivered after the 409s", T, || ingest.unique() == 5).await;
+    wait_until("backlog empty", T, || rig.metrics.spool_backlog.get() == 0).await;
+    ingest.with(|s| {
+        let statuses: Vec<u16> = s.requests.iter().map(|r| r.status).collect();
+        assert_eq!(statuses, [409, 409, 200]);
+    });
+    assert_eq!(rig.metrics.dead_lettered.get(), 0);
+    rig.shutdown().await;
+}
+
+/// Regression: a 207 listing rejected events by position left them deleted without a dead
+/// letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_207_by_index_dead_letters_those_events() {
+    let ingest = Ingest::start().await;
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| config(d, &url, "bag-events", "batch_max_events = 10")).await;
+    ingest.with(|s| s.script.push_back(Reply::PartialByIndex(vec![2, 7])));
+    rig.commit("i", 10, 10).await;
+    wait_until("two dead letters", T, || {
+        rig.metrics.dead_lettered.get() == 2
+    })
+    .await;
+    wait_until("backlog empty", T, || rig.metrics.spool_backlog.get() == 0).await;
+    let dl = rig.spool.dead_letters(10).await.unwrap();
+    let tags: Vec<String> = dl
+        .iter()
+        .map(|d| d.body.as_ref().unwrap().tag.clone())
+        .collect();
+    assert_eq!(tags, ["i-2", "i-7"]);
+    assert!(dl.iter().all(|d| d.reason == "rejected by position"));
+    assert_eq!(ingest.unique(), 8);
+    rig.shutdown().await;
+}
+
+/// A 207 that cannot be matched to the batch (here: reasons without ids, and a count that
+/// disagrees) is never acknowledged blindly: the batch is sent again in halves and the
+/// idempotent upstream settles each event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_207_that_cannot_be_matched_is_resent_not_acknowledged() {
+    for body in [
+        r#"{"rejected_count":2,"errors":["bad field","bad field"]}"#,
+        r#"{"rejected_count":2,"errors":[{"index":2}]}"#,
+        "not json",
+    ] {
+        let ingest = Ingest::start().await;
+        let url = ingest.base_url();
+        let rig = Rig::new(|d| config(d, &url, "bag-events", "batch_max_events = 10")).await;
+        ingest.with(|s| {
+            s.script
+                .push_back(Reply::Raw(207, "application/json", vec![], body.into()))
+        });
+        rig.commit("u", 10, 10).await;
+        wait_until("all 10 arrive", T, || ingest.unique() == 10).await;
+        wait_until("backlog empty", T, || rig.metrics.spool_backlog.get() == 0).await;
+        assert_eq!(rig.metrics.dead_lettered.get(), 0, "{body}");
+        ingest.with(|s| assert!(s.requests.len() >= 3, "{body}: re-sent in halves"));
+        rig.shutdown().await;
+    }
+}

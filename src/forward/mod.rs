@@ -60,10 +60,11 @@ impl BodyCompressor {
         }
     }
 
-    /// The compressed body (`Content-Encoding` per the kind).
-    pub fn compress(&mut self, body: &[u8]) -> Vec<u8> {
+    /// The compressed body (`Content-Encoding` per the kind). An error (none is expected from
+    /// in-memory compression) is returned, never an empty or truncated body.
+    pub fn compress(&mut self, body: &[u8]) -> std::io::Result<Vec<u8>> {
         match self.kind {
-            Compression::None => body.to_vec(),
+            Compression::None => Ok(body.to_vec()),
             Compression::Gzip(level) => {
                 let d = self.deflate.get_or_insert_with(|| {
                     flate2::Compress::new(flate2::Compression::new(level), false)
@@ -73,40 +74,45 @@ impl BodyCompressor {
                 out.extend_from_slice(&GZIP_HEADER);
                 let start_in = d.total_in();
                 loop {
-                    let consumed = (d.total_in() - start_in) as usize;
+                    let consumed =
+                        usize::try_from(d.total_in() - start_in).map_err(std::io::Error::other)?;
                     if out.capacity() - out.len() < 1024 {
                         out.reserve(out.capacity() / 2 + 1024);
                     }
-                    // Deflating into a Vec with spare room cannot fail.
-                    match d.compress_vec(&body[consumed..], &mut out, flate2::FlushCompress::Finish)
+                    let rest = body.get(consumed..).ok_or_else(|| {
+                        std::io::Error::other("deflate consumed more than its input")
+                    })?;
+                    match d
+                        .compress_vec(rest, &mut out, flate2::FlushCompress::Finish)
+                        .map_err(std::io::Error::other)?
                     {
-                        Ok(flate2::Status::StreamEnd) => break,
-                        Ok(_) => {}
-                        Err(_) => return Vec::new(),
+                        flate2::Status::StreamEnd => break,
+                        _ => {}
                     }
                 }
                 let mut crc = flate2::Crc::new();
                 crc.update(body);
                 out.extend_from_slice(&crc.sum().to_le_bytes());
+                // ISIZE: the input length modulo 2^32 (RFC 1952).
                 out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-                out
+                Ok(out)
             }
             Compression::Zstd(level) => {
                 let z = match &mut self.zstd {
                     Some(z) => z,
                     None => match zstd::bulk::Compressor::new(level) {
                         Ok(z) => self.zstd.insert(z),
-                        Err(_) => return zstd::bulk::compress(body, level).unwrap_or_default(),
+                        Err(_) => return zstd::bulk::compress(body, level),
                     },
                 };
-                z.compress(body).unwrap_or_default()
+                z.compress(body)
             }
         }
     }
 }
 
 /// Compress one body with a fresh compressor (tools and tests; the forwarder keeps one).
-pub fn compress(body: &[u8], c: Compression) -> Vec<u8> {
+pub fn compress(body: &[u8], c: Compression) -> std::io::Result<Vec<u8>> {
     BodyCompressor::new(c).compress(body)
 }
 
@@ -156,6 +162,9 @@ impl Forwarder {
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
             .user_agent(concat!("scangate/", env!("CARGO_PKG_VERSION")))
+            // A batch is only ever sent where the operator configured it: a 3xx is classified
+            // (a misconfiguration), never followed.
+            .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(30));
         if let Some(ca) = &cfg.ca_file {
             let pem = std::fs::read(ca).map_err(|source| ForwardError::CaFile {
@@ -376,7 +385,19 @@ impl Forwarder {
                 push_halves(&mut stack, b, from_413);
                 continue;
             }
-            let body = bytes::Bytes::from(self.compressor.compress(&self.json));
+            let body = match self.compressor.compress(&self.json) {
+                Ok(z) => bytes::Bytes::from(z),
+                Err(e) => {
+                    // Never an empty body: keep the batch and try again later.
+                    tracing::error!(error = %e, "Cannot compress a batch; keeping it and retrying");
+                    self.metrics.batches_failed.inc();
+                    stack.push((b, from_413));
+                    if let Wait::Shutdown = self.pause(self.cfg.retry_max, shutdown).await {
+                        return Err(());
+                    }
+                    continue;
+                }
+            };
             loop {
                 let outcome = self.send(body.clone(), key).await;
                 match outcome {
@@ -385,28 +406,40 @@ impl Forwarder {
                         self.ack(&b).await;
                         break;
                     }
-                    Outcome::Partial { rejected } => {
-                        self.on_success(207, b.len(), from_413).await;
-                        let (dead, ok): (Vec<SpooledEvent>, Vec<SpooledEvent>) =
-                            b.into_iter().partition(|e| {
-                                rejected.iter().any(|(id, _)| *id == e.event_id.to_string())
-                            });
-                        if rejected.is_empty() {
-                            tracing::warn!("Upstream answered 207 without listing rejected events; treating the batch as delivered");
+                    Outcome::Partial(partial) => {
+                        self.metrics.response(207);
+                        let ids: Vec<uuid::Uuid> = b.iter().map(|e| e.event_id).collect();
+                        match partial.matches(&ids) {
+                            Some(rejected) => {
+                                self.on_success(207, b.len(), from_413).await;
+                                let mut dead = Vec::with_capacity(rejected.len());
+                                let mut ok = Vec::with_capacity(b.len() - rejected.len());
+                                for (i, e) in b.into_iter().enumerate() {
+                                    match rejected.iter().find(|(j, _)| *j == i) {
+                                        Some((_, reason)) => {
+                                            dead.push((e, Some(207u16), reason.clone()))
+                                        }
+                                        None => ok.push(e),
+                                    }
+                                }
+                                self.dead_letter(dead).await;
+                                self.ack(&ok).await;
+                            }
+                            None if b.len() > 1 => {
+                                // Never acknowledged blindly: the halves are sent again and
+                                // the idempotent upstream settles each event.
+                                tracing::warn!(size = b.len(), "Upstream answered 207 in a shape that cannot be matched to the batch; sending it again in halves");
+                                push_halves(&mut stack, b, from_413);
+                            }
+                            None => {
+                                let wait = self.backoff.next().unwrap_or(self.cfg.retry_max);
+                                self.on_failure("HTTP 207 for a single event that cannot be matched to it; keeping it and retrying", true).await;
+                                if let Wait::Shutdown = self.pause(wait, shutdown).await {
+                                    return Err(());
+                                }
+                                continue;
+                            }
                         }
-                        let items = dead
-                            .into_iter()
-                            .map(|e| {
-                                let reason = rejected
-                                    .iter()
-                                    .find(|(id, _)| *id == e.event_id.to_string())
-                                    .map(|(_, r)| r.clone())
-                                    .unwrap_or_default();
-                                (e, Some(207u16), reason)
-                            })
-                            .collect::<Vec<_>>();
-                        self.dead_letter(items).await;
-                        self.ack(&ok).await;
                         break;
                     }
                     Outcome::TooLarge => {
@@ -532,11 +565,16 @@ impl Forwarder {
             Ok(resp) => {
                 self.metrics.upstream_bytes_sent.add(len);
                 let status = resp.status().as_u16();
-                let retry_after = resp
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string);
+                let header = |name: reqwest::header::HeaderName| {
+                    resp.headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                };
+                let retry_after = header(reqwest::header::RETRY_AFTER);
+                let location = header(reqwest::header::LOCATION);
+                let content_type = header(reqwest::header::CONTENT_TYPE);
+                let date = header(reqwest::header::DATE);
                 let mut body = Vec::new();
                 let mut resp = resp;
                 // Read at most 1 MiB of the answer: enough for any per-event report.
@@ -557,7 +595,18 @@ impl Forwarder {
                         }
                     }
                 }
-                outcome::classify(status, retry_after.as_deref(), &body, SystemTime::now())
+                body.truncate(1 << 20);
+                outcome::classify(
+                    &outcome::Answer {
+                        status,
+                        retry_after: retry_after.as_deref(),
+                        location: location.as_deref(),
+                        content_type: content_type.as_deref(),
+                        date: date.as_deref(),
+                        body: &body,
+                    },
+                    SystemTime::now(),
+                )
             }
         }
     }
@@ -680,7 +729,7 @@ mod tests {
     fn a_reused_gzip_compressor_makes_valid_independent_members() {
         let mut c = BodyCompressor::new(Compression::Gzip(1));
         for body in bodies() {
-            let z = c.compress(&body);
+            let z = c.compress(&body).unwrap();
             let mut d = flate2::read::GzDecoder::new(&z[..]);
             let mut back = Vec::new();
             d.read_to_end(&mut back).expect("a valid gzip member");
@@ -697,7 +746,7 @@ mod tests {
     fn a_reused_zstd_compressor_makes_valid_frames() {
         let mut c = BodyCompressor::new(Compression::Zstd(1));
         for body in bodies() {
-            let z = c.compress(&body);
+            let z = c.compress(&body).unwrap();
             assert_eq!(zstd::stream::decode_all(&z[..]).unwrap(), body);
         }
     }

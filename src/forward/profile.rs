@@ -2,7 +2,8 @@
 //! then `[upstream.fields]` renames (top-level event keys) and constants.
 //!
 //! JSON is written directly (no intermediate `serde_json::Value`): encoding is on the hot path
-//! of every event, and this costs a fraction of a microsecond per event.
+//! of every event. Every string goes through serde_json's escaper ([`push_json_str`]); only
+//! the envelope, keys and numbers are written here.
 
 use crate::config::{FieldMapping, Profile};
 use crate::event::{write_rfc3339_ms, ReadKind, SpooledEvent};
@@ -36,6 +37,45 @@ pub fn batch_key(events: &[SpooledEvent]) -> Uuid {
     }
     let digest = xxhash_rust::xxh3::xxh3_128(&bytes);
     Uuid::new_v5(&NS, &digest.to_le_bytes())
+}
+
+/// The keys a profile writes at the top level of each event, before `[upstream.fields]`
+/// renames. A constant or a rename target must not be one of them (after renames): it would
+/// write a key twice, and an `event_id`, `seq` or `timestamp` constant would give every event
+/// the same identity, which an idempotent upstream drops as duplicates.
+pub fn event_keys(profile: Profile) -> &'static [&'static str] {
+    match profile {
+        Profile::BagEvents => &[
+            "event_id",
+            "timestamp",
+            "sensor_id",
+            "location",
+            "device_id",
+            "value",
+            "bag_id",
+            "scan_type",
+            "signal_strength",
+            "read_count",
+            "antenna",
+            "tag_kind",
+            "symbology",
+            "first_seen",
+            "last_seen",
+            "gateway_id",
+            "seq",
+            "clock_unsynced",
+        ],
+        Profile::Collect => &[
+            "event_id",
+            "learner_id",
+            "tenant_id",
+            "event_type",
+            "timestamp",
+            "source_service",
+            "event_data",
+            "metadata",
+        ],
+    }
 }
 
 /// The field names this module writes. Each has its JSON key (`"name":`, after
@@ -265,83 +305,13 @@ pub struct Encoder {
     second: (i64, [u8; 24]),
 }
 
-/// Bytes of a word (little-endian) that JSON must escape: control characters, `"` and `\`.
-/// Only the lowest flagged byte is exact (a borrow can flag bytes above a true match), which is
-/// all [`push_json_str`] uses.
-fn escape_mask(x: u64) -> u64 {
-    const LO: u64 = 0x0101_0101_0101_0101;
-    const HI: u64 = 0x8080_8080_8080_8080;
-    let zero = |v: u64| v.wrapping_sub(LO) & !v & HI;
-    let control = x.wrapping_sub(LO * 0x20) & !x & HI;
-    control | zero(x ^ (LO * b'"' as u64)) | zero(x ^ (LO * b'\\' as u64))
-}
-
-/// A JSON string literal (RFC 8259 section 7: `"`, `\` and control characters escaped).
-///
-/// Written through a stack buffer eight bytes at a time: a word with nothing to escape is
-/// copied whole; otherwise the bytes before the first one to escape are kept and the escape
-/// follows. A tag holding JSON text has a quote every few bytes, and copying each run into the
-/// `Vec` on its own was a large share of encoding.
+/// A JSON string literal (RFC 8259 section 7), written by serde_json's escaper (table-driven;
+/// a hand-written one wrote past its buffer on a 504-byte scan, see the regression tests).
 pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    /// Flush when fewer than a word (or the longest escape) is left.
-    const FLUSH: usize = 248;
-    let b = s.as_bytes();
-    let mut buf = [0u8; FLUSH + 9];
-    buf[0] = b'"';
-    let mut n = 1;
-    let mut i = 0;
-    while i < b.len() {
-        if n > FLUSH {
-            out.extend_from_slice(&buf[..n]);
-            n = 0;
-        }
-        if let Some(w) = b.get(i..i + 8) {
-            let w: [u8; 8] = w.try_into().unwrap_or_default();
-            buf[n..n + 8].copy_from_slice(&w);
-            let m = escape_mask(u64::from_le_bytes(w));
-            if m == 0 {
-                n += 8;
-                i += 8;
-                continue;
-            }
-            let k = (m.trailing_zeros() / 8) as usize;
-            n += k;
-            i += k;
-        }
-        // `b[i]` needs escaping, or is in the tail shorter than a word.
-        let c = b[i];
-        i += 1;
-        let esc = match c {
-            b'"' => b'"',
-            b'\\' => b'\\',
-            b'\n' => b'n',
-            b'\r' => b'r',
-            b'\t' => b't',
-            0..=0x1f => {
-                buf[n..n + 6].copy_from_slice(&[
-                    b'\\',
-                    b'u',
-                    b'0',
-                    b'0',
-                    HEX[(c >> 4) as usize],
-                    HEX[(c & 15) as usize],
-                ]);
-                n += 6;
-                continue;
-            }
-            _ => {
-                buf[n] = c;
-                n += 1;
-                continue;
-            }
-        };
-        buf[n] = b'\\';
-        buf[n + 1] = esc;
-        n += 2;
+    // Writing into a `Vec` cannot fail: serde_json's only errors here are I/O errors.
+    if serde_json::to_writer(&mut *out, s).is_err() {
+        out.extend_from_slice(b"\"\"");
     }
-    buf[n] = b'"';
-    out.extend_from_slice(&buf[..n + 1]);
 }
 
 /// Writes one JSON object with precomputed keys.
@@ -615,12 +585,50 @@ impl Encoder {
 #[cfg(test)]
 mod tests {
     proptest::proptest! {
+        /// Strings as long as the field sends (thousands of bytes), of every byte class:
+        /// proptest's `*` alone stops at 32 characters.
         #[test]
-        fn json_strings_round_trip(s in "\\PC*|[\\x00-\\x7f]*") {
-            let mut out = Vec::new();
+        fn json_strings_round_trip(
+            chars in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::char::range('\u{0}', '\u{7f}'),
+                    proptest::char::any(),
+                    proptest::strategy::Just('"'),
+                    proptest::strategy::Just('\\'),
+                ],
+                0..5000,
+            )
+        ) {
+            let s: String = chars.into_iter().collect();
+            let mut out = b"x".to_vec();
             super::push_json_str(&mut out, &s);
-            let back: String = serde_json::from_slice(&out).unwrap();
+            let back: String = serde_json::from_slice(&out[1..]).unwrap();
             proptest::prop_assert_eq!(back, s);
+        }
+    }
+
+    /// Regression: a 504-byte line (503 × `A` and a quote) made the old hand-written escaper
+    /// write past its stack buffer and abort the daemon at every restart.
+    #[test]
+    fn a_long_tag_ending_in_a_quote_is_encoded_intact() {
+        for n in [240, 247, 248, 249, 255, 256, 503, 504, 4095] {
+            for tail in ["\"", "\u{1}", "\\\"\u{1f}\n"] {
+                let tag = format!("{}{tail}", "A".repeat(n));
+                let mut e = sample(1, ReadKind::Barcode);
+                e.body.tag = tag.clone();
+                for profile in [Profile::BagEvents, Profile::Collect] {
+                    let evs = vec![e.clone()];
+                    let v: serde_json::Value =
+                        serde_json::from_slice(&enc(profile).encode(&evs, batch_key(&evs)))
+                            .unwrap();
+                    let got = &v["events"][0][if profile == Profile::Collect {
+                        "learner_id"
+                    } else {
+                        "bag_id"
+                    }];
+                    assert_eq!(got, &serde_json::Value::String(tag.clone()));
+                }
+            }
         }
     }
 
@@ -707,6 +715,27 @@ mod tests {
         assert_eq!(e["airport"], "PTY");
         assert_eq!(e["event_data"]["rssi_dbm"], -52.6);
         assert_eq!(e["metadata"]["seq"], 7);
+    }
+
+    #[test]
+    fn event_keys_lists_every_top_level_key_written() {
+        for profile in [Profile::BagEvents, Profile::Collect] {
+            let mut sensor = sample(2, ReadKind::Sensor);
+            sensor.body.value = Some(1.5);
+            let mut e = sample(1, ReadKind::Barcode);
+            e.body.symbology = Some("]E0".into());
+            e.body.first_seen_ms = 5;
+            for evs in [vec![e], vec![sensor]] {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&enc(profile).encode(&evs, batch_key(&evs))).unwrap();
+                for k in v["events"][0].as_object().unwrap().keys() {
+                    assert!(
+                        event_keys(profile).contains(&k.as_str()),
+                        "{profile:?}: {k}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -30,6 +30,11 @@ pub enum Reply {
     Slow(Duration, Box<Reply>),
     /// Close the connection without answering.
     Drop,
+    /// 207 rejecting the events at these 0-based positions, listed by `index` only
+    /// (`{"rejected_count":n,"errors":[{"index":i}]}`); the others are ingested.
+    PartialByIndex(Vec<usize>),
+    /// Answer with exactly this, ingesting nothing: (status, content type, extra headers, body).
+    Raw(u16, &'static str, Vec<(&'static str, String)>, String),
 }
 
 #[derive(Debug, Clone)]
@@ -58,6 +63,11 @@ pub struct State {
     pub light_count: u64,
     pub token: Option<String>,
     pub down: bool,
+    /// Standing rule: answer every POST with `302 Location: <this>` (and `GET` of any other
+    /// path with a 200 HTML page, as a portal would).
+    pub redirect: Option<String>,
+    /// Standing rule: answer every POST with a 200 HTML page (a captive portal).
+    pub html: bool,
     /// Unique events in arrival order.
     pub events: Vec<Value>,
     pub seen: HashMap<String, u32>,
@@ -210,6 +220,38 @@ async fn handle(
         .map_err(|_| DropConnection)?
         .to_bytes();
 
+    let page = |status: u16| {
+        Ok(Response::builder()
+            .status(status)
+            .header("content-type", "text/html; charset=utf-8")
+            .body(Full::new(Bytes::from_static(
+                b"<!DOCTYPE html><html><body>Please log in</body></html>",
+            )))
+            .expect("valid"))
+    };
+    {
+        let mut st = state.lock().expect("state");
+        if let Some(to) = st.redirect.clone() {
+            let status = if path == to { 200 } else { 302 };
+            let mut l = log.clone();
+            l.status = status;
+            st.requests.push(l);
+            if status == 200 {
+                return page(200);
+            }
+            return Ok(Response::builder()
+                .status(302)
+                .header("location", to)
+                .body(Full::new(Bytes::new()))
+                .expect("valid"));
+        }
+        if st.html {
+            let mut l = log.clone();
+            l.status = 200;
+            st.requests.push(l);
+            return page(200);
+        }
+    }
     let mut scripted = state.lock().expect("state").script.pop_front();
     while let Some(Reply::Slow(d, inner)) = scripted {
         tokio::time::sleep(d).await;
@@ -228,6 +270,14 @@ async fn handle(
         Some(Reply::Status(s)) if !(200..300).contains(&s) => {
             finish(s, &mut log, &mut state.lock().expect("state"));
             return json(s, serde_json::json!({"detail": format!("scripted {s}")}));
+        }
+        Some(Reply::Raw(s, ct, headers, text)) => {
+            finish(s, &mut log, &mut state.lock().expect("state"));
+            let mut b = Response::builder().status(s).header("content-type", ct);
+            for (k, v) in headers {
+                b = b.header(k, v);
+            }
+            return Ok(b.body(Full::new(Bytes::from(text))).expect("valid"));
         }
         Some(Reply::RetryAfter(s, secs)) => {
             finish(s, &mut log, &mut state.lock().expect("state"));
@@ -302,6 +352,11 @@ async fn handle(
     }
     let rejected: Vec<String> = match &scripted {
         Some(Reply::Partial(ids)) => ids.clone(),
+        Some(Reply::PartialByIndex(ix)) => ix
+            .iter()
+            .filter_map(|&i| events.get(i))
+            .map(|e| e["event_id"].as_str().unwrap_or_default().to_string())
+            .collect(),
         _ => Vec::new(),
     };
     let mut ingested = 0;
@@ -330,6 +385,17 @@ async fn handle(
         o.remove("events");
     }
     st.envelopes.push(env);
+    if let Some(Reply::PartialByIndex(ix)) = &scripted {
+        finish(207, &mut log, &mut st);
+        let errors: Vec<Value> = ix
+            .iter()
+            .map(|i| serde_json::json!({"index": i, "message": "rejected by position"}))
+            .collect();
+        return json(
+            207,
+            serde_json::json!({"rejected_count": ix.len(), "errors": errors}),
+        );
+    }
     if !rejected.is_empty() {
         finish(207, &mut log, &mut st);
         let dlq: Vec<Value> = rejected
