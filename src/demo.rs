@@ -230,6 +230,7 @@ listen = "off"
     println!(
         "  skipped (bad bytes):  {}",
         metrics.dropped("control_bytes")
+            + metrics.dropped("line_noise")
             + metrics.dropped("invalid_utf8")
             + metrics.dropped("line_too_long")
     );

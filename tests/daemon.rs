@@ -39,7 +39,9 @@ async fn serial_pty_lines_to_ingest_end_to_end_then_sigterm_exits_zero() {
     for i in 0..200 {
         wire.extend_from_slice(format!("0125{:06}\r\n", i).as_bytes());
         if i == 100 {
-            wire.extend_from_slice(b"\xff\x00\x07garbage\r\n");
+            // Line noise, then a line with a control byte inside: the noise is skipped, the
+            // line dropped.
+            wire.extend_from_slice(b"\xff\x00\x07gar\x01bage\r\n");
         }
     }
     // Write in odd-sized pieces: frames split anywhere.
@@ -66,6 +68,11 @@ async fn serial_pty_lines_to_ingest_end_to_end_then_sigterm_exits_zero() {
         metric(admin, "scangate_dropped_total{reason=\"control_bytes\"}").await,
         Some(1),
         "the garbage line is counted"
+    );
+    assert_eq!(
+        metric(admin, "scangate_dropped_total{reason=\"line_noise\"}").await,
+        Some(1),
+        "the noise before it is counted"
     );
     d.sigterm();
     let status = d.wait_exit(Duration::from_secs(15)).await;
