@@ -21,80 +21,6 @@ pub fn tune_allocator() {
     }
 }
 
-/// Drop this process's page-table mappings of code it ran only while starting (argument and
-/// config parsing, spool open and integrity check, TLS and runtime set-up).
-///
-/// Executable code is mapped from the binary and its libraries; when code is first run the
-/// kernel maps not just the page touched but its neighbours ("fault-around"), so after start-up
-/// nearly the whole 5 MB binary counts as resident although the running pipeline uses a
-/// fraction of it. This tells the kernel to forget those mappings: the pages stay in the page
-/// cache, and code still in use is mapped again on its next run (a minor fault, no disk read),
-/// so the resident set shrinks to the code the pipeline actually runs.
-///
-/// Only read-only mappings that cannot hold modified data are touched: executable segments,
-/// and the binary's first (header and read-only data) segment. Relocated read-only data
-/// (RELRO) and all writable mappings are left alone.
-pub fn release_startup_pages() {
-    #[cfg(target_os = "linux")]
-    {
-        // smaps rather than maps: each mapping's count of anonymous (copy-on-write) pages
-        // proves it holds no modified data.
-        let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
-            return;
-        };
-        let exe = std::fs::read_link("/proc/self/exe").ok();
-        let mut released = 0usize;
-        for (header, anonymous_kb) in mappings(&smaps) {
-            let mut f = header.split_whitespace();
-            let (Some(range), Some(perms), Some(offset)) = (f.next(), f.next(), f.next()) else {
-                continue;
-            };
-            let path = f.nth(2).map(std::path::Path::new);
-            let Some(path) = path.filter(|p| p.is_absolute()) else {
-                continue; // anonymous, heap, stack, vdso
-            };
-            let is_exe = exe.as_deref() == Some(path);
-            let eligible = perms == "r-xp" || (is_exe && perms == "r--p" && offset == "00000000");
-            if !eligible || anonymous_kb != Some(0) {
-                continue;
-            }
-            let Some((a, b)) = range.split_once('-') else {
-                continue;
-            };
-            let (Ok(start), Ok(end)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
-            else {
-                continue;
-            };
-            // SAFETY: the range is a whole read-only, file-backed private mapping of this
-            // process with no anonymous (modified) pages, from /proc/self/smaps; MADV_DONTNEED
-            // only drops its page-table entries, and the next access maps the same file pages
-            // again.
-            let r = unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED)
-            };
-            if r == 0 {
-                released += end - start;
-            }
-        }
-        tracing::debug!(bytes = released, "Released start-up code mappings");
-    }
-}
-
-/// Each mapping's header line in `/proc/self/smaps` with its `Anonymous:` size in kB.
-#[cfg(target_os = "linux")]
-fn mappings(smaps: &str) -> Vec<(&str, Option<u64>)> {
-    let mut out: Vec<(&str, Option<u64>)> = Vec::new();
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if first.contains('-') && !first.ends_with(':') {
-            out.push((line, None));
-        } else if let (Some(last), Some(kb)) = (out.last_mut(), line.strip_prefix("Anonymous:")) {
-            last.1 = kb.split_whitespace().next().and_then(|v| v.parse().ok());
-        }
-    }
-    out
-}
-
 /// `trace|debug|info|warn|error` → a level (anything else: `default`). A plain level rather than
 /// an env-filter expression: the filter's regex engine would add about a megabyte of resident
 /// code to a daemon whose budget is 8 MB.
@@ -185,18 +111,33 @@ pub fn spawn_watchdog(spool: SpoolHandle) -> Option<tokio::task::JoinHandle<()>>
 }
 
 /// Cancel `token` on SIGTERM or SIGINT.
+/// Install the signal handlers (synchronously: a signal that arrives after this returns is
+/// handled) and cancel `token` on SIGTERM or SIGINT. SIGHUP is never fatal: its default action
+/// would end the daemon, and systemd's `Restart=on-failure` does not restart a service that
+/// died of SIGHUP. It is logged (config reload comes with the operations work).
+/// Call inside the runtime.
 pub fn spawn_signal_handler(token: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    let hup = signal(SignalKind::hangup());
+    if let Err(e) = &hup {
+        tracing::warn!(error = %e, "Cannot handle SIGHUP; it would stop the daemon");
+    }
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let (Ok(mut term), Ok(mut int)) = (term, int) else {
+            tracing::warn!("Cannot handle SIGTERM/SIGINT");
             return;
         };
-        let Ok(mut int) = signal(SignalKind::interrupt()) else {
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
+        let mut hup = hup.ok();
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM received"); break; }
+                _ = int.recv() => { tracing::info!("SIGINT received"); break; }
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    tracing::info!("SIGHUP received; configuration reload is not supported yet, the running configuration stays in effect");
+                }
+            }
         }
         token.cancel();
     });
@@ -210,31 +151,4 @@ pub fn init_logging_quiet() {
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();
-}
-
-#[cfg(test)]
-mod tests {
-    fn rss_file_kb() -> u64 {
-        std::fs::read_to_string("/proc/self/status")
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("RssFile:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap()
-    }
-
-    #[test]
-    #[cfg(target_os = "linux")]
-    fn releasing_startup_pages_shrinks_the_mapped_code_and_everything_still_runs() {
-        // Run plenty of code first so that it is mapped.
-        let cfg = crate::config::Config::parse(crate::config::EXAMPLE, std::path::Path::new("/"));
-        assert!(cfg.is_ok());
-        let before = rss_file_kb();
-        super::release_startup_pages();
-        let after = rss_file_kb();
-        assert!(after < before, "RssFile {before} kB -> {after} kB");
-        // Code is mapped again on demand.
-        let again = crate::config::Config::parse(crate::config::EXAMPLE, std::path::Path::new("/"));
-        assert_eq!(cfg.is_ok(), again.is_ok());
-    }
 }
