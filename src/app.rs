@@ -179,11 +179,7 @@ pub async fn run(
     on_start: impl FnOnce(Running),
 ) -> Result<RunSummary, AppError> {
     let state_dir = cfg.gateway.state_dir.clone();
-    let sopts = SpoolOptions {
-        max_bytes: cfg.spool.max_bytes,
-        when_full: cfg.spool.when_full,
-        sync: cfg.spool.sync,
-    };
+    let sopts = SpoolOptions::of(&cfg);
     let m = metrics.clone();
     let (spool, report) = tokio::task::spawn_blocking(move || Spool::open(&state_dir, sopts, m))
         .await
@@ -254,7 +250,6 @@ pub async fn run(
         metrics: metrics.clone(),
     });
     crate::service::notify_ready(&format!("running; backlog {}", report.backlog));
-    crate::service::release_startup_pages();
     let watchdog = crate::service::spawn_watchdog(handle.clone());
 
     // Wait for a reason to stop.

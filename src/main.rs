@@ -144,9 +144,11 @@ fn main() -> ExitCode {
                 "max" => scangate::config::ReplaySpeed::Max,
                 "recorded" => scangate::config::ReplaySpeed::Recorded,
                 f => match f.parse::<f64>() {
-                    Ok(f) if f > 0.0 => scangate::config::ReplaySpeed::Factor(f),
+                    Ok(f) if (scangate::config::MIN_SPEED_FACTOR..=10_000.0).contains(&f) => {
+                        scangate::config::ReplaySpeed::Factor(f)
+                    }
                     _ => {
-                        eprintln!("--speed must be \"max\", \"recorded\" or a positive factor");
+                        eprintln!("--speed must be \"max\", \"recorded\" or a factor between 0.001 and 10000");
                         return ExitCode::from(2);
                     }
                 },
@@ -164,6 +166,10 @@ fn main() -> ExitCode {
             run_daemon(cfg, Duration::from_secs(10), true)
         }
         Cmd::Demo { speed } => {
+            if !(scangate::config::MIN_SPEED_FACTOR..=10_000.0).contains(&speed) {
+                eprintln!("--speed must be a factor between 0.001 and 10000");
+                return ExitCode::from(2);
+            }
             scangate::service::init_logging_quiet();
             let rt = match runtime() {
                 Ok(rt) => rt,
@@ -337,11 +343,7 @@ fn spool_cmd(cfg: &Config, cmd: SpoolCmd) -> anyhow::Result<()> {
         SpoolCmd::Requeue { ids } => {
             let (mut sp, _) = spool::Spool::open(
                 &cfg.gateway.state_dir,
-                spool::SpoolOptions {
-                    max_bytes: cfg.spool.max_bytes,
-                    when_full: cfg.spool.when_full,
-                    sync: cfg.spool.sync,
-                },
+                spool::SpoolOptions::of(cfg),
                 Arc::new(Metrics::default()),
             )?;
             let n = sp.requeue(

@@ -56,6 +56,19 @@ pub struct Metrics {
     pub spool_corrupt_incidents: Counter,
     pub spool_corrupt_chunks: Counter,
     pub spool_disk_full: Gauge,
+    /// 1 while another process holds a write lock on the spool (commits are retried).
+    pub spool_blocked: Gauge,
+    /// Dead letters deleted because their own bound (`dead_letter_max_bytes`) was reached.
+    pub dead_letters_evicted: Counter,
+    /// 1 while a spool file moved aside (corrupt) has not been salvaged or removed.
+    pub spool_quarantined: Gauge,
+    /// Reads decoded again from a port journal at start (read before a crash, not committed).
+    pub journal_recovered: Counter,
+    /// Reads a serial source holds while the pipeline is full (bounded; see `source::serial`).
+    pub serial_held: Gauge,
+    /// 1 while the upstream rejects every event with the same reason (a misconfiguration:
+    /// nothing is dead-lettered).
+    pub upstream_rejecting_all: Gauge,
     pub delivered: Counter,
     pub batches_ok: Counter,
     pub batches_failed: Counter,
@@ -164,6 +177,42 @@ impl Metrics {
             "gauge",
             "1 while the spool's disk is full.",
             self.spool_disk_full.get(),
+        );
+        line(
+            "spool_blocked",
+            "gauge",
+            "1 while another process holds a write lock on the spool (commits wait and retry).",
+            self.spool_blocked.get(),
+        );
+        line(
+            "spool_quarantined",
+            "gauge",
+            "1 while a corrupt spool file moved aside awaits `scangate spool salvage`.",
+            self.spool_quarantined.get(),
+        );
+        line(
+            "dead_letters_evicted_total",
+            "counter",
+            "Oldest dead letters deleted at their bound (dead_letter_max_bytes).",
+            self.dead_letters_evicted.get(),
+        );
+        line(
+            "journal_recovered_reads_total",
+            "counter",
+            "Reads recovered at start from a serial port journal (read before a crash, not yet committed).",
+            self.journal_recovered.get(),
+        );
+        line(
+            "serial_held_reads",
+            "gauge",
+            "Reads serial sources hold while the pipeline is full.",
+            self.serial_held.get(),
+        );
+        line(
+            "upstream_rejecting_all",
+            "gauge",
+            "1 while the upstream rejects every event with the same reason (kept, not dead-lettered).",
+            self.upstream_rejecting_all.get(),
         );
         line(
             "delivered_total",

@@ -329,6 +329,7 @@ fn max_bytes_drop_oldest_evicts_and_counts_reject_refuses() {
             max_bytes: 1 << 20,
             when_full: policy,
             sync: SyncMode::Normal,
+            ..SpoolOptions::default()
         };
         let (mut sp, _) = Spool::open(dir.path(), o, metrics.clone()).unwrap();
         let mut accepted = 0u64;
@@ -391,6 +392,7 @@ fn drop_oldest_does_not_count_pending_acknowledgements_as_evicted() {
         max_bytes: 1 << 20,
         when_full: WhenFull::DropOldest,
         sync: SyncMode::Normal,
+        ..SpoolOptions::default()
     };
     let (mut sp, _) = Spool::open(dir.path(), o, metrics.clone()).unwrap();
     let incompressible = |i: usize| {
@@ -473,6 +475,7 @@ fn full_disk_refuses_new_events_keeps_old_ones_and_recovers_when_space_returns()
             max_bytes: 1 << 30,
             when_full: WhenFull::Reject,
             sync: SyncMode::Full,
+            ..SpoolOptions::default()
         };
         let (mut sp, _) = Spool::open(dir.path(), o, metrics).unwrap();
         let mut accepted = 0;

@@ -15,6 +15,9 @@ use walk::{Problems, Section};
 
 pub use walk::parse_size;
 
+/// Slowest replay speed factor accepted (a thousand times slower than recorded).
+pub const MIN_SPEED_FACTOR: f64 = 0.001;
+
 /// The commented example config, as shipped in `config/scangate.toml`.
 pub const EXAMPLE: &str = include_str!("../../config/scangate.toml");
 
@@ -57,6 +60,8 @@ pub struct SpoolConfig {
     pub sync: SyncMode,
     pub commit_interval: Duration,
     pub commit_max_events: usize,
+    /// Bound of the dead letters (their own; not part of `max_bytes`).
+    pub dead_letter_max_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -358,8 +363,10 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
         let mut sync = None;
         let mut interval = None;
         let mut max_events = None;
+        let mut dl_max = None;
         if let Some(s) = s.as_mut() {
             max_bytes = s.size(p, "max_bytes", 1 << 20);
+            dl_max = s.size(p, "dead_letter_max_bytes", 64 * 1024);
             when_full = s.choice(p, "when_full", &["drop_oldest", "reject"]);
             sync = s.choice(p, "sync", &["full", "normal"]);
             interval = s.integer(p, "commit_interval_ms", 1, 10_000);
@@ -382,6 +389,7 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
             },
             commit_interval: ms(interval, 50),
             commit_max_events: max_events.unwrap_or(4096) as usize,
+            dead_letter_max_bytes: dl_max.unwrap_or(64 * 1024 * 1024),
         }
     };
 
@@ -548,13 +556,13 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
                     }
                 }
             } else if let Some(f) = it.as_float().or_else(|| it.as_integer().map(|i| i as f64)) {
-                if f > 0.0 && f <= 10_000.0 {
+                if (MIN_SPEED_FACTOR..=10_000.0).contains(&f) {
                     ReplaySpeed::Factor(f)
                 } else {
                     p.push(
                         s.span_of("speed"),
                         &s.key_path("speed"),
-                        "a speed factor must be between 0 and 10000",
+                        "a speed factor must be between 0.001 and 10000",
                     );
                     ReplaySpeed::Recorded
                 }
@@ -580,7 +588,8 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
                 return None;
             };
             SourceKind::Serial {
-                path: PathBuf::from(path),
+                // Relative to the config file's directory, as every path in the file is.
+                path: resolve(base, &path),
                 baud: baud.unwrap_or(9600) as u32,
             }
         }
@@ -615,6 +624,75 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
         group,
         scan_type,
     })
+}
+
+/// `[upstream.fields]`: renames must name a field the profile writes and must not land on
+/// another written key (or another rename's target); constants must not be a written key.
+/// Otherwise one key is written twice, and an identity field (`event_id`, `seq`, `timestamp`)
+/// could be the same for every event, which an idempotent upstream drops as duplicates.
+fn check_fields(u: &Section<'_>, profile: Profile, fields: &FieldMapping, p: &mut Problems) {
+    let written = crate::forward::profile::event_keys(profile);
+    let table = u.table.get("fields").and_then(|f| f.as_table_like());
+    let span = |sub: &str, key: &str| {
+        table
+            .and_then(|t| t.get(sub))
+            .and_then(|s| s.as_table_like())
+            .and_then(|t| t.get_key_value(key))
+            .and_then(|(k, v)| k.span().or_else(|| v.span()))
+            .or_else(|| u.span_of("fields"))
+    };
+    // The keys an event ends up with: written keys after renames.
+    let final_key = |k: &str| {
+        fields
+            .rename
+            .iter()
+            .find(|(from, _)| from == k)
+            .map_or(k.to_string(), |(_, to)| to.clone())
+    };
+    let finals: Vec<String> = written.iter().map(|k| final_key(k)).collect();
+    for (i, (from, to)) in fields.rename.iter().enumerate() {
+        let key = format!("upstream.fields.rename.{from}");
+        if !written.contains(&from.as_str()) {
+            p.push(
+                span("rename", from),
+                &key,
+                format!(
+                    "the {} profile writes no field \"{from}\"; it writes: {}",
+                    profile_name(profile),
+                    written.join(", ")
+                ),
+            );
+            continue;
+        }
+        let clash = written
+            .iter()
+            .zip(&finals)
+            .any(|(w, f)| *w != from && f == to)
+            || fields.rename[..i].iter().any(|(_, t)| t == to);
+        if clash || to.is_empty() {
+            p.push(
+                span("rename", from),
+                &key,
+                format!("\"{to}\" is already a field of every event (or another rename's target); pick a name no other field has"),
+            );
+        }
+    }
+    for (name, _) in &fields.constant {
+        if finals.iter().any(|f| f == name) || written.contains(&name.as_str()) {
+            p.push(
+                span("constant", name),
+                &format!("upstream.fields.constant.{name}"),
+                format!("\"{name}\" is a field scangate writes for every event (event_id, seq and timestamp identify it); a constant may only add a new field"),
+            );
+        }
+    }
+}
+
+fn profile_name(profile: Profile) -> &'static str {
+    match profile {
+        Profile::BagEvents => "bag-events",
+        Profile::Collect => "collect",
+    }
 }
 
 fn build_upstream(u: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<UpstreamConfig> {
@@ -652,6 +730,15 @@ fn build_upstream(u: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<
         fields.rename = f.string_map(p, "rename");
         fields.constant = f.string_map(p, "constant");
         f.finish(p);
+    }
+
+    if let Some(profile) = profile {
+        let profile = if profile == "collect" {
+            Profile::Collect
+        } else {
+            Profile::BagEvents
+        };
+        check_fields(u, profile, &fields, p);
     }
 
     if let (Some(a), Some(b)) = (retry_min, retry_max) {

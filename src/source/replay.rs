@@ -104,10 +104,8 @@ pub async fn play<R: AsyncBufRead + Unpin>(
         let rec = capture::parse_record(k, &line, line_no).map_err(fmt_err)?;
         let due = match speed {
             ReplaySpeed::Max => None,
-            ReplaySpeed::Recorded => Some(start + Duration::from_millis(rec.offset_ms)),
-            ReplaySpeed::Factor(f) => {
-                Some(start + Duration::from_secs_f64(rec.offset_ms as f64 / 1000.0 / f))
-            }
+            ReplaySpeed::Recorded => Some(due_at(start, rec.offset_ms as f64 / 1000.0)),
+            ReplaySpeed::Factor(f) => Some(due_at(start, rec.offset_ms as f64 / 1000.0 / f)),
         };
         if let Some(due) = due {
             tokio::select! {
@@ -144,4 +142,21 @@ pub async fn play<R: AsyncBufRead + Unpin>(
         }
     }
     Ok(true)
+}
+
+/// Longest wait before one record, whatever the capture's offsets and the speed factor say
+/// (an offset of 2^64 ms or a factor of 1e-300 must not overflow the clock).
+pub const MAX_RECORD_WAIT: Duration = Duration::from_secs(86_400);
+
+/// When a record `secs` after the start is due (never more than [`MAX_RECORD_WAIT`] away,
+/// never a panic on NaN, infinite or huge values).
+pub fn due_at(start: Instant, secs: f64) -> Instant {
+    let d = Duration::try_from_secs_f64(secs)
+        .unwrap_or(if secs > 0.0 {
+            MAX_RECORD_WAIT
+        } else {
+            Duration::ZERO
+        })
+        .min(MAX_RECORD_WAIT);
+    start.checked_add(d).unwrap_or(start)
 }

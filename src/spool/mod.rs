@@ -44,9 +44,17 @@ const PAGE_SIZE: u32 = 1024;
 
 #[derive(Debug, Clone)]
 pub struct SpoolOptions {
+    /// Bound of the live backlog (chunks), in bytes of the file. Dead letters are not counted
+    /// here: they have their own bound.
     pub max_bytes: u64,
     pub when_full: WhenFull,
     pub sync: SyncMode,
+    /// Bound of the dead letters, in bytes (bodies and reasons). Beyond it the oldest dead
+    /// letters are deleted (counted `scangate_dead_letters_evicted_total`, logged).
+    pub dead_letter_max_bytes: u64,
+    /// The gateway id, mixed into every event id: two gateways made from one SD card image (a
+    /// copied state directory) never share ids as long as their gateway ids differ.
+    pub gateway_id: String,
 }
 
 impl Default for SpoolOptions {
@@ -55,7 +63,86 @@ impl Default for SpoolOptions {
             max_bytes: 512 * 1024 * 1024,
             when_full: WhenFull::DropOldest,
             sync: SyncMode::Full,
+            dead_letter_max_bytes: 64 * 1024 * 1024,
+            gateway_id: String::new(),
         }
+    }
+}
+
+impl SpoolOptions {
+    /// The spool options of a validated config.
+    pub fn of(cfg: &crate::config::Config) -> Self {
+        SpoolOptions {
+            max_bytes: cfg.spool.max_bytes,
+            when_full: cfg.spool.when_full,
+            sync: cfg.spool.sync,
+            dead_letter_max_bytes: cfg.spool.dead_letter_max_bytes,
+            gateway_id: cfg.gateway.id.clone(),
+        }
+    }
+}
+
+/// The spool's identity, kept beside it in `spool.id` so that it outlives a spool file that
+/// had to be moved aside: the salt of its event ids, and a reservation of seq numbers (the
+/// spool never commits a seq at or above `seq_reserved` without first moving the reservation
+/// on, so a fresh spool started after a quarantine continues above every seq ever used, even
+/// when the damaged file's header cannot be read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    pub salt: u64,
+    pub seq_reserved: u64,
+}
+
+/// Seqs reserved at once in `spool.id`: one small fsynced write per this many events.
+pub const SEQ_BLOCK: u64 = 1 << 20;
+
+impl Identity {
+    pub fn path_in(state_dir: &Path) -> PathBuf {
+        state_dir.join("spool.id")
+    }
+
+    /// The identity file, or None when it is missing or unreadable.
+    pub fn load(state_dir: &Path) -> Option<Identity> {
+        let text = std::fs::read_to_string(Self::path_in(state_dir)).ok()?;
+        let mut salt = None;
+        let mut seq = None;
+        for line in text.lines() {
+            match line.split_once('=') {
+                Some(("salt", v)) => salt = v.trim().parse::<u64>().ok(),
+                Some(("seq_reserved", v)) => seq = v.trim().parse::<u64>().ok(),
+                _ => {}
+            }
+        }
+        Some(Identity {
+            salt: salt?,
+            seq_reserved: seq?,
+        })
+    }
+
+    /// Write it atomically and durably (temporary file, fsync, rename, fsync of the directory).
+    pub fn store(&self, state_dir: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = state_dir.join("spool.id.tmp");
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            write!(
+                f,
+                "# scangate spool identity: do not copy to another gateway\nsalt={}\nseq_reserved={}\n",
+                self.salt, self.seq_reserved
+            )?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, Self::path_in(state_dir))?;
+        std::fs::File::open(state_dir)?.sync_all()
+    }
+}
+
+/// The salt event ids are made with: the spool's own salt, keyed by the gateway id.
+pub fn id_salt(salt: u64, gateway_id: &str) -> u64 {
+    if gateway_id.is_empty() {
+        salt
+    } else {
+        salt ^ xxhash_rust::xxh3::xxh3_64(gateway_id.as_bytes())
     }
 }
 
@@ -150,8 +237,17 @@ struct DecodedChunk {
 pub struct Spool {
     conn: Connection,
     path: PathBuf,
+    state_dir: PathBuf,
     opts: SpoolOptions,
+    /// The salt event ids are made with ([`id_salt`] of the stored salt and the gateway id).
     salt: u64,
+    identity: Identity,
+    /// Bytes held by dead letters (bodies, reasons and a row's overhead): counted against
+    /// `dead_letter_max_bytes`, not against `max_bytes`.
+    dl_bytes: u64,
+    /// An acknowledgement could not be written and was dropped: the forwarder must read its
+    /// events again (see [`Spool::take_acks_lost`]).
+    acks_lost: bool,
     next_seq: u64,
     /// Chunk ids come from this counter, never from SQLite's rowid choice: SQLite reuses the
     /// id of a deleted newest row, and a reused id would hide a new chunk behind a reader's
@@ -193,6 +289,15 @@ fn classify(e: rusqlite::Error) -> SpoolError {
         SpoolError::Sqlite(e)
     }
 }
+
+/// Another connection holds the lock the write needs.
+fn is_busy(e: &SpoolError) -> bool {
+    matches!(e, SpoolError::Sqlite(e) if is_code(e, ErrorCode::DatabaseBusy) || is_code(e, ErrorCode::DatabaseLocked))
+}
+
+/// Bytes the dead letters hold, as counted against `dead_letter_max_bytes`.
+const DL_BYTES_SQL: &str =
+    "SELECT COALESCE(SUM(length(body) + length(reason) + 64), 0) FROM dead_letters";
 
 fn meta_get<T: rusqlite::types::FromSql>(
     conn: &Connection,
@@ -299,6 +404,7 @@ impl Spool {
         let path = Self::path_in(state_dir);
         let mut report = OpenReport::default();
         let mut carried_seq = None;
+        let mut carried_salt: Option<u64> = None;
         let lock_path = state_dir.join("spool.lock");
         let lock = std::fs::OpenOptions::new()
             .create(true)
@@ -321,9 +427,15 @@ impl Spool {
             })?;
             if let Check::Corrupt(reason) = verdict {
                 // Best effort: learn the old seq so seq stays monotonic for this gateway.
-                carried_seq = Connection::open(&path)
-                    .ok()
-                    .and_then(|c| meta_get::<i64>(&c, "next_seq").ok().flatten());
+                let old = Connection::open(&path).ok();
+                carried_seq = old
+                    .as_ref()
+                    .and_then(|c| meta_get::<i64>(c, "next_seq").ok().flatten());
+                carried_salt = old
+                    .as_ref()
+                    .and_then(|c| meta_get::<i64>(c, "salt").ok().flatten())
+                    .map(|v| v as u64);
+                drop(old);
                 let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
                     .to_string()
                     .replace(':', "");
@@ -383,14 +495,22 @@ impl Spool {
         if version > SCHEMA_VERSION {
             return Err(SpoolError::Open { path: path.clone(), source: rusqlite::Error::InvalidParameterName(format!("schema version {version} is newer than this scangate understands ({SCHEMA_VERSION}); upgrade scangate")) });
         }
+        let known = Identity::load(state_dir);
         if version == 0 {
             report.created = true;
             migrate_to_1(&conn).map_err(classify)?;
-            let salt =
-                u64::from_le_bytes(Uuid::new_v4().as_bytes()[..8].try_into().unwrap_or([7; 8]));
+            // After a quarantine the fresh spool keeps the identity: the same salt (so
+            // `spool salvage` re-sends the old events with their original ids) and seqs above
+            // every one reserved before.
+            let salt = carried_salt.or(known.map(|k| k.salt)).unwrap_or_else(|| {
+                u64::from_le_bytes(Uuid::new_v4().as_bytes()[..8].try_into().unwrap_or([7; 8]))
+            });
+            let next = carried_seq
+                .unwrap_or(1)
+                .max(known.map_or(1, |k| k.seq_reserved as i64));
             let tx = conn.unchecked_transaction()?;
             meta_set(&tx, "salt", salt as i64)?;
-            meta_set(&tx, "next_seq", carried_seq.unwrap_or(1))?;
+            meta_set(&tx, "next_seq", next)?;
             meta_set(&tx, "created_ms", crate::event::wall_now_ms())?;
             if report.moved_aside.is_some() {
                 meta_set(&tx, "corrupt_incidents", 1)?;
@@ -399,6 +519,15 @@ impl Spool {
         }
         let salt = meta_get::<i64>(&conn, "salt")?.unwrap_or(0) as u64;
         let next_seq = meta_get::<i64>(&conn, "next_seq")?.unwrap_or(1) as u64;
+        let identity = Identity {
+            salt,
+            seq_reserved: known
+                .filter(|k| k.salt == salt)
+                .map_or(0, |k| k.seq_reserved),
+        };
+        let dl_bytes: i64 = conn
+            .prepare_cached(DL_BYTES_SQL)?
+            .query_row([], |r| r.get(0))?;
         let page_size: i64 = conn
             .prepare_cached("PRAGMA page_size")?
             .query_row([], |r| r.get(0))?;
@@ -408,11 +537,16 @@ impl Spool {
         let next_chunk = meta_get::<i64>(&conn, "next_chunk")?
             .unwrap_or(1)
             .max(max_id + 1);
+        let gateway_id = opts.gateway_id.clone();
         let mut spool = Spool {
             conn,
             path,
+            state_dir: state_dir.to_path_buf(),
             opts,
-            salt,
+            salt: id_salt(salt, &gateway_id),
+            identity,
+            dl_bytes: dl_bytes.max(0) as u64,
+            acks_lost: false,
             next_seq,
             next_chunk,
             boot_id: crate::event::boot_id(),
@@ -432,6 +566,8 @@ impl Spool {
         if !spool.make_reserve() {
             spool.reserve_missing_commits = Some(0);
         }
+        // Reserve seqs (and record the salt) before the first commit.
+        spool.reserve_seqs(spool.next_seq);
         spool.refresh_used()?;
         report.backlog = spool.backlog()?;
         spool.metrics.spool_backlog.set(report.backlog);
@@ -447,6 +583,35 @@ impl Spool {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Make sure every seq below `upto` is covered by the reservation in `spool.id`. A failure
+    /// (a full or read-only disk) is logged, never fatal: it only weakens the guarantee that a
+    /// fresh spool after a quarantine with an unreadable header continues above the old seqs.
+    fn reserve_seqs(&mut self, upto: u64) {
+        if upto < self.identity.seq_reserved {
+            return;
+        }
+        let stored_salt = meta_get::<i64>(&self.conn, "salt")
+            .ok()
+            .flatten()
+            .map_or(self.identity.salt, |v| v as u64);
+        let next = Identity {
+            salt: stored_salt,
+            seq_reserved: upto.saturating_add(SEQ_BLOCK),
+        };
+        match next.store(&self.state_dir) {
+            Ok(()) => self.identity = next,
+            Err(e) => {
+                tracing::error!(path = %Identity::path_in(&self.state_dir).display(), error = %e, "Cannot record the spool identity (salt and seq reservation)")
+            }
+        }
+    }
+
+    /// True once after an acknowledgement was dropped because it could not be written: its
+    /// events are still in the spool and must be read (and sent) again.
+    pub fn take_acks_lost(&mut self) -> bool {
+        std::mem::take(&mut self.acks_lost)
     }
 
     /// Create the reserve file if it is missing. False when the disk has no room for it.
@@ -517,7 +682,7 @@ impl Spool {
         bodies: Vec<EventBody>,
         now_ms: i64,
     ) -> Result<AppendResult, SpoolError> {
-        self.append_inner(&bodies, now_ms)
+        self.append_inner(&bodies, now_ms, &[])
     }
 
     /// [`Spool::append`], also returning the committed events exactly as
@@ -530,8 +695,21 @@ impl Spool {
         now_ms: i64,
         keep: impl FnOnce(i64, usize) -> bool,
     ) -> Result<(AppendResult, Option<Vec<SpooledEvent>>), SpoolError> {
-        let r = self.append_inner(&bodies, now_ms)?;
-        if !keep(r.chunk, bodies.len()) {
+        self.append_marked(bodies, now_ms, &[], keep)
+    }
+
+    /// [`Spool::append_events`], also recording in the same transaction how far each source's
+    /// journal is committed (`marks`: source name, journal position after its last read in
+    /// this group; see `source::journal`).
+    pub fn append_marked(
+        &mut self,
+        bodies: Vec<EventBody>,
+        now_ms: i64,
+        marks: &[(Arc<str>, u64)],
+        keep: impl FnOnce(i64, usize) -> bool,
+    ) -> Result<(AppendResult, Option<Vec<SpooledEvent>>), SpoolError> {
+        let r = self.append_inner(&bodies, now_ms, marks)?;
+        if bodies.is_empty() || !keep(r.chunk, bodies.len()) {
             return Ok((r, None));
         }
         let base = ChunkBase {
@@ -553,10 +731,16 @@ impl Spool {
         &mut self,
         bodies: &[EventBody],
         now_ms: i64,
+        marks: &[(Arc<str>, u64)],
     ) -> Result<AppendResult, SpoolError> {
         let count = bodies.len();
         let first_seq = self.next_seq;
-        let blob = self.codec.encode_fresh(*self.boot_id.as_bytes(), bodies)?;
+        self.reserve_seqs(first_seq + count as u64);
+        let blob = if count == 0 {
+            Vec::new()
+        } else {
+            self.codec.encode_fresh(*self.boot_id.as_bytes(), bodies)?
+        };
         let chunk = self.insert_chunk(
             first_seq,
             now_ms,
@@ -564,8 +748,8 @@ impl Spool {
             count,
             first_seq + count as u64,
             &[],
+            marks,
         )?;
-        self.next_seq = first_seq + count as u64;
         Ok(AppendResult {
             first_seq,
             count,
@@ -576,6 +760,7 @@ impl Spool {
 
     /// Insert one chunk row (and advance next_seq / delete requeued dead letters) in one
     /// transaction, making room first per `when_full`. Returns (chunk id, events evicted).
+    #[allow(clippy::too_many_arguments)]
     fn insert_chunk(
         &mut self,
         first_seq: u64,
@@ -584,10 +769,11 @@ impl Spool {
         count: usize,
         next_seq: u64,
         requeued: &[i64],
+        marks: &[(Arc<str>, u64)],
     ) -> Result<(i64, u64), SpoolError> {
         let need = blob.len() as u64 + 2 * self.page_size;
         let mut evicted = 0;
-        if self.used_bytes + need > self.opts.max_bytes {
+        if count > 0 && self.live_bytes() + need > self.opts.max_bytes {
             match self.opts.when_full {
                 WhenFull::Reject => {
                     self.metrics.count_drop("spool_full", count as u64);
@@ -604,10 +790,21 @@ impl Spool {
             }
         }
         let mut attempt = 0;
+        let mut blocked: Option<(u32, tokio::time::Instant)> = None;
         loop {
-            match self.try_insert(first_seq, created_ms, blob, count, next_seq, requeued) {
+            match self.try_insert(
+                first_seq, created_ms, blob, count, next_seq, requeued, marks,
+            ) {
                 Ok(id) => {
-                    self.refresh_used()?;
+                    if let Some((tries, since)) = blocked {
+                        self.metrics.spool_blocked.set(0);
+                        tracing::info!(waited = ?since.elapsed(), tries, "Spool is writable again; the held reads are committed");
+                    }
+                    // Committed: bookkeeping that fails from here on is logged, never
+                    // reported as a failed append (the events are accepted).
+                    if let Err(e) = self.refresh_used() {
+                        tracing::warn!(error = %e, "Cannot measure the spool after a commit");
+                    }
                     if let Some(n) = self.reserve_missing_commits {
                         if n % 256 == 0 && self.make_reserve() {
                             self.reserve_missing_commits = None;
@@ -620,6 +817,19 @@ impl Spool {
                     self.metrics.spool_backlog.add(count as u64);
                     return Ok((id, evicted));
                 }
+                Err(e) if is_busy(&e) => {
+                    // Another process holds a write lock on the file (an open `sqlite3`
+                    // shell, a backup): keep trying; the callers hold or wait meanwhile.
+                    let (tries, _) = blocked.get_or_insert((0, tokio::time::Instant::now()));
+                    if *tries == 0 {
+                        self.metrics.spool_blocked.set(1);
+                        tracing::warn!(path = %self.path.display(), error = %e, "Spool is locked by another process; holding new reads until it is released (close any sqlite3 shell or backup holding it)");
+                    }
+                    *tries += 1;
+                    let pause = std::time::Duration::from_millis(50 * u64::from((*tries).min(10)));
+                    #[allow(clippy::disallowed_methods)] // the spool thread has nothing else to do
+                    std::thread::sleep(pause);
+                }
                 Err(SpoolError::DiskFull)
                     if attempt == 0 && self.opts.when_full == WhenFull::DropOldest =>
                 {
@@ -628,7 +838,7 @@ impl Spool {
                     attempt += 1;
                     // Delivered events must not be counted as evicted.
                     self.flush_acks_or_log(created_ms);
-                    let target = self.used_bytes.saturating_sub(need.max(64 * 1024));
+                    let target = self.live_bytes().saturating_sub(need.max(64 * 1024));
                     let n = self.freeing(|sp| sp.evict_until(target)).unwrap_or(0);
                     if n == 0 {
                         return Err(SpoolError::DiskFull);
@@ -650,6 +860,7 @@ impl Spool {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn try_insert(
         &mut self,
         first_seq: u64,
@@ -658,16 +869,22 @@ impl Spool {
         count: usize,
         next_seq: u64,
         requeued: &[i64],
+        marks: &[(Arc<str>, u64)],
     ) -> Result<i64, SpoolError> {
         let id = self.next_chunk;
         self.restore_sync().map_err(classify)?;
         let note = self.delivery_due(created_ms);
         let tx = self.conn.transaction().map_err(classify)?;
-        tx.prepare_cached("INSERT INTO chunks(id, first_seq, count, created_ms, data) VALUES (?1, ?2, ?3, ?4, ?5)")?.execute(params![id, first_seq as i64, count as i64, created_ms, blob])
-            .map_err(classify)?;
-        // Both counters sit in the small meta table: one page rewritten per commit.
-        meta_set(&tx, "next_chunk", id + 1).map_err(classify)?;
-        meta_set(&tx, "next_seq", next_seq as i64).map_err(classify)?;
+        if count > 0 {
+            tx.prepare_cached("INSERT INTO chunks(id, first_seq, count, created_ms, data) VALUES (?1, ?2, ?3, ?4, ?5)")?.execute(params![id, first_seq as i64, count as i64, created_ms, blob])
+                .map_err(classify)?;
+            // Both counters sit in the small meta table: one page rewritten per commit.
+            meta_set(&tx, "next_chunk", id + 1).map_err(classify)?;
+            meta_set(&tx, "next_seq", next_seq as i64).map_err(classify)?;
+        }
+        for (source, pos) in marks {
+            meta_set(&tx, &format!("journal:{source}"), *pos as i64).map_err(classify)?;
+        }
         for dl in requeued {
             tx.prepare_cached("DELETE FROM dead_letters WHERE id = ?1")?
                 .execute([dl])
@@ -691,25 +908,52 @@ impl Spool {
                     tracing::error!(error = %e, "Cannot record delivery in the spool; events will be resent");
                     self.acks.clear();
                     self.acks_max = None;
+                    self.acks_lost = true;
                     None
                 }
             }
         };
         tx.commit().map_err(classify)?;
-        self.next_chunk = id + 1;
+        if count > 0 {
+            self.next_chunk = id + 1;
+            self.next_seq = self.next_seq.max(next_seq);
+        }
         if let Some(((n, deleted), note)) = acked {
             self.acks.clear();
             self.acks_max = None;
-            self.acked(n, deleted, note.then_some(created_ms))?;
+            if let Err(e) = self.acked(n, deleted, note.then_some(created_ms)) {
+                tracing::warn!(error = %e, "Cannot update the spool's accounting after a commit");
+            }
         }
         Ok(id)
+    }
+
+    /// Bytes of the file that count against `max_bytes`: everything but the dead letters.
+    fn live_bytes(&self) -> u64 {
+        self.used_bytes.saturating_sub(self.dl_bytes)
+    }
+
+    /// The committed journal position of every source (`source::journal`): name → position.
+    pub fn journal_marks(&self) -> Result<Vec<(String, u64)>, SpoolError> {
+        let mut q = self
+            .conn
+            .prepare("SELECT key, value FROM meta WHERE key LIKE 'journal:%'")?;
+        let rows = q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (k, v) = row?;
+            if let Some(name) = k.strip_prefix("journal:") {
+                out.push((name.to_string(), v.max(0) as u64));
+            }
+        }
+        Ok(out)
     }
 
     /// Delete the oldest chunks until used bytes ≤ target (approximately). Returns the number
     /// of undelivered events evicted, counted as dropped with reason "evicted".
     fn evict_until(&mut self, target: u64) -> Result<u64, SpoolError> {
         let mut evicted = 0u64;
-        let mut used = self.used_bytes;
+        let mut used = self.live_bytes();
         let tx = self.conn.transaction().map_err(classify)?;
         {
             let mut q = tx.prepare("SELECT c.id, c.count, length(c.data), COALESCE(d.done, 0) FROM chunks c LEFT JOIN chunk_done d ON d.chunk_id = c.id ORDER BY c.id")?;
@@ -806,7 +1050,11 @@ impl Spool {
         tx.prepare_cached("DELETE FROM chunk_done WHERE chunk_id = ?1")?
             .execute([id])
             .map_err(classify)?;
+        let mut dl = self.dl_bytes + blob.len() as u64 + reason.len() as u64 + 96;
+        let trimmed = trim_dead_letters(&tx, &mut dl, self.opts.dead_letter_max_bytes)?;
         tx.commit().map_err(classify)?;
+        self.dl_bytes = dl;
+        self.note_trimmed(trimmed);
         self.metrics.spool_corrupt_chunks.inc();
         self.metrics.spool_backlog.sub(count as u64);
         Ok(())
@@ -982,6 +1230,9 @@ impl Spool {
         let locs = std::mem::take(&mut self.acks);
         self.acks_max = None;
         let r = self.ack(&locs, now_ms);
+        if r.is_err() {
+            self.acks_lost = true;
+        }
         // Keep the allocation for the next ones.
         self.acks = locs;
         self.acks.clear();
@@ -1003,10 +1254,12 @@ impl Spool {
         now_ms: i64,
     ) -> Result<(), SpoolError> {
         let tx = self.conn.transaction().map_err(classify)?;
+        let mut added = 0u64;
         {
             let mut ins = tx.prepare_cached("INSERT INTO dead_letters(seq, event_id, committed_ms, failed_ms, status, reason, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?;
             for (ev, status, reason) in items {
                 let body = postcard::to_stdvec(&ev.body)?;
+                added += (body.len() + reason.len() + 64) as u64;
                 ins.execute(params![
                     ev.seq as i64,
                     ev.event_id.to_string(),
@@ -1021,11 +1274,28 @@ impl Spool {
         }
         let locs: Vec<Loc> = items.iter().map(|(e, _, _)| e.loc).collect();
         let (n, _) = mark_done(&tx, &locs)?;
+        let mut dl = self.dl_bytes + added;
+        let trimmed = trim_dead_letters(&tx, &mut dl, self.opts.dead_letter_max_bytes)?;
         tx.commit().map_err(classify)?;
+        self.dl_bytes = dl;
+        self.note_trimmed(trimmed);
         self.metrics.spool_backlog.sub(n);
         self.metrics.dead_lettered.add(items.len() as u64);
-        self.after_delete()?;
+        if let Err(e) = self.after_delete() {
+            tracing::warn!(error = %e, "Cannot update the spool's accounting after dead-lettering");
+        }
         Ok(())
+    }
+
+    fn note_trimmed(&self, trimmed: u64) {
+        if trimmed > 0 {
+            self.metrics.dead_letters_evicted.add(trimmed);
+            tracing::warn!(
+                dead_letters = trimmed,
+                dead_letter_max_bytes = self.opts.dead_letter_max_bytes,
+                "Dead letters at their bound: the oldest were deleted (export them with `scangate spool export` to keep them)"
+            );
+        }
     }
 
     fn after_delete(&mut self) -> Result<(), SpoolError> {
@@ -1078,13 +1348,21 @@ impl Spool {
     /// ingest API that de-duplicates by event_id still sees each event once). `ids = None`
     /// requeues all. Corrupt-chunk entries cannot be requeued and are left in place.
     pub fn requeue(&mut self, ids: Option<&[i64]>, now_ms: i64) -> Result<usize, SpoolError> {
-        let all = dead_letters_of(&self.conn, usize::MAX)?;
-        let chosen: Vec<DeadLetter> = all
-            .into_iter()
-            .filter(|d| d.body.is_some() && ids.is_none_or(|ids| ids.contains(&d.id)))
-            .collect();
+        // A page of dead letters at a time: memory stays bounded however many there are.
+        const PAGE: usize = 1000;
         let mut done = 0;
-        for group in chosen.chunks(1000) {
+        let mut after = 0i64;
+        loop {
+            let page = dead_letters_page(&self.conn, after, PAGE)?;
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            let group: Vec<DeadLetter> = page
+                .into_iter()
+                .filter(|d| d.body.is_some() && ids.is_none_or(|ids| ids.contains(&d.id)))
+                .collect();
+            if group.is_empty() {
+                continue;
+            }
             let base_seq = group[0].seq;
             let base_ms = now_ms;
             let records: Vec<Record> = group
@@ -1104,11 +1382,41 @@ impl Spool {
             let blob = self.codec.encode(&data)?;
             let dl_ids: Vec<i64> = group.iter().map(|d| d.id).collect();
             let next = self.next_seq;
-            self.insert_chunk(base_seq, base_ms, &blob, group.len(), next, &dl_ids)?;
+            self.insert_chunk(base_seq, base_ms, &blob, group.len(), next, &dl_ids, &[])?;
             done += group.len();
         }
+        let dl: i64 = self
+            .conn
+            .prepare_cached(DL_BYTES_SQL)?
+            .query_row([], |r| r.get(0))?;
+        self.dl_bytes = dl.max(0) as u64;
         Ok(done)
     }
+}
+
+/// Delete the oldest dead letters until `dl_bytes` (updated) is within `max`. Returns how many.
+fn trim_dead_letters(
+    tx: &rusqlite::Transaction<'_>,
+    dl_bytes: &mut u64,
+    max: u64,
+) -> Result<u64, SpoolError> {
+    let mut trimmed = 0;
+    while *dl_bytes > max {
+        let oldest: Option<(i64, i64)> = tx
+            .prepare_cached("SELECT id, length(body) + length(reason) + 64 FROM dead_letters ORDER BY id LIMIT 1")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((id, size)) = oldest else {
+            *dl_bytes = 0;
+            break;
+        };
+        tx.prepare_cached("DELETE FROM dead_letters WHERE id = ?1")?
+            .execute([id])
+            .map_err(classify)?;
+        *dl_bytes = dl_bytes.saturating_sub(size.max(0) as u64);
+        trimmed += 1;
+    }
+    Ok(trimmed)
 }
 
 fn bit(bits: &[u8], i: usize) -> bool {
@@ -1234,29 +1542,54 @@ pub fn stats_of(conn: &Connection) -> Result<Stats, SpoolError> {
     })
 }
 
+fn dead_letter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
+    let raw: Vec<u8> = r.get(7)?;
+    let event_id: String = r.get(2)?;
+    let body = if event_id.is_empty() {
+        None
+    } else {
+        postcard::from_bytes::<EventBody>(&raw).ok()
+    };
+    Ok(DeadLetter {
+        id: r.get(0)?,
+        seq: r.get::<_, i64>(1)? as u64,
+        event_id,
+        committed_ms: r.get(3)?,
+        failed_ms: r.get(4)?,
+        status: r.get::<_, Option<i64>>(5)?.map(|s| s as u16),
+        reason: r.get(6)?,
+        raw: if body.is_some() { Vec::new() } else { raw },
+        body,
+    })
+}
+
+/// The oldest `limit` dead letters (oldest first).
 pub fn dead_letters_of(conn: &Connection, limit: usize) -> Result<Vec<DeadLetter>, SpoolError> {
-    let mut q = conn.prepare("SELECT id, seq, event_id, committed_ms, failed_ms, status, reason, body FROM dead_letters ORDER BY id LIMIT ?1")?;
-    let rows = q.query_map([limit.min(i64::MAX as usize) as i64], |r| {
-        let raw: Vec<u8> = r.get(7)?;
-        let event_id: String = r.get(2)?;
-        let body = if event_id.is_empty() {
-            None
-        } else {
-            postcard::from_bytes::<EventBody>(&raw).ok()
-        };
-        Ok(DeadLetter {
-            id: r.get(0)?,
-            seq: r.get::<_, i64>(1)? as u64,
-            event_id,
-            committed_ms: r.get(3)?,
-            failed_ms: r.get(4)?,
-            status: r.get::<_, Option<i64>>(5)?.map(|s| s as u16),
-            reason: r.get(6)?,
-            raw: if body.is_some() { Vec::new() } else { raw },
-            body,
-        })
-    })?;
+    dead_letters_page(conn, 0, limit)
+}
+
+/// Up to `limit` dead letters with id > `after`, oldest first: pages of a listing or export
+/// that never holds more than one page in memory.
+pub fn dead_letters_page(
+    conn: &Connection,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, SpoolError> {
+    let mut q = conn.prepare_cached("SELECT id, seq, event_id, committed_ms, failed_ms, status, reason, body FROM dead_letters WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+    let rows = q.query_map(
+        params![after, limit.min(i64::MAX as usize) as i64],
+        dead_letter_row,
+    )?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// The newest `limit` dead letters, oldest first.
+pub fn newest_dead_letters(conn: &Connection, limit: usize) -> Result<Vec<DeadLetter>, SpoolError> {
+    let mut q = conn.prepare_cached("SELECT id, seq, event_id, committed_ms, failed_ms, status, reason, body FROM dead_letters ORDER BY id DESC LIMIT ?1")?;
+    let rows = q.query_map([limit.min(i64::MAX as usize) as i64], dead_letter_row)?;
+    let mut v = rows.collect::<Result<Vec<_>, _>>()?;
+    v.reverse();
+    Ok(v)
 }
 
 #[cfg(test)]
