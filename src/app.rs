@@ -9,6 +9,7 @@ use crate::config::{Config, SpoolConfig};
 use crate::event::EventBody;
 use crate::forward::Forwarder;
 use crate::metrics::Metrics;
+use crate::source::journal::JournalMarks;
 use crate::source::{self, SourceRead};
 use crate::spool::actor::{self, SpoolHandle};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
@@ -22,6 +23,10 @@ use tokio_util::sync::CancellationToken;
 /// Capacity of the read channel (sources → ingest). At 5,000 reads/s this is ~1.6 s of reads:
 /// enough to ride out an fsync stall; when full, serial reads are dropped and counted.
 pub const READ_CHANNEL: usize = 8192;
+
+/// A group is committed once its events hold about this many bytes, whatever
+/// `commit_max_events` says: chunks stay far below what the chunk decoder accepts.
+pub const GROUP_MAX_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -124,27 +129,37 @@ async fn ingest(
     let spool_cfg: SpoolConfig = cfg.spool.clone();
     let floor = cfg.suppress.min_rssi_dbm;
     let max = spool_cfg.commit_max_events;
-    let accept = |read: SourceRead, group: &mut Vec<EventBody>| {
-        if let (Some(floor), Some(rssi)) = (floor, read.read.rssi_dbm) {
-            if (rssi as f64) < floor {
-                metrics.count_drop("below_rssi_floor", 1);
-                return;
+    // Journal positions of this group, per source (0: none), committed with it.
+    let mut marks: Vec<u64> = vec![0; sources.len()];
+    let accept =
+        |read: SourceRead, group: &mut Vec<EventBody>, size: &mut usize, marks: &mut Vec<u64>| {
+            // Even a read dropped here moves its source's journal mark: it is settled.
+            if let Some(m) = marks.get_mut(read.source) {
+                *m = (*m).max(read.journal_end);
             }
-        }
-        group.push(body_of(read, &sources));
-    };
+            if let (Some(floor), Some(rssi)) = (floor, read.read.rssi_dbm) {
+                if (rssi as f64) < floor {
+                    metrics.count_drop("below_rssi_floor", 1);
+                    return;
+                }
+            }
+            let body = body_of(read, &sources);
+            *size += actor::body_size(&body);
+            group.push(body);
+        };
     let mut closed = false;
     while !closed {
         let Some(first) = rx.recv().await else {
             break;
         };
         let mut group: Vec<EventBody> = Vec::with_capacity(256);
-        accept(first, &mut group);
+        let mut size = 0usize;
+        accept(first, &mut group, &mut size, &mut marks);
         let deadline = Instant::now() + spool_cfg.commit_interval;
         loop {
-            while group.len() < max {
+            while group.len() < max && size < GROUP_MAX_BYTES {
                 match rx.try_recv() {
-                    Ok(read) => accept(read, &mut group),
+                    Ok(read) => accept(read, &mut group, &mut size, &mut marks),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         closed = true;
@@ -152,7 +167,8 @@ async fn ingest(
                     }
                 }
             }
-            if closed || group.len() >= max || Instant::now() >= deadline {
+            if closed || group.len() >= max || size >= GROUP_MAX_BYTES || Instant::now() >= deadline
+            {
                 break;
             }
             tokio::select! {
@@ -161,7 +177,15 @@ async fn ingest(
             }
         }
         let n = group.len() as u64;
-        if n > 0 && spool.append_detached(group).await.is_err() {
+        let group_marks: Vec<(Arc<str>, u64)> = marks
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, m)| **m > 0)
+            .map(|(i, m)| (sources[i].name.clone(), std::mem::take(m)))
+            .collect();
+        if (n > 0 || !group_marks.is_empty())
+            && spool.append_detached(group, group_marks).await.is_err()
+        {
             metrics.count_drop("spool_unavailable", n);
             tracing::error!(events = n, "Spool is gone; reads dropped");
             break;
@@ -188,7 +212,21 @@ pub async fn run(
         tracing::error!(moved_to = %aside.display(), reason = %reason, "Spool file was corrupt: moved aside, started a fresh spool. Events in the old file are NOT being sent; inspect it");
     }
     tracing::info!(path = %spool.path().display(), backlog = report.backlog, created = report.created, "Spool open");
-    let (handle, spool_thread) = actor::spawn(spool).map_err(AppError::Thread)?;
+    // Port journals: how far each serial source's journal is committed.
+    let serial_names: Vec<Arc<str>> = cfg
+        .sources
+        .iter()
+        .filter(|s| matches!(s.kind, crate::config::SourceKind::Serial { .. }))
+        .map(|s| Arc::from(s.name.as_str()))
+        .collect();
+    let committed_marks = spool.journal_marks().unwrap_or_else(|e| {
+        tracing::error!(error = %e, "Cannot read the journal positions from the spool; port journals are replayed from their start (duplicates, never loss)");
+        Vec::new()
+    });
+    let journal_marks = Arc::new(JournalMarks::new(&serial_names, &committed_marks));
+    let journal_dir = cfg.gateway.state_dir.join("journal");
+    let (handle, spool_thread) =
+        actor::spawn_with(spool, journal_marks.clone()).map_err(AppError::Thread)?;
 
     let forwarder = Forwarder::new(
         cfg.upstream.clone(),
@@ -225,6 +263,7 @@ pub async fn run(
         high_water: cfg.spool.commit_max_events.min(READ_CHANNEL / 2),
         read_coalesce: (cfg.spool.commit_interval / 5)
             .clamp(Duration::from_millis(1), Duration::from_millis(10)),
+        journal: Some((journal_dir, journal_marks)),
     };
     let ingest_task = tokio::spawn(ingest(
         rx,
@@ -308,7 +347,16 @@ pub async fn run(
     }
     drop(handle);
     drop(committed);
-    let _ = tokio::task::spawn_blocking(move || spool_thread.join()).await;
+    // A spool held by another process's lock may not finish: what it holds from serial ports
+    // is in their journals, and is committed at the next start.
+    let joined = tokio::time::timeout_at(
+        deadline.max(Instant::now() + Duration::from_secs(1)),
+        tokio::task::spawn_blocking(move || spool_thread.join()),
+    )
+    .await;
+    if joined.is_err() {
+        tracing::warn!("The spool did not finish within the grace period (is it locked by another process?); stopping without it");
+    }
     let summary = RunSummary {
         backlog_left: stats.as_ref().map(|s| s.backlog).unwrap_or(0),
         dead_letters: stats.as_ref().map(|s| s.dead_letters).unwrap_or(0),

@@ -116,6 +116,13 @@ pub fn compress(body: &[u8], c: Compression) -> std::io::Result<Vec<u8>> {
     BodyCompressor::new(c).compress(body)
 }
 
+/// Events refused alone (400/422) with the same answer, and nothing delivered in between,
+/// after which the upstream is taken to refuse everything (a schema change, plain HTTP to an
+/// HTTPS port): a misconfiguration, kept and alarmed, not dead letters. A batch with one bad
+/// event refuses it alone once and then delivers its neighbours; a few bad events in a row
+/// stay below this.
+pub const REFUSE_ALL_AFTER: usize = 5;
+
 pub struct Forwarder {
     cfg: UpstreamConfig,
     client: reqwest::Client,
@@ -132,6 +139,14 @@ pub struct Forwarder {
     last_error: Option<String>,
     /// live-first: chunks with id ≥ this are live.
     live_floor: i64,
+    /// Events the upstream refused alone (400/422), with status and reason, not yet settled
+    /// (see [`REFUSE_ALL_AFTER`]).
+    refused: Vec<(SpooledEvent, u16, String)>,
+    /// A delivery succeeded during the current [`Forwarder::deliver`] call.
+    delivered_in_call: bool,
+    /// Events are still in the spool although the cursor passed them (a failed dead-letter or
+    /// acknowledgement write): read from the start again.
+    rewind: bool,
     backoff: backon::ExponentialBackoff,
 }
 
@@ -205,6 +220,9 @@ impl Forwarder {
             last_error: None,
             live_floor,
             backoff,
+            refused: Vec::new(),
+            delivered_in_call: false,
+            rewind: false,
         })
     }
 
@@ -242,6 +260,15 @@ impl Forwarder {
         loop {
             if shutdown.is_cancelled() {
                 return;
+            }
+            if self.spool.take_rewind() || std::mem::take(&mut self.rewind) {
+                tracing::warn!("Reading the spool from its start again: some events could not be recorded as delivered or dead-lettered and are sent again (same event ids)");
+                cursor = None;
+                next_fresh = None;
+                backlog_cursor = None;
+                pending.clear();
+                self.refused.clear();
+                self.spool.want_fresh(None);
             }
             let max = self.cfg.batch_max_events;
             let floor = if self.cfg.order == Order::LiveFirst {
@@ -371,6 +398,7 @@ impl Forwarder {
         }
         let mut stack: Vec<(Vec<SpooledEvent>, bool)> =
             groups.into_iter().rev().map(|g| (g, false)).collect();
+        self.delivered_in_call = false;
         while let Some((b, from_413)) = stack.pop() {
             if let Some(cap) = self.max_ok {
                 if b.len() > cap {
@@ -472,12 +500,31 @@ impl Forwarder {
                     Outcome::Rejected { status, reason } => {
                         self.metrics.response(status);
                         if b.len() == 1 {
-                            tracing::warn!(event_id = %b[0].event_id, status, reason = %reason, "Upstream rejects an event; moved to dead letters");
-                            let items = b
-                                .into_iter()
-                                .map(|e| (e, Some(status), reason.clone()))
-                                .collect();
-                            self.dead_letter(items).await;
+                            // Held until the upstream shows it accepts other events (then it
+                            // is dead-lettered), or until it refuses enough events alone with
+                            // the same answer to be a misconfiguration (then nothing is).
+                            if self
+                                .refused
+                                .first()
+                                .is_some_and(|(_, s, r)| *s != status || *r != reason)
+                            {
+                                self.settle_refused().await;
+                            }
+                            self.refused
+                                .extend(b.into_iter().map(|e| (e, status, reason.clone())));
+                            if self.refused.len() >= REFUSE_ALL_AFTER {
+                                self.metrics.upstream_rejecting_all.set(1);
+                                let msg = format!("every event is refused alone with the same answer ({reason}); this is a misconfiguration (upstream url, profile or schema), not bad events: nothing is dead-lettered, retrying every {:?}", self.cfg.auth_retry);
+                                self.on_failure(&msg, true).await;
+                                let held: Vec<SpooledEvent> =
+                                    self.refused.drain(..).map(|(e, _, _)| e).collect();
+                                stack.push((held, from_413));
+                                if let Wait::Shutdown =
+                                    self.pause(self.cfg.auth_retry, shutdown).await
+                                {
+                                    return Err(());
+                                }
+                            }
                         } else {
                             tracing::warn!(size = b.len(), status, reason = %reason, "Upstream rejects the batch; bisecting to find the refused events");
                             push_halves(&mut stack, b, from_413);
@@ -530,6 +577,12 @@ impl Forwarder {
                     }
                 }
             }
+        }
+        // Refused alone while others were delivered: refused for what they are. Otherwise they
+        // wait for the next batch to tell a bad event from an upstream that refuses everything
+        // (they stay in the spool meanwhile).
+        if self.delivered_in_call {
+            self.settle_refused().await;
         }
         Ok(())
     }
@@ -611,7 +664,27 @@ impl Forwarder {
         }
     }
 
+    /// Dead-letter the events refused alone: the upstream accepts other events, so these are
+    /// refused for what they are.
+    async fn settle_refused(&mut self) {
+        if self.refused.is_empty() {
+            return;
+        }
+        let items: Vec<(SpooledEvent, Option<u16>, String)> = self
+            .refused
+            .drain(..)
+            .map(|(e, s, r)| {
+                tracing::warn!(event_id = %e.event_id, status = s, reason = %r, "Upstream rejects an event; moved to dead letters");
+                (e, Some(s), r)
+            })
+            .collect();
+        self.dead_letter(items).await;
+    }
+
     async fn on_success(&mut self, status: u16, n: usize, from_413: bool) {
+        self.delivered_in_call = true;
+        self.metrics.upstream_rejecting_all.set(0);
+        self.settle_refused().await;
         self.metrics.batches_ok.inc();
         self.metrics.response(status);
         if from_413 {
@@ -663,12 +736,14 @@ impl Forwarder {
         }
     }
 
-    async fn dead_letter(&self, items: Vec<(SpooledEvent, Option<u16>, String)>) {
+    async fn dead_letter(&mut self, items: Vec<(SpooledEvent, Option<u16>, String)>) {
         if items.is_empty() {
             return;
         }
         if let Err(e) = self.spool.dead_letter(items).await {
+            // They are still in the spool: read from the start again and send them again.
             tracing::error!(error = %e, "Cannot move events to dead letters; they will be retried");
+            self.rewind = true;
         }
     }
 }

@@ -2,8 +2,10 @@
 //! protocol and pushes [`SourceRead`]s into the pipeline's bounded read channel.
 //!
 //! Backpressure per kind:
-//! - serial: never waits (a UART cannot be paused): if the read channel is full the read is
-//!   dropped and counted (`reason="pipeline_full"`);
+//! - serial: never waits (a UART cannot be paused): while the read channel is full its reads
+//!   are held in the reader thread (up to [`serial::HOLD_MAX`] reads) and the port keeps being
+//!   read; only beyond that bound is a read dropped and counted (`reason="pipeline_full"`).
+//!   Every byte read is journaled first ([`journal`]), so a crash loses none of it;
 //! - replay: waits (a file can be paused), so a replay never loses a read.
 //!
 //! The ingest stage drains the read channel once per commit interval rather than waking for
@@ -11,6 +13,7 @@
 //! ([`Feed::wake_if_high`]), so a burst cannot overflow the channel between two commits.
 
 pub mod capture;
+pub mod journal;
 pub mod replay;
 pub mod serial;
 
@@ -29,6 +32,9 @@ pub struct SourceRead {
     pub source: usize,
     pub read: Read,
     pub wall_ms: i64,
+    /// Journal position just after the read's frame (0: the source keeps no journal). The
+    /// spool commits it with the read (see [`journal`]).
+    pub journal_end: u64,
 }
 
 /// The sending side a source uses, with its policy when the pipeline is full.
@@ -38,7 +44,6 @@ pub struct Feed {
     pub name: Arc<str>,
     pub tx: mpsc::Sender<SourceRead>,
     pub metrics: Arc<Metrics>,
-    pub can_wait: bool,
     /// Wakes the ingest stage before its commit timer (see [`Feed::wake_if_high`]).
     pub wake: Arc<Notify>,
     /// Reads queued in the channel at which the ingest stage is woken early.
@@ -46,10 +51,12 @@ pub struct Feed {
     /// Longest pause between reads of a device (the pause follows the device's rate; see
     /// `source::serial`), so one read carries several frames.
     pub read_coalesce: Duration,
+    /// Where port journals live and how far each is committed (serial sources).
+    pub journal: Option<(std::path::PathBuf, Arc<journal::JournalMarks>)>,
 }
 
 impl Feed {
-    fn read_of(&self, d: Decoded, wall_ms: i64) -> Option<SourceRead> {
+    pub(crate) fn read_of(&self, d: Decoded, wall_ms: i64, journal_end: u64) -> Option<SourceRead> {
         match d {
             Decoded::Skipped { reason, bytes } => {
                 self.metrics.count_drop(reason, 1);
@@ -62,6 +69,7 @@ impl Feed {
                     source: self.source,
                     read,
                     wall_ms,
+                    journal_end,
                 })
             }
         }
@@ -71,10 +79,7 @@ impl Feed {
     /// that can be paused). Returns false once the pipeline is gone.
     pub async fn push(&self, d: Decoded) -> bool {
         let wall_ms = crate::event::wall_now_ms();
-        if !self.can_wait {
-            return self.offer(d, wall_ms);
-        }
-        let Some(r) = self.read_of(d, wall_ms) else {
+        let Some(r) = self.read_of(d, wall_ms, 0) else {
             return true;
         };
         match self.tx.try_send(r) {
@@ -90,21 +95,17 @@ impl Feed {
         }
     }
 
-    /// Hand decoder output to the pipeline without waiting (any thread): when the read channel
-    /// is full the read is dropped and counted. Returns false once the pipeline is gone.
-    /// `wall_ms` is when the bytes were received (one clock read serves every frame of a read).
-    pub fn offer(&self, d: Decoded, wall_ms: i64) -> bool {
-        let Some(r) = self.read_of(d, wall_ms) else {
-            return true;
-        };
+    /// From a source thread (not the runtime): hand over a read, waiting while the channel is
+    /// full. For reads that can wait (recovered from a journal before the port is open, or
+    /// held reads at shutdown). Returns false once the pipeline is gone.
+    pub fn send_blocking(&self, r: SourceRead) -> bool {
         match self.tx.try_send(r) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.metrics.count_drop("pipeline_full", 1);
-                self.wake.notify_one();
-                true
-            }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(r)) => {
+                self.wake.notify_one();
+                self.tx.blocking_send(r).is_ok()
+            }
         }
     }
 
@@ -154,6 +155,8 @@ pub struct Pipe {
     pub wake: Arc<Notify>,
     pub high_water: usize,
     pub read_coalesce: Duration,
+    /// Port journal directory and committed positions (see [`journal`]).
+    pub journal: Option<(std::path::PathBuf, Arc<journal::JournalMarks>)>,
 }
 
 /// Run one source until `shutdown` (or, for a replay, until the capture is played).
@@ -169,10 +172,10 @@ pub async fn run(
         name: Arc::from(cfg.name.as_str()),
         tx: pipe.tx,
         metrics,
-        can_wait: matches!(cfg.kind, SourceKind::Replay { .. }),
         wake: pipe.wake,
         high_water: pipe.high_water,
         read_coalesce: pipe.read_coalesce,
+        journal: pipe.journal,
     };
     match &cfg.kind {
         SourceKind::Serial { path, baud } => serial::run(&cfg, path, *baud, feed, shutdown).await,

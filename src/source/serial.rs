@@ -20,16 +20,21 @@
 //! When a device is unplugged the kernel discards what is still in its buffer: with the
 //! pauses, that is at most one pause's worth of bytes (a few ms of reads).
 //!
-//! Never waits on the pipeline (see [`Feed::offer`]). On open failure, error or EOF (unplug)
+//! Never waits on the pipeline: while the read channel is full, reads are held in the thread
+//! (up to [`HOLD_MAX`]) and the port is read on. Every read is appended to the port's journal
+//! before it is decoded (`source::journal`), so a crash loses nothing already read. On open failure, error or EOF (unplug)
 //! it closes the port, waits a backoff step and reopens: no reconnect storms. Full port
 //! settings and init bytes come with the serial-protocols work.
 
-use super::{Feed, Stop};
+use super::journal::Journal;
+use super::{Feed, SourceRead, Stop};
 use crate::config::SourceConfig;
+use crate::protocol::Decoded;
 use bytes::BytesMut;
 use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
@@ -75,7 +80,98 @@ pub async fn run(
     }
 }
 
-/// The reader thread: open, read, decode, hand over; reopen with backoff; until stopped.
+/// Reads a serial thread holds while the read channel is full (~8 MB at most). The port is
+/// read on meanwhile (a UART cannot be paused); only beyond this are reads dropped, counted
+/// `pipeline_full`.
+pub const HOLD_MAX: usize = 65_536;
+
+/// The reader thread's hand-over: reads go to the channel in order, are held while it is full
+/// (the thread never waits on the pipeline), and are dropped only beyond [`HOLD_MAX`].
+struct Handover<'a> {
+    feed: &'a Feed,
+    held: std::collections::VecDeque<SourceRead>,
+    /// Journal position of the last read put into the channel.
+    last_sent: u64,
+    closed: bool,
+}
+
+impl<'a> Handover<'a> {
+    fn new(feed: &'a Feed) -> Self {
+        Handover {
+            feed,
+            held: std::collections::VecDeque::new(),
+            last_sent: 0,
+            closed: false,
+        }
+    }
+
+    fn hand(&mut self, d: Decoded, wall_ms: i64, pos: u64) {
+        let Some(r) = self.feed.read_of(d, wall_ms, pos) else {
+            return;
+        };
+        if self.held.is_empty() {
+            match self.feed.tx.try_send(r) {
+                Ok(()) => {
+                    self.last_sent = pos;
+                    return;
+                }
+                Err(TrySendError::Closed(_)) => {
+                    self.closed = true;
+                    return;
+                }
+                Err(TrySendError::Full(r)) => {
+                    self.feed.wake.notify_one();
+                    self.held.push_back(r);
+                    self.feed.metrics.serial_held.add(1);
+                }
+            }
+        } else if self.held.len() >= HOLD_MAX {
+            self.feed.metrics.count_drop("pipeline_full", 1);
+        } else {
+            self.held.push_back(r);
+            self.feed.metrics.serial_held.add(1);
+        }
+    }
+
+    /// Move held reads into the channel while it has room.
+    fn drain(&mut self) {
+        let before = self.held.len();
+        while let Some(r) = self.held.pop_front() {
+            let pos = r.journal_end;
+            match self.feed.tx.try_send(r) {
+                Ok(()) => self.last_sent = pos,
+                Err(TrySendError::Full(r)) => {
+                    self.held.push_front(r);
+                    self.feed.wake.notify_one();
+                    break;
+                }
+                Err(TrySendError::Closed(_)) => {
+                    self.closed = true;
+                    self.held.clear();
+                    break;
+                }
+            }
+        }
+        self.feed
+            .metrics
+            .serial_held
+            .sub((before - self.held.len()) as u64);
+    }
+
+    /// At stop: every held read goes into the channel (the pipeline drains until the sources
+    /// are done), waiting as needed.
+    fn finish(&mut self) {
+        self.feed.metrics.serial_held.sub(self.held.len() as u64);
+        while let Some(r) = self.held.pop_front() {
+            if !self.feed.send_blocking(r) {
+                self.held.clear();
+            }
+        }
+    }
+}
+
+/// The reader thread: recover the journal, open, read, journal, decode, hand over; reopen with
+/// backoff; until stopped.
 fn serve(
     name: &str,
     path: &Path,
@@ -87,7 +183,56 @@ fn serve(
     let mut delay = REOPEN_MIN;
     let mut last_error: Option<String> = None;
     let mut chunk = vec![0u8; READ_SIZE];
-    while !stopped.is_stopped() {
+    let mut out = Handover::new(feed);
+    // The decoder and its buffer carry over from recovery to the first open: a frame cut by
+    // the crash is completed by the bytes the device sends next.
+    let mut decoder = crate::protocol::Protocol::new(protocol);
+    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    let marks = feed.journal.as_ref().map(|(_, m)| m.clone());
+    let mut journal = feed.journal.as_ref().and_then(|(dir, marks)| {
+        let committed = marks.get(name);
+        let mut recovered = 0u64;
+        let opened = Journal::open(dir, name, committed, |bytes, wall_ms, end| {
+            buf.extend_from_slice(bytes);
+            while let Ok(Some(d)) = decoder.decode(&mut buf) {
+                let pos = end - buf.len() as u64;
+                if let Some(r) = feed.read_of(d, wall_ms, pos) {
+                    recovered += 1;
+                    if feed.send_blocking(r) {
+                        out.last_sent = pos;
+                    }
+                }
+            }
+        });
+        match opened {
+            Ok(j) => {
+                if recovered > 0 {
+                    feed.metrics.journal_recovered.add(recovered);
+                    tracing::info!(source = %name, reads = recovered, "Recovered reads from the port journal (read before the last stop, not yet committed)");
+                }
+                Some(j)
+            }
+            Err(e) => {
+                tracing::error!(source = %name, dir = %dir.display(), error = %e, "Cannot open the port journal: reads flow, but a crash may lose the reads in flight");
+                None
+            }
+        }
+    });
+    let mut pos_end = journal.as_ref().map_or(0, Journal::end);
+    // Positions up to which everything is settled (committed, or consumed without a read in
+    // flight): journal files before it can go.
+    let settle = |journal: &mut Option<Journal>, out: &Handover<'_>, decoded: u64| {
+        if let (Some(j), Some(m)) = (journal.as_mut(), marks.as_ref()) {
+            let committed = m.get(name);
+            let settled = if out.held.is_empty() && committed >= out.last_sent {
+                decoded
+            } else {
+                committed
+            };
+            j.maintain(settled);
+        }
+    };
+    while !stopped.is_stopped() && !out.closed {
         let opened = tokio_serial::new(path.to_string_lossy(), baud)
             .open_native()
             .map_err(std::io::Error::from)
@@ -98,19 +243,20 @@ fn serve(
                 feed.metrics.sources_connected.add(1);
                 last_error = None;
                 delay = REOPEN_MIN;
-                let mut decoder = crate::protocol::Protocol::new(protocol);
-                let mut buf = BytesMut::with_capacity(READ_SIZE);
                 // Bytes read since the last pause began, and when it began: the device's rate.
                 let mut cycle_bytes = 0usize;
                 let mut cycle_start = tokio::time::Instant::now();
                 let reason = loop {
-                    if stopped.is_stopped() {
+                    if stopped.is_stopped() || out.closed {
                         feed.metrics.sources_connected.sub(1);
+                        out.finish();
                         return;
                     }
                     let started = tokio::time::Instant::now();
                     match port.read(&mut chunk) {
                         Ok(0) => {
+                            out.drain();
+                            settle(&mut journal, &out, pos_end - buf.len() as u64);
                             // The read timer ran out (no data) or the line hung up.
                             if started.elapsed() < Duration::from_millis(VTIME_DS as u64 * 50) {
                                 break "end of file (device gone?)".to_string();
@@ -119,15 +265,19 @@ fn serve(
                         Ok(n) => {
                             feed.metrics.frames_in.inc();
                             feed.metrics.bytes_in.add(n as u64);
-                            buf.extend_from_slice(&chunk[..n]);
                             let wall_ms = crate::event::wall_now_ms();
+                            // Journaled before it is decoded: from here a crash loses nothing.
+                            pos_end = match journal.as_mut() {
+                                Some(j) => j.append(&chunk[..n], wall_ms),
+                                None => pos_end + n as u64,
+                            };
+                            buf.extend_from_slice(&chunk[..n]);
+                            out.drain();
                             while let Ok(Some(d)) = decoder.decode(&mut buf) {
-                                if !feed.offer(d, wall_ms) {
-                                    feed.metrics.sources_connected.sub(1);
-                                    return;
-                                }
+                                out.hand(d, wall_ms, pos_end - buf.len() as u64);
                             }
                             feed.wake_if_high();
+                            settle(&mut journal, &out, pos_end - buf.len() as u64);
                             cycle_bytes += n;
                             if n < STREAMING_READ {
                                 let now = tokio::time::Instant::now();
@@ -137,6 +287,7 @@ fn serve(
                                 cycle_start = now;
                                 if stopped.wait(pause) {
                                     feed.metrics.sources_connected.sub(1);
+                                    out.finish();
                                     return;
                                 }
                             } else {
@@ -154,6 +305,9 @@ fn serve(
                 };
                 feed.metrics.sources_connected.sub(1);
                 tracing::warn!(source = %name, path = %path.display(), reason = %reason, "Serial port closed; reopening");
+                // A new connection starts a new byte stream: a partial frame is not continued.
+                decoder = crate::protocol::Protocol::new(protocol);
+                buf.clear();
             }
             Err(e) => {
                 let msg = e.to_string();
@@ -163,11 +317,22 @@ fn serve(
                 }
             }
         }
-        if stopped.wait(delay) {
-            return;
+        // While the port is away, held reads still go out.
+        let deadline = tokio::time::Instant::now() + delay;
+        loop {
+            out.drain();
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if stopped.wait(left.min(Duration::from_millis(20))) {
+                out.finish();
+                return;
+            }
         }
         delay = (delay * 2).min(REOPEN_MAX);
     }
+    out.finish();
 }
 
 /// Blocking reads that return what is buffered at once, or nothing after `VTIME_DS` tenths of

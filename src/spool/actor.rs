@@ -7,6 +7,7 @@
 
 use super::{AppendResult, DeadLetter, Spool, SpoolError, Stats};
 use crate::event::{wall_now_ms, EventBody, Loc, SpooledEvent};
+use crate::source::journal::JournalMarks;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,6 +29,10 @@ pub struct Handoff {
     queue: Mutex<VecDeque<SpooledEvent>>,
     /// The chunk id the forwarder needs next from its start, or -1 when it is behind.
     wants_chunk: AtomicI64,
+    /// Set by the spool thread when acknowledgements could not be written: their events are
+    /// still in the spool, and the forwarder must read from the start again to send them
+    /// (with the same ids) instead of only after its cursor.
+    rewind: std::sync::atomic::AtomicBool,
 }
 
 /// Bound of the hand-over queue: one full merged commit. Beyond it a forwarder is behind by
@@ -88,6 +93,15 @@ pub const COMMAND_CAPACITY: usize = 4;
 /// after an fsync stall, small enough to bound the memory of one commit.
 pub const MERGE_MAX_EVENTS: usize = 8192;
 
+/// Queued appends are merged up to about this many bytes of events, so that one chunk always
+/// stays far below what the chunk decoder accepts (`chunk::MAX_RAW`), whatever the tag sizes.
+pub const MERGE_MAX_BYTES: usize = 8 * 1024 * 1024;
+
+/// The size an event body takes in a chunk, roughly (its strings plus fixed fields).
+pub fn body_size(b: &EventBody) -> usize {
+    64 + b.tag.len() + b.symbology.as_ref().map_or(0, String::len)
+}
+
 /// How long acknowledgements may wait for an append to carry them (see [`Spool::ack_later`]):
 /// with events coming in, an append always comes first (commits are at most a few tens of ms
 /// apart); when reads stop, the acknowledgements are written on their own after this.
@@ -103,6 +117,8 @@ type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 pub enum Cmd {
     Append {
         bodies: Vec<EventBody>,
+        /// Journal positions committed with these events (source name, position).
+        marks: Vec<(Arc<str>, u64)>,
         reply: Option<Reply<AppendResult>>,
     },
     Read {
@@ -162,7 +178,25 @@ fn same_error(e: &SpoolError) -> SpoolError {
 }
 
 /// Start the spool thread. The returned watch carries the id of the newest committed chunk.
-pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::JoinHandle<()>)> {
+pub fn spawn(spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::JoinHandle<()>)> {
+    spawn_with(spool, Arc::default())
+}
+
+/// Merge journal marks: the highest position per source.
+fn merge_marks(into: &mut Vec<(Arc<str>, u64)>, more: Vec<(Arc<str>, u64)>) {
+    for (name, pos) in more {
+        match into.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, p)) => *p = (*p).max(pos),
+            None => into.push((name, pos)),
+        }
+    }
+}
+
+/// [`spawn`], publishing committed journal positions to `journal` after each commit.
+pub fn spawn_with(
+    mut spool: Spool,
+    journal: Arc<JournalMarks>,
+) -> std::io::Result<(SpoolHandle, std::thread::JoinHandle<()>)> {
     let (tx, mut rx) = mpsc::channel::<Cmd>(COMMAND_CAPACITY);
     let head = spool.head_chunk().unwrap_or(0);
     let (committed_tx, committed) = watch::channel(head);
@@ -214,14 +248,17 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
                 flush(&mut spool);
             }
             match cmd {
-                Cmd::Append { mut bodies, reply } => {
+                Cmd::Append { mut bodies, mut marks, reply } => {
                     // Merge appends that are already queued into this transaction.
                     let mut replies = vec![(reply, bodies.len())];
-                    while bodies.len() < MERGE_MAX_EVENTS {
+                    let mut size: usize = bodies.iter().map(body_size).sum();
+                    while bodies.len() < MERGE_MAX_EVENTS && size < MERGE_MAX_BYTES {
                         match rx.try_recv() {
-                            Ok(Cmd::Append { bodies: more, reply }) => {
+                            Ok(Cmd::Append { bodies: more, marks: more_marks, reply }) => {
                                 replies.push((reply, more.len()));
+                                size += more.iter().map(body_size).sum::<usize>();
                                 bodies.extend(more);
+                                merge_marks(&mut marks, more_marks);
                             }
                             Ok(other) => {
                                 pending = Some(other);
@@ -232,7 +269,7 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
                     }
                     let total = bodies.len() as u64;
                     let keep = |chunk, n| offer.accepts(chunk, n);
-                    let result = match spool.append_events(bodies, wall_now_ms(), keep) {
+                    let result = match spool.append_marked(bodies, wall_now_ms(), &marks, keep) {
                         Ok((r, events)) => {
                             if let Some(events) = events {
                                 offer.offer(events);
@@ -246,7 +283,12 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
                     }
                     match result {
                         Ok(r) => {
-                            let _ = committed_tx.send(r.chunk);
+                            for (name, pos) in &marks {
+                                journal.set(name, *pos);
+                            }
+                            if r.count > 0 {
+                                let _ = committed_tx.send(r.chunk);
+                            }
                             let mut seq = r.first_seq;
                             let mut evicted = r.evicted;
                             for (reply, n) in replies {
@@ -295,6 +337,9 @@ pub fn spawn(mut spool: Spool) -> std::io::Result<(SpoolHandle, std::thread::Joi
                 Cmd::HeadChunk { reply } => {
                     let _ = reply.send(spool.head_chunk().map_err(SpoolError::from));
                 }
+            }
+            if spool.take_acks_lost() {
+                offer.rewind.store(true, Ordering::Release);
             }
         }
         flush(&mut spool);
@@ -362,6 +407,7 @@ impl SpoolHandle {
     pub async fn append(&self, bodies: Vec<EventBody>) -> Result<AppendResult, HandleError> {
         self.call(|reply| Cmd::Append {
             bodies,
+            marks: Vec::new(),
             reply: Some(reply),
         })
         .await
@@ -370,10 +416,15 @@ impl SpoolHandle {
     /// Queue a group for commit without waiting for it; the spool thread counts and logs the
     /// outcome (refused for a full spool or disk: `scangate_dropped_total`, one log line per
     /// change of state). Waits only while the command queue is full.
-    pub async fn append_detached(&self, bodies: Vec<EventBody>) -> Result<(), HandleError> {
+    pub async fn append_detached(
+        &self,
+        bodies: Vec<EventBody>,
+        marks: Vec<(Arc<str>, u64)>,
+    ) -> Result<(), HandleError> {
         self.tx
             .send(Cmd::Append {
                 bodies,
+                marks,
                 reply: None,
             })
             .await
@@ -486,6 +537,12 @@ impl SpoolHandle {
 
     pub async fn head_chunk(&self) -> Result<i64, HandleError> {
         self.call(|reply| Cmd::HeadChunk { reply }).await
+    }
+
+    /// True once after the spool thread could not write acknowledgements: the caller must read
+    /// from the start of the spool again (the events are still there; see [`Handoff`]).
+    pub fn take_rewind(&self) -> bool {
+        self.handoff.rewind.swap(false, Ordering::AcqRel)
     }
 
     /// A receiver that changes whenever a chunk is committed (value: its id).
