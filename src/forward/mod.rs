@@ -82,12 +82,11 @@ impl BodyCompressor {
                     let rest = body.get(consumed..).ok_or_else(|| {
                         std::io::Error::other("deflate consumed more than its input")
                     })?;
-                    match d
+                    let status = d
                         .compress_vec(rest, &mut out, flate2::FlushCompress::Finish)
-                        .map_err(std::io::Error::other)?
-                    {
-                        flate2::Status::StreamEnd => break,
-                        _ => {}
+                        .map_err(std::io::Error::other)?;
+                    if status == flate2::Status::StreamEnd {
+                        break;
                     }
                 }
                 let mut crc = flate2::Crc::new();

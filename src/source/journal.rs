@@ -7,9 +7,18 @@
 //! transaction, how far each source's journal is committed: `meta` key `journal:<source>`).
 //!
 //! How it works:
-//! - Every tty read is appended as one record before it is decoded: `[len u32][crc32 u32]
-//!   [wall ms i64]` (little-endian) and the bytes. No fsync: the page cache survives a process
-//!   crash, and power loss is what the spool's fsynced commit covers.
+//! - Each journal file is mapped into memory (`MAP_SHARED`: its pages are the page cache) and
+//!   the port is read *directly into the mapping*: once `read(2)` has copied the bytes, they
+//!   are in the file, and a process crash at any later instant cannot lose them. (Reading into
+//!   a buffer and then writing it leaves a window between the two calls in which a kill loses
+//!   the bytes: the crash test hit it.) No fsync: the page cache survives a process crash, and
+//!   power loss is what the spool's fsynced commit covers.
+//! - Before each read the record header is stored in the mapping as *pending* with the
+//!   number of bytes the tty holds (`FIONREAD`, so the read returns exactly those), then the
+//!   read, then the header is marked *done*. Record: `[len u32][state u32][wall ms i64]` and
+//!   the bytes (little-endian). A pending record found at start was read (or not) when the
+//!   process died: its bytes up to the last non-zero one are taken (a read that did not
+//!   happen left zeros; at worst NUL line noise at the end of the read is not recovered).
 //! - A position is a count of payload bytes since the source's first journal. Each read carries
 //!   the position just after its frame; the spool commits the highest position of each source
 //!   in a group with the group.
@@ -19,12 +28,11 @@
 //!   in it is settled (committed, or consumed without producing a read). Files deleted within
 //!   the kernel's writeback delay (30 s by default) are never written to flash at all.
 //!
-//! Invariants: positions only grow; a record that is torn or fails its checksum (power loss
-//! mid-write) ends its file's recovery; nothing here can stop a port from being read (a
-//! journal that cannot be written is logged and skipped).
+//! Invariants: positions only grow; a damaged record ends its file's recovery; nothing here can
+//! stop a port from being read (a journal that cannot be written is logged and bypassed).
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::OpenOptions;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,10 +43,14 @@ pub const FILE_MAX_BYTES: u64 = 1 << 20;
 /// ... or once it is this old (so that settled bytes are deleted before the kernel writes
 /// them back to flash).
 pub const FILE_MAX_AGE: Duration = Duration::from_secs(5);
-/// Record header: length, CRC-32 of the payload, wall time.
+/// Largest single read into the journal.
+pub const READ_MAX: usize = 16 * 1024;
+/// Record header: length, state, wall time.
 const HEADER: usize = 16;
-/// Largest record accepted when reading back (a tty read is at most a few KiB).
-const RECORD_MAX: u32 = 1 << 20;
+/// Size of a journal file: room for [`FILE_MAX_BYTES`] and one more largest read.
+const FILE_SIZE: usize = FILE_MAX_BYTES as usize + 64 * HEADER + READ_MAX + HEADER;
+const PENDING: u32 = 1;
+const DONE: u32 = 2;
 
 /// How far each source's journal is committed, shared by the spool thread (which sets it after
 /// each commit) and the serial threads (which delete settled files).
@@ -82,7 +94,10 @@ impl JournalMarks {
 pub struct Journal {
     dir: PathBuf,
     prefix: String,
-    file: Option<File>,
+    /// The current file, mapped.
+    map: Option<memmap2::MmapMut>,
+    /// Offset of the next record in the current file.
+    off: usize,
     /// Position of the current file's first payload byte.
     base: u64,
     /// Position after the last journaled byte.
@@ -90,8 +105,10 @@ pub struct Journal {
     opened: tokio::time::Instant,
     /// Closed files not yet deleted: (first position, end position, path).
     closed: Vec<(u64, u64, PathBuf)>,
-    /// A write failed: logged once until one succeeds again.
+    /// Journaling failed: logged once until a new file works again.
     failing: bool,
+    /// Reads go here while no file can be mapped.
+    fallback: Vec<u8>,
 }
 
 /// A file name prefix that is safe for any source name: the name's bytes in hex.
@@ -101,6 +118,10 @@ fn prefix_of(source: &str) -> String {
         s.push_str(&format!("{b:02x}"));
     }
     s
+}
+
+fn path_of(dir: &Path, prefix: &str, base: u64) -> PathBuf {
+    dir.join(format!("{prefix}.{base:020}.jnl"))
 }
 
 /// The journal files of `prefix` in `dir`, by first position.
@@ -127,33 +148,48 @@ fn files_of(dir: &Path, prefix: &str) -> Vec<(u64, PathBuf)> {
     out
 }
 
-/// The records of one journal file: (wall ms, payload), stopping at the first torn or damaged
-/// record.
-pub fn read_records(path: &Path) -> std::io::Result<Vec<(i64, Vec<u8>)>> {
-    let mut data = Vec::new();
-    File::open(path)?.read_to_end(&mut data)?;
+fn header(data: &[u8], at: usize) -> Option<(usize, u32, i64)> {
+    let h = data.get(at..at + HEADER)?;
+    let word = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+    let mut wall = [0u8; 8];
+    wall.copy_from_slice(&h[8..16]);
+    Some((word(0) as usize, word(4), i64::from_le_bytes(wall)))
+}
+
+/// The reads recorded in one journal file's bytes: (wall ms, payload), in order, up to the
+/// first record that is empty, damaged, or was pending when the process died (its bytes up to
+/// the last non-zero one are included).
+pub fn parse_records(data: &[u8]) -> Vec<(i64, &[u8])> {
     let mut out = Vec::new();
     let mut at = 0usize;
-    while let Some(h) = data.get(at..at + HEADER) {
-        let word = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
-        let (len, crc) = (word(0), word(4));
-        let mut wall = [0u8; 8];
-        wall.copy_from_slice(&h[8..16]);
-        if len == 0 || len > RECORD_MAX {
+    while let Some((len, state, wall)) = header(data, at) {
+        if len == 0 || len > READ_MAX {
             break;
         }
-        let Some(payload) = data.get(at + HEADER..at + HEADER + len as usize) else {
+        let Some(payload) = data.get(at + HEADER..at + HEADER + len) else {
             break;
         };
-        let mut c = flate2::Crc::new();
-        c.update(payload);
-        if c.sum() != crc {
-            break;
+        match state {
+            DONE => out.push((wall, payload)),
+            PENDING => {
+                if let Some(last) = payload.iter().rposition(|&b| b != 0) {
+                    out.push((wall, &payload[..=last]));
+                }
+                break;
+            }
+            _ => break,
         }
-        out.push((i64::from_le_bytes(wall), payload.to_vec()));
-        at += HEADER + len as usize;
+        at += HEADER + len;
     }
-    Ok(out)
+    out
+}
+
+fn put_header(map: &mut [u8], at: usize, len: usize, state: u32, wall_ms: i64) {
+    if let Some(h) = map.get_mut(at..at + HEADER) {
+        h[0..4].copy_from_slice(&(len as u32).to_le_bytes());
+        h[8..16].copy_from_slice(&wall_ms.to_le_bytes());
+        h[4..8].copy_from_slice(&state.to_le_bytes());
+    }
 }
 
 impl Journal {
@@ -171,17 +207,15 @@ impl Journal {
         let mut closed = Vec::new();
         let mut end = committed;
         for (base, path) in files_of(dir, &prefix) {
-            let records = match read_records(&path) {
-                Ok(r) => r,
+            let data = match std::fs::read(&path) {
+                Ok(d) => d,
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "Cannot read a port journal file; skipping it");
                     continue;
                 }
             };
-            // A file that starts before the previous one ended overlaps it (never written so):
-            // positions are taken from the file's own base.
             let mut pos = base;
-            for (wall_ms, bytes) in records {
+            for (wall_ms, bytes) in parse_records(&data) {
                 let rec_end = pos + bytes.len() as u64;
                 if rec_end > committed {
                     let from = committed.saturating_sub(pos) as usize;
@@ -192,7 +226,7 @@ impl Journal {
                 pos = rec_end;
             }
             if pos == base {
-                // Nothing recoverable in it (empty, or torn at its first record).
+                // Nothing recoverable in it.
                 let _ = std::fs::remove_file(&path);
                 continue;
             }
@@ -202,23 +236,36 @@ impl Journal {
         let mut j = Journal {
             dir: dir.to_path_buf(),
             prefix,
-            file: None,
+            map: None,
+            off: 0,
             base: end,
             end,
             opened: tokio::time::Instant::now(),
             closed,
             failing: false,
+            fallback: Vec::new(),
         };
         j.start_file()?;
         Ok(j)
     }
 
     fn start_file(&mut self) -> std::io::Result<()> {
-        let path = self
-            .dir
-            .join(format!("{}.{:020}.jnl", self.prefix, self.end));
-        let f = OpenOptions::new().create(true).append(true).open(&path)?;
-        self.file = Some(f);
+        self.map = None;
+        let path = path_of(&self.dir, &self.prefix, self.end);
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        f.set_len(FILE_SIZE as u64)?;
+        // SAFETY: the file is this journal's own, in the state directory, opened and sized
+        // here; no other process writes it while it is mapped (one scangate per state
+        // directory, enforced by the spool lock), and it is only read back after this process
+        // ended.
+        let map = unsafe { memmap2::MmapMut::map_mut(&f)? };
+        self.map = Some(map);
+        self.off = 0;
         self.base = self.end;
         self.opened = tokio::time::Instant::now();
         Ok(())
@@ -229,41 +276,50 @@ impl Journal {
         self.end
     }
 
-    /// Append one tty read. Returns the position after it. A failed write is logged (once
-    /// until writes work again); the position still moves on, so positions stay consistent.
-    pub fn append(&mut self, bytes: &[u8], wall_ms: i64) -> u64 {
-        if bytes.is_empty() {
-            return self.end;
-        }
-        let mut rec = Vec::with_capacity(HEADER + bytes.len());
-        let mut c = flate2::Crc::new();
-        c.update(bytes);
-        rec.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-        rec.extend_from_slice(&c.sum().to_le_bytes());
-        rec.extend_from_slice(&wall_ms.to_le_bytes());
-        rec.extend_from_slice(bytes);
-        let written = match self.file.as_mut() {
-            Some(f) => f.write_all(&rec),
-            None => Err(std::io::Error::other("no journal file open")),
-        };
-        match written {
-            Ok(()) => {
-                if std::mem::take(&mut self.failing) {
-                    tracing::info!(dir = %self.dir.display(), "Port journal writable again");
-                }
-                self.end += bytes.len() as u64;
-            }
-            Err(e) => {
+    /// Read up to `want` bytes (what the tty holds) from `port` straight into the journal,
+    /// returning them and the position after them. `Ok` with an empty slice: the port returned
+    /// nothing (hung up). Journal trouble is logged and bypassed: the bytes are then read into
+    /// memory (and only then can a crash lose them).
+    pub fn read_from(
+        &mut self,
+        port: &mut impl Read,
+        want: usize,
+        wall_ms: i64,
+    ) -> std::io::Result<(&[u8], u64)> {
+        let want = want.clamp(1, READ_MAX);
+        if self.map.is_none() || self.off + 2 * HEADER + want > FILE_SIZE {
+            if let Err(e) = self.rotate() {
                 if !std::mem::replace(&mut self.failing, true) {
                     tracing::error!(dir = %self.dir.display(), error = %e, "Cannot write the port journal: reads still flow, but a crash now may lose the reads in flight");
                 }
-                // Bytes that are not in the file cannot be recovered: the next file starts
-                // after them.
-                self.end += bytes.len() as u64;
-                let _ = self.rotate();
+            } else if std::mem::take(&mut self.failing) {
+                tracing::info!(dir = %self.dir.display(), "Port journal writable again");
             }
         }
-        self.end
+        let Some(map) = self.map.as_mut() else {
+            self.fallback.resize(want, 0);
+            let n = port.read(&mut self.fallback[..want])?;
+            self.end += n as u64;
+            return Ok((&self.fallback[..n], self.end));
+        };
+        let at = self.off;
+        // Pending first: from the read on, a crash finds the bytes (see the module docs).
+        put_header(map, at, want, PENDING, wall_ms);
+        let n = match port.read(&mut map[at + HEADER..at + HEADER + want]) {
+            Ok(n) => n,
+            Err(e) => {
+                put_header(map, at, 0, 0, 0);
+                return Err(e);
+            }
+        };
+        if n == 0 {
+            put_header(map, at, 0, 0, 0);
+            return Ok((&[], self.end));
+        }
+        put_header(map, at, n, DONE, wall_ms);
+        self.off = at + HEADER + n;
+        self.end += n as u64;
+        Ok((&map[at + HEADER..at + HEADER + n], self.end))
     }
 
     /// Close the current file when it is full or old, and delete every closed file whose
@@ -273,7 +329,11 @@ impl Journal {
         let full = self.end - self.base >= FILE_MAX_BYTES;
         let old = self.end > self.base && self.opened.elapsed() >= FILE_MAX_AGE;
         if full || old {
-            let _ = self.rotate();
+            if let Err(e) = self.rotate() {
+                if !std::mem::replace(&mut self.failing, true) {
+                    tracing::error!(dir = %self.dir.display(), error = %e, "Cannot start a new port journal file");
+                }
+            }
         }
         self.closed.retain(|(_, end, path)| {
             if *end <= settled {
@@ -291,19 +351,20 @@ impl Journal {
     }
 
     fn rotate(&mut self) -> std::io::Result<()> {
-        if let Some(f) = self.file.take() {
-            drop(f);
-            let path = self
-                .dir
-                .join(format!("{}.{:020}.jnl", self.prefix, self.base));
-            self.closed.push((self.base, self.end, path));
+        if self.map.take().is_some() {
+            let path = path_of(&self.dir, &self.prefix, self.base);
+            if self.end > self.base {
+                self.closed.push((self.base, self.end, path));
+            } else {
+                let _ = std::fs::remove_file(path);
+            }
         }
         self.start_file()
     }
 
     /// Files (closed and current) of this journal: for tests and status.
     pub fn files(&self) -> usize {
-        self.closed.len() + usize::from(self.file.is_some())
+        self.closed.len() + usize::from(self.map.is_some())
     }
 }
 
@@ -322,13 +383,20 @@ mod tests {
         (bytes, marks)
     }
 
+    fn append(j: &mut Journal, bytes: &[u8], wall: i64) -> u64 {
+        let mut src = bytes;
+        let (got, end) = j.read_from(&mut src, bytes.len(), wall).unwrap();
+        assert_eq!(got, bytes);
+        end
+    }
+
     #[test]
     fn uncommitted_bytes_come_back_with_their_wall_time_and_positions() {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut j = Journal::open(dir.path(), "belt/1", 0, |_, _, _| panic!()).unwrap();
-            assert_eq!(j.append(b"0125000001\r\n01250", 10), 17);
-            assert_eq!(j.append(b"00002\r\n", 11), 24);
+            assert_eq!(append(&mut j, b"0125000001\r\n01250", 10), 17);
+            assert_eq!(append(&mut j, b"00002\r\n", 11), 24);
         }
         // Nothing committed: everything.
         let (b, m) = recovered(dir.path(), 0);
@@ -343,48 +411,54 @@ mod tests {
         assert!(b.is_empty());
     }
 
+    /// A process killed between a read and marking it done: the bytes are in the file, found
+    /// from the pending header. One killed before its read: nothing (zeros) is recovered.
     #[test]
-    fn a_torn_or_damaged_tail_ends_recovery_without_a_panic() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = {
-            let mut j = Journal::open(dir.path(), "s", 0, |_, _, _| {}).unwrap();
-            j.append(b"AAAA\n", 1);
-            j.append(b"BBBB\n", 2);
-            dir.path().join(format!("{}.{:020}.jnl", prefix_of("s"), 0))
-        };
-        let full = std::fs::read(&path).unwrap();
-        for cut in 0..full.len() {
-            std::fs::write(&path, &full[..cut]).unwrap();
-            let _ = read_records(&path).unwrap();
+    fn a_read_pending_at_a_crash_is_recovered_and_an_unread_one_is_not() {
+        let mut file = vec![0u8; 4096];
+        put_header(&mut file, 0, 5, DONE, 7);
+        file[HEADER..HEADER + 5].copy_from_slice(b"AAAA\n");
+        let at = HEADER + 5;
+        put_header(&mut file, at, 100, PENDING, 8);
+        file[at + HEADER..at + HEADER + 5].copy_from_slice(b"BBB\r\n");
+        let recs = parse_records(&file);
+        assert_eq!(recs, [(7, &b"AAAA\n"[..]), (8, &b"BBB\r\n"[..])]);
+        // Pending, but the read never happened.
+        file[at + HEADER..at + HEADER + 5].fill(0);
+        assert_eq!(parse_records(&file), [(7, &b"AAAA\n"[..])]);
+    }
+
+    #[test]
+    fn any_damage_ends_parsing_without_a_panic() {
+        let mut file = vec![0u8; 2048];
+        put_header(&mut file, 0, 5, DONE, 7);
+        file[HEADER..HEADER + 5].copy_from_slice(b"AAAA\n");
+        for cut in 0..64 {
+            let _ = parse_records(&file[..cut]);
         }
-        let mut bad = full.clone();
-        let last = bad.len() - 1;
-        bad[last] ^= 0xFF;
-        std::fs::write(&path, &bad).unwrap();
-        assert_eq!(read_records(&path).unwrap().len(), 1);
-        // Garbage of every byte value.
-        let junk: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
-        std::fs::write(&path, &junk).unwrap();
-        let _ = read_records(&path).unwrap();
+        // Garbage of every byte value, and absurd lengths.
+        let junk: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+        let _ = parse_records(&junk);
+        let mut big = vec![0xFFu8; 64];
+        big[4..8].copy_from_slice(&DONE.to_le_bytes());
+        assert!(parse_records(&big).is_empty());
     }
 
     #[test]
     fn settled_files_are_deleted_and_positions_continue_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let chunk = vec![b'x'; 300 * 1024];
+        let chunk = vec![b'x'; READ_MAX];
         let mut j = Journal::open(dir.path(), "s", 0, |_, _, _| {}).unwrap();
-        for i in 0..8 {
-            j.append(&chunk, i);
+        for i in 0..200 {
+            append(&mut j, &chunk, i);
             j.maintain(0);
         }
-        assert!(j.files() >= 3, "rotated at {FILE_MAX_BYTES} bytes");
         let end = j.end();
+        assert_eq!(j.files(), 4, "three closed files of 1 MiB and the open one");
+        j.maintain(2 * FILE_MAX_BYTES + 1);
+        assert_eq!(j.files(), 2, "the first two are settled");
         j.maintain(end - 1);
-        assert_eq!(
-            j.files(),
-            2,
-            "all but the last closed file and the open one"
-        );
+        assert_eq!(j.files(), 1, "only the open file is left");
         drop(j);
         let mut n = 0;
         let j = Journal::open(dir.path(), "s", end, |_, _, _| n += 1).unwrap();

@@ -11,20 +11,18 @@
 //! 921,600 baud, so the pause never overflows it; from a faster device (USB CDC, a
 //! pseudo-terminal) the rest waits in the driver's buffers, and full reads follow at once.
 //!
-//! Reads are plain `read(2)` with the termios read timer (`VMIN = 0`, `VTIME`): no `poll`
-//! before each read (on Linux a tty poll also waits for the kernel's input worker), and a
-//! read with nothing to return comes back after `VTIME_DS` tenths of a second, so a stop
-//! request is seen. A read that returns nothing *before* the timer ran means the line hung
-//! up (unplugged).
+//! Each read takes what the tty holds (`FIONREAD`) and reads it straight into the port's
+//! journal (a mapped file, `source::journal`), so that from the read on a crash loses nothing.
+//! With nothing waiting, the thread waits in `poll` for at most `VTIME_DS` tenths of a second
+//! (so a stop request is seen); a hang-up (unplug) ends the connection.
 //!
 //! When a device is unplugged the kernel discards what is still in its buffer: with the
 //! pauses, that is at most one pause's worth of bytes (a few ms of reads).
 //!
 //! Never waits on the pipeline: while the read channel is full, reads are held in the thread
-//! (up to [`HOLD_MAX`]) and the port is read on. Every read is appended to the port's journal
-//! before it is decoded (`source::journal`), so a crash loses nothing already read. On open failure, error or EOF (unplug)
-//! it closes the port, waits a backoff step and reopens: no reconnect storms. Full port
-//! settings and init bytes come with the serial-protocols work.
+//! (up to [`HOLD_MAX`]) and the port is read on. On open failure, error or EOF (unplug) it
+//! closes the port, waits a backoff step and reopens: no reconnect storms. Full port settings
+//! and init bytes come with the serial-protocols work.
 
 use super::journal::Journal;
 use super::{Feed, SourceRead, Stop};
@@ -111,14 +109,8 @@ impl<'a> Handover<'a> {
         };
         if self.held.is_empty() {
             match self.feed.tx.try_send(r) {
-                Ok(()) => {
-                    self.last_sent = pos;
-                    return;
-                }
-                Err(TrySendError::Closed(_)) => {
-                    self.closed = true;
-                    return;
-                }
+                Ok(()) => self.last_sent = pos,
+                Err(TrySendError::Closed(_)) => self.closed = true,
                 Err(TrySendError::Full(r)) => {
                     self.feed.wake.notify_one();
                     self.held.push_back(r);
@@ -206,6 +198,7 @@ fn serve(
         });
         match opened {
             Ok(j) => {
+                tracing::debug!(source = %name, committed, end = j.end(), files = j.files(), recovered, "Port journal open");
                 if recovered > 0 {
                     feed.metrics.journal_recovered.add(recovered);
                     tracing::info!(source = %name, reads = recovered, "Recovered reads from the port journal (read before the last stop, not yet committed)");
@@ -252,55 +245,68 @@ fn serve(
                         out.finish();
                         return;
                     }
-                    let started = tokio::time::Instant::now();
-                    match port.read(&mut chunk) {
-                        Ok(0) => {
-                            out.drain();
-                            settle(&mut journal, &out, pos_end - buf.len() as u64);
-                            // The read timer ran out (no data) or the line hung up.
-                            if started.elapsed() < Duration::from_millis(VTIME_DS as u64 * 50) {
-                                break "end of file (device gone?)".to_string();
-                            }
-                        }
-                        Ok(n) => {
-                            feed.metrics.frames_in.inc();
-                            feed.metrics.bytes_in.add(n as u64);
-                            let wall_ms = crate::event::wall_now_ms();
-                            // Journaled before it is decoded: from here a crash loses nothing.
-                            pos_end = match journal.as_mut() {
-                                Some(j) => j.append(&chunk[..n], wall_ms),
-                                None => pos_end + n as u64,
-                            };
-                            buf.extend_from_slice(&chunk[..n]);
-                            out.drain();
-                            while let Ok(Some(d)) = decoder.decode(&mut buf) {
-                                out.hand(d, wall_ms, pos_end - buf.len() as u64);
-                            }
-                            feed.wake_if_high();
-                            settle(&mut journal, &out, pos_end - buf.len() as u64);
-                            cycle_bytes += n;
-                            if n < STREAMING_READ {
-                                let now = tokio::time::Instant::now();
-                                let pause =
-                                    pause_for(cycle_bytes, now - cycle_start, feed.read_coalesce);
-                                cycle_bytes = 0;
-                                cycle_start = now;
-                                if stopped.wait(pause) {
-                                    feed.metrics.sources_connected.sub(1);
-                                    out.finish();
-                                    return;
-                                }
-                            } else {
-                                // Streaming: the tty refills its 4 KiB from the driver's buffer
-                                // in a kernel worker queued on this CPU by the read. Yielding
-                                // lets it run now, so the next read finds bytes instead of
-                                // sleeping until the worker has run (a sleep and a wake-up per
-                                // 4 KiB otherwise).
-                                std::thread::yield_now();
-                            }
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    let avail = match bytes_waiting(&port) {
+                        Ok(n) => n,
                         Err(e) => break e.to_string(),
+                    };
+                    if avail == 0 {
+                        out.drain();
+                        settle(&mut journal, &out, pos_end - buf.len() as u64);
+                        match wait_readable(&port, Duration::from_millis(VTIME_DS as u64 * 100)) {
+                            Ok(true) => continue,
+                            Ok(false) => break "hung up (device gone?)".to_string(),
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                            Err(e) => break e.to_string(),
+                        }
+                    }
+                    let wall_ms = crate::event::wall_now_ms();
+                    // Straight into the journal's mapped file: from the read on, a crash
+                    // loses nothing (`source::journal`).
+                    let read = match journal.as_mut() {
+                        Some(j) => j.read_from(&mut port, avail, wall_ms),
+                        None => {
+                            let k = avail.min(chunk.len());
+                            port.read(&mut chunk[..k])
+                                .map(|n| (&chunk[..n], pos_end + n as u64))
+                        }
+                    };
+                    let n = match read {
+                        Ok((bytes, end)) => {
+                            buf.extend_from_slice(bytes);
+                            pos_end = end;
+                            bytes.len()
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => break e.to_string(),
+                    };
+                    if n == 0 {
+                        break "end of file (device gone?)".to_string();
+                    }
+                    feed.metrics.frames_in.inc();
+                    feed.metrics.bytes_in.add(n as u64);
+                    out.drain();
+                    while let Ok(Some(d)) = decoder.decode(&mut buf) {
+                        out.hand(d, wall_ms, pos_end - buf.len() as u64);
+                    }
+                    feed.wake_if_high();
+                    settle(&mut journal, &out, pos_end - buf.len() as u64);
+                    cycle_bytes += n;
+                    if n < STREAMING_READ {
+                        let now = tokio::time::Instant::now();
+                        let pause = pause_for(cycle_bytes, now - cycle_start, feed.read_coalesce);
+                        cycle_bytes = 0;
+                        cycle_start = now;
+                        if stopped.wait(pause) {
+                            feed.metrics.sources_connected.sub(1);
+                            out.finish();
+                            return;
+                        }
+                    } else {
+                        // Streaming: the tty refills its 4 KiB from the driver's buffer in a
+                        // kernel worker queued on this CPU by the read. Yielding lets it run
+                        // now, so the next read finds bytes instead of sleeping until the
+                        // worker has run (a sleep and a wake-up per 4 KiB otherwise).
+                        std::thread::yield_now();
                     }
                 };
                 feed.metrics.sources_connected.sub(1);
@@ -347,6 +353,30 @@ fn timed_reads(port: impl std::os::fd::IntoRawFd) -> std::io::Result<std::fs::Fi
     t.control_chars[SpecialCharacterIndices::VTIME as usize] = VTIME_DS;
     tcsetattr(&fd, SetArg::TCSANOW, &t)?;
     Ok(std::fs::File::from(fd))
+}
+
+/// Bytes the tty holds (`FIONREAD`): a read of that many returns at once, and exactly them.
+fn bytes_waiting(port: &std::fs::File) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which points at `n`; the
+    // descriptor is the open port.
+    let r = unsafe { libc::ioctl(port.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}
+
+/// Wait up to `timeout` for the tty to hold bytes. False: the line hung up (device gone).
+fn wait_readable(port: &std::fs::File, timeout: Duration) -> std::io::Result<bool> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(port.as_fd(), PollFlags::POLLIN)];
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    poll(&mut fds, PollTimeout::from(ms)).map_err(std::io::Error::from)?;
+    let got = fds[0].revents().unwrap_or(PollFlags::empty());
+    Ok(!got.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL))
 }
 
 /// The pause after a short read: the time the device needs to send [`TARGET_READ`] bytes at

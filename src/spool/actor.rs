@@ -283,6 +283,7 @@ pub fn spawn_with(
                     }
                     match result {
                         Ok(r) => {
+                            tracing::trace!(first_seq = r.first_seq, count = r.count, chunk = r.chunk, marks = ?marks, "Committed");
                             for (name, pos) in &marks {
                                 journal.set(name, *pos);
                             }

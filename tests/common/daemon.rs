@@ -43,7 +43,10 @@ impl Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_scangate"))
             .args(["run", "--config"])
             .arg(config)
-            .env("SCANGATE_LOG", "info")
+            .env(
+                "SCANGATE_LOG",
+                std::env::var("TEST_SCANGATE_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env_remove("JOURNAL_STREAM")
             .stdin(Stdio::null())
             .stdout(out)

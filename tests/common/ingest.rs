@@ -71,6 +71,10 @@ pub struct State {
     /// Unique events in arrival order.
     pub events: Vec<Value>,
     pub seen: HashMap<String, u32>,
+    /// The tag first seen with each event id.
+    pub first_tag: HashMap<String, String>,
+    /// Different events that arrived with the same event id (the upstream drops them).
+    pub id_collisions: u64,
     pub duplicates: u64,
     pub requests: Vec<RequestLog>,
     pub envelopes: Vec<Value>,
@@ -370,12 +374,17 @@ async fn handle(
         if rejected.contains(&id) {
             continue;
         }
-        let n = st.seen.entry(id).or_default();
+        let n = st.seen.entry(id.clone()).or_default();
         *n += 1;
         if *n == 1 {
+            st.first_tag.insert(id, tag_of(e));
             st.events.push(e.clone());
             ingested += 1;
         } else {
+            if st.first_tag.get(&id).is_some_and(|t| *t != tag_of(e)) {
+                // Two different events with one id: the upstream drops the second.
+                st.id_collisions += 1;
+            }
             dups += 1;
         }
     }
