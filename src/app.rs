@@ -209,7 +209,12 @@ pub async fn run(
         .await
         .map_err(|e| AppError::Thread(std::io::Error::other(e)))??;
     if let Some((aside, reason)) = &report.moved_aside {
-        tracing::error!(moved_to = %aside.display(), reason = %reason, "Spool file was corrupt: moved aside, started a fresh spool. Events in the old file are NOT being sent; inspect it");
+        tracing::error!(moved_to = %aside.display(), reason = %reason, "Spool file was corrupt: moved aside, started a fresh spool (same event ids and seqs continue). Its events are NOT being sent until you run `scangate spool salvage` on it (with the service stopped)");
+    }
+    for q in &report.quarantined {
+        if report.moved_aside.as_ref().map(|(a, _)| a) != Some(q) {
+            tracing::error!(file = %q.display(), "A spool file moved aside earlier still holds events that are not sent: stop the service and run `scangate spool salvage` on it");
+        }
     }
     tracing::info!(path = %spool.path().display(), backlog = report.backlog, created = report.created, "Spool open");
     // Port journals: how far each serial source's journal is committed.

@@ -87,6 +87,9 @@ enum SpoolCmd {
     Export,
     /// Put dead letters back in the queue (all, or the given ids), keeping their event ids.
     Requeue { ids: Vec<i64> },
+    /// Re-send every decodable event of a spool file that was moved aside as corrupt
+    /// (`spool.db.corrupt-…`), with its original ids. Stop the service first.
+    Salvage { file: PathBuf },
 }
 
 fn load(config: &Path) -> Result<Config, ExitCode> {
@@ -189,7 +192,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            match status(&cfg) {
+            match spool::keeping_owner(&cfg.gateway.state_dir, || status(&cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => report(e),
             }
@@ -199,7 +202,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            match spool_cmd(&cfg, cmd) {
+            match spool::keeping_owner(&cfg.gateway.state_dir, || spool_cmd(&cfg, cmd)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => report(e),
             }
@@ -284,10 +287,11 @@ fn status(cfg: &Config) -> anyhow::Result<()> {
         "spool size:      {} bytes used of {} max",
         s.used_bytes, cfg.spool.max_bytes
     );
-    if s.corrupt_incidents > 0 {
+    for q in spool::quarantined(&cfg.gateway.state_dir) {
         println!(
-            "WARNING:         a corrupt spool file was moved aside ({} incident(s)); see the log",
-            s.corrupt_incidents
+            "WARNING:         {} was moved aside as corrupt; its events are NOT sent until you stop the service and run: scangate spool salvage {}",
+            q.display(),
+            q.display()
         );
     }
     Ok(())
@@ -302,9 +306,7 @@ fn spool_cmd(cfg: &Config, cmd: SpoolCmd) -> anyhow::Result<()> {
         }
         SpoolCmd::DeadLetters { limit } => {
             let conn = spool::Spool::open_read_only(&cfg.gateway.state_dir)?;
-            let list = spool::dead_letters_of(&conn, usize::MAX)?;
-            let skip = list.len().saturating_sub(limit);
-            for d in list.into_iter().skip(skip) {
+            for d in spool::newest_dead_letters(&conn, limit)? {
                 let tag = d
                     .body
                     .as_ref()
@@ -325,19 +327,26 @@ fn spool_cmd(cfg: &Config, cmd: SpoolCmd) -> anyhow::Result<()> {
         SpoolCmd::Export => {
             let conn = spool::Spool::open_read_only(&cfg.gateway.state_dir)?;
             let mut out = std::io::stdout().lock();
-            for d in spool::dead_letters_of(&conn, usize::MAX)? {
-                let v = serde_json::json!({
-                    "id": d.id, "seq": d.seq, "event_id": d.event_id, "committed": fmt_ms(Some(d.committed_ms)),
-                    "failed": fmt_ms(Some(d.failed_ms)), "status": d.status, "reason": d.reason,
-                    "event": d.body.as_ref().map(|b| serde_json::json!({
-                        "kind": b.kind.as_str(), "tag": b.tag, "source": b.source, "location": b.location, "device": b.device,
-                        "antenna": b.antenna, "rssi_dbm": b.rssi_dbm(), "read_count": b.read_count,
-                        "first_seen": fmt_ms(Some(b.first_seen_ms)), "last_seen": fmt_ms(Some(b.last_seen_ms)),
-                    })),
-                    "raw_hex": if d.raw.is_empty() { None } else { Some(d.raw.iter().map(|b| format!("{b:02x}")).collect::<String>()) },
-                });
-                use std::io::Write;
-                writeln!(out, "{v}")?;
+            // A page at a time: bounded memory however many there are.
+            let mut after = 0;
+            loop {
+                let page = spool::dead_letters_page(&conn, after, 500)?;
+                let Some(last) = page.last() else { break };
+                after = last.id;
+                for d in page {
+                    let v = serde_json::json!({
+                        "id": d.id, "seq": d.seq, "event_id": d.event_id, "committed": fmt_ms(Some(d.committed_ms)),
+                        "failed": fmt_ms(Some(d.failed_ms)), "status": d.status, "reason": d.reason,
+                        "event": d.body.as_ref().map(|b| serde_json::json!({
+                            "kind": b.kind.as_str(), "tag": b.tag, "source": b.source, "location": b.location, "device": b.device,
+                            "antenna": b.antenna, "rssi_dbm": b.rssi_dbm(), "read_count": b.read_count,
+                            "first_seen": fmt_ms(Some(b.first_seen_ms)), "last_seen": fmt_ms(Some(b.last_seen_ms)),
+                        })),
+                        "raw_hex": if d.raw.is_empty() { None } else { Some(d.raw.iter().map(|b| format!("{b:02x}")).collect::<String>()) },
+                    });
+                    use std::io::Write;
+                    writeln!(out, "{v}")?;
+                }
             }
         }
         SpoolCmd::Requeue { ids } => {
@@ -350,7 +359,29 @@ fn spool_cmd(cfg: &Config, cmd: SpoolCmd) -> anyhow::Result<()> {
                 if ids.is_empty() { None } else { Some(&ids) },
                 scangate::event::wall_now_ms(),
             )?;
-            println!("requeued {n} dead letter(s); a running scangate sends them with their original event ids");
+            println!(
+                "requeued {n} dead letter(s); scangate sends them with their original event ids"
+            );
+        }
+        SpoolCmd::Salvage { file } => {
+            let (mut sp, _) = spool::Spool::open(
+                &cfg.gateway.state_dir,
+                spool::SpoolOptions::of(cfg),
+                Arc::new(Metrics::default()),
+            )?;
+            let r = sp
+                .salvage(&file, scangate::event::wall_now_ms())
+                .with_context(|| format!("cannot salvage {}", file.display()))?;
+            println!(
+                "salvaged {}: {} undelivered event(s) queued again{}, {} already delivered, {} dead letter(s) kept, {} damaged row(s) skipped; the file is now {}.salvaged",
+                file.display(),
+                r.events,
+                if r.same_ids { " with their original event ids" } else { " (the file's id salt differs: they get new event ids)" },
+                r.already_delivered,
+                r.dead_letters,
+                r.unreadable_rows,
+                file.display()
+            );
         }
     }
     Ok(())

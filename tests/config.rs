@@ -264,3 +264,87 @@ fn spool_cli_lists_exports_and_requeues_dead_letters() {
         .collect();
     assert!(ids.iter().all(|id| all.contains(id)), "{all:?} vs {ids:?}");
 }
+
+fn with_upstream(extra: &str) -> String {
+    format!("[gateway]\nid = \"gw\"\nstate_dir = \"/tmp/x\"\n[[source]]\nname = \"belt\"\nkind = \"serial\"\nprotocol = \"lines\"\npath = \"ttyUSB0\"\n[upstream]\nurl = \"http://ingest:8000\"\nprofile = \"bag-events\"\n{extra}")
+}
+
+/// Regression: a constant (or a rename) onto `event_id`, `seq` or `timestamp` passed
+/// validation and gave every event the same identity.
+#[test]
+fn field_mapping_onto_an_identity_field_is_refused_with_its_line() {
+    for (extra, key, line) in [
+        (
+            "[upstream.fields.constant]\nevent_id = \"x\"\n",
+            "upstream.fields.constant.event_id",
+            13,
+        ),
+        (
+            "[upstream.fields.rename]\nbag_id = \"seq\"\n",
+            "upstream.fields.rename.bag_id",
+            13,
+        ),
+        (
+            "[upstream.fields.rename]\nlocation = \"timestamp\"\n",
+            "upstream.fields.rename.location",
+            13,
+        ),
+        (
+            "[upstream.fields.rename]\nno_such_field = \"x\"\n",
+            "upstream.fields.rename.no_such_field",
+            13,
+        ),
+    ] {
+        let errs = Config::parse(&with_upstream(extra), Path::new("/etc/scangate")).unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.key == key && e.line == line),
+            "{extra}: {errs:?}"
+        );
+    }
+    // Renaming a field to a new name, and adding a new constant, stay valid.
+    let ok = with_upstream("[upstream.fields.rename]\nbag_id = \"tag\"\n[upstream.fields.constant]\nairport = \"PTY\"\n");
+    Config::parse(&ok, Path::new("/etc/scangate")).unwrap();
+}
+
+/// A relative serial path is resolved against the config file's directory, as every other
+/// path in the file is.
+#[test]
+fn a_relative_serial_path_is_resolved_against_the_config_dir() {
+    let cfg = Config::parse(&with_upstream(""), Path::new("/etc/scangate")).unwrap();
+    match &cfg.sources[0].kind {
+        scangate::config::SourceKind::Serial { path, .. } => {
+            assert_eq!(path, Path::new("/etc/scangate/ttyUSB0"))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Regression: `speed = 1e-300` passed validation and the replay panicked computing its
+/// first due time.
+#[test]
+fn absurd_replay_speeds_are_refused_and_never_panic() {
+    let text = "[gateway]\nid = \"gw\"\nstate_dir = \"/tmp/x\"\n[[source]]\nname = \"r\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"x.cap\"\nspeed = 1e-300\n[upstream]\nurl = \"http://ingest:8000\"\nprofile = \"bag-events\"\n";
+    let errs = Config::parse(text, Path::new("/etc")).unwrap_err();
+    assert!(
+        errs.iter()
+            .any(|e| e.key == "source[0].speed" && e.line == 9),
+        "{errs:?}"
+    );
+    let out = bin()
+        .args([
+            "replay",
+            "--config",
+            "/nonexistent.toml",
+            "--speed",
+            "1e-300",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), None, "no crash");
+    let start = tokio::time::Instant::now();
+    for secs in [f64::NAN, f64::INFINITY, -1.0, 1e300, 1e-300, 0.0, 1.8e19] {
+        let due = scangate::source::replay::due_at(start, secs);
+        assert!(due >= start && due <= start + scangate::source::replay::MAX_RECORD_WAIT);
+    }
+}

@@ -659,3 +659,47 @@ async fn partial_207_that_cannot_be_matched_is_resent_not_acknowledged() {
         rig.shutdown().await;
     }
 }
+
+/// Regression: an upstream that rejects everything with 400/422 (a schema change, plain HTTP
+/// to an HTTPS port) turned the whole backlog into dead letters. Events refused alone with
+/// the same answer, one after another, are a misconfiguration: kept, alarmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_rejects_everything_is_a_misconfiguration_not_dead_letters() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| {
+        s.poison = (0..20).map(|i| format!("m-{i}")).collect();
+        s.poison_status = 422;
+    });
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| {
+        config(
+            d,
+            &url,
+            "bag-events",
+            "batch_max_events = 20\nauth_retry_ms = 200",
+        )
+    })
+    .await;
+    rig.commit("m", 20, 20).await;
+    wait_until("the alarm is raised", T, || {
+        rig.metrics.upstream_rejecting_all.get() == 1
+    })
+    .await;
+    assert_eq!(rig.metrics.dead_lettered.get(), 0, "nothing dead-lettered");
+    assert_eq!(rig.backlog().await, 20);
+    let err = rig
+        .spool
+        .stats()
+        .await
+        .unwrap()
+        .last_error
+        .unwrap_or_default();
+    assert!(err.contains("misconfiguration"), "{err}");
+    // Fixed upstream: everything is delivered.
+    ingest.with(|s| s.poison.clear());
+    wait_until("delivered once fixed", T, || ingest.unique() == 20).await;
+    wait_until("backlog empty", T, || rig.metrics.spool_backlog.get() == 0).await;
+    assert_eq!(rig.metrics.dead_lettered.get(), 0);
+    assert_eq!(rig.metrics.upstream_rejecting_all.get(), 0);
+    rig.shutdown().await;
+}

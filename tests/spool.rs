@@ -258,9 +258,12 @@ fn corrupt_cases(garble: impl Fn(&Path)) {
         1,
         "the incident is visible in status"
     );
-    // The fresh spool works and seq keeps going where it can be recovered from.
+    // The fresh spool works, and seq continues above every seq used before, even when the
+    // damaged file's header cannot be read (the reservation in spool.id).
     let r = sp.append(vec![body("fresh", 1)], 0).unwrap();
-    assert!(r.first_seq >= 1);
+    assert!(r.first_seq > 1000, "seq restarted at {}", r.first_seq);
+    assert_eq!(report.quarantined, vec![aside.clone()]);
+    assert_eq!(metrics.spool_quarantined.get(), 1);
     assert_eq!(sp.read_after(None, 0, 10).unwrap()[0].body.tag, "fresh");
 }
 
@@ -668,4 +671,188 @@ async fn acknowledgements_reach_the_file_with_or_without_a_following_append() {
     drop(h);
     thread.join().unwrap();
     assert_eq!(on_disk(), 0);
+}
+
+fn opts_for(gateway: &str) -> SpoolOptions {
+    SpoolOptions {
+        sync: SyncMode::Normal,
+        gateway_id: gateway.into(),
+        ..SpoolOptions::default()
+    }
+}
+
+/// Regression: two gateways imaged from one SD card (a copied state dir) with different
+/// gateway ids produced identical event ids for different events.
+#[test]
+fn a_copied_state_dir_under_another_gateway_id_never_repeats_event_ids() {
+    let a = tempfile::tempdir().unwrap();
+    let ids = |dir: &Path, gw: &str, tag: &str| {
+        let (mut sp, _) = Spool::open(dir, opts_for(gw), Arc::default()).unwrap();
+        sp.append((0..5).map(|i| body(&format!("{tag}{i}"), 1)).collect(), 7)
+            .unwrap();
+        let evs = sp.read_after(None, 0, 100).unwrap();
+        evs.iter().map(|e| (e.seq, e.event_id)).collect::<Vec<_>>()
+    };
+    // The image: a spool that has already been used.
+    {
+        let (mut sp, _) = Spool::open(a.path(), opts_for("gw-1"), Arc::default()).unwrap();
+        sp.append(vec![body("old", 1)], 7).unwrap();
+    }
+    let b = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(a.path()).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() && !f.ends_with("spool.lock") {
+            std::fs::copy(&f, b.path().join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let on_a = ids(a.path(), "gw-1", "a");
+    let on_b = ids(b.path(), "gw-2", "b");
+    // Same seqs, same commit time: the gateway id alone tells the ids apart.
+    assert_eq!(
+        on_a.iter().map(|x| x.0).collect::<Vec<_>>(),
+        on_b.iter().map(|x| x.0).collect::<Vec<_>>()
+    );
+    for ((_, x), (_, y)) in on_a.iter().zip(&on_b) {
+        assert_ne!(x, y);
+    }
+}
+
+/// Regression: dead letters shared `max_bytes` and were never evicted; an upstream that
+/// refuses everything filled the spool with them and `reject` then refused every read.
+#[test]
+fn dead_letters_have_their_own_bound_and_never_push_out_the_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let o = SpoolOptions {
+        max_bytes: 1 << 20,
+        when_full: WhenFull::Reject,
+        sync: SyncMode::Normal,
+        dead_letter_max_bytes: 256 * 1024,
+        ..SpoolOptions::default()
+    };
+    let (mut sp, _) = Spool::open(dir.path(), o, metrics.clone()).unwrap();
+    let big = "Z".repeat(900);
+    for round in 0..40 {
+        sp.append(
+            (0..50)
+                .map(|i| body(&format!("{round}-{i}-{big}"), 1))
+                .collect(),
+            0,
+        )
+        .unwrap();
+        let evs = sp.read_after(None, 0, 100).unwrap();
+        let items: Vec<_> = evs
+            .into_iter()
+            .map(|e| (e, Some(422), "schema changed: field x unknown".to_string()))
+            .collect();
+        sp.dead_letter(&items, 5).unwrap();
+    }
+    // 2,000 events of ~1 KB were dead-lettered: 2 MB, twice max_bytes.
+    let st = sp.stats().unwrap();
+    assert!(st.dead_letters < 2000 && st.dead_letters > 0);
+    assert!(metrics.dead_letters_evicted.get() > 0);
+    let dl: u64 = sp
+        .dead_letters(usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (postcard::to_stdvec(d.body.as_ref().unwrap()).unwrap().len() + d.reason.len() + 64)
+                as u64
+        })
+        .sum();
+    assert!(dl <= 256 * 1024, "dead letters hold {dl} bytes");
+    // The live backlog is not pushed out: new events are still accepted.
+    for i in 0..200 {
+        sp.append(vec![body(&format!("live-{i}-{big}"), 1)], 0)
+            .expect("live events must not be refused because of dead letters");
+    }
+    assert_eq!(sp.backlog().unwrap(), 200);
+}
+
+/// Requeue goes through the dead letters a page at a time and keeps every id.
+#[test]
+fn requeue_of_thousands_of_dead_letters_keeps_their_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sp = open(dir.path());
+    sp.append((0..2500).map(|i| body(&format!("d{i}"), 1)).collect(), 3)
+        .unwrap();
+    let evs = sp.read_after(None, 0, 3000).unwrap();
+    let ids: Vec<(u64, uuid::Uuid)> = evs.iter().map(|e| (e.seq, e.event_id)).collect();
+    let items: Vec<_> = evs
+        .into_iter()
+        .map(|e| (e, Some(400), "bad".to_string()))
+        .collect();
+    sp.dead_letter(&items, 5).unwrap();
+    assert_eq!(sp.backlog().unwrap(), 0);
+    assert_eq!(sp.requeue(None, 99).unwrap(), 2500);
+    assert_eq!(sp.stats().unwrap().dead_letters, 0);
+    let back = sp.read_after(None, 0, 3000).unwrap();
+    let got: Vec<(u64, uuid::Uuid)> = back.iter().map(|e| (e.seq, e.event_id)).collect();
+    assert_eq!(got, ids);
+}
+
+/// Regression: a spool file moved aside as corrupt was never sent. `salvage` re-sends its
+/// undelivered, decodable events with their original ids and seqs; seq never repeats.
+#[test]
+fn salvage_resends_a_moved_aside_file_with_original_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let original: Vec<(u64, uuid::Uuid, String)>;
+    {
+        let mut sp = open(dir.path());
+        for c in 0..10 {
+            sp.append(
+                (0..20).map(|i| body(&format!("c{c}-{i}"), 1)).collect(),
+                50 + c,
+            )
+            .unwrap();
+        }
+        let evs = sp.read_after(None, 0, 1000).unwrap();
+        // Half of the first chunk was delivered.
+        let first: Vec<_> = evs[..10].iter().map(|e| e.loc).collect();
+        sp.ack(&first, 60).unwrap();
+        original = evs
+            .iter()
+            .map(|e| (e.seq, e.event_id, e.body.tag.clone()))
+            .collect();
+    }
+    // As the daemon does with a corrupt file: moved aside; one chunk is damaged in it.
+    let aside = dir.path().join("spool.db.corrupt-2026-11-30T120000Z");
+    std::fs::rename(dir.path().join("spool.db"), &aside).unwrap();
+    let c = rusqlite::Connection::open(&aside).unwrap();
+    c.execute("UPDATE chunks SET data = x'01ffff' WHERE id = (SELECT id FROM chunks ORDER BY id LIMIT 1 OFFSET 2)", [])
+        .unwrap();
+    drop(c);
+    let metrics = Arc::new(Metrics::default());
+    let (mut sp, report) = Spool::open(dir.path(), opts(), metrics.clone()).unwrap();
+    assert_eq!(
+        report.quarantined,
+        vec![aside.clone()],
+        "reported until dealt with"
+    );
+    assert_eq!(metrics.spool_quarantined.get(), 1);
+    let r = sp.salvage(&aside, 1000).unwrap();
+    assert!(r.same_ids);
+    assert_eq!(
+        r.events, 170,
+        "10 chunks of 20: half of one delivered, one damaged"
+    );
+    assert_eq!(r.already_delivered, 10);
+    assert_eq!(r.unreadable_rows, 1);
+    assert!(scangate::spool::quarantined(dir.path()).is_empty());
+    let back = sp.read_after(None, 0, 1000).unwrap();
+    let got: Vec<_> = back
+        .iter()
+        .map(|e| (e.seq, e.event_id, e.body.tag.clone()))
+        .collect();
+    let want: Vec<_> = original
+        .iter()
+        .enumerate()
+        .filter(|(i, (_, _, t))| *i >= 10 && !t.starts_with("c2-"))
+        .map(|(_, x)| x)
+        .cloned()
+        .collect();
+    assert_eq!(got, want);
+    // New events continue above every seq the old file used.
+    let n = sp.append(vec![body("new", 1)], 2000).unwrap();
+    assert!(n.first_seq > 200);
 }

@@ -36,10 +36,35 @@ pub async fn serve(listener: tokio::net::TcpListener, running: Running, cfg: Con
     }
 }
 
+/// 200 `{"status":"ok"}`, or 503 with every reason the gateway needs attention.
 async fn health(State(c): State<Ctx>) -> impl IntoResponse {
+    let mut reasons: Vec<String> = Vec::new();
     match tokio::time::timeout(std::time::Duration::from_secs(2), c.running.spool.stats()).await {
-        Ok(Ok(_)) => (StatusCode::OK, "ok\n"),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "spool not responding\n"),
+        Ok(Ok(_)) => {}
+        _ => reasons.push("spool not responding".into()),
+    }
+    let m = &c.running.metrics;
+    if m.spool_quarantined.get() == 1 {
+        reasons.push(
+            "a corrupt spool file was moved aside and its events are not sent: run `scangate spool salvage`".into(),
+        );
+    }
+    if m.spool_blocked.get() == 1 {
+        reasons.push("spool locked by another process: new reads are held".into());
+    }
+    if m.spool_disk_full.get() == 1 {
+        reasons.push("disk full: new reads are refused".into());
+    }
+    if m.upstream_rejecting_all.get() == 1 {
+        reasons.push("upstream refuses every event with the same answer (misconfiguration)".into());
+    }
+    if reasons.is_empty() {
+        (StatusCode::OK, Json(serde_json::json!({"status": "ok"})))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "degraded", "reasons": reasons})),
+        )
     }
 }
 
@@ -65,6 +90,9 @@ async fn status(State(c): State<Ctx>) -> impl IntoResponse {
         "last_delivery_ms": s.as_ref().and_then(|s| s.last_delivery_ms),
         "last_upstream_error": s.as_ref().and_then(|s| s.last_error.clone()),
         "upstream_down": m.upstream_down.get() == 1,
+        "upstream_rejecting_all": m.upstream_rejecting_all.get() == 1,
+        "spool_quarantined": m.spool_quarantined.get() == 1,
+        "spool_blocked": m.spool_blocked.get() == 1,
         "dropped": m.dropped_total(),
     }))
 }

@@ -183,6 +183,8 @@ pub struct OpenReport {
     pub moved_aside: Option<(PathBuf, String)>,
     pub created: bool,
     pub backlog: u64,
+    /// Moved-aside files not yet salvaged (see [`quarantined`]).
+    pub quarantined: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -212,6 +214,74 @@ pub struct DeadLetter {
     /// None for a corrupt chunk (its raw bytes are kept in `raw`).
     pub body: Option<EventBody>,
     pub raw: Vec<u8>,
+}
+
+/// What `scangate spool salvage` recovered from a moved-aside file.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SalvageReport {
+    /// Undelivered events queued again.
+    pub events: u64,
+    /// Events the old file already had as delivered (not re-sent).
+    pub already_delivered: u64,
+    pub dead_letters: u64,
+    /// Rows or chunks that could not be read (damaged pages).
+    pub unreadable_rows: u64,
+    /// The old file's salt is this spool's: the events keep their original event ids.
+    pub same_ids: bool,
+}
+
+/// Run `f` (a command that opens the spool, such as `status` or `spool requeue`) so that it
+/// leaves no file in `state_dir` the daemon cannot use: when run as root, every file it
+/// created there (SQLite's `-wal`/`-shm`, the lock, the reserve) is given to the owner of the
+/// state directory (the daemon's user). Files that existed before keep their owner.
+pub fn keeping_owner<T>(state_dir: &Path, f: impl FnOnce() -> T) -> T {
+    use std::os::unix::fs::MetadataExt;
+    let list = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let owner = std::fs::metadata(state_dir)
+        .ok()
+        .map(|m| (m.uid(), m.gid()));
+    let before = list(state_dir);
+    let out = f();
+    if let (true, Some((uid, gid))) = (root, owner) {
+        if uid != 0 {
+            for p in list(state_dir) {
+                if !before.contains(&p) {
+                    if let Err(e) = std::os::unix::fs::chown(&p, Some(uid), Some(gid)) {
+                        tracing::warn!(path = %p.display(), error = %e, "Cannot give a new state file to the state directory's owner");
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Spool files moved aside as corrupt and not yet salvaged (`spool.db.corrupt-*`).
+pub fn quarantined(state_dir: &Path) -> Vec<PathBuf> {
+    // `spool.db.corrupt-<time>`; its `-wal`/`-shm` and the `.salvaged` ones do not count.
+    let mut out: Vec<PathBuf> = std::fs::read_dir(state_dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                        n.starts_with("spool.db.corrupt-")
+                            && !n.ends_with("-wal")
+                            && !n.ends_with("-shm")
+                            && !n.contains(".salvaged")
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
 }
 
 pub struct AppendResult {
@@ -569,6 +639,12 @@ impl Spool {
         // Reserve seqs (and record the salt) before the first commit.
         spool.reserve_seqs(spool.next_seq);
         spool.refresh_used()?;
+        let aside = quarantined(state_dir);
+        spool
+            .metrics
+            .spool_quarantined
+            .set(u64::from(!aside.is_empty()));
+        report.quarantined = aside;
         report.backlog = spool.backlog()?;
         spool.metrics.spool_backlog.set(report.backlog);
         Ok((spool, report))
@@ -1332,6 +1408,143 @@ impl Spool {
         }
         tx.commit().map_err(classify)?;
         Ok(())
+    }
+
+    /// Re-send every decodable event of a spool file that was moved aside (corrupt), with its
+    /// original seq and commit time (so its original event id, when the file's salt is this
+    /// spool's, which it is for a file moved aside by this version), and copy its dead
+    /// letters. Damaged rows and chunks are skipped and counted; delivered events (done bits)
+    /// are not re-sent. The file is renamed `<file>.salvaged` afterwards. Seqs above the
+    /// salvaged ones stay unique: `next_seq` is raised past them.
+    pub fn salvage(&mut self, file: &Path, now_ms: i64) -> Result<SalvageReport, SpoolError> {
+        let old = Connection::open_with_flags(
+            file,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| SpoolError::Open {
+            path: file.to_path_buf(),
+            source,
+        })?;
+        let _ = old.busy_timeout(std::time::Duration::from_secs(5));
+        let mut report = SalvageReport::default();
+        let old_salt = meta_get::<i64>(&old, "salt")
+            .ok()
+            .flatten()
+            .map(|v| v as u64);
+        let own_salt = meta_get::<i64>(&self.conn, "salt")?.map(|v| v as u64);
+        report.same_ids = old_salt.is_some() && old_salt == own_salt;
+        // Chunk ids first (an index scan), then each row on its own: a damaged page costs
+        // only the rows on it.
+        let ids: Vec<i64> = match old.prepare("SELECT id FROM chunks ORDER BY id") {
+            Ok(mut q) => match q.query_map([], |r| r.get::<_, i64>(0)) {
+                Ok(rows) => rows
+                    .filter_map(|r| match r {
+                        Ok(id) => Some(id),
+                        Err(_) => {
+                            report.unreadable_rows += 1;
+                            None
+                        }
+                    })
+                    .collect(),
+                Err(_) => Vec::new(),
+            },
+            Err(_) => Vec::new(),
+        };
+        for id in ids {
+            let row: rusqlite::Result<(i64, i64, Vec<u8>)> = old.query_row(
+                "SELECT first_seq, created_ms, data FROM chunks WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            );
+            let Ok((first_seq, created_ms, blob)) = row else {
+                report.unreadable_rows += 1;
+                continue;
+            };
+            let Ok(data) = self.codec.decode(&blob) else {
+                report.unreadable_rows += 1;
+                continue;
+            };
+            let bits: Vec<u8> = old
+                .query_row(
+                    "SELECT bits FROM chunk_done WHERE chunk_id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .unwrap_or_default();
+            let mut records = Vec::new();
+            let mut max_seq = 0u64;
+            for (i, rec) in data.records.into_iter().enumerate() {
+                if bit(&bits, i) {
+                    report.already_delivered += 1;
+                    continue;
+                }
+                let seq = (first_seq + rec.seq_delta) as u64;
+                max_seq = max_seq.max(seq);
+                let committed_ms = created_ms + rec.committed_delta;
+                records.push(Record {
+                    seq_delta: seq as i64 - first_seq,
+                    committed_delta: committed_ms - now_ms,
+                    body: rec.body,
+                });
+            }
+            if records.is_empty() {
+                continue;
+            }
+            let n = records.len();
+            let blob = self.codec.encode(&ChunkData {
+                boot_id: data.boot_id,
+                records,
+            })?;
+            let next = self.next_seq.max(max_seq + 1);
+            self.reserve_seqs(next);
+            self.insert_chunk(first_seq as u64, now_ms, &blob, n, next, &[], &[])?;
+            report.events += n as u64;
+        }
+        // Dead letters: copied as they are.
+        if let Ok(mut q) = old.prepare("SELECT seq, event_id, committed_ms, failed_ms, status, reason, body FROM dead_letters ORDER BY id") {
+            let rows = q.query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, Vec<u8>>(6)?,
+                ))
+            });
+            if let Ok(rows) = rows {
+                for row in rows {
+                    let Ok((seq, eid, cms, fms, st, reason, body)) = row else {
+                        report.unreadable_rows += 1;
+                        continue;
+                    };
+                    self.conn
+                        .prepare_cached("INSERT INTO dead_letters(seq, event_id, committed_ms, failed_ms, status, reason, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?
+                        .execute(params![seq, eid, cms, fms, st, reason, body])
+                        .map_err(classify)?;
+                    self.dl_bytes += (body.len() + reason.len() + 64) as u64;
+                    report.dead_letters += 1;
+                }
+            }
+        }
+        drop(old);
+        let done = PathBuf::from(format!("{}.salvaged", file.display()));
+        std::fs::rename(file, &done).map_err(|source| SpoolError::StateDir {
+            path: file.to_path_buf(),
+            source,
+        })?;
+        for ext in ["-wal", "-shm"] {
+            let side = PathBuf::from(format!("{}{ext}", file.display()));
+            if side.exists() {
+                let _ = std::fs::rename(&side, format!("{}{ext}", done.display()));
+            }
+        }
+        if let Err(e) = self.refresh_used() {
+            tracing::warn!(error = %e, "Cannot measure the spool after salvage");
+        }
+        self.metrics.spool_backlog.add(report.events);
+        Ok(report)
     }
 
     pub fn stats(&self) -> Result<Stats, SpoolError> {

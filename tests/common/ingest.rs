@@ -68,6 +68,8 @@ pub struct State {
     pub redirect: Option<String>,
     /// Standing rule: answer every POST with a 200 HTML page (a captive portal).
     pub html: bool,
+    /// Standing rule: every answer takes this long (a slow or far-away server).
+    pub delay: Option<Duration>,
     /// Unique events in arrival order.
     pub events: Vec<Value>,
     pub seen: HashMap<String, u32>,
@@ -224,6 +226,10 @@ async fn handle(
         .map_err(|_| DropConnection)?
         .to_bytes();
 
+    let delay = state.lock().expect("state").delay;
+    if let Some(d) = delay {
+        tokio::time::sleep(d).await;
+    }
     let page = |status: u16| {
         Ok(Response::builder()
             .status(status)
