@@ -1432,7 +1432,9 @@ impl Spool {
             .flatten()
             .map(|v| v as u64);
         let own_salt = meta_get::<i64>(&self.conn, "salt")?.map(|v| v as u64);
-        report.same_ids = old_salt.is_some() && old_salt == own_salt;
+        // An unreadable header: a file moved aside from this state directory shares its
+        // identity (`spool.id`), so the salt is this spool's.
+        report.same_ids = old_salt.is_none() || old_salt == own_salt;
         // Chunk ids first (an index scan), then each row on its own: a damaged page costs
         // only the rows on it.
         let ids: Vec<i64> = match old.prepare("SELECT id FROM chunks ORDER BY id") {
