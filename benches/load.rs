@@ -79,6 +79,15 @@ impl Proc {
     fn hwm_kb(&self) -> u64 {
         self.field("status", "VmHWM")
     }
+    /// Private memory: anonymous resident pages (heap, stacks), what the process really costs
+    /// (code and mapped files are shared with the page cache and reclaimable).
+    fn anon_kb(&self) -> u64 {
+        self.field("status", "RssAnon")
+    }
+    /// Proportional share of anonymous memory (`/proc/<pid>/smaps_rollup`).
+    fn pss_anon_kb(&self) -> u64 {
+        self.field("smaps_rollup", "Pss_Anon")
+    }
 }
 
 struct Daemon {
@@ -254,18 +263,21 @@ struct Row {
     cpu: f64,
     written: u64,
     hwm_kb: u64,
+    /// Peak of RssAnon sampled during the run.
+    anon_kb: u64,
 }
 
 impl Row {
     fn print(&self, label: &str) {
         println!(
-            "{label:<34} frames {:>8}  {:>9.0} frames/s  CPU {:>5.1}%  {:>5.2} µs CPU/frame  {:>6.1} B written/frame  peak RSS {:.1} MB",
+            "{label:<34} frames {:>8}  {:>9.0} frames/s  CPU {:>5.1}%  {:>5.2} µs CPU/frame  {:>6.1} B written/frame  peak RSS {:.1} MB  peak private (RssAnon) {:.1} MB",
             self.frames,
             self.frames as f64 / self.secs,
             100.0 * self.cpu / self.secs,
             1e6 * self.cpu / self.frames as f64,
             self.written as f64 / self.frames as f64,
-            self.hwm_kb as f64 / 1024.0
+            self.hwm_kb as f64 / 1024.0,
+            self.anon_kb as f64 / 1024.0
         );
     }
 }
@@ -281,8 +293,10 @@ async fn through(label: &str, n: u64, rate: u64, spool_extra: &str, up_extra: &s
     let t0 = Instant::now();
     let feeder = feed(master, 0, n, rate);
     let limit = Duration::from_secs(120 + n.checked_div(rate).unwrap_or(0));
+    let mut anon_peak = 0u64;
     let delivered = async {
         while ing.with(|s| s.light_count) < n {
+            anon_peak = anon_peak.max(d.proc.anon_kb());
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };
@@ -304,6 +318,7 @@ async fn through(label: &str, n: u64, rate: u64, spool_extra: &str, up_extra: &s
         cpu: d.proc.cpu() - cpu0,
         written: d.proc.write_bytes() - w0,
         hwm_kb: d.proc.hwm_kb(),
+        anon_kb: anon_peak.max(d.proc.anon_kb()),
     };
     let dups = ing.with(|s| s.duplicates);
     let _ = feeder.join();
@@ -414,6 +429,7 @@ async fn peer_through(peer: &str, label: &str, n: u64, rate: u64) -> Row {
         cpu: d.proc.cpu() - cpu0,
         written: d.proc.write_bytes() - w0,
         hwm_kb: d.proc.hwm_kb(),
+        anon_kb: d.proc.anon_kb(),
     };
     let _ = feeder.join();
     drop(slave);
@@ -667,8 +683,10 @@ async fn idle() {
     let c0 = d.proc.cpu();
     tokio::time::sleep(Duration::from_secs(5)).await;
     println!(
-        "idle (serial port open, no input): RSS {:.1} MB, CPU {:.2}% over 5 s",
+        "idle (serial port open, no input): RSS {:.1} MB, private (RssAnon) {:.1} MB, Pss_Anon {:.1} MB, CPU {:.2}% over 5 s",
         d.proc.rss_kb() as f64 / 1024.0,
+        d.proc.anon_kb() as f64 / 1024.0,
+        d.proc.pss_anon_kb() as f64 / 1024.0,
         100.0 * (d.proc.cpu() - c0) / 5.0
     );
 }

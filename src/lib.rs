@@ -12,9 +12,9 @@
 //! ## Tasks and channels
 //! | stage | runs as | input | capacity | when full |
 //! |---|---|---|---|---|
-//! | source (serial) | one OS thread per port (blocking reads paced by the device's rate) | the port | kernel tty buffer (4 KiB + the driver's) | must never happen: the thread never waits on the pipeline |
+//! | source (serial) | one OS thread per port (reads paced by the device's rate, each straight into the port's journal) | the port | kernel tty buffer (4 KiB + the driver's) | must never happen: the thread never waits on the pipeline; while the read channel is full it holds up to [`source::serial::HOLD_MAX`] reads (then drops, counted `pipeline_full`) |
 //! | source (replay) | tokio task per file | the file | — | waits (a file can be paused) |
-//! | ingest | one tokio task, woken per group, not per read | read channel | [`app::READ_CHANNEL`] = 8192 reads | serial reads dropped, counted `pipeline_full`; replay waits |
+//! | ingest | one tokio task, woken per group, not per read | read channel | [`app::READ_CHANNEL`] = 8192 reads | serial threads hold their reads; replay waits |
 //! | spool | one OS thread (blocking SQLite) | command channel | [`spool::actor::COMMAND_CAPACITY`] = 4 commands | ingest waits; its read channel absorbs the burst |
 //! | forwarder | one tokio task | the spool (pull), or just-committed chunks handed over when caught up ([`spool::actor::Handoff`], consecutive chunks, ≤ 8,192 events queued; beyond that it reads back) | one batch (≤ 1000 events) in memory | — |
 //! | admin | axum on loopback | HTTP | — | — |
@@ -26,9 +26,20 @@
 //! - An event is *accepted* when its spool transaction commits (fsync with `sync = "full"`).
 //!   From then on only a 2xx/207 outcome, a dead letter, or a counted `drop_oldest` eviction
 //!   removes it (`spool` docs).
+//! - A process crash loses nothing read from a port: each read lands in the port's journal
+//!   (a mapped file in the page cache) by `read(2)` itself; the spool commits each source's
+//!   journal position with the events; the uncommitted tail is decoded again at start
+//!   ([`source::journal`]).
+//! - `seq` never repeats for a gateway, even after a corrupt spool is moved aside: the salt
+//!   and a seq reservation live in `spool.id` beside the spool. A moved-aside file is reported
+//!   (`/health`, `status`) until `scangate spool salvage` re-sends its events.
+//! - Dead letters have their own bound (`dead_letter_max_bytes`) and never count against the
+//!   backlog's `max_bytes`. A spool locked by another process is retried, never a dropped
+//!   group.
 //! - An acknowledgement is taken at once and written with the next commit's transaction, or
 //!   on its own after [`spool::actor::ACK_DELAY`] when no commit comes, and before the spool
-//!   thread ends. One lost to a crash only means its events are sent again with the same ids.
+//!   thread ends. One lost to a crash only means its events are sent again with the same ids;
+//!   one that cannot be written makes the forwarder read the spool from its start again.
 //! - `seq` and `event_id` (UUIDv7) are fixed at commit; retries and replays resend the same ids
 //!   (`event` docs).
 //! - Memory is bounded: channels are bounded, the forwarder holds one batch, the spool decodes
@@ -42,7 +53,7 @@
 //! - [`config`]: TOML → validated [`config::Config`], every error with line and column.
 //! - [`event`]: reads, event bodies, ids, clocks.
 //! - [`protocol`]: one decoder per reader protocol.
-//! - [`source`]: serial and replay sources, capture format.
+//! - [`source`]: serial and replay sources, port journals, capture format.
 //! - [`spool`]: SQLite spool (chunks, acks, dead letters) and its owner thread.
 //! - [`forward`]: batching, wire profiles, compression, response handling, backoff.
 //! - [`app`]: wiring and the shutdown sequence. [`admin`]: local HTTP. [`service`]: systemd,

@@ -12,7 +12,15 @@
 //!   updating the chunk row itself would rewrite its whole overflow chain. A chunk (and its
 //!   bitmap) is deleted when every event in it is delivered or dead-lettered.
 //! - `dead_letters`: one row per event the upstream refused for good, with status and reason.
-//! - `meta`: salt (for event ids), next seq, upstream state for `scangate status`.
+//! - `meta`: salt (for event ids), next seq, upstream state for `scangate status`, and the
+//!   committed position of each serial port's journal (`journal:<source>`, written in the
+//!   same transaction as the events read from it).
+//! - Beside the file, `spool.id`: the salt and a reservation of seqs ([`Identity`]), so that a
+//!   fresh spool after a quarantine keeps both.
+//!
+//! Bounds: the backlog (chunks) by `max_bytes` with `when_full`; dead letters by their own
+//! `dead_letter_max_bytes` (oldest deleted, counted). A write lock held by another process is
+//! waited out (retried, one WARN, one INFO), never a dropped group.
 //!
 //! Invariants:
 //! - An event is *accepted* when `append` returns Ok: its transaction is committed (with
