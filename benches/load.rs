@@ -70,8 +70,12 @@ impl Proc {
             + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0);
         ticks as f64 / 100.0
     }
+    /// Bytes sent to storage: `write_bytes` less `cancelled_write_bytes` (dirty pages of files
+    /// deleted or truncated before writeback, such as settled port journals, are counted in
+    /// `write_bytes` when dirtied but never reach the disk).
     fn write_bytes(&self) -> u64 {
         self.field("io", "write_bytes")
+            .saturating_sub(self.field("io", "cancelled_write_bytes"))
     }
     fn rss_kb(&self) -> u64 {
         self.field("status", "VmRSS")

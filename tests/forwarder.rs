@@ -703,3 +703,34 @@ async fn an_upstream_that_rejects_everything_is_a_misconfiguration_not_dead_lett
     assert_eq!(rig.metrics.upstream_rejecting_all.get(), 0);
     rig.shutdown().await;
 }
+
+/// Regression: an acknowledgement that could not be written (here: another process holds the
+/// spool's write lock longer than the busy timeout) left its events in the spool, unsent
+/// until a restart. They are read and sent again in-process (same ids) and settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_acknowledgement_write_is_retried_without_a_restart() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| s.down = true);
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| config(d, &url, "bag-events", "batch_max_events = 10")).await;
+    rig.commit("k", 10, 10).await;
+    // Hold the write lock, then let the upstream accept: the deliveries happen, their
+    // acknowledgement cannot be written.
+    let lock = rusqlite::Connection::open(rig.dir.path().join("spool.db")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    ingest.with(|s| s.down = false);
+    wait_until("delivered", T, || ingest.unique() == 10).await;
+    let t = tokio::time::Instant::now() + Duration::from_secs(7);
+    while tokio::time::Instant::now() < t {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    lock.execute_batch("COMMIT").unwrap();
+    drop(lock);
+    wait_until("settled without a restart", Duration::from_secs(40), || {
+        rig.metrics.spool_backlog.get() == 0
+    })
+    .await;
+    assert_eq!(rig.backlog().await, 0);
+    assert_eq!(ingest.unique(), 10);
+    rig.shutdown().await;
+}

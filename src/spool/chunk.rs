@@ -66,7 +66,7 @@ pub enum ChunkError {
 }
 
 /// Upper bound of a decompressed chunk: a corrupt header must not make us allocate gigabytes.
-const MAX_RAW: usize = 64 * 1024 * 1024;
+pub const MAX_RAW: usize = 64 * 1024 * 1024;
 
 /// Reusable zstd contexts. Creating them per chunk costs a large allocation (and its page
 /// faults) per commit and per read; the spool keeps one of these for its lifetime.
@@ -114,6 +114,11 @@ impl Codec {
         let mut raw = std::mem::take(&mut self.raw);
         raw.clear();
         let raw = postcard::to_extend(data, raw)?;
+        // Never write a chunk the decoder would refuse: the callers bound a chunk far below
+        // this (`app::GROUP_MAX_BYTES`, `actor::MERGE_MAX_BYTES`), so this only guards them.
+        if raw.len() > MAX_RAW {
+            return Err(postcard::Error::SerializeBufferFull);
+        }
         let mut packed = std::mem::take(&mut self.packed);
         packed.clear();
         packed.reserve(zstd::zstd_safe::compress_bound(raw.len()));
@@ -158,6 +163,40 @@ impl Codec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: the encoder had no size cap while the decoder refused chunks over
+    /// `MAX_RAW`, so a large enough group was committed and could never be read back.
+    #[test]
+    fn every_chunk_the_encoder_writes_the_decoder_reads() {
+        let mut c = Codec::default();
+        let body = |tag: String| crate::event::EventBody {
+            kind: crate::event::ReadKind::Barcode,
+            tag,
+            source: "s".into(),
+            location: "l".into(),
+            device: "d".into(),
+            scan_type: None,
+            antenna: None,
+            rssi_cdbm: None,
+            read_count: 1,
+            first_seen_ms: 0,
+            last_seen_ms: 0,
+            symbology: None,
+            value: None,
+        };
+        // Just under the cap: written and read back.
+        let n = MAX_RAW / 4200 - 16;
+        let near: Vec<_> = (0..n)
+            .map(|i| body(format!("{i:08}{}", "q".repeat(4088))))
+            .collect();
+        let blob = c.encode_fresh([0; 16], &near).unwrap();
+        assert_eq!(c.decode(&blob).unwrap().records.len(), n);
+        // Over it: refused at encoding, never written unreadable.
+        let over: Vec<_> = (0..n + 400)
+            .map(|i| body(format!("{i:08}{}", "q".repeat(4088))))
+            .collect();
+        assert!(c.encode_fresh([0; 16], &over).is_err());
+    }
     use crate::event::{EventBody, ReadKind};
 
     fn chunk(n: usize, salt: &str) -> ChunkData {
