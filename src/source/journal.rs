@@ -14,8 +14,8 @@
 //!   the bytes: the crash test hit it.) No fsync: the page cache survives a process crash, and
 //!   power loss is what the spool's fsynced commit covers.
 //! - Before each read the record header is stored in the mapping as *pending* with the
-//!   number of bytes the tty holds (`FIONREAD`, so the read returns exactly those), then the
-//!   read, then the header is marked *done*. Record: `[len u32][state u32][wall ms i64]` and
+//!   largest length the read may return, then the read, then the header is marked *done* with
+//!   the length read. Record: `[len u32][state u32][wall ms i64]` and
 //!   the bytes (little-endian). A pending record found at start was read (or not) when the
 //!   process died: its bytes up to the last non-zero one are taken (a read that did not
 //!   happen left zeros; at worst NUL line noise at the end of the read is not recovered).
@@ -276,16 +276,16 @@ impl Journal {
         self.end
     }
 
-    /// Read up to `want` bytes (what the tty holds) from `port` straight into the journal,
-    /// returning them and the position after them. `Ok` with an empty slice: the port returned
-    /// nothing (hung up). Journal trouble is logged and bypassed: the bytes are then read into
-    /// memory (and only then can a crash lose them).
+    /// One `read(2)` of up to `want` bytes from `port`, straight into the journal. Returns
+    /// the bytes, the position after them and the wall time they were received. `Ok` with
+    /// an empty slice: the port returned nothing (its read timer ran out, or it hung up).
+    /// Journal trouble is logged and bypassed: the bytes are then read into memory (and only
+    /// then can a crash lose them).
     pub fn read_from(
         &mut self,
         port: &mut impl Read,
         want: usize,
-        wall_ms: i64,
-    ) -> std::io::Result<(&[u8], u64)> {
+    ) -> std::io::Result<(&[u8], u64, i64)> {
         let want = want.clamp(1, READ_MAX);
         if self.map.is_none() || self.off + 2 * HEADER + want > FILE_SIZE {
             if let Err(e) = self.rotate() {
@@ -300,11 +300,12 @@ impl Journal {
             self.fallback.resize(want, 0);
             let n = port.read(&mut self.fallback[..want])?;
             self.end += n as u64;
-            return Ok((&self.fallback[..n], self.end));
+            return Ok((&self.fallback[..n], self.end, crate::event::wall_now_ms()));
         };
         let at = self.off;
-        // Pending first: from the read on, a crash finds the bytes (see the module docs).
-        put_header(map, at, want, PENDING, wall_ms);
+        // Pending first: from the read on, a crash finds the bytes (see the module docs). The
+        // region after `at` has never been written, so it holds zeros beyond what is read.
+        put_header(map, at, want, PENDING, crate::event::wall_now_ms());
         let n = match port.read(&mut map[at + HEADER..at + HEADER + want]) {
             Ok(n) => n,
             Err(e) => {
@@ -312,14 +313,15 @@ impl Journal {
                 return Err(e);
             }
         };
+        let wall_ms = crate::event::wall_now_ms();
         if n == 0 {
             put_header(map, at, 0, 0, 0);
-            return Ok((&[], self.end));
+            return Ok((&[], self.end, wall_ms));
         }
         put_header(map, at, n, DONE, wall_ms);
         self.off = at + HEADER + n;
         self.end += n as u64;
-        Ok((&map[at + HEADER..at + HEADER + n], self.end))
+        Ok((&map[at + HEADER..at + HEADER + n], self.end, wall_ms))
     }
 
     /// Close the current file when it is full or old, and delete every closed file whose
@@ -383,29 +385,34 @@ mod tests {
         (bytes, marks)
     }
 
-    fn append(j: &mut Journal, bytes: &[u8], wall: i64) -> u64 {
+    /// One read of `bytes`: (position after it, wall time recorded).
+    fn append(j: &mut Journal, bytes: &[u8]) -> (u64, i64) {
         let mut src = bytes;
-        let (got, end) = j.read_from(&mut src, bytes.len(), wall).unwrap();
+        let (got, end, wall) = j.read_from(&mut src, bytes.len()).unwrap();
         assert_eq!(got, bytes);
-        end
+        (end, wall)
     }
 
     #[test]
     fn uncommitted_bytes_come_back_with_their_wall_time_and_positions() {
         let dir = tempfile::tempdir().unwrap();
+        let (w1, w2);
         {
             let mut j = Journal::open(dir.path(), "belt/1", 0, |_, _, _| panic!()).unwrap();
-            assert_eq!(append(&mut j, b"0125000001\r\n01250", 10), 17);
-            assert_eq!(append(&mut j, b"00002\r\n", 11), 24);
+            let (e1, a) = append(&mut j, b"0125000001\r\n01250");
+            let (e2, b) = append(&mut j, b"00002\r\n");
+            assert_eq!((e1, e2), (17, 24));
+            (w1, w2) = (a, b);
         }
+        assert!(w1 > 1_700_000_000_000 && w2 >= w1, "wall time of each read");
         // Nothing committed: everything.
         let (b, m) = recovered(dir.path(), 0);
         assert_eq!(b, b"0125000001\r\n0125000002\r\n");
-        assert_eq!(m, [(10, 17), (11, 24)]);
+        assert_eq!(m, [(w1, 17), (w2, 24)]);
         // Committed up to the first frame's end: the rest only, cut inside a record.
         let (b, m) = recovered(dir.path(), 12);
         assert_eq!(b, b"0125000002\r\n");
-        assert_eq!(m, [(10, 17), (11, 24)]);
+        assert_eq!(m, [(w1, 17), (w2, 24)]);
         // Everything committed: nothing.
         let (b, _) = recovered(dir.path(), 24);
         assert!(b.is_empty());
@@ -449,8 +456,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let chunk = vec![b'x'; READ_MAX];
         let mut j = Journal::open(dir.path(), "s", 0, |_, _, _| {}).unwrap();
-        for i in 0..200 {
-            append(&mut j, &chunk, i);
+        for _ in 0..200 {
+            append(&mut j, &chunk);
             j.maintain(0);
         }
         let end = j.end();

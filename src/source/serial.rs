@@ -11,10 +11,12 @@
 //! 921,600 baud, so the pause never overflows it; from a faster device (USB CDC, a
 //! pseudo-terminal) the rest waits in the driver's buffers, and full reads follow at once.
 //!
-//! Each read takes what the tty holds (`FIONREAD`) and reads it straight into the port's
-//! journal (a mapped file, `source::journal`), so that from the read on a crash loses nothing.
-//! With nothing waiting, the thread waits in `poll` for at most `VTIME_DS` tenths of a second
-//! (so a stop request is seen); a hang-up (unplug) ends the connection.
+//! Reads are plain `read(2)` with the termios read timer (`VMIN = 0`, `VTIME`), straight into
+//! the port's journal (a mapped file, `source::journal`), so that from the read on a crash
+//! loses nothing. No `poll` before each read (on Linux a tty poll also waits for the kernel's
+//! input worker); a read with nothing to return comes back after `VTIME_DS` tenths of a
+//! second, so a stop request is seen. A read that returns nothing *before* the timer ran
+//! means the line hung up (unplugged).
 //!
 //! When a device is unplugged the kernel discards what is still in its buffer: with the
 //! pauses, that is at most one pause's worth of bytes (a few ms of reads).
@@ -245,42 +247,32 @@ fn serve(
                         out.finish();
                         return;
                     }
-                    let avail = match bytes_waiting(&port) {
-                        Ok(n) => n,
-                        Err(e) => break e.to_string(),
-                    };
-                    if avail == 0 {
-                        out.drain();
-                        settle(&mut journal, &out, pos_end - buf.len() as u64);
-                        match wait_readable(&port, Duration::from_millis(VTIME_DS as u64 * 100)) {
-                            Ok(true) => continue,
-                            Ok(false) => break "hung up (device gone?)".to_string(),
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                            Err(e) => break e.to_string(),
-                        }
-                    }
-                    let wall_ms = crate::event::wall_now_ms();
+                    let started = tokio::time::Instant::now();
                     // Straight into the journal's mapped file: from the read on, a crash
                     // loses nothing (`source::journal`).
                     let read = match journal.as_mut() {
-                        Some(j) => j.read_from(&mut port, avail, wall_ms),
-                        None => {
-                            let k = avail.min(chunk.len());
-                            port.read(&mut chunk[..k])
-                                .map(|n| (&chunk[..n], pos_end + n as u64))
-                        }
+                        Some(j) => j.read_from(&mut port, READ_SIZE),
+                        None => port.read(&mut chunk).map(|n| {
+                            (&chunk[..n], pos_end + n as u64, crate::event::wall_now_ms())
+                        }),
                     };
-                    let n = match read {
-                        Ok((bytes, end)) => {
+                    let (n, wall_ms) = match read {
+                        Ok((bytes, end, wall_ms)) => {
                             buf.extend_from_slice(bytes);
                             pos_end = end;
-                            bytes.len()
+                            (bytes.len(), wall_ms)
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                         Err(e) => break e.to_string(),
                     };
                     if n == 0 {
-                        break "end of file (device gone?)".to_string();
+                        out.drain();
+                        settle(&mut journal, &out, pos_end - buf.len() as u64);
+                        // The read timer ran out (no data) or the line hung up.
+                        if started.elapsed() < Duration::from_millis(VTIME_DS as u64 * 50) {
+                            break "end of file (device gone?)".to_string();
+                        }
+                        continue;
                     }
                     feed.metrics.frames_in.inc();
                     feed.metrics.bytes_in.add(n as u64);
@@ -353,30 +345,6 @@ fn timed_reads(port: impl std::os::fd::IntoRawFd) -> std::io::Result<std::fs::Fi
     t.control_chars[SpecialCharacterIndices::VTIME as usize] = VTIME_DS;
     tcsetattr(&fd, SetArg::TCSANOW, &t)?;
     Ok(std::fs::File::from(fd))
-}
-
-/// Bytes the tty holds (`FIONREAD`): a read of that many returns at once, and exactly them.
-fn bytes_waiting(port: &std::fs::File) -> std::io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int through the pointer, which points at `n`; the
-    // descriptor is the open port.
-    let r = unsafe { libc::ioctl(port.as_raw_fd(), libc::FIONREAD, &mut n) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(n.max(0) as usize)
-}
-
-/// Wait up to `timeout` for the tty to hold bytes. False: the line hung up (device gone).
-fn wait_readable(port: &std::fs::File, timeout: Duration) -> std::io::Result<bool> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    use std::os::fd::AsFd;
-    let mut fds = [PollFd::new(port.as_fd(), PollFlags::POLLIN)];
-    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
-    poll(&mut fds, PollTimeout::from(ms)).map_err(std::io::Error::from)?;
-    let got = fds[0].revents().unwrap_or(PollFlags::empty());
-    Ok(!got.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL))
 }
 
 /// The pause after a short read: the time the device needs to send [`TARGET_READ`] bytes at
