@@ -130,14 +130,16 @@ fn start_daemon(
 ) -> Daemon {
     let admin = free_port();
     let cfg = format!(
-        "[gateway]\nid = \"bench-gw\"\nstate_dir = \"{}\"\n[spool]\n{spool_extra}\n{source}\n[upstream]\nurl = \"{upstream}\"\nprofile = \"bag-events\"\nbatch_max_delay_ms = 200\nretry_min_ms = 50\nretry_max_ms = 500\n{up_extra}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n",
-        state.display()
+        "[gateway]\nid = \"bench-gw\"\nstate_dir = \"{}\"\n{}\n[spool]\n{spool_extra}\n{source}\n[upstream]\nurl = \"{upstream}\"\nprofile = \"bag-events\"\nbatch_max_delay_ms = 200\nretry_min_ms = 50\nretry_max_ms = 500\n{up_extra}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n",
+        state.display(),
+        // BENCH_GATEWAY: extra [gateway] lines, e.g. journal_dir = "/dev/shm/…" (a tmpfs,
+        // like systemd's runtime directory).
+        std::env::var("BENCH_GATEWAY").unwrap_or_default()
     );
     let p = dir.join("bench.toml");
     std::fs::write(&p, cfg).unwrap();
     let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-    // BENCH_WRAP="valgrind --tool=callgrind ..." runs the daemon under a profiler
-    // (cross/symbol-order.sh uses this).
+    // BENCH_WRAP="valgrind --tool=callgrind ..." runs the daemon under a profiler.
     let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
     // BENCH_BIN: another scangate binary (a saved build, for paired before/after runs).
     let bin = std::env::var("BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_scangate").into());
@@ -725,8 +727,8 @@ fn main() {
             // BENCH_REPEAT: runs per interval (this VM varies by ±10 % run to run); the median
             // run by CPU is printed last.
             let repeat: usize = std::env::var("BENCH_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-            // BENCH_RATE / BENCH_FRAMES: another rate (cross/symbol-order.sh runs the daemon
-            // under callgrind, which cannot keep up with 5,000 frames/s).
+            // BENCH_RATE / BENCH_FRAMES: another rate (under a profiler, BENCH_WRAP, the daemon
+            // cannot keep up with 5,000 frames/s).
             let env_or = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
             let (rate, frames) = (env_or("BENCH_RATE", 5000), env_or("BENCH_FRAMES", 100_000));
             for ms in intervals {

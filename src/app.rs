@@ -229,7 +229,12 @@ pub async fn run(
         Vec::new()
     });
     let journal_marks = Arc::new(JournalMarks::new(&serial_names, &committed_marks));
-    let journal_dir = cfg.gateway.state_dir.join("journal");
+    // One folder per spool identity: journals left by another spool (a wiped state dir, a
+    // journal directory shared by mistake) are never replayed into this one.
+    let journal_dir = cfg
+        .gateway
+        .journal_dir
+        .join(format!("{:016x}", spool.identity().salt));
     let (handle, spool_thread) =
         actor::spawn_with(spool, journal_marks.clone()).map_err(AppError::Thread)?;
 

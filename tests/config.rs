@@ -311,6 +311,16 @@ fn field_mapping_onto_an_identity_field_is_refused_with_its_line() {
 #[test]
 fn a_relative_serial_path_is_resolved_against_the_config_dir() {
     let cfg = Config::parse(&with_upstream(""), Path::new("/etc/scangate")).unwrap();
+    let text = with_upstream("").replacen(
+        "state_dir = \"/tmp/x\"\n",
+        "state_dir = \"/tmp/x\"\njournal_dir = \"j\"\n",
+        1,
+    );
+    let with_journal = Config::parse(&text, Path::new("/etc/scangate")).unwrap();
+    assert_eq!(
+        with_journal.gateway.journal_dir,
+        Path::new("/etc/scangate/j")
+    );
     match &cfg.sources[0].kind {
         scangate::config::SourceKind::Serial { path, .. } => {
             assert_eq!(path, Path::new("/etc/scangate/ttyUSB0"))

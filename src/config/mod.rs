@@ -37,6 +37,9 @@ pub struct GatewayConfig {
     /// Site name (→ `tenant_id` in the collect profile). Defaults to the gateway id.
     pub site: String,
     pub state_dir: PathBuf,
+    /// Where the serial ports' journals live (`source::journal`): `[gateway] journal_dir`, or
+    /// `$RUNTIME_DIRECTORY/journal` under systemd, or `<state_dir>/journal`.
+    pub journal_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -338,11 +341,23 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
             let state_dir = g
                 .string(p, "state_dir")
                 .unwrap_or_else(|| "/var/lib/scangate".into());
+            let journal_dir = g.string(p, "journal_dir");
             g.finish(p);
+            let state_dir = resolve(base, &state_dir);
+            // Default: systemd's runtime directory (RAM, kept across restarts with
+            // RuntimeDirectoryPreserve=yes: no flash writes at all), else the state dir.
+            let journal_dir = match journal_dir {
+                Some(j) => resolve(base, &j),
+                None => std::env::var_os("RUNTIME_DIRECTORY")
+                    .and_then(|r| std::env::split_paths(&r).next().filter(|p| p.is_absolute()))
+                    .map(|r| r.join("journal"))
+                    .unwrap_or_else(|| state_dir.join("journal")),
+            };
             id.map(|id| GatewayConfig {
                 site: site.unwrap_or_else(|| id.clone()),
                 id,
-                state_dir: resolve(base, &state_dir),
+                state_dir,
+                journal_dir,
             })
         }
         None => {

@@ -692,6 +692,11 @@ impl Spool {
         }
     }
 
+    /// The spool's identity (salt and seq reservation, as in `spool.id`).
+    pub fn identity(&self) -> Identity {
+        self.identity
+    }
+
     /// True once after an acknowledgement was dropped because it could not be written: its
     /// events are still in the spool and must be read (and sent) again.
     pub fn take_acks_lost(&mut self) -> bool {
