@@ -12,7 +12,7 @@
 //! ## Tasks and channels
 //! | stage | runs as | input | capacity | when full |
 //! |---|---|---|---|---|
-//! | source (serial) | one OS thread per port (reads paced by the device's rate, each straight into the port's journal) | the port | kernel tty buffer (4 KiB + the driver's) | must never happen: the thread never waits on the pipeline; while the read channel is full it holds up to [`source::serial::HOLD_MAX`] reads (then drops, counted `pipeline_full`) |
+//! | source (serial) | one OS thread per port (reads paced by the device's rate, each straight into the port's journal) | the port | kernel tty buffer (4 KiB + the driver's) | must never happen: the thread never waits on the pipeline; while the read channel is full it holds reads up to [`source::serial::HOLD_MAX`] bytes (then drops, counted `pipeline_full`) |
 //! | source (replay) | tokio task per file | the file | — | waits (a file can be paused) |
 //! | ingest | one tokio task, woken per group, not per read | read channel | [`app::READ_CHANNEL`] = 8192 reads | serial threads hold their reads; replay waits |
 //! | spool | one OS thread (blocking SQLite) | command channel | [`spool::actor::COMMAND_CAPACITY`] = 4 commands | ingest waits; its read channel absorbs the burst |

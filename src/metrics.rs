@@ -69,6 +69,9 @@ pub struct Metrics {
     /// 1 while the upstream rejects every event with the same reason (a misconfiguration:
     /// nothing is dead-lettered).
     pub upstream_rejecting_all: Gauge,
+    /// 1 while the upstream answers with a redirect, an HTML page, 401/403 or 404/405: kept,
+    /// retried slowly, an operator must act.
+    pub upstream_misconfigured: Gauge,
     pub delivered: Counter,
     pub batches_ok: Counter,
     pub batches_failed: Counter,
@@ -213,6 +216,12 @@ impl Metrics {
             "gauge",
             "1 while the upstream rejects every event with the same reason (kept, not dead-lettered).",
             self.upstream_rejecting_all.get(),
+        );
+        line(
+            "upstream_misconfigured",
+            "gauge",
+            "1 while the upstream answers with a redirect, an HTML page, 401/403 or 404/405 (kept, retried slowly).",
+            self.upstream_misconfigured.get(),
         );
         line(
             "delivered_total",

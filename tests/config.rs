@@ -294,6 +294,17 @@ fn field_mapping_onto_an_identity_field_is_refused_with_its_line() {
             "upstream.fields.rename.no_such_field",
             13,
         ),
+        // A chain: event_id renamed away, then timestamp renamed onto it; and a swap.
+        (
+            "[upstream.fields.rename]\nevent_id = \"uuid\"\ntimestamp = \"event_id\"\n",
+            "upstream.fields.rename.timestamp",
+            14,
+        ),
+        (
+            "[upstream.fields.rename]\nevent_id = \"seq\"\nseq = \"event_id\"\n",
+            "upstream.fields.rename.event_id",
+            13,
+        ),
     ] {
         let errs = Config::parse(&with_upstream(extra), Path::new("/etc/scangate")).unwrap_err();
         assert!(

@@ -734,3 +734,72 @@ async fn a_failed_acknowledgement_write_is_retried_without_a_restart() {
     assert_eq!(ingest.unique(), 10);
     rig.shutdown().await;
 }
+
+/// Regression: a 422 whose reason echoes each event's input (FastAPI's shape) differs per
+/// event, so "the same reason" never repeated and the whole backlog became dead letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_refusing_everything_with_per_event_reasons_is_still_a_misconfiguration() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| {
+        s.poison = (0..20).map(|i| format!("e-{i}")).collect();
+        s.poison_status = 422;
+        s.poison_echo = true;
+    });
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| {
+        config(
+            d,
+            &url,
+            "bag-events",
+            "batch_max_events = 20\nauth_retry_ms = 100",
+        )
+    })
+    .await;
+    rig.commit("e", 20, 20).await;
+    wait_until("the alarm is raised", T, || {
+        rig.metrics.upstream_rejecting_all.get() == 1
+    })
+    .await;
+    // A while longer: still nothing dead-lettered.
+    wait_until("more refusals", T, || {
+        ingest.with(|s| s.requests.iter().filter(|r| r.status == 422).count() >= 40)
+    })
+    .await;
+    assert_eq!(rig.metrics.dead_lettered.get(), 0);
+    ingest.with(|s| s.poison.clear());
+    wait_until("delivered once fixed", T, || ingest.unique() == 20).await;
+    assert_eq!(rig.metrics.dead_lettered.get(), 0);
+    rig.shutdown().await;
+}
+
+/// Regression: five bad events in a row made the forwarder re-send them forever and never
+/// try the events after them. The next events show the upstream accepts: the five are then
+/// dead-lettered and everything else delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_bad_events_in_a_row_do_not_block_the_good_ones_behind_them() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| {
+        s.poison = (0..6).map(|i| format!("g-{i}")).collect();
+        s.poison_status = 422;
+        s.poison_echo = true;
+    });
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| {
+        config(
+            d,
+            &url,
+            "bag-events",
+            "batch_max_events = 26\nauth_retry_ms = 100",
+        )
+    })
+    .await;
+    rig.commit("g", 26, 26).await;
+    wait_until("the 20 good events delivered", T, || ingest.unique() == 20).await;
+    wait_until("the 6 bad ones dead-lettered", T, || {
+        rig.metrics.dead_lettered.get() == 6
+    })
+    .await;
+    wait_until("backlog empty", T, || rig.metrics.spool_backlog.get() == 0).await;
+    assert_eq!(rig.metrics.upstream_rejecting_all.get(), 0);
+    rig.shutdown().await;
+}

@@ -856,3 +856,40 @@ fn salvage_resends_a_moved_aside_file_with_original_ids() {
     let n = sp.append(vec![body("new", 1)], 2000).unwrap();
     assert!(n.first_seq > 200);
 }
+
+/// Regression: salvage collected chunk ids with one scan, which stops at the first damaged
+/// page: every chunk after it was abandoned. Each id is looked up on its own.
+#[test]
+fn salvage_reads_past_a_damaged_page() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut sp = open(dir.path());
+        for c in 0..200 {
+            sp.append((0..10).map(|i| body(&format!("p{c}-{i}"), 1)).collect(), 50)
+                .unwrap();
+        }
+    }
+    let aside = dir.path().join("spool.db.corrupt-2026-11-30T130000Z");
+    std::fs::rename(dir.path().join("spool.db"), &aside).unwrap();
+    {
+        let c = rusqlite::Connection::open(&aside).unwrap();
+        c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+    }
+    let mut bytes = std::fs::read(&aside).unwrap();
+    let pages = bytes.len() / 1024;
+    let page = pages * 2 / 5;
+    for (i, b) in bytes[page * 1024..(page + 1) * 1024].iter_mut().enumerate() {
+        *b = [0xde, 0xad, 0xbe, 0xef][i % 4];
+    }
+    std::fs::write(&aside, &bytes).unwrap();
+    let (mut sp, _) = Spool::open(dir.path(), opts(), Arc::default()).unwrap();
+    let r = sp.salvage(&aside, 1000).unwrap();
+    // Only the chunks on the damaged page are lost; those after it are read.
+    assert!(r.events >= 1800, "{r:?}");
+    let back = sp.read_after(None, 0, 5000).unwrap();
+    assert!(
+        back.iter().any(|e| e.body.tag == "p199-9"),
+        "the last chunk is salvaged"
+    );
+}

@@ -55,6 +55,9 @@ async fn health(State(c): State<Ctx>) -> impl IntoResponse {
     if m.spool_disk_full.get() == 1 {
         reasons.push("disk full: new reads are refused".into());
     }
+    if m.upstream_misconfigured.get() == 1 {
+        reasons.push("upstream misconfigured (redirect, HTML page, 401/403 or 404/405): see `scangate status`".into());
+    }
     if m.upstream_rejecting_all.get() == 1 {
         reasons.push("upstream refuses every event with the same answer (misconfiguration)".into());
     }

@@ -602,6 +602,14 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
                 );
                 return None;
             };
+            if path.trim().is_empty() {
+                p.push(
+                    s.span_of("path"),
+                    &s.key_path("path"),
+                    "is empty: give the serial device (e.g. \"/dev/serial/by-id/usb-…\")",
+                );
+                return None;
+            }
             SourceKind::Serial {
                 // Relative to the config file's directory, as every path in the file is.
                 path: resolve(base, &path),
@@ -679,10 +687,14 @@ fn check_fields(u: &Section<'_>, profile: Profile, fields: &FieldMapping, p: &mu
             );
             continue;
         }
-        let clash = written
-            .iter()
-            .zip(&finals)
-            .any(|(w, f)| *w != from && f == to)
+        // A target that is any key the profile writes is refused, even one renamed away: a
+        // chain (`event_id` → "uuid", `timestamp` → "event_id") would still put another value
+        // where an identity field is expected.
+        let clash = written.contains(&to.as_str())
+            || finals
+                .iter()
+                .zip(written)
+                .any(|(f, w)| *w != from && f == to)
             || fields.rename[..i].iter().any(|(_, t)| t == to);
         if clash || to.is_empty() {
             p.push(

@@ -143,6 +143,11 @@ pub struct Forwarder {
     refused: Vec<(SpooledEvent, u16, String)>,
     /// A delivery succeeded during the current [`Forwarder::deliver`] call.
     delivered_in_call: bool,
+    /// The upstream refuses every event (see [`REFUSE_ALL_AFTER`]): alarmed, nothing
+    /// dead-lettered, events tried one by one at `auth_retry`.
+    rejecting_all: bool,
+    /// The upstream accepted again after `rejecting_all`: `refused` goes out once more.
+    retry_refused: bool,
     /// Events are still in the spool although the cursor passed them (a failed dead-letter or
     /// acknowledgement write): read from the start again.
     rewind: bool,
@@ -221,6 +226,8 @@ impl Forwarder {
             backoff,
             refused: Vec::new(),
             delivered_in_call: false,
+            rejecting_all: false,
+            retry_refused: false,
             rewind: false,
         })
     }
@@ -431,6 +438,7 @@ impl Forwarder {
                     Outcome::Delivered => {
                         self.on_success(200, b.len(), from_413).await;
                         self.ack(&b).await;
+                        self.requeue_refused(&mut stack);
                         break;
                     }
                     Outcome::Partial(partial) => {
@@ -451,6 +459,7 @@ impl Forwarder {
                                 }
                                 self.dead_letter(dead).await;
                                 self.ack(&ok).await;
+                                self.requeue_refused(&mut stack);
                             }
                             None if b.len() > 1 => {
                                 // Never acknowledged blindly: the halves are sent again and
@@ -500,24 +509,29 @@ impl Forwarder {
                         self.metrics.response(status);
                         if b.len() == 1 {
                             // Held until the upstream shows it accepts other events (then it
-                            // is dead-lettered), or until it refuses enough events alone with
-                            // the same answer to be a misconfiguration (then nothing is).
-                            if self
-                                .refused
-                                .first()
-                                .is_some_and(|(_, s, r)| *s != status || *r != reason)
+                            // is dead-lettered), or until enough events in a row are refused
+                            // alone with the same status, nothing accepted in between, to be a
+                            // misconfiguration (then nothing is). The status, not the reason
+                            // text: servers echo each event's input in their reason.
+                            if !self.rejecting_all
+                                && self.refused.first().is_some_and(|(_, s, _)| *s != status)
                             {
                                 self.settle_refused().await;
                             }
                             self.refused
                                 .extend(b.into_iter().map(|e| (e, status, reason.clone())));
-                            if self.refused.len() >= REFUSE_ALL_AFTER {
+                            if !self.rejecting_all
+                                && !self.delivered_in_call
+                                && self.refused.len() >= REFUSE_ALL_AFTER
+                            {
+                                self.rejecting_all = true;
                                 self.metrics.upstream_rejecting_all.set(1);
-                                let msg = format!("every event is refused alone with the same answer ({reason}); this is a misconfiguration (upstream url, profile or schema), not bad events: nothing is dead-lettered, retrying every {:?}", self.cfg.auth_retry);
+                                let msg = format!("HTTP {status} for every event, each refused alone ({reason}); this is a misconfiguration (upstream url, profile or schema), not bad events: nothing is dead-lettered, retrying every {:?}", self.cfg.auth_retry);
                                 self.on_failure(&msg, true).await;
-                                let held: Vec<SpooledEvent> =
-                                    self.refused.drain(..).map(|(e, _, _)| e).collect();
-                                stack.push((held, from_413));
+                            }
+                            if self.rejecting_all {
+                                // Slowly, event by event: the refused ones stay in the spool,
+                                // and the next events show when the upstream accepts again.
                                 if let Wait::Shutdown =
                                     self.pause(self.cfg.auth_retry, shutdown).await
                                 {
@@ -533,6 +547,7 @@ impl Forwarder {
                     Outcome::Unauthorized { status, reason }
                     | Outcome::Misconfigured { status, reason } => {
                         self.metrics.response(status);
+                        self.metrics.upstream_misconfigured.set(1);
                         if matches!(status, 401 | 403) {
                             self.metrics.upstream_auth_failures.inc();
                         }
@@ -554,12 +569,22 @@ impl Forwarder {
                         retry_after,
                     } => {
                         self.metrics.response(status);
+                        // Never below retry_min_ms: `Retry-After: 0` or a date already past
+                        // must not turn into a tight loop.
                         let wait = match retry_after {
                             Some(d) => d.min(self.cfg.retry_after_max),
                             None => self.backoff.next().unwrap_or(self.cfg.retry_max),
+                        }
+                        .max(self.cfg.retry_min);
+                        tracing::debug!(status, wait = ?wait, "Upstream asks to wait");
+                        // The reason without the (jittered) wait: logged and recorded once
+                        // per change of state, not per retry.
+                        let reason = if retry_after.is_some() {
+                            format!("HTTP {status} with Retry-After")
+                        } else {
+                            format!("HTTP {status}")
                         };
-                        self.on_failure(&format!("HTTP {status}, retrying in {wait:?}"), false)
-                            .await;
+                        self.on_failure(&reason, false).await;
                         if let Wait::Shutdown = self.pause(wait, shutdown).await {
                             return Err(());
                         }
@@ -580,7 +605,11 @@ impl Forwarder {
         // Refused alone while others were delivered: refused for what they are. Otherwise they
         // wait for the next batch to tell a bad event from an upstream that refuses everything
         // (they stay in the spool meanwhile).
-        if self.delivered_in_call {
+        if self.rejecting_all {
+            // Kept for the next pass: read from the spool again (they were never acknowledged).
+            self.refused.clear();
+            self.rewind = true;
+        } else if self.delivered_in_call {
             self.settle_refused().await;
         }
         Ok(())
@@ -663,6 +692,15 @@ impl Forwarder {
         }
     }
 
+    /// After the upstream accepted again: the events it refused while it refused everything go
+    /// out once more (refused alone now, they are dead-lettered).
+    fn requeue_refused(&mut self, stack: &mut Vec<(Vec<SpooledEvent>, bool)>) {
+        if std::mem::take(&mut self.retry_refused) && !self.refused.is_empty() {
+            let held: Vec<SpooledEvent> = self.refused.drain(..).map(|(e, _, _)| e).collect();
+            stack.push((held, false));
+        }
+    }
+
     /// Dead-letter the events refused alone: the upstream accepts other events, so these are
     /// refused for what they are.
     async fn settle_refused(&mut self) {
@@ -682,8 +720,15 @@ impl Forwarder {
 
     async fn on_success(&mut self, status: u16, n: usize, from_413: bool) {
         self.delivered_in_call = true;
-        self.metrics.upstream_rejecting_all.set(0);
-        self.settle_refused().await;
+        self.metrics.upstream_misconfigured.set(0);
+        if std::mem::take(&mut self.rejecting_all) {
+            // The upstream accepts again: what it refused meanwhile is sent again (see
+            // `retry_refused`), not dead-lettered.
+            self.metrics.upstream_rejecting_all.set(0);
+            self.retry_refused = true;
+        } else {
+            self.settle_refused().await;
+        }
         self.metrics.batches_ok.inc();
         self.metrics.response(status);
         if from_413 {

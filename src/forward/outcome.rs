@@ -190,16 +190,29 @@ fn key_of(o: &serde_json::Map<String, serde_json::Value>) -> RejectKey {
     RejectKey::Unknown(serde_json::Value::Object(o.clone()).to_string())
 }
 
-/// Whether a per-event result entry (`results`, `items`) reports a failure.
-fn failed_status(o: &serde_json::Map<String, serde_json::Value>) -> bool {
+/// Whether a per-event result entry (`results`, `items`) reports a failure: Some(true) for a
+/// failure word or a non-2xx code, Some(false) for a success word or a 2xx code, None when the
+/// entry says something else (then the answer cannot be matched, and is settled by re-sending).
+fn failed_status(o: &serde_json::Map<String, serde_json::Value>) -> Option<bool> {
+    let code = |c: u64| Some(!(200..300).contains(&c));
     match o.get("status").or_else(|| o.get("result")) {
-        Some(serde_json::Value::String(s)) => !matches!(
-            s.to_ascii_lowercase().as_str(),
-            "accepted" | "ok" | "success" | "succeeded" | "created" | "duplicate" | "fulfilled"
-        ),
-        Some(serde_json::Value::Number(n)) => !n.as_u64().is_some_and(|c| (200..300).contains(&c)),
-        Some(serde_json::Value::Bool(ok)) => !ok,
-        _ => o.contains_key("error"),
+        Some(serde_json::Value::String(s)) => {
+            let s = s.trim().to_ascii_lowercase();
+            if let Ok(c) = s.parse::<u64>() {
+                return code(c);
+            }
+            match s.as_str() {
+                "accepted" | "ok" | "success" | "succeeded" | "created" | "duplicate"
+                | "fulfilled" | "stored" => Some(false),
+                "rejected" | "failed" | "failure" | "error" | "invalid" | "dlq" | "dead_letter"
+                | "dead-letter" => Some(true),
+                _ => None,
+            }
+        }
+        Some(serde_json::Value::Number(n)) => n.as_u64().and_then(code),
+        Some(serde_json::Value::Bool(ok)) => Some(!ok),
+        None if o.contains_key("error") => Some(true),
+        _ => None,
     }
 }
 
@@ -259,7 +272,15 @@ pub fn parse_207(body: &[u8]) -> Partial {
         };
         for (i, item) in arr.iter().enumerate() {
             let Some(o) = item.as_object() else { continue };
-            if failed_status(o) {
+            let failed = match failed_status(o) {
+                Some(f) => f,
+                None => {
+                    p.rejected
+                        .push((RejectKey::Unknown(item.to_string()), String::new()));
+                    continue;
+                }
+            };
+            if failed {
                 let key = match key_of(o) {
                     RejectKey::Unknown(_) => RejectKey::Index(i as u64),
                     k => k,
@@ -276,7 +297,9 @@ pub fn parse_207(body: &[u8]) -> Partial {
     p
 }
 
-/// Whether a body is an HTML page (a captive portal, a proxy's error or login page).
+/// Whether a body is markup (an HTML or XML page: a captive portal, a proxy's error or login
+/// page) rather than an answer of a JSON ingest API: an HTML content type, or a body whose
+/// first character (after a byte-order mark and white space) is `<`.
 fn is_html(content_type: Option<&str>, body: &[u8]) -> bool {
     if content_type.is_some_and(|t| {
         let t = t.trim_start().to_ascii_lowercase();
@@ -284,13 +307,10 @@ fn is_html(content_type: Option<&str>, body: &[u8]) -> bool {
     }) {
         return true;
     }
-    let start = body
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(body.len());
-    let head = &body[start..body.len().min(start + 15)];
-    let head = head.to_ascii_lowercase();
-    head.starts_with(b"<!doctype html") || head.starts_with(b"<html")
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    body.iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'<')
 }
 
 pub fn classify(a: &Answer<'_>, now: SystemTime) -> Outcome {
@@ -299,7 +319,7 @@ pub fn classify(a: &Answer<'_>, now: SystemTime) -> Outcome {
         200..=299 if is_html(a.content_type, a.body) => Outcome::Misconfigured {
             status,
             reason: format!(
-                "HTTP {status} with an HTML page, not an answer of the ingest API (a captive portal or proxy in the way?)"
+                "HTTP {status} with an HTML page (markup), not an answer of the ingest API (a captive portal or proxy in the way?)"
             ),
         },
         207 => Outcome::Partial(parse_207(a.body)),
@@ -430,6 +450,11 @@ mod tests {
             (Some("TEXT/HTML"), b""),
             (None, b"\n  <!DOCTYPE html><html><body>Login</body></html>"),
             (Some("application/octet-stream"), b"<HTML><head>"),
+            (Some("text/plain"), b"\xEF\xBB\xBF<!DOCTYPE html><html>"),
+            (None, b"<!DOCTYPE  html>"),
+            (None, b"<head><title>Login</title></head>"),
+            (None, b"<?xml version=\"1.0\"?><html xmlns=\"x\">"),
+            (None, b"<!-- portal --><html>"),
         ] {
             for status in [200, 201, 202, 204, 207] {
                 let o = classify(
@@ -508,8 +533,11 @@ mod tests {
         assert_eq!(m.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [2, 7]);
         assert_eq!(m[0].1, "bad");
         // Per-event results.
-        let p = parse_207(br#"{"results":[{"status":"accepted"},{"status":"rejected","message":"no"},{"status":201}]}"#);
-        assert_eq!(p.matches(&ids[..3]), Some(vec![(1, "no".into())]));
+        let p = parse_207(br#"{"results":[{"status":"accepted"},{"status":"rejected","message":"no"},{"status":201},{"status":"201"}]}"#);
+        assert_eq!(p.matches(&ids[..4]), Some(vec![(1, "no".into())]));
+        // A status word nobody knows: not taken as a rejection, settled by re-sending.
+        let p = parse_207(br#"{"results":[{"status":"queued"},{"status":"queued"}]}"#);
+        assert_eq!(p.matches(&ids[..2]), None);
     }
 
     #[test]

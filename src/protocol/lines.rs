@@ -21,7 +21,16 @@ pub const MAX_LINE: usize = 4096;
 /// other control bytes, and 0xFE, which like 0xFF never occurs in UTF-8). STX (a frame prefix)
 /// and the terminators are not noise.
 fn is_noise(b: u8) -> bool {
-    (b < 0x20 && !matches!(b, 0x02 | b'\r' | b'\n')) || matches!(b, 0x7F | 0xFE | 0xFF)
+    // Bytes that can never start a UTF-8 character (continuation bytes 0x80-0xBF, 0xC0, 0xC1,
+    // 0xF5-0xFF) cannot begin a frame either.
+    (b < 0x20 && !matches!(b, 0x02 | b'\r' | b'\n'))
+        || matches!(b, 0x7F | 0x80..=0xC1 | 0xF5..=0xFF)
+}
+
+/// Noise at the end of a line (before its terminator): control bytes only (a multi-byte
+/// character's last byte is a continuation byte, so those stay).
+fn is_trailing_noise(b: u8) -> bool {
+    (b < 0x20 && !matches!(b, 0x03 | 0x1D)) || b == 0x7F
 }
 
 #[derive(Debug, Default)]
@@ -39,11 +48,15 @@ pub struct LinesDecoder {
 impl LinesDecoder {
     fn interpret(line: &[u8]) -> Decoded {
         let mut l = line;
-        if l.first() == Some(&0x02) {
-            l = &l[1..];
+        while let Some((&0x02, rest)) = l.split_first() {
+            l = rest;
         }
-        if l.last() == Some(&0x03) {
-            l = &l[..l.len() - 1];
+        while let Some((&last, rest)) = l.split_last() {
+            if last == 0x03 || is_trailing_noise(last) {
+                l = rest;
+            } else {
+                break;
+            }
         }
         if l.is_empty() {
             return Decoded::Skipped {
@@ -292,6 +305,17 @@ mod tests {
                 }
             );
             assert_eq!(tag(&out[1]), ("0125000005", ReadKind::BagTag, None));
+        }
+        // Bytes that cannot start UTF-8, repeated STX, trailing NUL: the scan is still read.
+        for input in [
+            &b"\xf8\x800125000006\r\n"[..],
+            b"\x80\x80\x800125000006\r\n",
+            b"\xc0\xc10125000006\r\n",
+            b"\x02\x02\x020125000006\r\n",
+            b"0125000006\x00\r\n",
+        ] {
+            let out = reads(input);
+            assert_eq!(tag(out.last().unwrap()).0, "0125000006", "{input:?}");
         }
         // Thousands of noise bytes (longer than a line) still do not swallow the scan.
         let mut long = vec![0xFFu8; 3 * MAX_LINE];

@@ -111,13 +111,30 @@ pub struct Journal {
     fallback: Vec<u8>,
 }
 
-/// A file name prefix that is safe for any source name: the name's bytes in hex.
+/// A file name prefix that is safe for any source name: the name's bytes in hex, or for a
+/// long name (whose hex would pass the file system's 255-byte name limit) `h` and a 128-bit
+/// hash of it.
 fn prefix_of(source: &str) -> String {
+    if source.len() > 48 {
+        return format!("h{:032x}", xxhash_rust::xxh3::xxh3_128(source.as_bytes()));
+    }
     let mut s = String::with_capacity(source.len() * 2);
     for b in source.bytes() {
         s.push_str(&format!("{b:02x}"));
     }
     s
+}
+
+/// Allocate `len` bytes of `f` (`posix_fallocate`).
+fn allocate(f: &std::fs::File, len: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let len = libc::off_t::try_from(len).map_err(std::io::Error::other)?;
+    // SAFETY: posix_fallocate only reads its integer arguments; the descriptor is open.
+    let r = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len) };
+    if r != 0 {
+        return Err(std::io::Error::from_raw_os_error(r));
+    }
+    Ok(())
 }
 
 fn path_of(dir: &Path, prefix: &str, base: u64) -> PathBuf {
@@ -216,7 +233,8 @@ impl Journal {
             };
             let mut pos = base;
             for (wall_ms, bytes) in parse_records(&data) {
-                let rec_end = pos + bytes.len() as u64;
+                // Positions come from a file name on disk: never trust them to be sane.
+                let rec_end = pos.saturating_add(bytes.len() as u64);
                 if rec_end > committed {
                     let from = committed.saturating_sub(pos) as usize;
                     if let Some(tail) = bytes.get(from..) {
@@ -258,7 +276,10 @@ impl Journal {
             .read(true)
             .write(true)
             .open(&path)?;
-        f.set_len(FILE_SIZE as u64)?;
+        // Allocated, not sparse: a store into a hole of a mapped file that the disk cannot
+        // back kills the process with SIGBUS (a full disk). With the blocks allocated up front
+        // a full disk is an error here, and the journal is bypassed instead.
+        allocate(&f, FILE_SIZE)?;
         // SAFETY: the file is this journal's own, in the state directory, opened and sized
         // here; no other process writes it while it is mapped (one scangate per state
         // directory, enforced by the spool lock), and it is only read back after this process
@@ -299,7 +320,7 @@ impl Journal {
         let Some(map) = self.map.as_mut() else {
             self.fallback.resize(want, 0);
             let n = port.read(&mut self.fallback[..want])?;
-            self.end += n as u64;
+            self.end = self.end.saturating_add(n as u64);
             return Ok((&self.fallback[..n], self.end, crate::event::wall_now_ms()));
         };
         let at = self.off;
@@ -320,7 +341,7 @@ impl Journal {
         }
         put_header(map, at, n, DONE, wall_ms);
         self.off = at + HEADER + n;
-        self.end += n as u64;
+        self.end = self.end.saturating_add(n as u64);
         Ok((&map[at + HEADER..at + HEADER + n], self.end, wall_ms))
     }
 
@@ -328,7 +349,7 @@ impl Journal {
     /// bytes all lie before `settled` (committed, or consumed by the decoder without a read
     /// still in flight).
     pub fn maintain(&mut self, settled: u64) {
-        let full = self.end - self.base >= FILE_MAX_BYTES;
+        let full = self.end.saturating_sub(self.base) >= FILE_MAX_BYTES;
         let old = self.end > self.base && self.opened.elapsed() >= FILE_MAX_AGE;
         if full || old {
             if let Err(e) = self.rotate() {
@@ -433,6 +454,28 @@ mod tests {
         // Pending, but the read never happened.
         file[at + HEADER..at + HEADER + 5].fill(0);
         assert_eq!(parse_records(&file), [(7, &b"AAAA\n"[..])]);
+    }
+
+    /// A long source name still gives a valid file name; a file name with an absurd position
+    /// (from disk) is survived.
+    #[test]
+    fn long_names_and_absurd_positions_are_survived() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = "Förderband-Nord-Scanner-Eingang-".repeat(4);
+        let mut j = Journal::open(dir.path(), &long, 0, |_, _, _| {}).unwrap();
+        append(&mut j, b"X1\n");
+        drop(j);
+        let mut n = 0;
+        Journal::open(dir.path(), &long, 0, |b, _, _| n += b.len()).unwrap();
+        assert_eq!(n, 3);
+        // A file claiming to start near u64::MAX.
+        let p = path_of(dir.path(), &prefix_of("s"), u64::MAX - 5);
+        let mut data = vec![0u8; 64];
+        put_header(&mut data, 0, 10, DONE, 1);
+        data[HEADER..HEADER + 10].copy_from_slice(b"0123456789");
+        std::fs::write(&p, &data).unwrap();
+        let j = Journal::open(dir.path(), "s", 0, |_, _, _| {}).unwrap();
+        assert_eq!(j.end(), u64::MAX);
     }
 
     #[test]

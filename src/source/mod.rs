@@ -3,7 +3,7 @@
 //!
 //! Backpressure per kind:
 //! - serial: never waits (a UART cannot be paused): while the read channel is full its reads
-//!   are held in the reader thread (up to [`serial::HOLD_MAX`] reads) and the port keeps being
+//!   are held in the reader thread (up to [`serial::HOLD_MAX`] bytes of reads) and the port keeps being
 //!   read; only beyond that bound is a read dropped and counted (`reason="pipeline_full"`).
 //!   Every byte read is journaled first ([`journal`]), so a crash loses none of it;
 //! - replay: waits (a file can be paused), so a replay never loses a read.

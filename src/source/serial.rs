@@ -80,16 +80,24 @@ pub async fn run(
     }
 }
 
-/// Reads a serial thread holds while the read channel is full (~8 MB at most). The port is
-/// read on meanwhile (a UART cannot be paused); only beyond this are reads dropped, counted
-/// `pipeline_full`.
-pub const HOLD_MAX: usize = 65_536;
+/// Bytes of reads (tags and a fixed overhead each) a serial thread holds while the read
+/// channel is full. The port is read on meanwhile (a UART cannot be paused); only beyond this
+/// are reads dropped, counted `pipeline_full`. 2 MiB is ~20,000 typical reads (4 s at 5,000
+/// reads/s), or 500 reads of 4 KiB.
+pub const HOLD_MAX: usize = 2 * 1024 * 1024;
+
+/// What a held read costs, roughly: its tag and symbology plus the struct.
+fn held_size(r: &SourceRead) -> usize {
+    96 + r.read.tag.len() + r.read.symbology.as_ref().map_or(0, String::len)
+}
 
 /// The reader thread's hand-over: reads go to the channel in order, are held while it is full
 /// (the thread never waits on the pipeline), and are dropped only beyond [`HOLD_MAX`].
 struct Handover<'a> {
     feed: &'a Feed,
     held: std::collections::VecDeque<SourceRead>,
+    /// [`held_size`] of everything in `held`.
+    held_bytes: usize,
     /// Journal position of the last read put into the channel.
     last_sent: u64,
     closed: bool,
@@ -100,6 +108,7 @@ impl<'a> Handover<'a> {
         Handover {
             feed,
             held: std::collections::VecDeque::new(),
+            held_bytes: 0,
             last_sent: 0,
             closed: false,
         }
@@ -115,16 +124,20 @@ impl<'a> Handover<'a> {
                 Err(TrySendError::Closed(_)) => self.closed = true,
                 Err(TrySendError::Full(r)) => {
                     self.feed.wake.notify_one();
-                    self.held.push_back(r);
-                    self.feed.metrics.serial_held.add(1);
+                    self.hold(r);
                 }
             }
-        } else if self.held.len() >= HOLD_MAX {
+        } else if self.held_bytes >= HOLD_MAX {
             self.feed.metrics.count_drop("pipeline_full", 1);
         } else {
-            self.held.push_back(r);
-            self.feed.metrics.serial_held.add(1);
+            self.hold(r);
         }
+    }
+
+    fn hold(&mut self, r: SourceRead) {
+        self.held_bytes += held_size(&r);
+        self.held.push_back(r);
+        self.feed.metrics.serial_held.add(1);
     }
 
     /// Move held reads into the channel while it has room.
@@ -132,8 +145,12 @@ impl<'a> Handover<'a> {
         let before = self.held.len();
         while let Some(r) = self.held.pop_front() {
             let pos = r.journal_end;
+            let size = held_size(&r);
             match self.feed.tx.try_send(r) {
-                Ok(()) => self.last_sent = pos,
+                Ok(()) => {
+                    self.last_sent = pos;
+                    self.held_bytes -= size;
+                }
                 Err(TrySendError::Full(r)) => {
                     self.held.push_front(r);
                     self.feed.wake.notify_one();
@@ -142,6 +159,7 @@ impl<'a> Handover<'a> {
                 Err(TrySendError::Closed(_)) => {
                     self.closed = true;
                     self.held.clear();
+                    self.held_bytes = 0;
                     break;
                 }
             }
@@ -156,6 +174,7 @@ impl<'a> Handover<'a> {
     /// are done), waiting as needed.
     fn finish(&mut self) {
         self.feed.metrics.serial_held.sub(self.held.len() as u64);
+        self.held_bytes = 0;
         while let Some(r) = self.held.pop_front() {
             if !self.feed.send_blocking(r) {
                 self.held.clear();
@@ -189,7 +208,7 @@ fn serve(
         let opened = Journal::open(dir, name, committed, |bytes, wall_ms, end| {
             buf.extend_from_slice(bytes);
             while let Ok(Some(d)) = decoder.decode(&mut buf) {
-                let pos = end - buf.len() as u64;
+                let pos = end.saturating_sub(buf.len() as u64);
                 if let Some(r) = feed.read_of(d, wall_ms, pos) {
                     recovered += 1;
                     if feed.send_blocking(r) {
@@ -267,7 +286,7 @@ fn serve(
                     };
                     if n == 0 {
                         out.drain();
-                        settle(&mut journal, &out, pos_end - buf.len() as u64);
+                        settle(&mut journal, &out, pos_end.saturating_sub(buf.len() as u64));
                         // The read timer ran out (no data) or the line hung up.
                         if started.elapsed() < Duration::from_millis(VTIME_DS as u64 * 50) {
                             break "end of file (device gone?)".to_string();
@@ -278,10 +297,10 @@ fn serve(
                     feed.metrics.bytes_in.add(n as u64);
                     out.drain();
                     while let Ok(Some(d)) = decoder.decode(&mut buf) {
-                        out.hand(d, wall_ms, pos_end - buf.len() as u64);
+                        out.hand(d, wall_ms, pos_end.saturating_sub(buf.len() as u64));
                     }
                     feed.wake_if_high();
-                    settle(&mut journal, &out, pos_end - buf.len() as u64);
+                    settle(&mut journal, &out, pos_end.saturating_sub(buf.len() as u64));
                     cycle_bytes += n;
                     if n < STREAMING_READ {
                         let now = tokio::time::Instant::now();

@@ -232,6 +232,10 @@ pub fn spawn_with(
                                 Err(_) => {
                                     flush(&mut spool);
                                     acks_since = None;
+                                    if spool.take_acks_lost() {
+                                        offer.rewind.store(true, Ordering::Release);
+                                        committed_tx.send_modify(|_| {});
+                                    }
                                     continue;
                                 }
                             }
@@ -341,6 +345,8 @@ pub fn spawn_with(
             }
             if spool.take_acks_lost() {
                 offer.rewind.store(true, Ordering::Release);
+                // Wake a forwarder that waits for commits: it has events to send again.
+                committed_tx.send_modify(|_| {});
             }
         }
         flush(&mut spool);

@@ -1448,32 +1448,52 @@ impl Spool {
         // An unreadable header: a file moved aside from this state directory shares its
         // identity (`spool.id`), so the salt is this spool's.
         report.same_ids = old_salt.is_none() || old_salt == own_salt;
-        // Chunk ids first (an index scan), then each row on its own: a damaged page costs
-        // only the rows on it.
-        let ids: Vec<i64> = match old.prepare("SELECT id FROM chunks ORDER BY id") {
-            Ok(mut q) => match q.query_map([], |r| r.get::<_, i64>(0)) {
-                Ok(rows) => rows
-                    .filter_map(|r| match r {
-                        Ok(id) => Some(id),
-                        Err(_) => {
-                            report.unreadable_rows += 1;
-                            None
-                        }
-                    })
-                    .collect(),
-                Err(_) => Vec::new(),
-            },
-            Err(_) => Vec::new(),
-        };
+        // Chunk ids: a scan stops at the first damaged page, so every id up to the highest
+        // one known (from the scan, the table's last row, or the header's counter) is also
+        // looked up on its own: a damaged page costs only the rows on it.
+        let mut scanned: Vec<i64> = Vec::new();
+        if let Ok(mut q) = old.prepare("SELECT id FROM chunks ORDER BY id") {
+            if let Ok(rows) = q.query_map([], |r| r.get::<_, i64>(0)) {
+                for r in rows {
+                    match r {
+                        Ok(id) => scanned.push(id),
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        let last = [
+            scanned.last().copied(),
+            old.query_row("SELECT MAX(id) FROM chunks", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
+            .ok()
+            .flatten(),
+            meta_get::<i64>(&old, "next_chunk")
+                .ok()
+                .flatten()
+                .map(|n| n - 1),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(0);
+        let probe_from = scanned.last().map_or(1, |l| l + 1);
+        let ids = scanned.into_iter().chain(probe_from..=last);
         for id in ids {
             let row: rusqlite::Result<(i64, i64, Vec<u8>)> = old.query_row(
                 "SELECT first_seq, created_ms, data FROM chunks WHERE id = ?1",
                 [id],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             );
-            let Ok((first_seq, created_ms, blob)) = row else {
-                report.unreadable_rows += 1;
-                continue;
+            let (first_seq, created_ms, blob) = match row {
+                Ok(r) => r,
+                // Never existed or deleted (delivered): nothing to salvage.
+                Err(rusqlite::Error::QueryReturnedNoRows) => continue,
+                Err(_) => {
+                    report.unreadable_rows += 1;
+                    continue;
+                }
             };
             let Ok(data) = self.codec.decode(&blob) else {
                 report.unreadable_rows += 1;
@@ -1623,6 +1643,8 @@ impl Spool {
 }
 
 /// Delete the oldest dead letters until `dl_bytes` (updated) is within `max`. Returns how many.
+/// The raw bytes of a corrupt chunk (no event id) are never deleted here: they are the only
+/// trace of what was lost, for an operator to inspect.
 fn trim_dead_letters(
     tx: &rusqlite::Transaction<'_>,
     dl_bytes: &mut u64,
@@ -1631,7 +1653,7 @@ fn trim_dead_letters(
     let mut trimmed = 0;
     while *dl_bytes > max {
         let oldest: Option<(i64, i64)> = tx
-            .prepare_cached("SELECT id, length(body) + length(reason) + 64 FROM dead_letters ORDER BY id LIMIT 1")?
+            .prepare_cached("SELECT id, length(body) + length(reason) + 64 FROM dead_letters WHERE event_id != '' ORDER BY id LIMIT 1")?
             .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         let Some((id, size)) = oldest else {

@@ -55,6 +55,8 @@ pub struct State {
     pub max_batch: Option<usize>,
     pub poison: HashSet<String>,
     pub poison_status: u16,
+    /// The poison answer echoes the refused events (a reason that differs per event).
+    pub poison_echo: bool,
     /// Benchmark mode: parse only event_id, keep counts and the id set, store no events.
     pub light: bool,
     /// With `light`: the body is a plain JSON array of records (the reference peer's HTTP
@@ -358,6 +360,14 @@ async fn handle(
             st.poison_status
         };
         finish(s, &mut log, &mut st);
+        if st.poison_echo {
+            // FastAPI style: the reason echoes the refused input, so it differs per event.
+            let input: Vec<Value> = events.iter().map(|e| e["bag_id"].clone()).collect();
+            return json(
+                s,
+                serde_json::json!({"detail": [{"msg": "Field required", "input": input}]}),
+            );
+        }
         return json(s, serde_json::json!({"detail": "poison tag in batch"}));
     }
     let rejected: Vec<String> = match &scripted {
