@@ -6,9 +6,11 @@
 //!
 //! Invariants:
 //! - `seq` is assigned once, by the spool, at commit; it never repeats within a spool.
-//! - `event_id` is a UUIDv7 derived from (spool salt, seq, commit time): it is fixed at commit and
-//!   recomputed identically on every retry, replay or restart, so it never needs to be stored
-//!   per event (16 incompressible bytes per event saved on flash).
+//! - `event_id` is a UUIDv7 derived from (spool salt keyed by the gateway id at commit, seq,
+//!   commit time): it is fixed at commit and recomputed identically on every retry, replay or
+//!   restart, also after the gateway is renamed, so it never needs to be stored per event (16
+//!   incompressible bytes per event saved on flash). Two gateways made from one image commit
+//!   different ids from then on.
 
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;

@@ -712,7 +712,10 @@ fn a_copied_state_dir_under_another_gateway_id_never_repeats_event_ids() {
         on_a.iter().map(|x| x.0).collect::<Vec<_>>(),
         on_b.iter().map(|x| x.0).collect::<Vec<_>>()
     );
-    for ((_, x), (_, y)) in on_a.iter().zip(&on_b) {
+    // The image's own event keeps its id (it was committed before the copy); every event
+    // committed after the copy differs.
+    assert_eq!(on_a[0], on_b[0]);
+    for ((_, x), (_, y)) in on_a.iter().zip(&on_b).skip(1) {
         assert_ne!(x, y);
     }
 }
@@ -892,4 +895,57 @@ fn salvage_reads_past_a_damaged_page() {
         back.iter().any(|e| e.body.tag == "p199-9"),
         "the last chunk is salvaged"
     );
+}
+
+/// Regression: event ids were derived from the gateway id at send time, so renaming the
+/// gateway gave every event already committed a new id (a batch whose 2xx was lost became a
+/// duplicate the upstream cannot drop). Committed events keep their ids; new ones get the new
+/// gateway's.
+#[test]
+fn renaming_the_gateway_keeps_the_ids_of_committed_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let before: Vec<(u64, uuid::Uuid)> = {
+        let (mut sp, _) = Spool::open(dir.path(), opts_for("gw-old"), Arc::default()).unwrap();
+        sp.append((0..5).map(|i| body(&format!("r{i}"), 1)).collect(), 9)
+            .unwrap();
+        sp.read_after(None, 0, 10)
+            .unwrap()
+            .iter()
+            .map(|e| (e.seq, e.event_id))
+            .collect()
+    };
+    let (mut sp, _) = Spool::open(dir.path(), opts_for("gw-new"), Arc::default()).unwrap();
+    let after: Vec<(u64, uuid::Uuid)> = sp
+        .read_after(None, 0, 10)
+        .unwrap()
+        .iter()
+        .map(|e| (e.seq, e.event_id))
+        .collect();
+    assert_eq!(after, before);
+    // New events: the new gateway's salt (not what the old name would have given).
+    sp.append(vec![body("n", 1)], 9).unwrap();
+    let new = sp.read_after(None, 0, 10).unwrap().pop().unwrap();
+    assert_eq!(new.seq, 6);
+    drop(sp);
+    // The same commit under the old name would have had another id: open a copy of the
+    // state as it was, under the old name, and commit the same event there.
+    let (mut again, _) = Spool::open(dir.path(), opts_for("gw-old"), Arc::default()).unwrap();
+    let ids: Vec<uuid::Uuid> = again
+        .read_after(None, 0, 10)
+        .unwrap()
+        .iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(
+        &ids[..5],
+        &before.iter().map(|x| x.1).collect::<Vec<_>>()[..]
+    );
+    assert_eq!(
+        ids[5], new.event_id,
+        "committed under gw-new: keeps that id"
+    );
+    let next = again.append(vec![body("m", 1)], 9).unwrap();
+    let m = again.read_after(None, 0, 10).unwrap().pop().unwrap();
+    assert_eq!(m.seq, next.first_seq);
+    assert_ne!(m.event_id, new.event_id);
 }

@@ -317,8 +317,10 @@ pub struct Spool {
     path: PathBuf,
     state_dir: PathBuf,
     opts: SpoolOptions,
-    /// The salt event ids are made with ([`id_salt`] of the stored salt and the gateway id).
-    salt: u64,
+    /// The salts event ids are made with, by the first chunk id each applies to
+    /// ([`id_salt`] of the stored salt and the gateway id at the time of the commit): a
+    /// changed gateway id gives new events new ids and leaves committed events theirs.
+    salts: Vec<(i64, u64)>,
     identity: Identity,
     /// Bytes held by dead letters (bodies, reasons and a row's overhead): counted against
     /// `dead_letter_max_bytes`, not against `max_bytes`.
@@ -366,6 +368,57 @@ fn classify(e: rusqlite::Error) -> SpoolError {
     } else {
         SpoolError::Sqlite(e)
     }
+}
+
+/// The id salts of a spool (`meta` keys `salt_from:<first chunk>`), adding one from
+/// `next_chunk` on when the gateway id (hence the salt) changed. A spool written before salts
+/// were keyed by the gateway id keeps its plain salt for the chunks it already has.
+fn salt_epochs(
+    conn: &Connection,
+    salt: u64,
+    gateway_id: &str,
+    next_chunk: i64,
+    created: bool,
+) -> rusqlite::Result<Vec<(i64, u64)>> {
+    let mut epochs: Vec<(i64, u64)> = Vec::new();
+    {
+        let mut q = conn.prepare("SELECT key, value FROM meta WHERE key LIKE 'salt_from:%'")?;
+        let rows = q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        for row in rows {
+            let (k, v) = row?;
+            if let Some(from) = k
+                .strip_prefix("salt_from:")
+                .and_then(|f| f.parse::<i64>().ok())
+            {
+                epochs.push((from, v as u64));
+            }
+        }
+    }
+    epochs.sort_unstable();
+    let want = id_salt(salt, gateway_id);
+    let mut add = Vec::new();
+    if epochs.is_empty() && !created && next_chunk > 1 {
+        add.push((0, salt));
+    }
+    if epochs.last().or(add.last()).map(|e| e.1) != Some(want) {
+        add.push((
+            if epochs.is_empty() && add.is_empty() {
+                0
+            } else {
+                next_chunk
+            },
+            want,
+        ));
+    }
+    if !add.is_empty() {
+        let tx = conn.unchecked_transaction()?;
+        for (from, s) in &add {
+            meta_set(&tx, &format!("salt_from:{from}"), *s as i64)?;
+        }
+        tx.commit()?;
+        epochs.extend(add);
+    }
+    Ok(epochs)
 }
 
 /// Another connection holds the lock the write needs.
@@ -615,13 +668,14 @@ impl Spool {
         let next_chunk = meta_get::<i64>(&conn, "next_chunk")?
             .unwrap_or(1)
             .max(max_id + 1);
-        let gateway_id = opts.gateway_id.clone();
+        let salts = salt_epochs(&conn, salt, &opts.gateway_id, next_chunk, report.created)
+            .map_err(classify)?;
         let mut spool = Spool {
             conn,
             path,
             state_dir: state_dir.to_path_buf(),
             opts,
-            salt: id_salt(salt, &gateway_id),
+            salts,
             identity,
             dl_bytes: dl_bytes.max(0) as u64,
             acks_lost: false,
@@ -690,6 +744,16 @@ impl Spool {
                 tracing::error!(path = %Identity::path_in(&self.state_dir).display(), error = %e, "Cannot record the spool identity (salt and seq reservation)")
             }
         }
+    }
+
+    /// The salt of the events of chunk `chunk`.
+    fn salt_for(&self, chunk: i64) -> u64 {
+        self.salts
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= chunk)
+            .or(self.salts.first())
+            .map_or(0, |(_, s)| *s)
     }
 
     /// The spool's identity (salt and seq reservation, as in `spool.id`).
@@ -802,7 +866,7 @@ impl Spool {
             return Ok((r, None));
         }
         let base = ChunkBase {
-            salt: self.salt,
+            salt: self.salt_for(r.chunk),
             chunk: r.chunk,
             first_seq: r.first_seq,
             created_ms: now_ms,
@@ -1195,7 +1259,7 @@ impl Spool {
             let Some(id) = id else { break };
             next_id = id + 1;
             let bits = self.done_bits(id)?;
-            let salt = self.salt;
+            let salt = self.salt_for(id);
             let from = start_idx as usize;
             let Some(c) = self.load_chunk(id, from)? else {
                 continue;
