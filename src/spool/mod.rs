@@ -321,6 +321,10 @@ pub struct Spool {
     /// ([`id_salt`] of the stored salt and the gateway id at the time of the commit): a
     /// changed gateway id gives new events new ids and leaves committed events theirs.
     salts: Vec<(i64, u64)>,
+    /// Chunks whose events keep a salt other than their epoch's (requeued dead letters and
+    /// salvaged events keep the ids they were committed with): (chunk id, salt), `meta` keys
+    /// `salt_chunk:<id>`.
+    salt_overrides: Vec<(i64, u64)>,
     identity: Identity,
     /// Bytes held by dead letters (bodies, reasons and a row's overhead): counted against
     /// `dead_letter_max_bytes`, not against `max_bytes`.
@@ -419,6 +423,25 @@ fn salt_epochs(
         epochs.extend(add);
     }
     Ok(epochs)
+}
+
+/// The per-chunk salts (`meta` keys `salt_chunk:<id>`) of chunks that still exist; those of
+/// chunks gone (delivered) are deleted.
+fn salt_overrides_of(conn: &Connection) -> rusqlite::Result<Vec<(i64, u64)>> {
+    conn.execute(
+        "DELETE FROM meta WHERE key LIKE 'salt_chunk:%' AND CAST(substr(key, 12) AS INTEGER) NOT IN (SELECT id FROM chunks)",
+        [],
+    )?;
+    let mut q = conn.prepare("SELECT key, value FROM meta WHERE key LIKE 'salt_chunk:%'")?;
+    let rows = q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (k, v) = row?;
+        if let Some(id) = k.strip_prefix("salt_chunk:").and_then(|i| i.parse().ok()) {
+            out.push((id, v as u64));
+        }
+    }
+    Ok(out)
 }
 
 /// Another connection holds the lock the write needs.
@@ -670,12 +693,14 @@ impl Spool {
             .max(max_id + 1);
         let salts = salt_epochs(&conn, salt, &opts.gateway_id, next_chunk, report.created)
             .map_err(classify)?;
+        let salt_overrides = salt_overrides_of(&conn).map_err(classify)?;
         let mut spool = Spool {
             conn,
             path,
             state_dir: state_dir.to_path_buf(),
             opts,
             salts,
+            salt_overrides,
             identity,
             dl_bytes: dl_bytes.max(0) as u64,
             acks_lost: false,
@@ -748,6 +773,9 @@ impl Spool {
 
     /// The salt of the events of chunk `chunk`.
     fn salt_for(&self, chunk: i64) -> u64 {
+        if let Some((_, s)) = self.salt_overrides.iter().find(|(c, _)| *c == chunk) {
+            return *s;
+        }
         self.salts
             .iter()
             .rev()
@@ -902,6 +930,7 @@ impl Spool {
             first_seq + count as u64,
             &[],
             marks,
+            None,
         )?;
         Ok(AppendResult {
             first_seq,
@@ -923,6 +952,7 @@ impl Spool {
         next_seq: u64,
         requeued: &[i64],
         marks: &[(Arc<str>, u64)],
+        salt: Option<u64>,
     ) -> Result<(i64, u64), SpoolError> {
         let need = blob.len() as u64 + 2 * self.page_size;
         let mut evicted = 0;
@@ -946,7 +976,7 @@ impl Spool {
         let mut blocked: Option<(u32, tokio::time::Instant)> = None;
         loop {
             match self.try_insert(
-                first_seq, created_ms, blob, count, next_seq, requeued, marks,
+                first_seq, created_ms, blob, count, next_seq, requeued, marks, salt,
             ) {
                 Ok(id) => {
                     if let Some((tries, since)) = blocked {
@@ -1023,8 +1053,18 @@ impl Spool {
         next_seq: u64,
         requeued: &[i64],
         marks: &[(Arc<str>, u64)],
+        salt: Option<u64>,
     ) -> Result<i64, SpoolError> {
         let id = self.next_chunk;
+        // A salt other than the epoch's for this chunk (events that keep their ids).
+        let salt = salt.filter(|s| {
+            *s != self
+                .salts
+                .iter()
+                .rev()
+                .find(|(from, _)| *from <= id)
+                .map_or(0, |e| e.1)
+        });
         self.restore_sync().map_err(classify)?;
         let note = self.delivery_due(created_ms);
         let tx = self.conn.transaction().map_err(classify)?;
@@ -1037,6 +1077,9 @@ impl Spool {
         }
         for (source, pos) in marks {
             meta_set(&tx, &format!("journal:{source}"), *pos as i64).map_err(classify)?;
+        }
+        if let (Some(salt), true) = (salt, count > 0) {
+            meta_set(&tx, &format!("salt_chunk:{id}"), salt as i64).map_err(classify)?;
         }
         for dl in requeued {
             tx.prepare_cached("DELETE FROM dead_letters WHERE id = ?1")?
@@ -1067,6 +1110,9 @@ impl Spool {
             }
         };
         tx.commit().map_err(classify)?;
+        if let (Some(salt), true) = (salt, count > 0) {
+            self.salt_overrides.push((id, salt));
+        }
         if count > 0 {
             self.next_chunk = id + 1;
             self.next_seq = self.next_seq.max(next_seq);
@@ -1509,6 +1555,38 @@ impl Spool {
             .flatten()
             .map(|v| v as u64);
         let own_salt = meta_get::<i64>(&self.conn, "salt")?.map(|v| v as u64);
+        // The old file's salts by chunk; when its header cannot be read, this spool's (a file
+        // moved aside from this state directory shares its history).
+        let old_epochs: Vec<(i64, u64)> = old
+            .prepare("SELECT key, value FROM meta WHERE key LIKE 'salt_from:%'")
+            .and_then(|mut q| {
+                q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map(|rows| {
+                let mut v: Vec<(i64, u64)> = rows
+                    .into_iter()
+                    .filter_map(|(k, s)| {
+                        k.strip_prefix("salt_from:")?
+                            .parse()
+                            .ok()
+                            .map(|f| (f, s as u64))
+                    })
+                    .collect();
+                v.sort_unstable();
+                v
+            })
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| self.salts.clone());
+        let old_salt_for = |chunk: i64| {
+            old_epochs
+                .iter()
+                .rev()
+                .find(|(f, _)| *f <= chunk)
+                .or(old_epochs.first())
+                .map(|e| e.1)
+        };
         // An unreadable header: a file moved aside from this state directory shares its
         // identity (`spool.id`), so the salt is this spool's.
         report.same_ids = old_salt.is_none() || old_salt == own_salt;
@@ -1596,7 +1674,16 @@ impl Spool {
             })?;
             let next = self.next_seq.max(max_seq + 1);
             self.reserve_seqs(next);
-            self.insert_chunk(first_seq as u64, now_ms, &blob, n, next, &[], &[])?;
+            self.insert_chunk(
+                first_seq as u64,
+                now_ms,
+                &blob,
+                n,
+                next,
+                &[],
+                &[],
+                old_salt_for(id),
+            )?;
             report.events += n as u64;
         }
         // Dead letters: copied as they are.
@@ -1668,34 +1755,28 @@ impl Spool {
             let page = dead_letters_page(&self.conn, after, PAGE)?;
             let Some(last) = page.last() else { break };
             after = last.id;
-            let group: Vec<DeadLetter> = page
+            let chosen: Vec<DeadLetter> = page
                 .into_iter()
                 .filter(|d| d.body.is_some() && ids.is_none_or(|ids| ids.contains(&d.id)))
                 .collect();
-            if group.is_empty() {
-                continue;
-            }
-            let base_seq = group[0].seq;
-            let base_ms = now_ms;
-            let records: Vec<Record> = group
-                .iter()
-                .filter_map(|d| {
-                    d.body.clone().map(|body| Record {
-                        seq_delta: d.seq as i64 - base_seq as i64,
-                        committed_delta: d.committed_ms - base_ms,
-                        body,
-                    })
-                })
-                .collect();
-            let data = ChunkData {
-                boot_id: *self.boot_id.as_bytes(),
-                records,
+            // Each event keeps the id it was committed with: find the salt that made it.
+            let mut candidates: Vec<u64> = self.salts.iter().map(|e| e.1).collect();
+            candidates.extend(self.salt_overrides.iter().map(|e| e.1));
+            candidates.dedup();
+            let salt_of = |d: &DeadLetter| {
+                candidates
+                    .iter()
+                    .copied()
+                    .find(|s| event_id(*s, d.seq, d.committed_ms).to_string() == d.event_id)
             };
-            let blob = self.codec.encode(&data)?;
-            let dl_ids: Vec<i64> = group.iter().map(|d| d.id).collect();
-            let next = self.next_seq;
-            self.insert_chunk(base_seq, base_ms, &blob, group.len(), next, &dl_ids, &[])?;
-            done += group.len();
+            let mut rest = chosen;
+            while !rest.is_empty() {
+                let salt = salt_of(&rest[0]);
+                let n = rest.iter().take_while(|d| salt_of(d) == salt).count();
+                let tail = rest.split_off(n);
+                let group = std::mem::replace(&mut rest, tail);
+                done += self.requeue_group(group, now_ms, salt)?;
+            }
         }
         let dl: i64 = self
             .conn
@@ -1703,6 +1784,45 @@ impl Spool {
             .query_row([], |r| r.get(0))?;
         self.dl_bytes = dl.max(0) as u64;
         Ok(done)
+    }
+
+    /// Requeue consecutive dead letters as one chunk whose events keep `salt` (their ids).
+    fn requeue_group(
+        &mut self,
+        group: Vec<DeadLetter>,
+        now_ms: i64,
+        salt: Option<u64>,
+    ) -> Result<usize, SpoolError> {
+        let base_seq = group[0].seq;
+        let base_ms = now_ms;
+        let records: Vec<Record> = group
+            .iter()
+            .filter_map(|d| {
+                d.body.clone().map(|body| Record {
+                    seq_delta: d.seq as i64 - base_seq as i64,
+                    committed_delta: d.committed_ms - base_ms,
+                    body,
+                })
+            })
+            .collect();
+        let data = ChunkData {
+            boot_id: *self.boot_id.as_bytes(),
+            records,
+        };
+        let blob = self.codec.encode(&data)?;
+        let dl_ids: Vec<i64> = group.iter().map(|d| d.id).collect();
+        let next = self.next_seq;
+        self.insert_chunk(
+            base_seq,
+            base_ms,
+            &blob,
+            group.len(),
+            next,
+            &dl_ids,
+            &[],
+            salt,
+        )?;
+        Ok(group.len())
     }
 }
 
