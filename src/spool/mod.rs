@@ -384,21 +384,7 @@ fn salt_epochs(
     next_chunk: i64,
     created: bool,
 ) -> rusqlite::Result<Vec<(i64, u64)>> {
-    let mut epochs: Vec<(i64, u64)> = Vec::new();
-    {
-        let mut q = conn.prepare("SELECT key, value FROM meta WHERE key LIKE 'salt_from:%'")?;
-        let rows = q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-        for row in rows {
-            let (k, v) = row?;
-            if let Some(from) = k
-                .strip_prefix("salt_from:")
-                .and_then(|f| f.parse::<i64>().ok())
-            {
-                epochs.push((from, v as u64));
-            }
-        }
-    }
-    epochs.sort_unstable();
+    let mut epochs = read_salt_epochs(conn)?;
     let want = id_salt(salt, gateway_id);
     let mut add = Vec::new();
     if epochs.is_empty() && !created && next_chunk > 1 {
@@ -423,6 +409,36 @@ fn salt_epochs(
         epochs.extend(add);
     }
     Ok(epochs)
+}
+
+/// The salt epochs stored in a spool (`meta` keys `salt_from:<first chunk>`), in order.
+fn read_salt_epochs(conn: &Connection) -> rusqlite::Result<Vec<(i64, u64)>> {
+    let mut q = conn.prepare("SELECT key, value FROM meta WHERE key LIKE 'salt_from:%'")?;
+    let rows = q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    let mut epochs = Vec::new();
+    for row in rows {
+        let (k, v) = row?;
+        if let Some(from) = k
+            .strip_prefix("salt_from:")
+            .and_then(|f| f.parse::<i64>().ok())
+        {
+            epochs.push((from, v as u64));
+        }
+    }
+    epochs.sort_unstable();
+    Ok(epochs)
+}
+
+/// Move a SQLite file with its `-wal` and `-shm` files, when they exist.
+fn move_with_sidecars(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::rename(from, to)?;
+    for ext in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{ext}", from.display()));
+        if side.exists() {
+            let _ = std::fs::rename(&side, format!("{}{ext}", to.display()));
+        }
+    }
+    Ok(())
 }
 
 /// The per-chunk salts (`meta` keys `salt_chunk:<id>`) of chunks that still exist; those of
@@ -594,16 +610,10 @@ impl Spool {
                     .to_string()
                     .replace(':', "");
                 let aside = path.with_file_name(format!("spool.db.corrupt-{stamp}"));
-                std::fs::rename(&path, &aside).map_err(|source| SpoolError::StateDir {
+                move_with_sidecars(&path, &aside).map_err(|source| SpoolError::StateDir {
                     path: state_dir.to_path_buf(),
                     source,
                 })?;
-                for ext in ["-wal", "-shm"] {
-                    let side = PathBuf::from(format!("{}{ext}", path.display()));
-                    if side.exists() {
-                        let _ = std::fs::rename(&side, format!("{}{ext}", aside.display()));
-                    }
-                }
                 metrics.spool_corrupt_incidents.inc();
                 report.moved_aside = Some((aside, reason));
             }
@@ -1557,25 +1567,7 @@ impl Spool {
         let own_salt = meta_get::<i64>(&self.conn, "salt")?.map(|v| v as u64);
         // The old file's salts by chunk; when its header cannot be read, this spool's (a file
         // moved aside from this state directory shares its history).
-        let old_epochs: Vec<(i64, u64)> = old
-            .prepare("SELECT key, value FROM meta WHERE key LIKE 'salt_from:%'")
-            .and_then(|mut q| {
-                q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
-                    .collect::<rusqlite::Result<Vec<_>>>()
-            })
-            .map(|rows| {
-                let mut v: Vec<(i64, u64)> = rows
-                    .into_iter()
-                    .filter_map(|(k, s)| {
-                        k.strip_prefix("salt_from:")?
-                            .parse()
-                            .ok()
-                            .map(|f| (f, s as u64))
-                    })
-                    .collect();
-                v.sort_unstable();
-                v
-            })
+        let old_epochs: Vec<(i64, u64)> = read_salt_epochs(&old)
             .ok()
             .filter(|v| !v.is_empty())
             .unwrap_or_else(|| self.salts.clone());
@@ -1716,16 +1708,10 @@ impl Spool {
         }
         drop(old);
         let done = PathBuf::from(format!("{}.salvaged", file.display()));
-        std::fs::rename(file, &done).map_err(|source| SpoolError::StateDir {
+        move_with_sidecars(file, &done).map_err(|source| SpoolError::StateDir {
             path: file.to_path_buf(),
             source,
         })?;
-        for ext in ["-wal", "-shm"] {
-            let side = PathBuf::from(format!("{}{ext}", file.display()));
-            if side.exists() {
-                let _ = std::fs::rename(&side, format!("{}{ext}", done.display()));
-            }
-        }
         if let Err(e) = self.refresh_used() {
             tracing::warn!(error = %e, "Cannot measure the spool after salvage");
         }
