@@ -26,7 +26,7 @@ pub const READ_CHANNEL: usize = 8192;
 
 /// A group is committed once its events hold about this many bytes, whatever
 /// `commit_max_events` says: chunks stay far below what the chunk decoder accepts.
-pub const GROUP_MAX_BYTES: usize = 4 * 1024 * 1024;
+pub const GROUP_MAX_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -120,6 +120,7 @@ fn body_of(read: SourceRead, sources: &[SourceNames]) -> EventBody {
 async fn ingest(
     mut rx: mpsc::Receiver<SourceRead>,
     wake: Arc<tokio::sync::Notify>,
+    budget: Arc<source::Budget>,
     spool: SpoolHandle,
     cfg: Config,
     metrics: Arc<Metrics>,
@@ -133,6 +134,7 @@ async fn ingest(
     let mut marks: Vec<u64> = vec![0; sources.len()];
     let accept =
         |read: SourceRead, group: &mut Vec<EventBody>, size: &mut usize, marks: &mut Vec<u64>| {
+            budget.taken(read.size());
             // Even a read dropped here moves its source's journal mark: it is settled.
             if let Some(m) = marks.get_mut(read.source) {
                 *m = (*m).max(read.journal_end);
@@ -274,10 +276,12 @@ pub async fn run(
         read_coalesce: (cfg.spool.commit_interval / 5)
             .clamp(Duration::from_millis(1), Duration::from_millis(10)),
         journal: Some((journal_dir, journal_marks)),
+        budget: Arc::default(),
     };
     let ingest_task = tokio::spawn(ingest(
         rx,
         pipe.wake.clone(),
+        pipe.budget.clone(),
         handle.clone(),
         cfg.clone(),
         metrics.clone(),

@@ -44,11 +44,10 @@
 //!   (`event` docs).
 //! - Memory is bounded: channels are bounded, the forwarder holds one batch, the spool decodes
 //!   one chunk at a time; the backlog lives only on disk. In bytes, while the spool cannot
-//!   commit (locked, or slower than the input), reads wait in: each serial thread's hold (2
-//!   MiB), the read channel (8,192 reads: under 1 MB of ~100-byte scans, ~32 MB of 4 KiB
-//!   lines), the ingest group ([`app::GROUP_MAX_BYTES`]) and the spool's command queue (4
-//!   groups). With 4 KiB lines that is ~45 MB at worst (measured: flat at 43 MB `RssAnon`);
-//!   bounding the read channel by bytes is open work.
+//!   commit (locked, or slower than the input), reads wait in: each serial thread's hold
+//!   ([`source::serial::HOLD_MAX`], 2 MiB), the read channel ([`source::CHANNEL_MAX_BYTES`],
+//!   1 MiB, besides its 8,192 reads), the ingest group ([`app::GROUP_MAX_BYTES`], 1 MiB) and
+//!   the spool's command queue (4 groups): under 10 MB whatever the size of the reads.
 //! - Bad input never stops the daemon: decoders skip and count; a corrupt spool is moved aside;
 //!   a full disk refuses new events (counted) and recovers by itself.
 //! - Shutdown cancels the sources only; each later stage ends when its input closes

@@ -26,6 +26,46 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
+/// Bytes of reads the read channel may hold at once (besides its count bound,
+/// `app::READ_CHANNEL`): a source finding it full holds (serial) or waits (replay). Keeps the
+/// channel's memory small even when every read is a 4 KiB line.
+pub const CHANNEL_MAX_BYTES: usize = 1 << 20;
+
+/// The read channel's byte budget, shared by the sources (which add) and the ingest stage
+/// (which subtracts and wakes waiting sources).
+#[derive(Debug, Default)]
+pub struct Budget {
+    bytes: std::sync::atomic::AtomicUsize,
+    drained: Notify,
+}
+
+impl Budget {
+    fn full(&self) -> bool {
+        self.bytes.load(std::sync::atomic::Ordering::Acquire) >= CHANNEL_MAX_BYTES
+    }
+
+    /// The ingest stage took these reads out of the channel.
+    pub fn taken(&self, bytes: usize) {
+        let before = self
+            .bytes
+            .fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+                |b| Some(b.saturating_sub(bytes)),
+            )
+            .unwrap_or(0);
+        // Only a crossing below the bound can release a waiting source.
+        if before >= CHANNEL_MAX_BYTES && before.saturating_sub(bytes) < CHANNEL_MAX_BYTES {
+            self.drained.notify_waiters();
+        }
+    }
+
+    fn put(&self, bytes: usize) {
+        self.bytes
+            .fetch_add(bytes, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// One decoded read with the index of its source (into `Config::sources`).
 #[derive(Debug, Clone)]
 pub struct SourceRead {
@@ -35,6 +75,13 @@ pub struct SourceRead {
     /// Journal position just after the read's frame (0: the source keeps no journal). The
     /// spool commits it with the read (see [`journal`]).
     pub journal_end: u64,
+}
+
+impl SourceRead {
+    /// What the read costs in memory, roughly: its strings and the struct.
+    pub fn size(&self) -> usize {
+        96 + self.read.tag.len() + self.read.symbology.as_ref().map_or(0, String::len)
+    }
 }
 
 /// The sending side a source uses, with its policy when the pipeline is full.
@@ -53,6 +100,8 @@ pub struct Feed {
     pub read_coalesce: Duration,
     /// Where port journals live and how far each is committed (serial sources).
     pub journal: Option<(std::path::PathBuf, Arc<journal::JournalMarks>)>,
+    /// The read channel's byte budget.
+    pub budget: Arc<Budget>,
 }
 
 impl Feed {
@@ -75,38 +124,72 @@ impl Feed {
         }
     }
 
+    /// Put a read into the channel if it has room (by count and by bytes), without waiting.
+    pub fn try_put(&self, r: SourceRead) -> Result<(), mpsc::error::TrySendError<SourceRead>> {
+        if self.budget.full() {
+            self.wake.notify_one();
+            return Err(mpsc::error::TrySendError::Full(r));
+        }
+        let size = r.size();
+        self.tx.try_send(r)?;
+        self.budget.put(size);
+        Ok(())
+    }
+
     /// Hand decoder output to the pipeline, waiting while the read channel is full (a source
     /// that can be paused). Returns false once the pipeline is gone.
     pub async fn push(&self, d: Decoded) -> bool {
         let wall_ms = crate::event::wall_now_ms();
-        let Some(r) = self.read_of(d, wall_ms, 0) else {
+        let Some(mut r) = self.read_of(d, wall_ms, 0) else {
             return true;
         };
-        match self.tx.try_send(r) {
-            Ok(()) => {
-                self.wake_if_high();
-                true
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-            Err(mpsc::error::TrySendError::Full(r)) => {
-                self.wake.notify_one();
-                self.tx.send(r).await.is_ok()
+        loop {
+            // Registered before the check, so a drain in between is not missed.
+            let drained = self.budget.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            match self.try_put(r) {
+                Ok(()) => {
+                    self.wake_if_high();
+                    return true;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                Err(mpsc::error::TrySendError::Full(back)) if self.budget.full() => {
+                    r = back;
+                    self.wake.notify_one();
+                    drained.await;
+                }
+                Err(mpsc::error::TrySendError::Full(back)) => {
+                    self.wake.notify_one();
+                    let size = back.size();
+                    let ok = self.tx.send(back).await.is_ok();
+                    if ok {
+                        self.budget.put(size);
+                    }
+                    return ok;
+                }
             }
         }
     }
 
     /// From a source thread (not the runtime): hand over a read, waiting while the channel is
     /// full. For reads that can wait (recovered from a journal before the port is open, or
-    /// held reads at shutdown). Returns false once the pipeline is gone.
+    /// held reads at shutdown); bounded by what the journal or the hold holds, so the byte
+    /// budget is not waited for. Returns false once the pipeline is gone.
     pub fn send_blocking(&self, r: SourceRead) -> bool {
-        match self.tx.try_send(r) {
+        let size = r.size();
+        let ok = match self.tx.try_send(r) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Closed(_)) => false,
             Err(mpsc::error::TrySendError::Full(r)) => {
                 self.wake.notify_one();
                 self.tx.blocking_send(r).is_ok()
             }
+        };
+        if ok {
+            self.budget.put(size);
         }
+        ok
     }
 
     /// After handing over a burst: wake the ingest stage if a group's worth of reads waits.
@@ -157,6 +240,8 @@ pub struct Pipe {
     pub read_coalesce: Duration,
     /// Port journal directory and committed positions (see [`journal`]).
     pub journal: Option<(std::path::PathBuf, Arc<journal::JournalMarks>)>,
+    /// The read channel's byte budget.
+    pub budget: Arc<Budget>,
 }
 
 /// Run one source until `shutdown` (or, for a replay, until the capture is played).
@@ -176,6 +261,7 @@ pub async fn run(
         high_water: pipe.high_water,
         read_coalesce: pipe.read_coalesce,
         journal: pipe.journal,
+        budget: pipe.budget,
     };
     match &cfg.kind {
         SourceKind::Serial { path, baud } => serial::run(&cfg, path, *baud, feed, shutdown).await,
@@ -188,5 +274,75 @@ pub async fn run(
                 tracing::error!(source = %cfg.name, error = %e, "Replay source stopped");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::ReadKind;
+
+    fn feed(tx: mpsc::Sender<SourceRead>, budget: Arc<Budget>) -> Feed {
+        Feed {
+            source: 0,
+            name: "s".into(),
+            tx,
+            metrics: Arc::default(),
+            wake: Arc::default(),
+            high_water: 100,
+            read_coalesce: Duration::from_millis(1),
+            journal: None,
+            budget,
+        }
+    }
+
+    fn read(len: usize) -> SourceRead {
+        SourceRead {
+            source: 0,
+            read: Read {
+                kind: ReadKind::Barcode,
+                tag: "x".repeat(len),
+                antenna: None,
+                rssi_dbm: None,
+                symbology: None,
+                value: None,
+            },
+            wall_ms: 0,
+            journal_end: 1,
+        }
+    }
+
+    /// The read channel holds at most about `CHANNEL_MAX_BYTES` of reads, whatever their
+    /// size (8,192 reads of 4 KiB lines would be 32 MB); taking reads out makes room again.
+    #[tokio::test]
+    async fn the_read_channel_is_bounded_by_bytes() {
+        let (tx, mut rx) = mpsc::channel(100_000);
+        let budget = Arc::new(Budget::default());
+        let f = feed(tx, budget.clone());
+        let mut n = 0;
+        while f.try_put(read(4096)).is_ok() {
+            n += 1;
+        }
+        assert!(
+            n * 4096 <= CHANNEL_MAX_BYTES + 4096 && n * 4096 >= CHANNEL_MAX_BYTES / 2,
+            "{n}"
+        );
+        let mut small = 0;
+        while f.try_put(read(10)).is_ok() {
+            small += 1;
+        }
+        assert_eq!(small, 0, "full is full, also for small reads");
+        // A waiting source (replay) goes on once the ingest stage takes reads out.
+        let waiter = {
+            let f = f.clone();
+            tokio::spawn(async move { f.push(crate::protocol::Decoded::Read(read(10).read)).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        for _ in 0..n / 2 {
+            let r = rx.recv().await.unwrap();
+            budget.taken(r.size());
+        }
+        assert!(waiter.await.unwrap());
     }
 }

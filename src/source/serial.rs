@@ -86,9 +86,9 @@ pub async fn run(
 /// reads/s), or 500 reads of 4 KiB.
 pub const HOLD_MAX: usize = 2 * 1024 * 1024;
 
-/// What a held read costs, roughly: its tag and symbology plus the struct.
+/// What a held read costs (see [`SourceRead::size`]).
 fn held_size(r: &SourceRead) -> usize {
-    96 + r.read.tag.len() + r.read.symbology.as_ref().map_or(0, String::len)
+    r.size()
 }
 
 /// The reader thread's hand-over: reads go to the channel in order, are held while it is full
@@ -119,7 +119,7 @@ impl<'a> Handover<'a> {
             return;
         };
         if self.held.is_empty() {
-            match self.feed.tx.try_send(r) {
+            match self.feed.try_put(r) {
                 Ok(()) => self.last_sent = pos,
                 Err(TrySendError::Closed(_)) => self.closed = true,
                 Err(TrySendError::Full(r)) => {
@@ -146,7 +146,7 @@ impl<'a> Handover<'a> {
         while let Some(r) = self.held.pop_front() {
             let pos = r.journal_end;
             let size = held_size(&r);
-            match self.feed.tx.try_send(r) {
+            match self.feed.try_put(r) {
                 Ok(()) => {
                     self.last_sent = pos;
                     self.held_bytes -= size;

@@ -95,7 +95,7 @@ pub const MERGE_MAX_EVENTS: usize = 8192;
 
 /// Queued appends are merged up to about this many bytes of events, so that one chunk always
 /// stays far below what the chunk decoder accepts (`chunk::MAX_RAW`), whatever the tag sizes.
-pub const MERGE_MAX_BYTES: usize = 8 * 1024 * 1024;
+pub const MERGE_MAX_BYTES: usize = 4 * 1024 * 1024;
 
 /// The size an event body takes in a chunk, roughly (its strings plus fixed fields).
 pub fn body_size(b: &EventBody) -> usize {
