@@ -12,6 +12,23 @@ use std::time::Duration;
 
 const ROUNDS: usize = 24;
 
+/// A xorshift generator seeded from the clock (printed, so a failing run can be reproduced):
+/// a fixed seed would try the same moments every run.
+fn random_moments(what: &str) -> impl FnMut() -> u64 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("{what} seed {seed}");
+    let mut rng = seed | 1;
+    move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_never_loses_an_accepted_event() {
     let ingest = Ingest::start().await;
@@ -28,18 +45,7 @@ async fn kill_9_at_random_moments_never_loses_an_accepted_event() {
     let log = dir.path().join("log");
 
     // A fixed seed per run would hide nothing here; vary it and print it for reproduction.
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("crash test seed {seed}");
-    let mut rng = seed | 1;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = random_moments("crash test");
     for round in 0..ROUNDS {
         let d = Daemon::spawn(&cfg, &log);
         // Wait until this incarnation is really working (new events arrive upstream) ...
@@ -165,18 +171,7 @@ async fn kill_9_under_serial_load_loses_no_frame_written_to_the_port() {
         })
     };
 
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("serial crash test seed {seed}");
-    let mut rng = seed | 1;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = random_moments("serial crash test");
     let committed = || {
         scangate::spool::Spool::open_read_only(&state)
             .ok()
@@ -185,7 +180,7 @@ async fn kill_9_under_serial_load_loses_no_frame_written_to_the_port() {
     };
     for round in 0..ROUNDS {
         // The upstream is down for a third of the rounds: reads pile up in the spool.
-        let down = next() % 3 == 0;
+        let down = next().is_multiple_of(3);
         ingest.with(|s| s.down = down);
         let d = Daemon::spawn(&cfg, &log);
         let before = committed();

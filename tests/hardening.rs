@@ -13,17 +13,19 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
 
-fn serial_source(path: &str) -> String {
-    format!("[[source]]\nname = \"belt\"\nkind = \"serial\"\nprotocol = \"lines\"\npath = \"{path}\"\nbaud = 115200\n")
-}
-
-/// Regression: one printable line of 503 × `A`, a quote and CR LF made the forwarder's
-/// hand-written JSON escaper write past its buffer; the daemon aborted at every restart.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_504_byte_scan_ending_in_a_quote_arrives_intact() {
-    let ingest = Ingest::start().await;
+/// A running daemon reading a pty (its master side returned) with the admin HTTP on, once its
+/// port is open.
+async fn serial_daemon(
+    ingest: &Ingest,
+) -> (
+    tempfile::TempDir,
+    serialport::TTYPort,
+    serialport::TTYPort,
+    u16,
+    Daemon,
+) {
     let dir = tempfile::tempdir().unwrap();
-    let (mut master, slave) = pty_pair();
+    let (master, slave) = pty_pair();
     let admin = free_port();
     let cfg = write_config(
         dir.path(),
@@ -33,8 +35,21 @@ async fn a_504_byte_scan_ending_in_a_quote_arrives_intact() {
         "",
         Some(admin),
     );
-    let mut d = Daemon::spawn(&cfg, &dir.path().join("log"));
+    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
     assert!(wait_metric(admin, "scangate_sources_connected", 1, T).await);
+    (dir, master, slave, admin, d)
+}
+
+fn serial_source(path: &str) -> String {
+    format!("[[source]]\nname = \"belt\"\nkind = \"serial\"\nprotocol = \"lines\"\npath = \"{path}\"\nbaud = 115200\n")
+}
+
+/// Regression: one printable line of 503 × `A`, a quote and CR LF made the forwarder's
+/// hand-written JSON escaper write past its buffer; the daemon aborted at every restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_504_byte_scan_ending_in_a_quote_arrives_intact() {
+    let ingest = Ingest::start().await;
+    let (_dir, mut master, slave, _admin, mut d) = serial_daemon(&ingest).await;
     let mut tags = Vec::new();
     for n in [503usize, 247, 248, 1000, 4000] {
         for tail in ["\"", "\\", "\"\\\"", "\t\""] {
@@ -67,19 +82,7 @@ async fn a_504_byte_scan_ending_in_a_quote_arrives_intact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_never_stops_the_daemon() {
     let ingest = Ingest::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (mut master, slave) = pty_pair();
-    let admin = free_port();
-    let cfg = write_config(
-        dir.path(),
-        &dir.path().join("state"),
-        &serial_source(&slave.name().unwrap()),
-        &ingest.base_url(),
-        "",
-        Some(admin),
-    );
-    let mut d = Daemon::spawn(&cfg, &dir.path().join("log"));
-    assert!(wait_metric(admin, "scangate_sources_connected", 1, T).await);
+    let (_dir, mut master, slave, _admin, mut d) = serial_daemon(&ingest).await;
     for _ in 0..3 {
         let ok = Command::new("kill")
             .args(["-HUP", &d.pid().to_string()])
@@ -173,19 +176,7 @@ async fn a_locked_spool_holds_reads_and_loses_none() {
 async fn a_slow_upstream_never_makes_the_serial_source_drop_reads() {
     let ingest = Ingest::start().await;
     ingest.with(|s| s.delay = Some(Duration::from_millis(40)));
-    let dir = tempfile::tempdir().unwrap();
-    let (master, slave) = pty_pair();
-    let admin = free_port();
-    let cfg = write_config(
-        dir.path(),
-        &dir.path().join("state"),
-        &serial_source(&slave.name().unwrap()),
-        &ingest.base_url(),
-        "",
-        Some(admin),
-    );
-    let mut d = Daemon::spawn(&cfg, &dir.path().join("log"));
-    assert!(wait_metric(admin, "scangate_sources_connected", 1, T).await);
+    let (_dir, master, slave, admin, mut d) = serial_daemon(&ingest).await;
     const N: u64 = 60_000;
     let writer = std::thread::spawn(move || {
         let mut master = master;

@@ -86,17 +86,12 @@ pub async fn run(
 /// reads/s), or 500 reads of 4 KiB.
 pub const HOLD_MAX: usize = 2 * 1024 * 1024;
 
-/// What a held read costs (see [`SourceRead::size`]).
-fn held_size(r: &SourceRead) -> usize {
-    r.size()
-}
-
 /// The reader thread's hand-over: reads go to the channel in order, are held while it is full
 /// (the thread never waits on the pipeline), and are dropped only beyond [`HOLD_MAX`].
 struct Handover<'a> {
     feed: &'a Feed,
     held: std::collections::VecDeque<SourceRead>,
-    /// [`held_size`] of everything in `held`.
+    /// [`SourceRead::size`] of everything in `held`.
     held_bytes: usize,
     /// Journal position of the last read put into the channel.
     last_sent: u64,
@@ -135,7 +130,7 @@ impl<'a> Handover<'a> {
     }
 
     fn hold(&mut self, r: SourceRead) {
-        self.held_bytes += held_size(&r);
+        self.held_bytes += r.size();
         self.held.push_back(r);
         self.feed.metrics.serial_held.add(1);
     }
@@ -145,7 +140,7 @@ impl<'a> Handover<'a> {
         let before = self.held.len();
         while let Some(r) = self.held.pop_front() {
             let pos = r.journal_end;
-            let size = held_size(&r);
+            let size = r.size();
             match self.feed.try_put(r) {
                 Ok(()) => {
                     self.last_sent = pos;

@@ -411,6 +411,16 @@ fn salt_epochs(
     Ok(epochs)
 }
 
+/// The salt of chunk `chunk` among `epochs` (first chunk id, salt), sorted.
+fn epoch_salt(epochs: &[(i64, u64)], chunk: i64) -> Option<u64> {
+    epochs
+        .iter()
+        .rev()
+        .find(|(from, _)| *from <= chunk)
+        .or(epochs.first())
+        .map(|e| e.1)
+}
+
 /// The salt epochs stored in a spool (`meta` keys `salt_from:<first chunk>`), in order.
 fn read_salt_epochs(conn: &Connection) -> rusqlite::Result<Vec<(i64, u64)>> {
     let mut q = conn.prepare("SELECT key, value FROM meta WHERE key LIKE 'salt_from:%'")?;
@@ -786,12 +796,7 @@ impl Spool {
         if let Some((_, s)) = self.salt_overrides.iter().find(|(c, _)| *c == chunk) {
             return *s;
         }
-        self.salts
-            .iter()
-            .rev()
-            .find(|(from, _)| *from <= chunk)
-            .or(self.salts.first())
-            .map_or(0, |(_, s)| *s)
+        epoch_salt(&self.salts, chunk).unwrap_or(0)
     }
 
     /// The spool's identity (salt and seq reservation, as in `spool.id`).
@@ -1067,14 +1072,7 @@ impl Spool {
     ) -> Result<i64, SpoolError> {
         let id = self.next_chunk;
         // A salt other than the epoch's for this chunk (events that keep their ids).
-        let salt = salt.filter(|s| {
-            *s != self
-                .salts
-                .iter()
-                .rev()
-                .find(|(from, _)| *from <= id)
-                .map_or(0, |e| e.1)
-        });
+        let salt = salt.filter(|s| Some(*s) != epoch_salt(&self.salts, id));
         self.restore_sync().map_err(classify)?;
         let note = self.delivery_due(created_ms);
         let tx = self.conn.transaction().map_err(classify)?;
@@ -1571,14 +1569,7 @@ impl Spool {
             .ok()
             .filter(|v| !v.is_empty())
             .unwrap_or_else(|| self.salts.clone());
-        let old_salt_for = |chunk: i64| {
-            old_epochs
-                .iter()
-                .rev()
-                .find(|(f, _)| *f <= chunk)
-                .or(old_epochs.first())
-                .map(|e| e.1)
-        };
+        let old_salt_for = |chunk: i64| epoch_salt(&old_epochs, chunk);
         // An unreadable header: a file moved aside from this state directory shares its
         // identity (`spool.id`), so the salt is this spool's.
         report.same_ids = old_salt.is_none() || old_salt == own_salt;
