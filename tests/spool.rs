@@ -949,3 +949,75 @@ fn renaming_the_gateway_keeps_the_ids_of_committed_events() {
     assert_eq!(m.seq, next.first_seq);
     assert_ne!(m.event_id, new.event_id);
 }
+
+/// Regression: reads refused by a full spool (`when_full = "reject"`) were dropped but their
+/// journal positions were never recorded: the port journal grew while the spool refused, and
+/// a restart decoded every refused read again. The positions are committed on their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_positions_of_refused_reads_are_settled() {
+    use scangate::source::journal::JournalMarks;
+    let dir = tempfile::tempdir().unwrap();
+    let o = SpoolOptions {
+        max_bytes: 1 << 20,
+        when_full: WhenFull::Reject,
+        sync: SyncMode::Normal,
+        ..SpoolOptions::default()
+    };
+    let (sp, _) = Spool::open(dir.path(), o.clone(), Arc::default()).unwrap();
+    let belt: Arc<str> = Arc::from("belt");
+    let marks = Arc::new(JournalMarks::new(std::slice::from_ref(&belt), &[]));
+    let (h, thread) = scangate::spool::actor::spawn_with(sp, marks.clone()).unwrap();
+    // Fill the spool until it refuses (incompressible tags).
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut pos = 0u64;
+    let mut refused = false;
+    for _ in 0..400 {
+        let bodies: Vec<_> = (0..100)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                body(
+                    &format!(
+                        "{x:016x}{:016x}{:016x}",
+                        x.rotate_left(9),
+                        x.rotate_left(31)
+                    ),
+                    1,
+                )
+            })
+            .collect();
+        pos += 100 * 60;
+        if h.append(bodies).await.is_err() {
+            refused = true;
+            // The same group again, as the ingest stage sends it: with its journal mark.
+            let more: Vec<_> = (0..400)
+                .map(|i| body(&format!("{i:08}{}", "z".repeat(2000)), 1))
+                .map(|mut b| {
+                    x ^= x << 13;
+                    b.tag.push_str(&format!("{x:016x}"));
+                    b
+                })
+                .collect();
+            h.append_detached(more, vec![(belt.clone(), pos)])
+                .await
+                .unwrap();
+            break;
+        }
+    }
+    assert!(refused, "the spool never filled");
+    h.stats().await.unwrap(); // a round trip: the refused group has been handled
+    assert_eq!(
+        marks.get("belt"),
+        pos,
+        "settled in memory: journal files can go"
+    );
+    drop(h);
+    thread.join().unwrap();
+    let (sp, _) = Spool::open(dir.path(), o, Arc::default()).unwrap();
+    assert_eq!(
+        sp.journal_marks().unwrap(),
+        vec![("belt".to_string(), pos)],
+        "and in the spool: not decoded again at the next start"
+    );
+}

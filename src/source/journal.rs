@@ -109,6 +109,8 @@ pub struct Journal {
     failing: bool,
     /// Reads go here while no file can be mapped.
     fallback: Vec<u8>,
+    /// The current file.
+    path: PathBuf,
 }
 
 /// A file name prefix that is safe for any source name: the name's bytes in hex, or for a
@@ -137,12 +139,20 @@ fn allocate(f: &std::fs::File, len: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-fn path_of(dir: &Path, prefix: &str, base: u64) -> PathBuf {
-    dir.join(format!("{prefix}.{base:020}.jnl"))
+/// A journal file's name: `<prefix>.<first position>.jnl`, or `….brk.jnl` for a file that
+/// starts a new byte stream (the port was reopened: what came before it is not continued).
+fn path_of(dir: &Path, prefix: &str, base: u64, brk: bool) -> PathBuf {
+    let brk = if brk { ".brk" } else { "" };
+    dir.join(format!("{prefix}.{base:020}{brk}.jnl"))
 }
 
-/// The journal files of `prefix` in `dir`, by first position.
-fn files_of(dir: &Path, prefix: &str) -> Vec<(u64, PathBuf)> {
+/// Positions beyond this (from a file name on disk) are not ours: such files are skipped.
+/// (Positions are stored as SQLite integers; a journal never reaches 2^62 bytes.)
+const MAX_POS: u64 = 1 << 62;
+
+/// The journal files of `prefix` in `dir`, by first position: (position, starts a new
+/// stream, path).
+fn files_of(dir: &Path, prefix: &str) -> Vec<(u64, bool, PathBuf)> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir(dir) else {
         return out;
@@ -157,8 +167,15 @@ fn files_of(dir: &Path, prefix: &str) -> Vec<(u64, PathBuf)> {
         else {
             continue;
         };
-        if let Ok(base) = rest.parse::<u64>() {
-            out.push((base, entry.path()));
+        let (rest, brk) = match rest.strip_suffix(".brk") {
+            Some(r) => (r, true),
+            None => (rest, false),
+        };
+        match rest.parse::<u64>() {
+            Ok(base) if base < MAX_POS => out.push((base, brk, entry.path())),
+            _ => {
+                tracing::warn!(path = %entry.path().display(), "Ignoring a journal file whose name is not one scangate writes")
+            }
         }
     }
     out.sort();
@@ -210,20 +227,23 @@ fn put_header(map: &mut [u8], at: usize, len: usize, state: u32, wall_ms: i64) {
 }
 
 impl Journal {
-    /// Open the journal of `source` in `dir`, calling `recover(bytes, wall_ms, end_pos)` for
-    /// every byte after `committed`, in order, before it returns. Journaling goes on from the
+    /// Open the journal of `source` in `dir`, calling `recover(bytes, wall_ms, end_pos,
+    /// new_stream)` for every byte after `committed`, in order, before it returns;
+    /// `new_stream` is true for the first bytes after the port was reopened (a frame cut by
+    /// the reopening must not be joined to what follows). Journaling goes on from the
     /// end of what exists (or from `committed`, if the files are gone).
     pub fn open(
         dir: &Path,
         source: &str,
         committed: u64,
-        mut recover: impl FnMut(&[u8], i64, u64),
+        mut recover: impl FnMut(&[u8], i64, u64, bool),
     ) -> std::io::Result<Journal> {
         std::fs::create_dir_all(dir)?;
         let prefix = prefix_of(source);
         let mut closed = Vec::new();
         let mut end = committed;
-        for (base, path) in files_of(dir, &prefix) {
+        for (base, brk, path) in files_of(dir, &prefix) {
+            let mut new_stream = brk;
             let data = match std::fs::read(&path) {
                 Ok(d) => d,
                 Err(e) => {
@@ -238,8 +258,11 @@ impl Journal {
                 if rec_end > committed {
                     let from = committed.saturating_sub(pos) as usize;
                     if let Some(tail) = bytes.get(from..) {
-                        recover(tail, wall_ms, rec_end);
+                        recover(tail, wall_ms, rec_end, std::mem::take(&mut new_stream));
                     }
+                } else {
+                    // A break before committed bytes is behind us already.
+                    new_stream = false;
                 }
                 pos = rec_end;
             }
@@ -251,6 +274,7 @@ impl Journal {
             end = end.max(pos);
             closed.push((base, pos, path));
         }
+        let end = end.min(MAX_POS);
         let mut j = Journal {
             dir: dir.to_path_buf(),
             prefix,
@@ -262,14 +286,15 @@ impl Journal {
             closed,
             failing: false,
             fallback: Vec::new(),
+            path: PathBuf::new(),
         };
-        j.start_file()?;
+        j.start_file(false)?;
         Ok(j)
     }
 
-    fn start_file(&mut self) -> std::io::Result<()> {
+    fn start_file(&mut self, brk: bool) -> std::io::Result<()> {
         self.map = None;
-        let path = path_of(&self.dir, &self.prefix, self.end);
+        let path = path_of(&self.dir, &self.prefix, self.end, brk);
         let f = OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -286,6 +311,7 @@ impl Journal {
         // ended.
         let map = unsafe { memmap2::MmapMut::map_mut(&f)? };
         self.map = Some(map);
+        self.path = path;
         self.off = 0;
         self.base = self.end;
         self.opened = tokio::time::Instant::now();
@@ -374,15 +400,27 @@ impl Journal {
     }
 
     fn rotate(&mut self) -> std::io::Result<()> {
+        self.rotate_to(false)
+    }
+
+    /// The port was reopened: what follows is a new byte stream. A new file marks the break,
+    /// so that recovery never joins a frame cut by the reopening to the bytes after it.
+    pub fn new_stream(&mut self) {
+        if let Err(e) = self.rotate_to(true) {
+            tracing::error!(dir = %self.dir.display(), error = %e, "Cannot start a new port journal file");
+        }
+    }
+
+    fn rotate_to(&mut self, brk: bool) -> std::io::Result<()> {
         if self.map.take().is_some() {
-            let path = path_of(&self.dir, &self.prefix, self.base);
+            let path = std::mem::take(&mut self.path);
             if self.end > self.base {
                 self.closed.push((self.base, self.end, path));
             } else {
                 let _ = std::fs::remove_file(path);
             }
         }
-        self.start_file()
+        self.start_file(brk)
     }
 
     /// Files (closed and current) of this journal: for tests and status.
@@ -398,7 +436,7 @@ mod tests {
     fn recovered(dir: &Path, committed: u64) -> (Vec<u8>, Vec<(i64, u64)>) {
         let mut bytes = Vec::new();
         let mut marks = Vec::new();
-        Journal::open(dir, "belt/1", committed, |b, w, end| {
+        Journal::open(dir, "belt/1", committed, |b, w, end, _| {
             bytes.extend_from_slice(b);
             marks.push((w, end));
         })
@@ -419,7 +457,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (w1, w2);
         {
-            let mut j = Journal::open(dir.path(), "belt/1", 0, |_, _, _| panic!()).unwrap();
+            let mut j = Journal::open(dir.path(), "belt/1", 0, |_, _, _, _| panic!()).unwrap();
             let (e1, a) = append(&mut j, b"0125000001\r\n01250");
             let (e2, b) = append(&mut j, b"00002\r\n");
             assert_eq!((e1, e2), (17, 24));
@@ -462,20 +500,47 @@ mod tests {
     fn long_names_and_absurd_positions_are_survived() {
         let dir = tempfile::tempdir().unwrap();
         let long = "Förderband-Nord-Scanner-Eingang-".repeat(4);
-        let mut j = Journal::open(dir.path(), &long, 0, |_, _, _| {}).unwrap();
+        let mut j = Journal::open(dir.path(), &long, 0, |_, _, _, _| {}).unwrap();
         append(&mut j, b"X1\n");
         drop(j);
         let mut n = 0;
-        Journal::open(dir.path(), &long, 0, |b, _, _| n += b.len()).unwrap();
+        Journal::open(dir.path(), &long, 0, |b, _, _, _| n += b.len()).unwrap();
         assert_eq!(n, 3);
-        // A file claiming to start near u64::MAX.
-        let p = path_of(dir.path(), &prefix_of("s"), u64::MAX - 5);
+        // A file claiming to start near u64::MAX is not one we wrote: ignored, and the
+        // positions do not wrap.
+        let p = path_of(dir.path(), &prefix_of("s"), u64::MAX - 5, false);
         let mut data = vec![0u8; 64];
         put_header(&mut data, 0, 10, DONE, 1);
         data[HEADER..HEADER + 10].copy_from_slice(b"0123456789");
         std::fs::write(&p, &data).unwrap();
-        let j = Journal::open(dir.path(), "s", 0, |_, _, _| {}).unwrap();
-        assert_eq!(j.end(), u64::MAX);
+        let mut got = 0;
+        let j = Journal::open(dir.path(), "s", 0, |b, _, _, _| got += b.len()).unwrap();
+        assert_eq!((got, j.end()), (0, 0));
+    }
+
+    /// A port reopened between two reads: recovery says so, so that a frame cut by the
+    /// reopening is not joined to the bytes after it (a made-up tag).
+    #[test]
+    fn a_reopened_port_starts_a_new_stream_in_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut j = Journal::open(dir.path(), "s", 0, |_, _, _, _| {}).unwrap();
+            append(&mut j, b"ABCDEF");
+            j.new_stream();
+            append(&mut j, b"0125000009\r\n");
+        }
+        let mut seen = Vec::new();
+        Journal::open(dir.path(), "s", 0, |b, _, _, fresh| {
+            seen.push((b.to_vec(), fresh))
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            [
+                (b"ABCDEF".to_vec(), false),
+                (b"0125000009\r\n".to_vec(), true)
+            ]
+        );
     }
 
     #[test]
@@ -498,7 +563,7 @@ mod tests {
     fn settled_files_are_deleted_and_positions_continue_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let chunk = vec![b'x'; READ_MAX];
-        let mut j = Journal::open(dir.path(), "s", 0, |_, _, _| {}).unwrap();
+        let mut j = Journal::open(dir.path(), "s", 0, |_, _, _, _| {}).unwrap();
         for _ in 0..200 {
             append(&mut j, &chunk);
             j.maintain(0);
@@ -511,7 +576,7 @@ mod tests {
         assert_eq!(j.files(), 1, "only the open file is left");
         drop(j);
         let mut n = 0;
-        let j = Journal::open(dir.path(), "s", end, |_, _, _| n += 1).unwrap();
+        let j = Journal::open(dir.path(), "s", end, |_, _, _, _| n += 1).unwrap();
         assert_eq!(n, 0);
         assert_eq!(j.end(), end);
     }

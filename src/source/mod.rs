@@ -130,10 +130,11 @@ impl Feed {
             self.wake.notify_one();
             return Err(mpsc::error::TrySendError::Full(r));
         }
+        // Counted before the send: the ingest stage may take the read out (and subtract it)
+        // before this thread runs again.
         let size = r.size();
-        self.tx.try_send(r)?;
         self.budget.put(size);
-        Ok(())
+        self.tx.try_send(r).inspect_err(|_| self.budget.taken(size))
     }
 
     /// Hand decoder output to the pipeline, waiting while the read channel is full (a source
@@ -162,9 +163,10 @@ impl Feed {
                 Err(mpsc::error::TrySendError::Full(back)) => {
                     self.wake.notify_one();
                     let size = back.size();
+                    self.budget.put(size);
                     let ok = self.tx.send(back).await.is_ok();
-                    if ok {
-                        self.budget.put(size);
+                    if !ok {
+                        self.budget.taken(size);
                     }
                     return ok;
                 }
@@ -178,6 +180,7 @@ impl Feed {
     /// budget is not waited for. Returns false once the pipeline is gone.
     pub fn send_blocking(&self, r: SourceRead) -> bool {
         let size = r.size();
+        self.budget.put(size);
         let ok = match self.tx.try_send(r) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -186,8 +189,8 @@ impl Feed {
                 self.tx.blocking_send(r).is_ok()
             }
         };
-        if ok {
-            self.budget.put(size);
+        if !ok {
+            self.budget.taken(size);
         }
         ok
     }

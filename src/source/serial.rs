@@ -200,7 +200,12 @@ fn serve(
     let mut journal = feed.journal.as_ref().and_then(|(dir, marks)| {
         let committed = marks.get(name);
         let mut recovered = 0u64;
-        let opened = Journal::open(dir, name, committed, |bytes, wall_ms, end| {
+        let opened = Journal::open(dir, name, committed, |bytes, wall_ms, end, new_stream| {
+            if new_stream {
+                // The port was reopened here: a frame cut by it is not continued.
+                buf.clear();
+                decoder = crate::protocol::Protocol::new(protocol);
+            }
             buf.extend_from_slice(bytes);
             while let Ok(Some(d)) = decoder.decode(&mut buf) {
                 let pos = end.saturating_sub(buf.len() as u64);
@@ -317,9 +322,13 @@ fn serve(
                 };
                 feed.metrics.sources_connected.sub(1);
                 tracing::warn!(source = %name, path = %path.display(), reason = %reason, "Serial port closed; reopening");
-                // A new connection starts a new byte stream: a partial frame is not continued.
+                // A new connection starts a new byte stream: a partial frame is not continued,
+                // neither now nor by a recovery of the journal.
                 decoder = crate::protocol::Protocol::new(protocol);
                 buf.clear();
+                if let Some(j) = journal.as_mut() {
+                    j.new_stream();
+                }
             }
             Err(e) => {
                 let msg = e.to_string();

@@ -280,7 +280,24 @@ pub fn spawn_with(
                             }
                             Ok(r)
                         }
-                        Err(e) => Err(e),
+                        Err(e) => {
+                            // The group's reads are dropped (and counted): they are settled, so
+                            // their journal bytes must not stay (the journal would grow while
+                            // the spool refuses) nor come back at the next start. The marks
+                            // alone are committed (no size check applies to them), and
+                            // published even if that fails too (a full disk).
+                            if !marks.is_empty() {
+                                if let Err(me) =
+                                    spool.append_marked(Vec::new(), wall_now_ms(), &marks, |_, _| false)
+                                {
+                                    tracing::debug!(error = %me, "Cannot record journal positions of refused reads");
+                                }
+                                for (name, pos) in &marks {
+                                    journal.set(name, *pos);
+                                }
+                            }
+                            Err(e)
+                        }
                     };
                     if replies.iter().any(|(r, _)| r.is_none()) {
                         report_detached(&spool, &result, total, &mut refusing);
