@@ -58,7 +58,7 @@ fn stages(c: &mut Criterion) {
 
     let wire: Vec<u8> = (0..N).flat_map(|i| frame(i).into_bytes()).collect();
     g.bench_function("decode_lines", |b| {
-        b.iter(|| decode_all(&mut Protocol::new(ProtocolKind::Lines), &wire, false))
+        b.iter(|| decode_all(&mut Protocol::of(ProtocolKind::Lines), &wire, false))
     });
 
     let dir = tempfile::tempdir().unwrap();

@@ -79,6 +79,8 @@ struct SourceNames {
     location: Arc<str>,
     device: Arc<str>,
     scan_type: Option<Arc<str>>,
+    /// Antenna port → location (`[source.antennas]`).
+    antennas: Vec<(u16, Arc<str>)>,
 }
 
 impl SourceNames {
@@ -88,6 +90,11 @@ impl SourceNames {
             location: s.location.as_str().into(),
             device: s.device.as_str().into(),
             scan_type: s.scan_type.as_deref().map(Arc::from),
+            antennas: s
+                .antenna_locations
+                .iter()
+                .map(|(a, l)| (*a, Arc::from(l.as_str())))
+                .collect(),
         }
     }
 }
@@ -99,7 +106,10 @@ fn body_of(read: SourceRead, sources: &[SourceNames]) -> EventBody {
         kind: r.kind,
         tag: r.tag,
         source: src.name.clone(),
-        location: src.location.clone(),
+        location: r
+            .antenna
+            .and_then(|a| src.antennas.iter().find(|(p, _)| *p == a))
+            .map_or_else(|| src.location.clone(), |(_, l)| l.clone()),
         device: src.device.clone(),
         scan_type: src.scan_type.clone(),
         antenna: r.antenna,

@@ -67,8 +67,12 @@ pub struct Read {
     /// Normalised tag id (uppercase hex for RFID, the digits/text for barcodes).
     pub tag: String,
     pub antenna: Option<u16>,
-    /// Signal strength in dBm when the reader reports it.
+    /// Signal strength in dBm when the reader reports it (each decoder converts its
+    /// reader's unit and cites the conversion).
     pub rssi_dbm: Option<f32>,
+    /// The reader's own signal-strength value when it has no known dBm conversion (e.g. a
+    /// Chafon RSSI byte), shown by `sniff`, not forwarded.
+    pub rssi_raw: Option<i32>,
     /// AIM symbology identifier (`]E0` …) when the scanner sent one.
     pub symbology: Option<String>,
     /// Sensor value (kind = Sensor).

@@ -82,9 +82,104 @@ pub struct Metrics {
     pub sources_connected: Gauge,
     dropped: Mutex<BTreeMap<&'static str, u64>>,
     responses: Mutex<BTreeMap<u16, u64>>,
+    sources: Mutex<Vec<(String, std::sync::Arc<SourceHealth>)>>,
+}
+
+/// The health of one source (a serial port, a replay), for `status` and `/metrics`.
+/// Times are wall-clock unix milliseconds (0: never).
+#[derive(Debug, Default)]
+pub struct SourceHealth {
+    /// 1 while the port is open.
+    pub connected: Gauge,
+    /// When the port was last opened or closed.
+    pub since_ms: Gauge,
+    /// When the last valid frame arrived.
+    pub last_frame_ms: Gauge,
+    pub bytes: Counter,
+    /// Valid frames (reads and other frames such as replies and keep-alives).
+    pub frames: Counter,
+    pub reads: Counter,
+    /// Times the port was opened again after it closed.
+    pub reopens: Counter,
+    /// Skipped input by reason (bad checksum, garbage …): runs, not bytes.
+    bad: Mutex<BTreeMap<&'static str, u64>>,
+    /// The last reason the port closed or could not be opened.
+    last_error: Mutex<Option<String>>,
+}
+
+impl SourceHealth {
+    pub fn bad_frame(&self, reason: &'static str) {
+        if let Ok(mut m) = self.bad.lock() {
+            *m.entry(reason).or_default() += 1;
+        }
+    }
+
+    pub fn bad_frames(&self) -> BTreeMap<&'static str, u64> {
+        self.bad.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    pub fn set_connected(&self, up: bool, now_ms: i64) {
+        self.connected.set(up as u64);
+        self.since_ms.set(now_ms.max(0) as u64);
+    }
+
+    pub fn set_error(&self, e: Option<String>) {
+        if let Ok(mut m) = self.last_error.lock() {
+            *m = e;
+        }
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|m| m.clone())
+    }
+
+    /// As JSON for `/status` and `scangate status`.
+    pub fn json(&self, name: &str) -> serde_json::Value {
+        let ms = |g: &Gauge| (g.get() > 0).then(|| g.get());
+        serde_json::json!({
+            "name": name,
+            "connected": self.connected.get() == 1,
+            "since_ms": ms(&self.since_ms),
+            "last_frame_ms": ms(&self.last_frame_ms),
+            "bytes": self.bytes.get(),
+            "frames": self.frames.get(),
+            "reads": self.reads.get(),
+            "reopens": self.reopens.get(),
+            "bad_frames": self.bad_frames(),
+            "last_error": self.last_error(),
+        })
+    }
+}
+
+/// A per-source metric: name, type, help, value.
+type PerSource = (&'static str, &'static str, &'static str, fn(&SourceHealth) -> u64);
+
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Metrics {
+    /// The health record of source `name` (made on first use).
+    pub fn source(&self, name: &str) -> std::sync::Arc<SourceHealth> {
+        let Ok(mut v) = self.sources.lock() else {
+            return Default::default();
+        };
+        if let Some((_, h)) = v.iter().find(|(n, _)| n == name) {
+            return h.clone();
+        }
+        let h = std::sync::Arc::new(SourceHealth::default());
+        v.push((name.to_string(), h.clone()));
+        h
+    }
+
+    /// Every source's health, in the order they started.
+    pub fn sources(&self) -> Vec<(String, std::sync::Arc<SourceHealth>)> {
+        self.sources.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
     /// Count `n` dropped reads/events with `reason`.
     pub fn count_drop(&self, reason: &'static str, n: u64) {
         if let Ok(mut m) = self.dropped.lock() {
@@ -282,6 +377,66 @@ impl Metrics {
             for (reason, v) in m.iter() {
                 s.push_str(&format!(
                     "scangate_dropped_total{{reason=\"{reason}\"}} {v}\n"
+                ));
+            }
+        }
+        let sources = self.sources();
+        let per_source: [PerSource; 6] = [
+            (
+                "source_connected",
+                "gauge",
+                "1 while the source's port is open.",
+                |h| h.connected.get(),
+            ),
+            (
+                "source_bytes_total",
+                "counter",
+                "Bytes read from the source.",
+                |h| h.bytes.get(),
+            ),
+            (
+                "source_frames_total",
+                "counter",
+                "Valid frames decoded (reads, replies, keep-alives).",
+                |h| h.frames.get(),
+            ),
+            (
+                "source_reads_total",
+                "counter",
+                "Reads decoded from the source.",
+                |h| h.reads.get(),
+            ),
+            (
+                "source_reopens_total",
+                "counter",
+                "Times the source's port was opened again after it closed.",
+                |h| h.reopens.get(),
+            ),
+            (
+                "source_last_frame_seconds",
+                "gauge",
+                "Unix time of the last valid frame (0: none yet).",
+                |h| h.last_frame_ms.get() / 1000,
+            ),
+        ];
+        for (name, kind, help, get) in per_source {
+            s.push_str(&format!(
+                "# HELP scangate_{name} {help}\n# TYPE scangate_{name} {kind}\n"
+            ));
+            for (n, h) in &sources {
+                s.push_str(&format!(
+                    "scangate_{name}{{source=\"{}\"}} {}\n",
+                    label(n),
+                    get(h)
+                ));
+            }
+        }
+        s.push_str("# HELP scangate_source_bad_frames_total Input skipped by a source's decoder, by reason (runs of bytes).\n# TYPE scangate_source_bad_frames_total counter\n");
+        for (n, h) in &sources {
+            for (reason, v) in h.bad_frames() {
+                s.push_str(&format!(
+                    "scangate_source_bad_frames_total{{source=\"{}\",reason=\"{reason}\"}} {v}\n",
+                    label(n)
                 ));
             }
         }

@@ -1,23 +1,19 @@
-//! The lines decoder on arbitrary bytes, fed in arbitrary pieces: never panics, always
-//! consumes its input, and splitting does not change the result.
+//! The lines decoder on arbitrary bytes (plain, and with a prefix/suffix and a field
+//! template, chosen by the first byte): no panic, all input consumed, split-invariant.
 #![no_main]
+#[path = "../common/decoder.rs"]
+mod decoder;
 use libfuzzer_sys::fuzz_target;
-use scangate::config::ProtocolKind;
-use scangate::protocol::{decode_all, Protocol};
-use tokio_util::codec::Decoder;
+use scangate::config::{ProtocolConfig, ProtocolKind};
+use scangate::protocol::lines::Field;
 
 fuzz_target!(|data: &[u8]| {
-    let whole = decode_all(&mut Protocol::new(ProtocolKind::Lines), data, false);
-    let cut = data.first().map(|b| *b as usize % (data.len() + 1)).unwrap_or(0);
-    let mut d = Protocol::new(ProtocolKind::Lines);
-    let mut buf = bytes::BytesMut::from(&data[..cut]);
-    let mut out = Vec::new();
-    while let Ok(Some(x)) = d.decode(&mut buf) {
-        out.push(x);
+    let mut cfg = ProtocolConfig::from(ProtocolKind::Lines);
+    if data.first().is_some_and(|b| b & 1 == 1) {
+        cfg.lines.prefix = vec![0x02];
+        cfg.lines.suffix = vec![0x03];
+        cfg.lines.fields = Some(vec![Field::Tag, Field::Rssi, Field::Antenna]);
+        cfg.lines.separator = ",".into();
     }
-    buf.extend_from_slice(&data[cut..]);
-    while let Ok(Some(x)) = d.decode(&mut buf) {
-        out.push(x);
-    }
-    assert_eq!(out, whole);
+    decoder::check(&cfg, data);
 });

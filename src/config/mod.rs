@@ -81,9 +81,126 @@ pub struct SuppressConfig {
     pub min_rssi_dbm: Option<f64>,
 }
 
+/// The decoders (`protocol = "…"` in a `[[source]]`), see `src/protocol/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProtocolKind {
     Lines,
+    Em4100,
+    ThingMagic,
+    UhfBb,
+    Chafon,
+}
+
+impl ProtocolKind {
+    /// Every protocol with its config name.
+    pub const ALL: [(&'static str, ProtocolKind); 5] = [
+        ("lines", ProtocolKind::Lines),
+        ("em4100", ProtocolKind::Em4100),
+        ("thingmagic", ProtocolKind::ThingMagic),
+        ("uhf-bb", ProtocolKind::UhfBb),
+        ("chafon", ProtocolKind::Chafon),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, k)| *k == self)
+            .map_or("lines", |(n, _)| n)
+    }
+
+    pub fn parse(name: &str) -> Option<ProtocolKind> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, k)| *k)
+    }
+
+    /// The port settings the readers of this protocol ship with (REFERENCE-READERS.md).
+    pub fn default_baud(self) -> u32 {
+        match self {
+            ProtocolKind::Lines | ProtocolKind::Em4100 => 9600,
+            ProtocolKind::ThingMagic | ProtocolKind::UhfBb => 115_200,
+            ProtocolKind::Chafon => 57_600,
+        }
+    }
+}
+
+/// The inventory answer layout of a `chafon` reader (the frames do not tell).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChafonFamily {
+    /// UHFReader18 / CF-RU5102: EPCs only.
+    Classic,
+    /// UHFReader288 / 86, SID UR: antenna and a raw RSSI byte per EPC.
+    #[default]
+    Rssi,
+}
+
+/// A source's decoder and its settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProtocolConfig {
+    pub kind: ProtocolKind,
+    /// `lines`: prefix, suffix, field template.
+    pub lines: crate::protocol::lines::LinesOptions,
+    /// `chafon`: answer layout.
+    pub chafon_family: ChafonFamily,
+    /// `chafon`: dBm = raw RSSI byte + this (unset: raw only).
+    pub raw_rssi_offset_db: Option<f32>,
+}
+
+impl From<ProtocolKind> for ProtocolConfig {
+    fn from(kind: ProtocolKind) -> Self {
+        ProtocolConfig {
+            kind,
+            lines: Default::default(),
+            chafon_family: ChafonFamily::default(),
+            raw_rssi_offset_db: None,
+        }
+    }
+}
+
+/// Data bits, parity, stop bits and flow control of a serial port (8N1, no flow control by
+/// default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortSettings {
+    pub baud: u32,
+    pub data_bits: tokio_serial::DataBits,
+    pub parity: tokio_serial::Parity,
+    pub stop_bits: tokio_serial::StopBits,
+    pub flow_control: tokio_serial::FlowControl,
+}
+
+impl PortSettings {
+    pub fn new(baud: u32) -> Self {
+        PortSettings {
+            baud,
+            data_bits: tokio_serial::DataBits::Eight,
+            parity: tokio_serial::Parity::None,
+            stop_bits: tokio_serial::StopBits::One,
+            flow_control: tokio_serial::FlowControl::None,
+        }
+    }
+
+    /// `9600 8N1` style, as technicians write it (flow control added when on).
+    pub fn describe(&self) -> String {
+        let bits = match self.data_bits {
+            tokio_serial::DataBits::Five => 5,
+            tokio_serial::DataBits::Six => 6,
+            tokio_serial::DataBits::Seven => 7,
+            tokio_serial::DataBits::Eight => 8,
+        };
+        let parity = match self.parity {
+            tokio_serial::Parity::None => 'N',
+            tokio_serial::Parity::Odd => 'O',
+            tokio_serial::Parity::Even => 'E',
+        };
+        let stop = match self.stop_bits {
+            tokio_serial::StopBits::One => 1,
+            tokio_serial::StopBits::Two => 2,
+        };
+        let flow = match self.flow_control {
+            tokio_serial::FlowControl::None => "",
+            tokio_serial::FlowControl::Software => " xon/xoff",
+            tokio_serial::FlowControl::Hardware => " rts/cts",
+        };
+        format!("{} {bits}{parity}{stop}{flow}", self.baud)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -97,7 +214,9 @@ pub enum ReplaySpeed {
 pub enum SourceKind {
     Serial {
         path: PathBuf,
-        baud: u32,
+        port: PortSettings,
+        /// Bytes written after every open (e.g. the command that starts continuous reading).
+        init: Vec<u8>,
     },
     Replay {
         file: PathBuf,
@@ -110,8 +229,14 @@ pub enum SourceKind {
 pub struct SourceConfig {
     pub name: String,
     pub kind: SourceKind,
-    pub protocol: ProtocolKind,
+    pub protocol: ProtocolConfig,
     pub location: String,
+    /// Antenna port → location (a portal's antennas at different doors); unlisted antennas
+    /// take `location`.
+    pub antenna_locations: Vec<(u16, String)>,
+    /// Serial: close and reopen the port (and send `init` again) after this long without a
+    /// byte. For readers that send keep-alives while they work; unset, silence is normal.
+    pub reopen_after_idle: Option<Duration>,
     pub device: String,
     pub group: Option<String>,
     pub scan_type: Option<String>,
@@ -528,24 +653,28 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
             "is required: \"serial\", \"mqtt\" or \"replay\"",
         );
     }
-    let protocol = match s.choice(p, "protocol", &["lines"]) {
-        Some(_) => Some(ProtocolKind::Lines),
-        None if s.table.get("protocol").is_none() => {
-            p.push(
-                s.own_span(),
-                &s.key_path("protocol"),
-                "is required (this version decodes \"lines\")",
-            );
-            None
-        }
-        None => None,
-    };
+    let protocol = protocol_config(s, p);
     let location = s.string(p, "location");
     let device = s.string(p, "device");
     let group = s.string(p, "group");
     let scan_type = s.string(p, "scan_type");
+    let reopen_after_idle = s
+        .integer(p, "reopen_after_idle_ms", 1000, 86_400_000)
+        .map(|ms| Duration::from_millis(ms as u64));
     let path = s.string(p, "path");
-    let baud = s.integer(p, "baud", 50, 4_000_000);
+    let port = port_settings(s, p, protocol.as_ref().map(|c| c.kind));
+    let init = s.string(p, "init").and_then(|h| match unhex(&h) {
+        Some(b) => Some(b),
+        None => {
+            p.push(
+                s.span_of("init"),
+                &s.key_path("init"),
+                "expected hex bytes such as \"FF 03 9A 01 0C 00 A3 5D\"",
+            );
+            None
+        }
+    });
+    let antenna_locations = antenna_map(s, p);
     let file = s.string(p, "file");
     let speed_item = s.item("speed");
     let repeat = s.integer(p, "repeat", 1, 1_000_000);
@@ -613,7 +742,8 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
             SourceKind::Serial {
                 // Relative to the config file's directory, as every path in the file is.
                 path: resolve(base, &path),
-                baud: baud.unwrap_or(9600) as u32,
+                port: port?,
+                init: init.unwrap_or_default(),
             }
         }
         "replay" => {
@@ -644,9 +774,210 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
         name,
         kind,
         protocol: protocol?,
+        antenna_locations,
+        reopen_after_idle,
         group,
         scan_type,
     })
+}
+
+/// Hex bytes, spaces allowed: "FF 03 9A" or "ff039a".
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    let digits: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    if !digits.len().is_multiple_of(2) {
+        return None;
+    }
+    digits
+        .chunks(2)
+        .map(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 16).ok())
+        .collect()
+}
+
+/// `protocol` and its options (`prefix`, `suffix`, `fields`, `separator`, `family`,
+/// `raw_rssi_offset_db`).
+fn protocol_config(s: &mut Section<'_>, p: &mut Problems) -> Option<ProtocolConfig> {
+    let names: Vec<&'static str> = ProtocolKind::ALL.iter().map(|(n, _)| *n).collect();
+    let kind = match s.choice(p, "protocol", &names) {
+        Some(n) => ProtocolKind::parse(n),
+        None if s.table.get("protocol").is_none() => {
+            p.push(
+                s.own_span(),
+                &s.key_path("protocol"),
+                format!("is required: one of {}", names.join(", ")),
+            );
+            None
+        }
+        None => None,
+    };
+    let mut bytes = |s: &mut Section<'_>, key: &'static str| {
+        let v = s.string(p, key)?;
+        match unhex(&v) {
+            Some(b) if !b.is_empty() => Some(b),
+            _ => {
+                p.push(
+                    s.span_of(key),
+                    &s.key_path(key),
+                    format!("\"{v}\" is not hex bytes: write STX as \"02\", ETX as \"03\", \"RD:\" as \"52 44 3A\""),
+                );
+                None
+            }
+        }
+    };
+    let prefix = bytes(s, "prefix");
+    let suffix = bytes(s, "suffix");
+    let separator = s.string(p, "separator");
+    let fields = s.string_array(p, "fields").and_then(|names| {
+        let parsed: Option<Vec<_>> = names
+            .iter()
+            .map(|n| crate::protocol::lines::Field::parse(n))
+            .collect();
+        let tags = parsed
+            .iter()
+            .flatten()
+            .filter(|f| **f == crate::protocol::lines::Field::Tag)
+            .count();
+        match parsed {
+            Some(f) if tags == 1 => Some(f),
+            _ => {
+                p.push(
+                    s.span_of("fields"),
+                    &s.key_path("fields"),
+                    format!(
+                        "the columns are named from {} and exactly one is \"tag\"",
+                        crate::protocol::lines::Field::NAMES.join(", ")
+                    ),
+                );
+                None
+            }
+        }
+    });
+    if fields.is_some() && separator.as_deref().is_some_and(str::is_empty) {
+        p.push(
+            s.span_of("separator"),
+            &s.key_path("separator"),
+            "must not be empty",
+        );
+    }
+    let family = match s.choice(p, "family", &["rssi", "classic"]) {
+        Some("classic") => ChafonFamily::Classic,
+        _ => ChafonFamily::Rssi,
+    };
+    let offset = s.float(p, "raw_rssi_offset_db", -300.0, 100.0);
+    let kind = kind?;
+    let only = |s: &Section<'_>, p: &mut Problems, key: &str, set: bool, proto: ProtocolKind| {
+        if set && kind != proto {
+            p.push(
+                s.span_of(key),
+                &s.key_path(key),
+                format!("applies only to protocol = \"{}\"", proto.name()),
+            );
+        }
+    };
+    only(s, p, "prefix", prefix.is_some(), ProtocolKind::Lines);
+    only(s, p, "suffix", suffix.is_some(), ProtocolKind::Lines);
+    only(s, p, "fields", fields.is_some(), ProtocolKind::Lines);
+    only(s, p, "separator", separator.is_some(), ProtocolKind::Lines);
+    only(
+        s,
+        p,
+        "family",
+        s.table.get("family").is_some(),
+        ProtocolKind::Chafon,
+    );
+    only(
+        s,
+        p,
+        "raw_rssi_offset_db",
+        offset.is_some(),
+        ProtocolKind::Chafon,
+    );
+    Some(ProtocolConfig {
+        kind,
+        lines: crate::protocol::lines::LinesOptions {
+            prefix: prefix.unwrap_or_default(),
+            suffix: suffix.unwrap_or_default(),
+            fields,
+            separator: separator.unwrap_or_else(|| ",".into()),
+        },
+        chafon_family: family,
+        raw_rssi_offset_db: offset.map(|o| o as f32),
+    })
+}
+
+/// `baud` (default: the protocol's), `data_bits`, `parity`, `stop_bits`, `flow_control`.
+fn port_settings(
+    s: &mut Section<'_>,
+    p: &mut Problems,
+    kind: Option<ProtocolKind>,
+) -> Option<PortSettings> {
+    use tokio_serial::{DataBits, FlowControl, Parity, StopBits};
+    let default_baud = kind.map_or(9600, ProtocolKind::default_baud);
+    let mut ok = true;
+    let baud = match s.item("baud") {
+        None => default_baud,
+        Some(_) => match s.integer(p, "baud", 50, 4_000_000) {
+            Some(b) => b as u32,
+            None => {
+                ok = false;
+                default_baud
+            }
+        },
+    };
+    let mut port = PortSettings::new(baud);
+    if s.item("data_bits").is_some() {
+        match s.integer(p, "data_bits", 5, 8) {
+            Some(5) => port.data_bits = DataBits::Five,
+            Some(6) => port.data_bits = DataBits::Six,
+            Some(7) => port.data_bits = DataBits::Seven,
+            Some(_) => port.data_bits = DataBits::Eight,
+            None => ok = false,
+        }
+    }
+    if s.item("parity").is_some() {
+        match s.choice(p, "parity", &["none", "odd", "even"]) {
+            Some("odd") => port.parity = Parity::Odd,
+            Some("even") => port.parity = Parity::Even,
+            Some(_) => port.parity = Parity::None,
+            None => ok = false,
+        }
+    }
+    if s.item("stop_bits").is_some() {
+        match s.integer(p, "stop_bits", 1, 2) {
+            Some(2) => port.stop_bits = StopBits::Two,
+            Some(_) => port.stop_bits = StopBits::One,
+            None => ok = false,
+        }
+    }
+    if s.item("flow_control").is_some() {
+        match s.choice(p, "flow_control", &["none", "software", "hardware"]) {
+            Some("software") => port.flow_control = FlowControl::Software,
+            Some("hardware") => port.flow_control = FlowControl::Hardware,
+            Some(_) => port.flow_control = FlowControl::None,
+            None => ok = false,
+        }
+    }
+    ok.then_some(port)
+}
+
+/// `[source.antennas]`: antenna port → location, e.g. `1 = "door-3-in"`.
+fn antenna_map(s: &mut Section<'_>, p: &mut Problems) -> Vec<(u16, String)> {
+    let mut out = Vec::new();
+    for (k, v) in s.string_map(p, "antennas") {
+        match k.parse::<u16>() {
+            Ok(port) if !v.trim().is_empty() => out.push((port, v)),
+            Ok(_) => p.push(
+                s.span_of("antennas"),
+                &format!("{}.{k}", s.key_path("antennas")),
+                "the location must not be empty",
+            ),
+            Err(_) => p.push(
+                s.span_of("antennas"),
+                &format!("{}.{k}", s.key_path("antennas")),
+                "keys are antenna port numbers, e.g. 1 = \"door-3-in\"",
+            ),
+        }
+    }
+    out
 }
 
 /// `[upstream.fields]`: renames must name a field the profile writes and must not land on

@@ -6,6 +6,15 @@
 //! - exactly 10 ASCII digits is an IATA bag-tag licence plate (no check digit exists);
 //! - anything else printable is a barcode. GS (0x1D) inside GS1 data is kept.
 //!
+//! Options (`[[source]]` keys, REFERENCE-READERS.md §1):
+//! - `prefix` / `suffix` (hex bytes, e.g. `"02"` / `"03"`): stripped when present. A
+//!   configured suffix also ends a record, for scanners that send `STX data ETX` without CR/LF.
+//! - `fields` + `separator`: a template for text-mode RFID readers that print one read per
+//!   line, e.g. `fields = ["tag", "rssi", "antenna"]`, `separator = ","` for
+//!   `E2801190A5021F80055817CA,-61.5,2`. Names: `tag` (required), `rssi` (dBm), `antenna`, and
+//!   `-` for a column to ignore. A tag in hex is an EPC (uppercased), anything else text. A
+//!   line that does not fit the template is skipped as `bad_fields`.
+//!
 //! Skipped (counted, never fatal): empty lines, lines over [`MAX_LINE`] bytes (resync at the
 //! next terminator), lines with other control bytes or invalid UTF-8.
 
@@ -33,8 +42,46 @@ fn is_trailing_noise(b: u8) -> bool {
     (b < 0x20 && !matches!(b, 0x03 | 0x1D)) || b == 0x7F
 }
 
+/// One column of a `fields` template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Tag,
+    /// Signal strength in dBm.
+    Rssi,
+    /// Antenna port as the reader labels it.
+    Antenna,
+    /// A column that is not used.
+    Ignore,
+}
+
+impl Field {
+    /// The template names of the config file.
+    pub const NAMES: [&'static str; 4] = ["tag", "rssi", "antenna", "-"];
+
+    pub fn parse(name: &str) -> Option<Field> {
+        match name {
+            "tag" => Some(Field::Tag),
+            "rssi" => Some(Field::Rssi),
+            "antenna" => Some(Field::Antenna),
+            "-" => Some(Field::Ignore),
+            _ => None,
+        }
+    }
+}
+
+/// The `lines` settings of a source. The default is plain lines with STX/ETX stripped.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LinesOptions {
+    pub prefix: Vec<u8>,
+    pub suffix: Vec<u8>,
+    /// The column template; `None` for barcodes and bag tags.
+    pub fields: Option<Vec<Field>>,
+    pub separator: String,
+}
+
 #[derive(Debug, Default)]
 pub struct LinesDecoder {
+    opts: LinesOptions,
     /// The previous terminator was CR: an LF right after it belongs to it.
     after_cr: bool,
     /// Skipping an over-long line until its terminator.
@@ -46,8 +93,21 @@ pub struct LinesDecoder {
 }
 
 impl LinesDecoder {
-    fn interpret(line: &[u8]) -> Decoded {
+    pub fn new(opts: LinesOptions) -> Self {
+        LinesDecoder {
+            opts,
+            ..Default::default()
+        }
+    }
+
+    fn interpret(&self, line: &[u8]) -> Decoded {
         let mut l = line;
+        if let Some(rest) = l.strip_prefix(self.opts.prefix.as_slice()) {
+            l = rest;
+        }
+        if let Some(rest) = l.strip_suffix(self.opts.suffix.as_slice()) {
+            l = rest;
+        }
         while let Some((&0x02, rest)) = l.split_first() {
             l = rest;
         }
@@ -79,6 +139,9 @@ impl LinesDecoder {
             };
         };
         let text = text.trim_matches(|c| c == ' ' || c == '\t');
+        if let Some(fields) = &self.opts.fields {
+            return self.template(fields, text, line.len());
+        }
         let (symbology, data) =
             if text.len() >= 3 && text.starts_with(']') && text.is_char_boundary(3) {
                 (Some(text[..3].to_string()), &text[3..])
@@ -103,7 +166,68 @@ impl LinesDecoder {
             rssi_dbm: None,
             symbology,
             value: None,
+            rssi_raw: None,
         })
+    }
+
+    /// A line of a text-mode RFID reader, by the `fields` template.
+    fn template(&self, fields: &[Field], text: &str, bytes: usize) -> Decoded {
+        let bad = Decoded::Skipped {
+            reason: "bad_fields",
+            bytes,
+        };
+        let mut parts = text.split(self.opts.separator.as_str());
+        let (mut tag, mut rssi, mut antenna) = (None, None, None);
+        for f in fields {
+            let Some(part) = parts.next() else {
+                return bad;
+            };
+            let part = part.trim();
+            match f {
+                Field::Tag if !part.is_empty() => tag = Some(part),
+                Field::Rssi => match part.parse::<f32>() {
+                    Ok(v) if (-200.0..=50.0).contains(&v) => rssi = Some(v),
+                    _ => return bad,
+                },
+                Field::Antenna => match part.parse::<u16>() {
+                    Ok(v) => antenna = Some(v),
+                    _ => return bad,
+                },
+                Field::Ignore => {}
+                Field::Tag => return bad,
+            }
+        }
+        let Some(tag) = tag else { return bad };
+        let hex = tag.len().is_multiple_of(2) && tag.bytes().all(|b| b.is_ascii_hexdigit());
+        Decoded::Read(Read {
+            kind: if hex { ReadKind::Epc } else { ReadKind::Text },
+            tag: if hex {
+                tag.to_ascii_uppercase()
+            } else {
+                tag.to_string()
+            },
+            antenna,
+            rssi_dbm: rssi,
+            rssi_raw: None,
+            symbology: None,
+            value: None,
+        })
+    }
+
+    /// Where the record at the front of `src` ends: `(length, terminator length)`, by CR, LF
+    /// or the configured suffix (which stays part of the record, to be stripped).
+    fn record_end(&self, src: &[u8]) -> Option<(usize, usize)> {
+        let term = memchr::memchr2(b'\r', b'\n', src);
+        let suffix = (!self.opts.suffix.is_empty())
+            .then(|| memchr::memmem::find(src, &self.opts.suffix))
+            .flatten()
+            .map(|p| p + self.opts.suffix.len());
+        match (term, suffix) {
+            (Some(t), Some(s)) if s <= t => Some((s, 0)),
+            (Some(t), _) => Some((t, 1)),
+            (None, Some(s)) => Some((s, 0)),
+            (None, None) => None,
+        }
     }
 }
 
@@ -122,7 +246,11 @@ impl Decoder for LinesDecoder {
             // Noise before a frame (e.g. NULs from a floating line) is skipped and counted,
             // never joined to the frame that follows it.
             if self.discarding == 0 {
-                let n = src.iter().take_while(|&&b| is_noise(b)).count();
+                let lead = self.opts.prefix.first().copied();
+                let n = src
+                    .iter()
+                    .take_while(|&&b| is_noise(b) && Some(b) != lead)
+                    .count();
                 src.advance(n);
                 self.noise += n;
                 if src.is_empty() {
@@ -136,7 +264,7 @@ impl Decoder for LinesDecoder {
                     }));
                 }
             }
-            let Some(pos) = memchr::memchr2(b'\r', b'\n', src) else {
+            let Some((pos, term)) = self.record_end(src) else {
                 if src.len() > MAX_LINE {
                     // No terminator in sight: drop what we have and keep discarding until one.
                     self.discarding += src.len();
@@ -146,7 +274,7 @@ impl Decoder for LinesDecoder {
             };
             // The line is read in place and then skipped (`advance` moves a cursor; splitting
             // the buffer per line would share it and count references per frame).
-            self.after_cr = src[pos] == b'\r';
+            self.after_cr = term == 1 && src[pos] == b'\r';
             let out = if self.discarding > 0 {
                 let bytes = self.discarding + pos;
                 self.discarding = 0;
@@ -163,9 +291,9 @@ impl Decoder for LinesDecoder {
                 // A bare terminator (e.g. "\n\n"): nothing to report.
                 None
             } else {
-                Some(Self::interpret(&src[..pos]))
+                Some(self.interpret(&src[..pos]))
             };
-            src.advance(pos + 1);
+            src.advance(pos + term);
             if out.is_some() {
                 return Ok(out);
             }
@@ -195,7 +323,7 @@ impl Decoder for LinesDecoder {
                 bytes,
             }));
         }
-        Ok(Some(Self::interpret(&line)))
+        Ok(Some(self.interpret(&line)))
     }
 }
 
@@ -322,6 +450,89 @@ mod tests {
         long.extend_from_slice(b"\x00\x13ABC123\n");
         let out = reads(&long);
         assert_eq!(tag(out.last().unwrap()).0, "ABC123");
+    }
+
+    fn with(opts: LinesOptions, bytes: &[u8]) -> Vec<Decoded> {
+        decode_all(&mut Protocol::Lines(LinesDecoder::new(opts)), bytes, true)
+    }
+
+    #[test]
+    fn a_configured_suffix_ends_a_record_without_cr_lf() {
+        let opts = LinesOptions {
+            prefix: vec![0x02],
+            suffix: vec![0x03],
+            ..Default::default()
+        };
+        let out = with(
+            opts,
+            b"\x020125728359\x03\x02]E04006381333931\x03\r\n\x02ABC\x03",
+        );
+        let tags: Vec<_> = out.iter().map(|d| tag(d).0.to_string()).collect();
+        assert_eq!(tags, ["0125728359", "4006381333931", "ABC"]);
+        // A text prefix and a two-byte suffix.
+        let opts = LinesOptions {
+            prefix: b"RD:".to_vec(),
+            suffix: b"#;".to_vec(),
+            ..Default::default()
+        };
+        let out = with(opts, b"RD:0125728359#;RD:X1#;\nX2\n");
+        let tags: Vec<_> = out.iter().map(|d| tag(d).0.to_string()).collect();
+        assert_eq!(tags, ["0125728359", "X1", "X2"]);
+    }
+
+    #[test]
+    fn a_field_template_gives_epc_rssi_and_antenna() {
+        let opts = LinesOptions {
+            fields: Some(vec![Field::Tag, Field::Rssi, Field::Antenna]),
+            separator: ",".into(),
+            ..Default::default()
+        };
+        let out = with(
+            opts,
+            b"e2801190a5021f80055817ca,-61.5,2\r\nE200,-70,1\r\nE200,strong,1\r\nE200,-70\r\nNOT HEX,-50,3\r\n",
+        );
+        let r = |i: usize| match &out[i] {
+            Decoded::Read(r) => (r.tag.clone(), r.kind, r.rssi_dbm, r.antenna),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            r(0),
+            (
+                "E2801190A5021F80055817CA".into(),
+                ReadKind::Epc,
+                Some(-61.5),
+                Some(2)
+            )
+        );
+        assert_eq!(r(1), ("E200".into(), ReadKind::Epc, Some(-70.0), Some(1)));
+        for i in [2, 3] {
+            assert!(
+                matches!(
+                    out[i],
+                    Decoded::Skipped {
+                        reason: "bad_fields",
+                        ..
+                    }
+                ),
+                "{:?}",
+                out[i]
+            );
+        }
+        assert_eq!(
+            r(4),
+            ("NOT HEX".into(), ReadKind::Text, Some(-50.0), Some(3))
+        );
+        // Ignored columns and a tab separator.
+        let opts = LinesOptions {
+            fields: Some(vec![Field::Ignore, Field::Antenna, Field::Tag]),
+            separator: "\t".into(),
+            ..Default::default()
+        };
+        let out = with(opts, b"2026-11-30T10:00:00\t4\t3000AABB\n");
+        match &out[..] {
+            [Decoded::Read(r)] => assert_eq!((r.tag.as_str(), r.antenna), ("3000AABB", Some(4))),
+            other => panic!("{other:?}"),
+        }
     }
 
     proptest! {

@@ -1,42 +1,98 @@
 //! Reader protocols: bytes (or an MQTT payload) → [`Read`]s.
 //!
 //! Every decoder is a `tokio_util::codec::Decoder` that accepts bytes split anywhere,
-//! resynchronises after garbage, never panics, and reports what it skipped as a
-//! [`Decoded::Skipped`] item (with a reason for the drop counter) instead of an error, so a
-//! stream never ends because of bad input. `Ok(None)` means "need more bytes".
+//! resynchronises after garbage, never panics, never holds more than one frame's worth of
+//! bytes, and reports what it skipped as a [`Decoded::Skipped`] item (with a reason for the
+//! drop counter) instead of an error, so a stream never ends because of bad input. Valid
+//! frames that carry no read (replies, keep-alives, error answers) are [`Decoded::Frame`]s.
+//! `Ok(None)` means "need more bytes". The output does not depend on how the bytes were split.
 //!
 //! How to add a protocol:
-//! 1. a new file `src/protocol/<name>.rs` with a `Decoder<Item = Decoded, Error = io::Error>`,
+//! 1. a new file `src/protocol/<name>.rs` with a `Decoder<Item = Decoded, Error = io::Error>`
+//!    (binary framings implement [`framed::Framing`] and get resynchronisation for free),
 //!    byte-array unit tests next to it;
 //! 2. one arm in [`Protocol`] (and in `config::ProtocolKind`);
 //! 3. one fixture folder `hardware-fixtures/<name>/` with captures and expected reads;
 //! 4. a fuzz target in `fuzz/fuzz_targets/`.
 
+pub mod chafon;
+pub mod em4100;
+pub mod framed;
 pub mod lines;
+pub mod thingmagic;
+pub mod uhf_bb;
 
-use crate::config::ProtocolKind;
+pub use crate::config::{ProtocolConfig, ProtocolKind};
 use crate::event::Read;
 use bytes::BytesMut;
 use tokio_util::codec::Decoder;
 
-/// One decoder output: a read, or bytes that were skipped and why.
+/// One decoder output: a read, a valid frame that is not a read, or bytes that were skipped
+/// and why.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decoded {
     Read(Read),
-    Skipped { reason: &'static str, bytes: usize },
+    /// A frame with a valid checksum that carries no tag read: `what` names it (`reply`,
+    /// `keepalive`, `heartbeat`, `no_tag`, `error`, `status`, `command`, `notice`).
+    Frame {
+        what: &'static str,
+    },
+    /// Bytes that were not a valid frame. A run of skipped bytes with nothing decoded in
+    /// between is one item; `reason` is the cause of its first byte (`garbage`,
+    /// `bad_checksum`, `bad_record`, `truncated`, or a decoder's own).
+    Skipped {
+        reason: &'static str,
+        bytes: usize,
+    },
 }
 
 /// The closed registry of decoders.
 #[derive(Debug)]
 pub enum Protocol {
     Lines(lines::LinesDecoder),
+    Em4100(framed::Framed<em4100::Em4100>),
+    ThingMagic(framed::Framed<thingmagic::ThingMagic>),
+    UhfBb(framed::Framed<uhf_bb::UhfBb>),
+    Chafon(framed::Framed<chafon::Chafon>),
 }
 
 impl Protocol {
-    pub fn new(kind: ProtocolKind) -> Self {
-        match kind {
-            ProtocolKind::Lines => Protocol::Lines(lines::LinesDecoder::default()),
+    /// A decoder for a source's protocol settings.
+    pub fn new(cfg: &ProtocolConfig) -> Self {
+        match cfg.kind {
+            ProtocolKind::Lines => Protocol::Lines(lines::LinesDecoder::new(cfg.lines.clone())),
+            ProtocolKind::Em4100 => Protocol::Em4100(framed::Framed::new(em4100::Em4100)),
+            ProtocolKind::ThingMagic => {
+                Protocol::ThingMagic(framed::Framed::new(thingmagic::ThingMagic))
+            }
+            ProtocolKind::UhfBb => Protocol::UhfBb(framed::Framed::new(uhf_bb::UhfBb)),
+            ProtocolKind::Chafon => Protocol::Chafon(framed::Framed::new(chafon::Chafon {
+                family: cfg.chafon_family,
+                raw_rssi_offset_db: cfg.raw_rssi_offset_db,
+            })),
         }
+    }
+
+    /// A decoder with the protocol's default settings.
+    pub fn of(kind: ProtocolKind) -> Self {
+        Self::new(&ProtocolConfig::from(kind))
+    }
+
+    /// The line has been idle long enough that a frame in progress cannot be completed (a
+    /// reader sends a frame's bytes back to back): give up the candidate frame at the front
+    /// of `src`, so a bogus length byte in garbage does not hold the frames behind it until
+    /// more bytes arrive. Returns what that frees. Serial sources call it when a read times
+    /// out with bytes pending; replays never do (their output must not depend on timing).
+    pub fn idle(&mut self, src: &mut BytesMut) -> Vec<Decoded> {
+        let mut out = Vec::new();
+        match self {
+            Protocol::Lines(_) => {}
+            Protocol::Em4100(d) => d.idle(src, &mut out),
+            Protocol::ThingMagic(d) => d.idle(src, &mut out),
+            Protocol::UhfBb(d) => d.idle(src, &mut out),
+            Protocol::Chafon(d) => d.idle(src, &mut out),
+        }
+        out
     }
 }
 
@@ -47,12 +103,20 @@ impl Decoder for Protocol {
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Decoded>, std::io::Error> {
         match self {
             Protocol::Lines(d) => d.decode(src),
+            Protocol::Em4100(d) => d.decode(src),
+            Protocol::ThingMagic(d) => d.decode(src),
+            Protocol::UhfBb(d) => d.decode(src),
+            Protocol::Chafon(d) => d.decode(src),
         }
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Decoded>, std::io::Error> {
         match self {
             Protocol::Lines(d) => d.decode_eof(src),
+            Protocol::Em4100(d) => d.decode_eof(src),
+            Protocol::ThingMagic(d) => d.decode_eof(src),
+            Protocol::UhfBb(d) => d.decode_eof(src),
+            Protocol::Chafon(d) => d.decode_eof(src),
         }
     }
 }
@@ -70,4 +134,28 @@ pub fn decode_all(proto: &mut Protocol, bytes: &[u8], eof: bool) -> Vec<Decoded>
         }
     }
     out
+}
+
+/// Uppercase hex of `bytes` (EPCs and ids are reported this way).
+pub fn hex_upper(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 0xF) as usize] as char);
+    }
+    s
+}
+
+/// An EPC read (kind `epc`) with what the reader reported beside it.
+pub(crate) fn epc_read(epc: &[u8], rssi_dbm: Option<f32>, antenna: Option<u16>) -> Decoded {
+    Decoded::Read(Read {
+        kind: crate::event::ReadKind::Epc,
+        tag: hex_upper(epc),
+        antenna,
+        rssi_dbm,
+        rssi_raw: None,
+        symbology: None,
+        value: None,
+    })
 }

@@ -102,6 +102,8 @@ pub struct Feed {
     pub journal: Option<(std::path::PathBuf, Arc<journal::JournalMarks>)>,
     /// The read channel's byte budget.
     pub budget: Arc<Budget>,
+    /// This source's health record (frames, bad frames by reason, connection).
+    pub health: Arc<crate::metrics::SourceHealth>,
 }
 
 impl Feed {
@@ -109,11 +111,21 @@ impl Feed {
         match d {
             Decoded::Skipped { reason, bytes } => {
                 self.metrics.count_drop(reason, 1);
+                self.health.bad_frame(reason);
                 tracing::debug!(source = %self.name, reason, bytes, "Skipped bytes that are not a valid frame");
+                None
+            }
+            Decoded::Frame { what } => {
+                self.health.frames.inc();
+                self.health.last_frame_ms.set(wall_ms.max(0) as u64);
+                tracing::trace!(source = %self.name, what, "Frame without a read");
                 None
             }
             Decoded::Read(read) => {
                 self.metrics.reads_in.inc();
+                self.health.frames.inc();
+                self.health.reads.inc();
+                self.health.last_frame_ms.set(wall_ms.max(0) as u64);
                 Some(SourceRead {
                     source: self.source,
                     read,
@@ -259,6 +271,7 @@ pub async fn run(
         source: index,
         name: Arc::from(cfg.name.as_str()),
         tx: pipe.tx,
+        health: metrics.source(&cfg.name),
         metrics,
         wake: pipe.wake,
         high_water: pipe.high_water,
@@ -267,7 +280,9 @@ pub async fn run(
         budget: pipe.budget,
     };
     match &cfg.kind {
-        SourceKind::Serial { path, baud } => serial::run(&cfg, path, *baud, feed, shutdown).await,
+        SourceKind::Serial { path, port, init } => {
+            serial::run(&cfg, path, *port, init, feed, shutdown).await
+        }
         SourceKind::Replay {
             file,
             speed,
@@ -296,6 +311,7 @@ mod tests {
             read_coalesce: Duration::from_millis(1),
             journal: None,
             budget,
+            health: Arc::default(),
         }
     }
 
@@ -307,6 +323,7 @@ mod tests {
                 tag: "x".repeat(len),
                 antenna: None,
                 rssi_dbm: None,
+                rssi_raw: None,
                 symbology: None,
                 value: None,
             },

@@ -68,7 +68,7 @@ pub async fn play<R: AsyncBufRead + Unpin>(
 ) -> Result<bool, ReplayError> {
     let mut lines = reader.lines();
     let mut kind = None;
-    let mut decoder = Protocol::new(cfg.protocol);
+    let mut decoder = Protocol::new(&cfg.protocol);
     let mut buf = BytesMut::new();
     let start = Instant::now();
     let mut line_no = 0;
@@ -117,6 +117,7 @@ pub async fn play<R: AsyncBufRead + Unpin>(
         }
         feed.metrics.frames_in.inc();
         feed.metrics.bytes_in.add(rec.bytes.len() as u64);
+        feed.health.bytes.add(rec.bytes.len() as u64);
         let outputs = match k {
             // A serial capture is one byte stream: records may split frames anywhere.
             CaptureKind::Serial => {
@@ -128,7 +129,7 @@ pub async fn play<R: AsyncBufRead + Unpin>(
                 out
             }
             // An MQTT payload is a complete message.
-            CaptureKind::Mqtt => decode_all(&mut Protocol::new(cfg.protocol), &rec.bytes, true),
+            CaptureKind::Mqtt => decode_all(&mut Protocol::new(&cfg.protocol), &rec.bytes, true),
         };
         for d in outputs {
             if !feed.push(d).await {

@@ -22,13 +22,25 @@
 //! pauses, that is at most one pause's worth of bytes (a few ms of reads).
 //!
 //! Never waits on the pipeline: while the read channel is full, reads are held in the thread
-//! (up to [`HOLD_MAX`]) and the port is read on. On open failure, error or EOF (unplug) it
-//! closes the port, waits a backoff step and reopens: no reconnect storms. Full port settings
-//! and init bytes come with the serial-protocols work.
+//! (up to [`HOLD_MAX`]) and the port is read on.
+//!
+//! Opening: the path is followed as a symlink (`/dev/serial/by-id/…`); the port settings are
+//! the source's (`baud`, `data_bits`, `parity`, `stop_bits`, `flow_control`); pending input is
+//! never flushed (bytes the device sent while scangate restarted are read); the source's
+//! `init` bytes are written after every open (e.g. the command that starts continuous
+//! reading, which a reader forgets when it loses power).
+//!
+//! Closing and reopening: on a read error, a hang-up (unplug), the path vanishing, or no byte
+//! for `reopen_after_idle_ms` (when set), the port is closed and reopened with capped,
+//! jittered backoff ([`REOPEN_MIN`] … [`REOPEN_MAX`]). The backoff resets only after a
+//! connection that lasted [`STABLE`], so a device that opens and hangs up at once costs one
+//! open every few seconds and one log line, not a spin. While the path does not exist it is
+//! looked for every [`PATH_POLL`] (a `stat`, not an open), so a replugged reader is back
+//! within a fraction of a second.
 
 use super::journal::Journal;
 use super::{Feed, SourceRead, Stop};
-use crate::config::SourceConfig;
+use crate::config::{PortSettings, ProtocolConfig, SourceConfig};
 use crate::protocol::Decoded;
 use bytes::BytesMut;
 use std::io::Read;
@@ -38,8 +50,12 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
-const REOPEN_MIN: Duration = Duration::from_millis(200);
-const REOPEN_MAX: Duration = Duration::from_secs(10);
+pub const REOPEN_MIN: Duration = Duration::from_millis(200);
+pub const REOPEN_MAX: Duration = Duration::from_secs(10);
+/// A connection that lasted this long resets the reopen backoff.
+pub const STABLE: Duration = Duration::from_secs(5);
+/// How often a missing device path is looked for.
+pub const PATH_POLL: Duration = Duration::from_millis(250);
 /// A read this large found the kernel's tty input buffer (4 KiB on Linux, of which 4095
 /// bytes are returned) full, so more may be waiting behind it: read again at once.
 pub const STREAMING_READ: usize = 4000;
@@ -54,19 +70,25 @@ const READ_SIZE: usize = 16 * 1024;
 pub async fn run(
     cfg: &SourceConfig,
     path: &Path,
-    baud: u32,
+    port: PortSettings,
+    init: &[u8],
     feed: Feed,
     shutdown: CancellationToken,
 ) {
     let (stop, stopped) = Stop::new();
     let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
     let name = cfg.name.clone();
-    let protocol = cfg.protocol;
-    let path = path.to_path_buf();
+    let port_cfg = Port {
+        path: path.to_path_buf(),
+        settings: port,
+        init: init.to_vec(),
+        protocol: cfg.protocol.clone(),
+        idle_reopen: cfg.reopen_after_idle,
+    };
     let spawned = std::thread::Builder::new()
         .name(format!("serial:{name}"))
         .spawn(move || {
-            serve(&name, &path, baud, protocol, &feed, &stopped);
+            serve(&name, &port_cfg, &feed, &stopped);
             let _ = done_tx.send(());
         });
     if let Err(e) = spawned {
@@ -178,18 +200,50 @@ impl<'a> Handover<'a> {
     }
 }
 
+/// What the reader thread needs of the source's config.
+struct Port {
+    path: std::path::PathBuf,
+    settings: PortSettings,
+    init: Vec<u8>,
+    protocol: ProtocolConfig,
+    idle_reopen: Option<Duration>,
+}
+
+/// Open the port with its settings, switch to timed reads, write the init bytes.
+fn open_port(p: &Port) -> std::io::Result<std::fs::File> {
+    let s = &p.settings;
+    let port = tokio_serial::new(p.path.to_string_lossy(), s.baud)
+        .data_bits(s.data_bits)
+        .parity(s.parity)
+        .stop_bits(s.stop_bits)
+        .flow_control(s.flow_control)
+        .open_native()
+        .map_err(std::io::Error::from)?;
+    let mut file = timed_reads(port)?;
+    if !p.init.is_empty() {
+        use std::io::Write;
+        file.write_all(&p.init)?;
+    }
+    Ok(file)
+}
+
+/// A random factor in [0.5, 1.0) for backoff jitter, so gateways that lost the same USB hub
+/// do not reopen in step.
+fn jitter(d: Duration) -> Duration {
+    let r = (uuid::Uuid::new_v4().as_u128() % 1000) as f64 / 2000.0;
+    d.mul_f64(0.5 + r)
+}
+
 /// The reader thread: recover the journal, open, read, journal, decode, hand over; reopen with
 /// backoff; until stopped.
-fn serve(
-    name: &str,
-    path: &Path,
-    baud: u32,
-    protocol: crate::config::ProtocolKind,
-    feed: &Feed,
-    stopped: &super::Stopped,
-) {
+fn serve(name: &str, port_cfg: &Port, feed: &Feed, stopped: &super::Stopped) {
+    let path = port_cfg.path.as_path();
+    let protocol = &port_cfg.protocol;
+    let health = feed.health.clone();
     let mut delay = REOPEN_MIN;
     let mut last_error: Option<String> = None;
+    let mut opened_before = false;
+    let mut flapping_logged = false;
     let mut chunk = vec![0u8; READ_SIZE];
     let mut out = Handover::new(feed);
     // The decoder and its buffer carry over from recovery to the first open: a frame cut by
@@ -246,23 +300,57 @@ fn serve(
             j.maintain(settled);
         }
     };
+    // Held reads still go out while the port is away; true when stopped.
+    let pause = |out: &mut Handover<'_>, d: Duration| -> bool {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            out.drain();
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            if stopped.wait(left.min(Duration::from_millis(20))) {
+                return true;
+            }
+        }
+    };
     while !stopped.is_stopped() && !out.closed {
-        let opened = tokio_serial::new(path.to_string_lossy(), baud)
-            .open_native()
-            .map_err(std::io::Error::from)
-            .and_then(timed_reads);
-        match opened {
+        // A missing path (unplugged USB adapter) is watched, not opened in a loop.
+        if !path.exists() {
+            let msg = "device path does not exist (unplugged?)".to_string();
+            if last_error.as_deref() != Some(msg.as_str()) {
+                tracing::warn!(source = %name, path = %path.display(), "Serial device not present; waiting for it to appear");
+                health.set_error(Some(msg.clone()));
+                last_error = Some(msg);
+            }
+            if pause(&mut out, PATH_POLL) {
+                break;
+            }
+            continue;
+        }
+        match open_port(port_cfg) {
             Ok(mut port) => {
-                tracing::info!(source = %name, path = %path.display(), baud, "Serial port open");
+                let opened_at = tokio::time::Instant::now();
+                let device = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+                if opened_before {
+                    health.reopens.inc();
+                }
+                opened_before = true;
+                if !flapping_logged {
+                    tracing::info!(source = %name, path = %path.display(), device = %device.display(), settings = %port_cfg.settings.describe(), init_bytes = port_cfg.init.len(), "Serial port open");
+                }
                 feed.metrics.sources_connected.add(1);
+                health.set_connected(true, crate::event::wall_now_ms());
+                health.set_error(None);
                 last_error = None;
-                delay = REOPEN_MIN;
                 // Bytes read since the last pause began, and when it began: the device's rate.
                 let mut cycle_bytes = 0usize;
                 let mut cycle_start = tokio::time::Instant::now();
+                let mut last_byte = tokio::time::Instant::now();
                 let reason = loop {
                     if stopped.is_stopped() || out.closed {
                         feed.metrics.sources_connected.sub(1);
+                        health.set_connected(false, crate::event::wall_now_ms());
                         out.finish();
                         return;
                     }
@@ -282,19 +370,39 @@ fn serve(
                             (bytes.len(), wall_ms)
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => break e.to_string(),
+                        Err(e) => break format!("read error: {e}"),
                     };
                     if n == 0 {
-                        out.drain();
-                        settle(&mut journal, &out, pos_end.saturating_sub(buf.len() as u64));
                         // The read timer ran out (no data) or the line hung up.
                         if started.elapsed() < Duration::from_millis(VTIME_DS as u64 * 50) {
                             break "end of file (device gone?)".to_string();
                         }
+                        // Idle: a frame in progress will not be completed (readers send a
+                        // frame's bytes back to back), so a bogus length byte does not hold
+                        // the frames behind it.
+                        if !buf.is_empty() {
+                            let end = pos_end;
+                            for d in decoder.idle(&mut buf) {
+                                out.hand(d, crate::event::wall_now_ms(), end);
+                            }
+                        }
+                        out.drain();
+                        settle(&mut journal, &out, pos_end.saturating_sub(buf.len() as u64));
+                        if !path.exists() {
+                            break "device path vanished".to_string();
+                        }
+                        if port_cfg
+                            .idle_reopen
+                            .is_some_and(|d| last_byte.elapsed() >= d)
+                        {
+                            break "no byte from the device for reopen_after_idle_ms".to_string();
+                        }
                         continue;
                     }
+                    last_byte = tokio::time::Instant::now();
                     feed.metrics.frames_in.inc();
                     feed.metrics.bytes_in.add(n as u64);
+                    health.bytes.add(n as u64);
                     out.drain();
                     while let Ok(Some(d)) = decoder.decode(&mut buf) {
                         out.hand(d, wall_ms, pos_end.saturating_sub(buf.len() as u64));
@@ -309,6 +417,7 @@ fn serve(
                         cycle_start = now;
                         if stopped.wait(pause) {
                             feed.metrics.sources_connected.sub(1);
+                            health.set_connected(false, crate::event::wall_now_ms());
                             out.finish();
                             return;
                         }
@@ -320,8 +429,18 @@ fn serve(
                         std::thread::yield_now();
                     }
                 };
+                drop(port);
                 feed.metrics.sources_connected.sub(1);
-                tracing::warn!(source = %name, path = %path.display(), reason = %reason, "Serial port closed; reopening");
+                health.set_connected(false, crate::event::wall_now_ms());
+                health.set_error(Some(reason.clone()));
+                if opened_at.elapsed() >= STABLE {
+                    delay = REOPEN_MIN;
+                    flapping_logged = false;
+                    tracing::warn!(source = %name, path = %path.display(), reason = %reason, "Serial port closed; reopening");
+                } else if !flapping_logged {
+                    flapping_logged = true;
+                    tracing::warn!(source = %name, path = %path.display(), reason = %reason, "Serial port closes right after opening; retrying with backoff (logged once until it stays open)");
+                }
                 // A new connection starts a new byte stream: a partial frame is not continued,
                 // neither now nor by a recovery of the journal.
                 decoder = crate::protocol::Protocol::new(protocol);
@@ -334,22 +453,13 @@ fn serve(
                 let msg = e.to_string();
                 if last_error.as_deref() != Some(msg.as_str()) {
                     tracing::warn!(source = %name, path = %path.display(), error = %msg, "Cannot open serial port; retrying with backoff");
+                    health.set_error(Some(msg.clone()));
                     last_error = Some(msg);
                 }
             }
         }
-        // While the port is away, held reads still go out.
-        let deadline = tokio::time::Instant::now() + delay;
-        loop {
-            out.drain();
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            if stopped.wait(left.min(Duration::from_millis(20))) {
-                out.finish();
-                return;
-            }
+        if pause(&mut out, jitter(delay)) {
+            break;
         }
         delay = (delay * 2).min(REOPEN_MAX);
     }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod frames;
 pub mod ingest;
 
 use scangate::config::{Config, UpstreamConfig};

@@ -1,0 +1,157 @@
+//! The resynchronising driver shared by the binary protocols.
+//!
+//! A [`Framing`] says where a frame can start, whether the bytes at the front are a complete,
+//! valid frame, and what a valid frame means. [`Framed`] does the rest, the same way for
+//! every protocol (REFERENCE-READERS.md, "General rules"):
+//! - bytes that cannot start a frame are skipped at once;
+//! - the checksum is validated before any length-derived field is trusted; after a failed
+//!   candidate the search resumes one byte further on (never a whole claimed length);
+//! - a run of skipped bytes is reported once, with the cause of its first byte, just before
+//!   the next frame's output: the report does not depend on how the bytes were split;
+//! - at most one frame (a few hundred bytes) is held, waiting for its end.
+
+use super::Decoded;
+use bytes::{Buf, BytesMut};
+use std::collections::VecDeque;
+use tokio_util::codec::Decoder;
+
+/// What the bytes at the front of the buffer are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Candidate {
+    /// A frame may start here but its end has not arrived yet.
+    NeedMore,
+    /// No frame starts here: skip one byte, for this reason (`garbage`, `bad_checksum` …).
+    Reject(&'static str),
+    /// A complete frame with a valid checksum, this many bytes long.
+    Frame(usize),
+}
+
+/// One binary framing: its header search, its frame check and its meaning.
+pub trait Framing {
+    /// How many bytes at the front of `src` cannot start a frame (0 when `src[0]` might).
+    fn skip(&self, src: &[u8]) -> usize;
+    /// Judge the candidate at `src[0]` (non-empty, not skippable).
+    fn candidate(&self, src: &[u8]) -> Candidate;
+    /// What a valid frame carries: reads, a [`Decoded::Frame`], or a `bad_record` skip.
+    fn interpret(&self, frame: &[u8], out: &mut VecDeque<Decoded>);
+}
+
+/// A [`Framing`] as a `tokio_util` decoder.
+#[derive(Debug)]
+pub struct Framed<F> {
+    framing: F,
+    /// Outputs of the last frame not handed out yet (a frame may carry several reads).
+    queue: VecDeque<Decoded>,
+    /// The skipped run in progress: its length and the cause of its first byte.
+    run: usize,
+    reason: &'static str,
+}
+
+impl<F: Framing> Framed<F> {
+    pub fn new(framing: F) -> Self {
+        Framed {
+            framing,
+            queue: VecDeque::new(),
+            run: 0,
+            reason: "garbage",
+        }
+    }
+
+    fn skipped(&mut self, reason: &'static str, n: usize) {
+        if self.run == 0 {
+            self.reason = reason;
+        }
+        self.run += n;
+    }
+
+    fn take_run(&mut self) -> Option<Decoded> {
+        (self.run > 0).then(|| Decoded::Skipped {
+            reason: self.reason,
+            bytes: std::mem::take(&mut self.run),
+        })
+    }
+
+    fn next(&mut self, src: &mut BytesMut) -> Option<Decoded> {
+        loop {
+            if let Some(d) = self.queue.pop_front() {
+                return Some(d);
+            }
+            let n = self.framing.skip(src).min(src.len());
+            if n > 0 {
+                self.skipped("garbage", n);
+                src.advance(n);
+                continue;
+            }
+            if src.is_empty() {
+                return None;
+            }
+            match self.framing.candidate(src) {
+                Candidate::NeedMore => return None,
+                Candidate::Reject(reason) => {
+                    self.skipped(reason, 1);
+                    src.advance(1);
+                }
+                Candidate::Frame(len) => {
+                    // The run before a frame is reported first; the frame is judged again on
+                    // the next call (only after skips, so rarely).
+                    if let Some(run) = self.take_run() {
+                        return Some(run);
+                    }
+                    let len = len.clamp(1, src.len());
+                    self.framing.interpret(&src[..len], &mut self.queue);
+                    src.advance(len);
+                }
+            }
+        }
+    }
+
+    /// Decode as far as possible when no more bytes will complete the frame at the front:
+    /// each incomplete candidate gives up its first byte (`truncated`) and the search goes
+    /// on, so frames behind a bogus length are still found.
+    fn drain(&mut self, src: &mut BytesMut, out: &mut Vec<Decoded>) {
+        loop {
+            if let Some(d) = self.next(src) {
+                out.push(d);
+                continue;
+            }
+            if src.is_empty() {
+                break;
+            }
+            self.skipped("truncated", 1);
+            src.advance(1);
+        }
+        out.extend(self.take_run());
+    }
+
+    /// See [`super::Protocol::idle`].
+    pub fn idle(&mut self, src: &mut BytesMut, out: &mut Vec<Decoded>) {
+        self.drain(src, out);
+    }
+}
+
+impl<F: Framing> Decoder for Framed<F> {
+    type Item = Decoded;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Decoded>, std::io::Error> {
+        Ok(self.next(src))
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Decoded>, std::io::Error> {
+        if let Some(d) = self.next(src) {
+            return Ok(Some(d));
+        }
+        let mut out = Vec::new();
+        self.drain(src, &mut out);
+        // `drain` may free several outputs: hand out the first, queue the rest.
+        let mut it = out.into_iter();
+        let first = it.next();
+        self.queue.extend(it);
+        Ok(first)
+    }
+}
+
+/// Read a big-endian u16 at `i`, if present.
+pub(crate) fn be16(b: &[u8], i: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?]))
+}
