@@ -74,5 +74,6 @@ pub mod forward;
 pub mod metrics;
 pub mod protocol;
 pub mod service;
+pub mod sniff;
 pub mod source;
 pub mod spool;

@@ -62,6 +62,54 @@ enum Cmd {
         #[arg(long, default_value_t = 2.0)]
         speed: f64,
     },
+    /// Decode a serial port live (or a recorded capture) and show the reads: tag, RSSI,
+    /// antenna, reads/s per tag, bad frames. `--protocol auto` says which protocol and baud
+    /// rate match and how sure it is.
+    Sniff {
+        /// The serial port (e.g. /dev/serial/by-id/usb-…).
+        #[arg(long, conflicts_with = "capture", required_unless_present = "capture")]
+        port: Option<PathBuf>,
+        /// A capture file (hardware-fixtures format) to decode offline instead.
+        #[arg(long)]
+        capture: Option<PathBuf>,
+        /// lines, em4100, thingmagic, uhf-bb, chafon, or auto.
+        #[arg(long, default_value = "auto")]
+        protocol: String,
+        /// Baud rate (default: the protocol's; with auto, each common rate is tried).
+        #[arg(long)]
+        baud: Option<u32>,
+        /// Hex bytes written after opening the port (e.g. a start-reading command).
+        #[arg(long)]
+        init: Option<String>,
+        /// Chafon answer layout: rssi (UHFReader288 family) or classic (UHFReader18).
+        #[arg(long, default_value = "rssi")]
+        family: String,
+        /// One JSON object per read (kind, tag, rssi_dbm, antenna, symbology) or skip.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many seconds (default: until Ctrl-C).
+        #[arg(long)]
+        seconds: Option<f64>,
+        /// With auto on a port: how long to listen at each baud rate, ms.
+        #[arg(long, default_value_t = 1500)]
+        listen_ms: u64,
+    },
+    /// Record what a serial port sends into a capture file (replay format, with the port
+    /// settings in its header) to send a field problem in.
+    Record {
+        #[arg(long)]
+        port: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 9600)]
+        baud: u32,
+        /// Hex bytes written after opening the port.
+        #[arg(long)]
+        init: Option<String>,
+        /// Stop after this many seconds (default: until Ctrl-C).
+        #[arg(long)]
+        seconds: Option<f64>,
+    },
     /// Run the pipeline with a capture file as the only source, until it is all delivered.
     Replay {
         #[arg(long, short, default_value = "/etc/scangate/scangate.toml")]
@@ -187,6 +235,61 @@ fn main() -> ExitCode {
                 }
             })
         }
+        Cmd::Sniff {
+            port,
+            capture,
+            protocol,
+            baud,
+            init,
+            family,
+            json,
+            seconds,
+            listen_ms,
+        } => match sniff(SniffArgs {
+            port,
+            capture,
+            protocol,
+            baud,
+            init,
+            family,
+            json,
+            seconds,
+            listen_ms,
+        }) {
+            Ok(code) => code,
+            Err(e) => report(e),
+        },
+        Cmd::Record {
+            port,
+            out,
+            baud,
+            init,
+            seconds,
+        } => {
+            let run = || -> anyhow::Result<()> {
+                let init = hex_arg(init.as_deref())?;
+                let settings = scangate::config::PortSettings::new(baud);
+                eprintln!(
+                    "recording {} at {} into {}; Ctrl-C to stop",
+                    port.display(),
+                    settings.describe(),
+                    out.display()
+                );
+                let n = scangate::sniff::record(
+                    &port,
+                    &settings,
+                    &init,
+                    &out,
+                    seconds.map(Duration::from_secs_f64),
+                )?;
+                eprintln!("{n} bytes recorded");
+                Ok(())
+            };
+            match run() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => report(e),
+            }
+        }
         Cmd::Status { config } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
@@ -208,6 +311,127 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+struct SniffArgs {
+    port: Option<PathBuf>,
+    capture: Option<PathBuf>,
+    protocol: String,
+    baud: Option<u32>,
+    init: Option<String>,
+    family: String,
+    json: bool,
+    seconds: Option<f64>,
+    listen_ms: u64,
+}
+
+fn hex_arg(s: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    match s {
+        None => Ok(Vec::new()),
+        Some(h) => scangate::config::unhex(h)
+            .ok_or_else(|| anyhow::anyhow!("--init \"{h}\" is not hex bytes such as \"FF 03 9A\"")),
+    }
+}
+
+fn sniff(a: SniffArgs) -> anyhow::Result<ExitCode> {
+    use scangate::config::{ChafonFamily, PortSettings, ProtocolConfig, ProtocolKind};
+    use std::io::Write;
+    let family = match a.family.as_str() {
+        "rssi" => ChafonFamily::Rssi,
+        "classic" => ChafonFamily::Classic,
+        f => anyhow::bail!("--family \"{f}\" is not rssi or classic"),
+    };
+    let kind = match a.protocol.as_str() {
+        "auto" => None,
+        p => Some(ProtocolKind::parse(p).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--protocol \"{p}\" is not one of lines, em4100, thingmagic, uhf-bb, chafon, auto"
+            )
+        })?),
+    };
+    let cfg = |kind: ProtocolKind| {
+        let mut c = ProtocolConfig::from(kind);
+        c.chafon_family = family;
+        c
+    };
+    let mut out = std::io::stdout().lock();
+    if let Some(file) = a.capture {
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+        let kind = match kind {
+            Some(k) => k,
+            None => {
+                let (_, recs) = scangate::source::capture::parse(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+                let bytes: Vec<u8> = recs.into_iter().flat_map(|r| r.bytes).collect();
+                let g = scangate::sniff::guess(&bytes).remove(0);
+                if !a.json {
+                    writeln!(
+                        out,
+                        "protocol: {} ({}: {:.0}% of bytes in valid frames)",
+                        g.protocol.name(),
+                        g.confidence(),
+                        g.score * 100.0
+                    )?;
+                }
+                g.protocol
+            }
+        };
+        let outs = scangate::sniff::decode_capture(&text, &cfg(kind))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        for d in &outs {
+            if a.json {
+                writeln!(out, "{}", scangate::sniff::json_line(d))?;
+            } else {
+                match d {
+                    scangate::protocol::Decoded::Read(r) => writeln!(
+                        out,
+                        "{:<8} {:<32} rssi {} antenna {}",
+                        r.kind.as_str(),
+                        r.tag,
+                        r.rssi_dbm.map_or_else(
+                            || r.rssi_raw.map_or("-".into(), |v| format!("raw {v}")),
+                            |v| format!("{v:.1} dBm")
+                        ),
+                        r.antenna.map_or("-".into(), |v| v.to_string())
+                    )?,
+                    scangate::protocol::Decoded::Skipped { reason, bytes } => {
+                        writeln!(out, "BAD      {reason} ({bytes} bytes)")?
+                    }
+                    scangate::protocol::Decoded::Frame { what } => {
+                        writeln!(out, "frame    {what}")?
+                    }
+                }
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(port) = a.port else {
+        anyhow::bail!("give --port or --capture");
+    };
+    let init = hex_arg(a.init.as_deref())?;
+    let (settings, kind) = match kind {
+        Some(k) => (PortSettings::new(a.baud.unwrap_or(k.default_baud())), k),
+        None => match scangate::sniff::auto_detect(
+            &port,
+            a.baud,
+            Duration::from_millis(a.listen_ms),
+            &mut out,
+        )? {
+            Some(found) => found,
+            None => return Ok(ExitCode::from(1)),
+        },
+    };
+    scangate::sniff::sniff_port(
+        &port,
+        &settings,
+        &cfg(kind),
+        &init,
+        a.json,
+        a.seconds.map(Duration::from_secs_f64),
+        &mut out,
+    )?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn report(e: anyhow::Error) -> ExitCode {
@@ -287,6 +511,33 @@ fn status(cfg: &Config) -> anyhow::Result<()> {
         "spool size:      {} bytes used of {} max",
         s.used_bytes, cfg.spool.max_bytes
     );
+    match cfg.admin.listen.map(live_status) {
+        Some(Ok(v)) => {
+            for src in v["sources"].as_array().into_iter().flatten() {
+                let since = src["since_ms"].as_i64();
+                let state = if src["connected"] == true {
+                    format!("connected since {}", fmt_ms(since))
+                } else {
+                    format!(
+                        "DISCONNECTED since {} ({})",
+                        fmt_ms(since),
+                        src["last_error"].as_str().unwrap_or("not opened yet")
+                    )
+                };
+                println!(
+                    "reader {:<9} {state}; last frame {}; {} bytes, {} frames, {} reads, {} reopens, bad frames {}",
+                    src["name"].as_str().unwrap_or("?"),
+                    fmt_ms(src["last_frame_ms"].as_i64()),
+                    src["bytes"],
+                    src["frames"],
+                    src["reads"],
+                    src["reopens"],
+                    src["bad_frames"]
+                );
+            }
+        }
+        _ => println!("readers:         the daemon is not running (or its admin listener is off): no live port state"),
+    }
     for q in spool::quarantined(&cfg.gateway.state_dir) {
         println!(
             "WARNING:         {} was moved aside as corrupt; its events are NOT sent until you stop the service and run: scangate spool salvage {}",
@@ -295,6 +546,26 @@ fn status(cfg: &Config) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The running daemon's `/status` (1 s timeout).
+fn live_status(addr: std::net::SocketAddr) -> anyhow::Result<serde_json::Value> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(1))
+            .build()?;
+        let body = client
+            .get(format!("http://{addr}/status"))
+            .send()
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await?;
+        Ok(serde_json::from_slice(&body)?)
+    })
 }
 
 fn spool_cmd(cfg: &Config, cmd: SpoolCmd) -> anyhow::Result<()> {

@@ -152,7 +152,12 @@ impl SourceHealth {
 }
 
 /// A per-source metric: name, type, help, value.
-type PerSource = (&'static str, &'static str, &'static str, fn(&SourceHealth) -> u64);
+type PerSource = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&SourceHealth) -> u64,
+);
 
 /// A Prometheus label value: backslash, double quote and newline escaped.
 fn label(v: &str) -> String {

@@ -83,7 +83,11 @@ async fn status(State(c): State<Ctx>) -> impl IntoResponse {
     let m = &c.running.metrics;
     Json(serde_json::json!({
         "gateway_id": c.gateway,
-        "sources": c.sources.iter().map(|(n, l)| serde_json::json!({"name": n, "location": l})).collect::<Vec<_>>(),
+        "sources": c.sources.iter().map(|(n, l)| {
+            let mut v = m.source(n).json(n);
+            v["location"] = l.as_str().into();
+            v
+        }).collect::<Vec<_>>(),
         "reads": m.reads_in.get(),
         "committed": m.spool_committed.get(),
         "delivered": m.delivered.get(),

@@ -33,7 +33,7 @@
 //! Closing and reopening: on a read error, a hang-up (unplug), the path vanishing, or no byte
 //! for `reopen_after_idle_ms` (when set), the port is closed and reopened with capped,
 //! jittered backoff ([`REOPEN_MIN`] … [`REOPEN_MAX`]). The backoff resets only after a
-//! connection that lasted [`STABLE`], so a device that opens and hangs up at once costs one
+//! connection that delivered bytes or lasted [`STABLE`], so a device that opens and hangs up at once costs one
 //! open every few seconds and one log line, not a spin. While the path does not exist it is
 //! looked for every [`PATH_POLL`] (a `stat`, not an open), so a replugged reader is back
 //! within a fraction of a second.
@@ -211,8 +211,15 @@ struct Port {
 
 /// Open the port with its settings, switch to timed reads, write the init bytes.
 fn open_port(p: &Port) -> std::io::Result<std::fs::File> {
-    let s = &p.settings;
-    let port = tokio_serial::new(p.path.to_string_lossy(), s.baud)
+    open(&p.path, &p.settings, &p.init)
+}
+
+/// Open a serial port for blocking reads that return what is buffered, or nothing after
+/// 0.2 s (so a caller can look for a stop request), and write `init` to it. Pending input is
+/// not flushed. Errors: the device is missing, busy (another process has it open), or refuses
+/// the settings.
+pub fn open(path: &Path, s: &PortSettings, init: &[u8]) -> std::io::Result<std::fs::File> {
+    let port = tokio_serial::new(path.to_string_lossy(), s.baud)
         .data_bits(s.data_bits)
         .parity(s.parity)
         .stop_bits(s.stop_bits)
@@ -220,9 +227,9 @@ fn open_port(p: &Port) -> std::io::Result<std::fs::File> {
         .open_native()
         .map_err(std::io::Error::from)?;
     let mut file = timed_reads(port)?;
-    if !p.init.is_empty() {
+    if !init.is_empty() {
         use std::io::Write;
-        file.write_all(&p.init)?;
+        file.write_all(init)?;
     }
     Ok(file)
 }
@@ -347,6 +354,7 @@ fn serve(name: &str, port_cfg: &Port, feed: &Feed, stopped: &super::Stopped) {
                 let mut cycle_bytes = 0usize;
                 let mut cycle_start = tokio::time::Instant::now();
                 let mut last_byte = tokio::time::Instant::now();
+                let mut got_bytes = false;
                 let reason = loop {
                     if stopped.is_stopped() || out.closed {
                         feed.metrics.sources_connected.sub(1);
@@ -400,6 +408,7 @@ fn serve(name: &str, port_cfg: &Port, feed: &Feed, stopped: &super::Stopped) {
                         continue;
                     }
                     last_byte = tokio::time::Instant::now();
+                    got_bytes = true;
                     feed.metrics.frames_in.inc();
                     feed.metrics.bytes_in.add(n as u64);
                     health.bytes.add(n as u64);
@@ -433,7 +442,9 @@ fn serve(name: &str, port_cfg: &Port, feed: &Feed, stopped: &super::Stopped) {
                 feed.metrics.sources_connected.sub(1);
                 health.set_connected(false, crate::event::wall_now_ms());
                 health.set_error(Some(reason.clone()));
-                if opened_at.elapsed() >= STABLE {
+                // A connection that delivered bytes or lasted is a real one: the backoff
+                // restarts. One that hung up at once, silent, is a flapping device.
+                if got_bytes || opened_at.elapsed() >= STABLE {
                     delay = REOPEN_MIN;
                     flapping_logged = false;
                     tracing::warn!(source = %name, path = %path.display(), reason = %reason, "Serial port closed; reopening");
