@@ -9,11 +9,13 @@
 //! Scenarios: commit (spool commit rate), rate (5,000 frames/s at several commit intervals:
 //! CPU, bytes written per event, RSS), full (full speed), outage (20 s upstream outage at
 //! 5,000 frames/s, then recovery time), drain (1,000,000 events backlog: startup time, RSS,
-//! drain rate), idle (idle RSS).
+//! drain rate), idle (idle RSS), protocols (each binary reader protocol at full speed).
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)] // wall-clock measurement of real processes
 
 #[path = "../tests/common/daemon.rs"]
 mod daemon;
+#[path = "../tests/common/frames.rs"]
+mod frames;
 #[path = "../tests/common/ingest.rs"]
 mod ingest;
 
@@ -39,6 +41,16 @@ fn frame(i: u64) -> Vec<u8> {
         1_763_289_000_000u64 + i
     );
     format!("{s:<96}\r\n").into_bytes()
+}
+
+/// Makes frame number `i` of a protocol.
+type MakeFrame = fn(u64) -> Vec<u8>;
+
+/// A 12-byte EPC numbered `i`.
+fn epc(i: u64) -> [u8; 12] {
+    let mut e = [0xE2, 0x80, 0x11, 0x60, 0, 0, 0, 0, 0, 0, 0, 0];
+    e[4..].copy_from_slice(&i.to_be_bytes());
+    e
 }
 
 struct Proc {
@@ -202,8 +214,8 @@ fn pty() -> (serialport::TTYPort, serialport::TTYPort, String) {
     (m, s, name)
 }
 
-fn serial_source(path: &str) -> String {
-    format!("[[source]]\nname = \"pty\"\nkind = \"serial\"\nprotocol = \"lines\"\npath = \"{path}\"\nbaud = 115200\nlocation = \"BENCH\"\n")
+fn serial_source(path: &str, protocol: &str) -> String {
+    format!("[[source]]\nname = \"pty\"\nkind = \"serial\"\nprotocol = \"{protocol}\"\npath = \"{path}\"\nbaud = 115200\nlocation = \"BENCH\"\n")
 }
 
 /// A daemon whose serial source is a fresh pty, returned once the port is open. The pty's
@@ -214,11 +226,21 @@ async fn serial_daemon(
     spool_extra: &str,
     up_extra: &str,
 ) -> (Daemon, serialport::TTYPort, serialport::TTYPort) {
+    serial_daemon_with(dir, upstream, spool_extra, up_extra, "lines").await
+}
+
+async fn serial_daemon_with(
+    dir: &Path,
+    upstream: &str,
+    spool_extra: &str,
+    up_extra: &str,
+    protocol: &str,
+) -> (Daemon, serialport::TTYPort, serialport::TTYPort) {
     let (master, slave, name) = pty();
     let d = start_daemon(
         dir,
         &dir.join("state"),
-        &serial_source(&name),
+        &serial_source(&name, protocol),
         upstream,
         spool_extra,
         up_extra,
@@ -232,10 +254,21 @@ async fn serial_daemon(
 
 /// Feed `n` frames at `rate` per second (0 = as fast as the pty takes them). Runs on a thread.
 fn feed(
+    master: serialport::TTYPort,
+    start: u64,
+    n: u64,
+    rate: u64,
+) -> std::thread::JoinHandle<serialport::TTYPort> {
+    feed_with(master, start, n, rate, frame)
+}
+
+/// [`feed`] with another frame maker.
+fn feed_with(
     mut master: serialport::TTYPort,
     start: u64,
     n: u64,
     rate: u64,
+    frame: fn(u64) -> Vec<u8>,
 ) -> std::thread::JoinHandle<serialport::TTYPort> {
     std::thread::spawn(move || {
         let t0 = Instant::now();
@@ -290,14 +323,27 @@ impl Row {
 
 /// Frames → delivered through the daemon; measured from the first byte to the last delivery.
 async fn through(label: &str, n: u64, rate: u64, spool_extra: &str, up_extra: &str) -> Row {
+    through_with(label, n, rate, spool_extra, up_extra, "lines", frame).await
+}
+
+/// [`through`] for a reader protocol and its frame maker.
+async fn through_with(
+    label: &str,
+    n: u64,
+    rate: u64,
+    spool_extra: &str,
+    up_extra: &str,
+    protocol: &str,
+    make: fn(u64) -> Vec<u8>,
+) -> Row {
     let mut ing = Ingest::start().await;
     ing.with(|s| s.light = true);
     let dir = bench_dir();
     let (d, master, slave) =
-        serial_daemon(dir.path(), &ing.base_url(), spool_extra, up_extra).await;
+        serial_daemon_with(dir.path(), &ing.base_url(), spool_extra, up_extra, protocol).await;
     let (cpu0, w0) = (d.proc.cpu(), d.proc.write_bytes());
     let t0 = Instant::now();
-    let feeder = feed(master, 0, n, rate);
+    let feeder = feed_with(master, 0, n, rate, make);
     let limit = Duration::from_secs(120 + n.checked_div(rate).unwrap_or(0));
     let mut anon_peak = 0u64;
     let delivered = async {
@@ -753,6 +799,20 @@ fn main() {
             if args.iter().any(|a| a == "peer") {
                 let repeat = std::env::var("BENCH_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
                 peer(&p, repeat).await;
+            }
+        }
+        if want("protocols") {
+            println!("\n## each binary reader protocol at full speed (pty → decode → spool → HTTP)");
+            let n = std::env::var("BENCH_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(300_000);
+            let makers: [(&str, MakeFrame); 4] = [
+                ("em4100", |i| frames::em4100([0x62, (i >> 24) as u8, (i >> 16) as u8, (i >> 8) as u8, i as u8], false)),
+                ("thingmagic", |i| frames::tm_streamed(-40 - (i % 40) as i8, (i % 4) as u8 + 1, &epc(i))),
+                ("uhf-bb", |i| frames::uhf_bb_notice(-40 - (i % 40) as i8, &epc(i))),
+                ("chafon", |i| frames::chafon_realtime((i % 4) as u8 + 1, &epc(i), 0x40 + (i % 40) as u8)),
+            ];
+            for (protocol, make) in makers {
+                let bytes = make(0).len();
+                through_with(&format!("{protocol} ({bytes}-byte frames)"), n, 0, "", "", protocol, make).await;
             }
         }
         if want("outage") {

@@ -392,7 +392,12 @@ mod tests {
         }
         // Line noise (bytes that start no UTF-8 character and no frame) matches nothing.
         let noise: Vec<u8> = (0..300).map(|i| 0x80 + (i % 0x3A) as u8).collect();
-        assert_eq!(guess(&noise)[0].confidence(), "no match", "{:?}", guess(&noise));
+        assert_eq!(
+            guess(&noise)[0].confidence(),
+            "no match",
+            "{:?}",
+            guess(&noise)
+        );
     }
 
     #[test]
