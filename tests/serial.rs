@@ -418,3 +418,38 @@ async fn a_path_that_is_not_a_serial_port_is_retried_quietly() {
     );
     d.sigterm();
 }
+
+/// Bytes the reader sent while scangate was not running (a restart) are read at open: the
+/// port's pending input is never flushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_pending_before_the_port_opens_is_read() {
+    let ingest = Ingest::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut master, slave) = pty_pair();
+    for i in 0..20u8 {
+        master
+            .write_all(&frames::em4100([0x10, 0x20, 0x30, 0x40, i], true))
+            .unwrap();
+    }
+    let sources = format!(
+        "[[source]]\nname = \"desk\"\nkind = \"serial\"\nprotocol = \"em4100\"\npath = \"{}\"\n",
+        slave.name().unwrap()
+    );
+    let cfg = write_config(
+        dir.path(),
+        &dir.path().join("state"),
+        &sources,
+        &ingest.base_url(),
+        "",
+        None,
+    );
+    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
+    wait_until("the 20 reads sent before the open", T, || {
+        ingest.unique() == 20
+    })
+    .await;
+    let first = ingest.with(|s| s.events[0]["bag_id"].clone());
+    assert_eq!(first, "1020304000", "{}", d.log_text());
+    d.sigterm();
+    drop(slave);
+}
