@@ -525,14 +525,15 @@ fn status(cfg: &Config) -> anyhow::Result<()> {
                     )
                 };
                 println!(
-                    "reader {:<9} {state}; last frame {}; {} bytes, {} frames, {} reads, {} reopens, bad frames {}",
+                    "reader {:<9} {state}; last frame {}; {} bytes, {} frames, {} reads, {} reopens, bad frames {}, other frames {}",
                     src["name"].as_str().unwrap_or("?"),
                     fmt_ms(src["last_frame_ms"].as_i64()),
                     src["bytes"],
                     src["frames"],
                     src["reads"],
                     src["reopens"],
-                    src["bad_frames"]
+                    src["bad_frames"],
+                    src["other_frames"]
                 );
             }
         }

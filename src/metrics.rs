@@ -103,6 +103,8 @@ pub struct SourceHealth {
     pub reopens: Counter,
     /// Skipped input by reason (bad checksum, garbage …): runs, not bytes.
     bad: Mutex<BTreeMap<&'static str, u64>>,
+    /// Valid frames that are not reads, by kind (keep-alive, reply, no_tag, error …).
+    other: Mutex<BTreeMap<&'static str, u64>>,
     /// The last reason the port closed or could not be opened.
     last_error: Mutex<Option<String>>,
 }
@@ -116,6 +118,16 @@ impl SourceHealth {
 
     pub fn bad_frames(&self) -> BTreeMap<&'static str, u64> {
         self.bad.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    pub fn other_frame(&self, what: &'static str) {
+        if let Ok(mut m) = self.other.lock() {
+            *m.entry(what).or_default() += 1;
+        }
+    }
+
+    pub fn other_frames(&self) -> BTreeMap<&'static str, u64> {
+        self.other.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     pub fn set_connected(&self, up: bool, now_ms: i64) {
@@ -146,6 +158,7 @@ impl SourceHealth {
             "reads": self.reads.get(),
             "reopens": self.reopens.get(),
             "bad_frames": self.bad_frames(),
+            "other_frames": self.other_frames(),
             "last_error": self.last_error(),
         })
     }
@@ -441,6 +454,15 @@ impl Metrics {
             for (reason, v) in h.bad_frames() {
                 s.push_str(&format!(
                     "scangate_source_bad_frames_total{{source=\"{}\",reason=\"{reason}\"}} {v}\n",
+                    label(n)
+                ));
+            }
+        }
+        s.push_str("# HELP scangate_source_other_frames_total Valid frames that carry no read (keep-alives, replies, error answers), by kind.\n# TYPE scangate_source_other_frames_total counter\n");
+        for (n, h) in &sources {
+            for (what, v) in h.other_frames() {
+                s.push_str(&format!(
+                    "scangate_source_other_frames_total{{source=\"{}\",what=\"{what}\"}} {v}\n",
                     label(n)
                 ));
             }

@@ -213,6 +213,7 @@ location = "CF_PORTAL"
     assert_eq!(tm["connected"], true);
     assert_eq!(tm["reads"], 1);
     assert_eq!(tm["frames"], 2, "the keep-alive is a frame: {tm}");
+    assert_eq!(tm["other_frames"]["keepalive"], 1, "{tm}");
     let bb = source_status(&s, "bb");
     assert_eq!(bb["bad_frames"]["garbage"], 1, "{bb}");
     assert_eq!(

@@ -117,6 +117,7 @@ impl Feed {
             }
             Decoded::Frame { what } => {
                 self.health.frames.inc();
+                self.health.other_frame(what);
                 self.health.last_frame_ms.set(wall_ms.max(0) as u64);
                 tracing::trace!(source = %self.name, what, "Frame without a read");
                 None
