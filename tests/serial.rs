@@ -214,6 +214,20 @@ location = "CF_PORTAL"
     assert_eq!(tm["reads"], 1);
     assert_eq!(tm["frames"], 2, "the keep-alive is a frame: {tm}");
     assert_eq!(tm["other_frames"]["keepalive"], 1, "{tm}");
+    // `scangate status` shows the same from the running daemon.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_scangate"))
+        .args(["status", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tm_line = text
+        .lines()
+        .find(|l| l.starts_with("reader tm "))
+        .unwrap_or_else(|| panic!("no line for the tm reader:\n{text}"));
+    assert!(tm_line.contains("connected since"), "{tm_line}");
+    assert!(tm_line.contains("1 reads"), "{tm_line}");
+    assert!(tm_line.contains("keepalive"), "{tm_line}");
     let bb = source_status(&s, "bb");
     assert_eq!(bb["bad_frames"]["garbage"], 1, "{bb}");
     assert_eq!(
