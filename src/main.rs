@@ -415,6 +415,7 @@ fn sniff(a: SniffArgs) -> anyhow::Result<ExitCode> {
         None => match scangate::sniff::auto_detect(
             &port,
             a.baud,
+            &init,
             Duration::from_millis(a.listen_ms),
             &mut out,
         )? {

@@ -133,26 +133,43 @@ pub const AUTO_BAUDS: [u32; 9] = [
     9600, 115_200, 57_600, 19_200, 38_400, 230_400, 460_800, 921_600, 4800,
 ];
 
+/// One read from a port opened by `serial::open`: `Ok(0)` when nothing came for 0.2 s, an
+/// error when the device hung up (a read that returns nothing at once: unplugged).
+fn read_port(port: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        let started = Instant::now();
+        match port.read(buf) {
+            Ok(0) if started.elapsed() < Duration::from_millis(100) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the device hung up (unplugged?)",
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// Read from an open port for `listen`, at most `max` bytes.
 fn sample(port: &mut std::fs::File, listen: Duration, max: usize) -> std::io::Result<Vec<u8>> {
     let end = Instant::now() + listen;
     let mut buf = vec![0u8; 4096];
     let mut out = Vec::new();
     while Instant::now() < end && out.len() < max {
-        match port.read(&mut buf) {
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+        let n = read_port(port, &mut buf)?;
+        out.extend_from_slice(&buf[..n]);
     }
     Ok(out)
 }
 
-/// `sniff --protocol auto` on a port: listen at each baud rate (the given one only, if any)
-/// and report the best protocol. Returns the port settings and protocol that matched.
+/// `sniff --protocol auto` on a port: listen at each baud rate (the given one only, if any),
+/// after writing `init` (readers that stay silent until told to start), and report the best
+/// protocol. Returns the port settings and protocol that matched.
 pub fn auto_detect(
     path: &Path,
     baud: Option<u32>,
+    init: &[u8],
     listen: Duration,
     out: &mut impl Write,
 ) -> anyhow::Result<Option<(PortSettings, ProtocolKind)>> {
@@ -160,7 +177,7 @@ pub fn auto_detect(
     let mut best: Option<(PortSettings, Guess)> = None;
     for b in bauds {
         let settings = PortSettings::new(b);
-        let mut port = crate::source::serial::open(path, &settings, &[])
+        let mut port = crate::source::serial::open(path, &settings, init)
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
         let bytes = sample(&mut port, listen, 64 * 1024)?;
         let g = guess(&bytes).remove(0);
@@ -252,11 +269,8 @@ pub fn sniff_port(
     let mut rates = Rates::default();
     let mut chunk = vec![0u8; 4096];
     while duration.is_none_or(|d| start.elapsed() < d) {
-        let n = match port.read(&mut chunk) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => anyhow::bail!("reading {}: {e}", path.display()),
-        };
+        let n = read_port(&mut port, &mut chunk)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
         let mut outs = Vec::new();
         if n == 0 {
             outs.extend(decoder.idle(&mut buf));
@@ -339,12 +353,11 @@ pub fn record(
     let mut total = 0u64;
     let mut chunk = vec![0u8; 4096];
     while duration.is_none_or(|d| start.elapsed() < d) {
-        let n = match port.read(&mut chunk) {
-            Ok(0) => continue,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => anyhow::bail!("reading {}: {e}", path.display()),
-        };
+        let n = read_port(&mut port, &mut chunk)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        if n == 0 {
+            continue;
+        }
         total += n as u64;
         let hex: Vec<String> = chunk[..n].iter().map(|b| format!("{b:02x}")).collect();
         writeln!(f, "{} hex {}", start.elapsed().as_millis(), hex.join(" "))?;

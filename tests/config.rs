@@ -369,3 +369,65 @@ fn absurd_replay_speeds_are_refused_and_never_panic() {
         assert!(due >= start && due <= start + scangate::source::replay::MAX_RECORD_WAIT);
     }
 }
+
+const READERS: &str = r#"[gateway]
+id = "gw1"
+state_dir = "/tmp/x"
+
+[[source]]
+name = "replay"
+kind = "replay"
+protocol = "em4100"
+file = "x.cap"
+baud = 9600
+init = "FF 00"
+
+[[source]]
+name = "tm"
+kind = "serial"
+protocol = "thingmagic"
+path = "/dev/ttyUSB0"
+init = "FF 0G"
+parity = "mark"
+fields = ["tag"]
+
+[[source]]
+name = "text"
+kind = "serial"
+protocol = "lines"
+path = "/dev/ttyUSB1"
+prefix = "0D"
+fields = ["rssi", "antenna"]
+speed = "max"
+[source.antennas]
+one = "DOOR"
+
+[upstream]
+url = "http://h:8000"
+profile = "bag-events"
+"#;
+
+/// Reader settings: each mistake named with its line and key (a serial setting on a replay,
+/// bad hex, an unknown parity, a template key on a binary protocol, CR as a prefix, a template
+/// without a tag, a replay setting on a port, an antenna map key that is not a number).
+#[test]
+fn reader_settings_errors_are_located() {
+    let errs = Config::parse(READERS, Path::new("/etc/scangate")).unwrap_err();
+    let got: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.key.as_str())).collect();
+    for want in [
+        (10, "source[0].baud"),
+        (11, "source[0].init"),
+        (18, "source[1].init"),
+        (19, "source[1].parity"),
+        (20, "source[1].fields"),
+        (27, "source[2].prefix"),
+        (28, "source[2].fields"),
+        (29, "source[2].speed"),
+    ] {
+        assert!(got.contains(&want), "{want:?} missing from {got:?}");
+    }
+    assert!(
+        got.iter().any(|(_, k)| k.starts_with("source[2].antennas")),
+        "{got:?}"
+    );
+}

@@ -468,3 +468,50 @@ async fn input_pending_before_the_port_opens_is_read() {
     d.sigterm();
     drop(slave);
 }
+
+/// A port that delivers only garbage (wrong baud rate, miswired) shows bad frames in
+/// `/status` while it happens, not "connected, 0 bad frames".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_sending_only_garbage_shows_bad_frames() {
+    let ingest = Ingest::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut master, slave) = pty_pair();
+    let admin = free_port();
+    let sources = format!(
+        "[[source]]\nname = \"desk\"\nkind = \"serial\"\nprotocol = \"em4100\"\npath = \"{}\"\n",
+        slave.name().unwrap()
+    );
+    let cfg = write_config(
+        dir.path(),
+        &dir.path().join("state"),
+        &sources,
+        &ingest.base_url(),
+        "",
+        Some(admin),
+    );
+    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
+    assert!(
+        wait_metric(admin, "scangate_sources_connected", 1, T).await,
+        "{}",
+        d.log_text()
+    );
+    master
+        .write_all(&[0x00, 0x80, 0xF0, 0x41, 0x7F].repeat(40))
+        .unwrap();
+    assert!(
+        wait_metric(
+            admin,
+            "scangate_source_bad_frames_total{source=\"desk\",reason=\"garbage\"}",
+            1,
+            T
+        )
+        .await,
+        "garbage never counted; log:\n{}",
+        d.log_text()
+    );
+    let s = status(admin).await;
+    assert_eq!(source_status(&s, "desk")["bad_frames"]["garbage"], 1);
+    assert_eq!(ingest.unique(), 0);
+    d.sigterm();
+    drop(slave);
+}

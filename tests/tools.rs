@@ -202,3 +202,59 @@ fn record_then_sniff_the_recording() {
     assert_eq!(tags, want);
     drop(slave);
 }
+
+/// A reader that hangs up while `record` runs (a USB unplug: every read returns nothing at
+/// once) ends the recording with an error instead of spinning a core.
+#[test]
+fn record_stops_when_the_device_hangs_up() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let (_master, slave) = pty_pair();
+    let path = slave.name().unwrap();
+    let file = dir.path().join("gone.cap");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_scangate"))
+        .args(["record", "--port", &path, "--seconds", "60", "--out"])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&file).is_ok_and(|t| t.contains("# started")) {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "record never opened the port"
+        );
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+    // SAFETY: TIOCVHANGUP on a descriptor this test owns; it takes no argument.
+    let r = unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCVHANGUP, 0) };
+    if r != 0 {
+        let _ = child.kill();
+        let _ = child.wait();
+        println!("SKIPPED: TIOCVHANGUP needs CAP_SYS_ADMIN (run as root)");
+        return;
+    }
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "record still running 10 s after the hang-up"
+        );
+        std::thread::park_timeout(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success());
+    assert!(err.contains("hung up"), "{err}");
+}

@@ -199,7 +199,10 @@ def verify_checksums():
 # ============================================================================================
 
 def read_line(kind, tag, rssi=None, ant=None):
-    """hardware-fixtures/README.md read line. rssi: int dBm, or a string such as 'raw:107'; None -> '-'."""
+    """hardware-fixtures/README.md read line. rssi: int dBm, or a string such as 'raw:107'; None -> '-'.
+    A read with an empty EPC has no identity: the decoder reports it as `frame empty_epc`."""
+    if kind == "epc" and tag == "":
+        return "frame\tempty_epc"
     if rssi is None and ant is None:
         return "%s\t%s\t-" % (kind, tag)
     if rssi is None:
@@ -507,6 +510,8 @@ def try_em4100(b, i):
 
 
 def fmt_read(tag, rssi, ant):
+    if tag == "":
+        return "frame\tempty_epc"
     if rssi is None and ant is None:
         return "epc\t%s\t-" % tag
     return "epc\t%s\t-\t%s\t%s" % (tag, "-" if rssi is None else rssi, "-" if ant is None else ant)

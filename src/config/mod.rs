@@ -721,6 +721,32 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
         }
     };
 
+    // Keys of one kind of source on another are mistakes (a replay has no baud rate).
+    let serial_only = [
+        "path",
+        "baud",
+        "data_bits",
+        "parity",
+        "stop_bits",
+        "flow_control",
+        "init",
+        "reopen_after_idle_ms",
+    ];
+    let replay_only = ["file", "speed", "repeat"];
+    let misplaced: &[&str] = match kind {
+        Some("serial") => &replay_only,
+        Some("replay") => &serial_only,
+        _ => &[],
+    };
+    for key in misplaced {
+        if s.table.get(key).is_some() {
+            p.push(
+                s.span_of(key),
+                &s.key_path(key),
+                format!("does not apply to kind = \"{}\"", kind.unwrap_or("")),
+            );
+        }
+    }
     let kind = match kind? {
         "serial" => {
             let Some(path) = path else {
@@ -823,8 +849,20 @@ fn protocol_config(s: &mut Section<'_>, p: &mut Problems) -> Option<ProtocolConf
             }
         }
     };
-    let prefix = bytes(s, "prefix");
-    let suffix = bytes(s, "suffix");
+    let mut prefix = bytes(s, "prefix");
+    let mut suffix = bytes(s, "suffix");
+    for (key, v) in [("prefix", &mut prefix), ("suffix", &mut suffix)] {
+        if v.as_ref()
+            .is_some_and(|b| b.contains(&b'\r') || b.contains(&b'\n'))
+        {
+            p.push(
+                s.span_of(key),
+                &s.key_path(key),
+                "must not contain CR (0D) or LF (0A): they end a line already",
+            );
+            *v = None;
+        }
+    }
     let separator = s.string(p, "separator");
     let fields = s.string_array(p, "fields").and_then(|names| {
         let parsed: Option<Vec<_>> = names

@@ -45,6 +45,10 @@ pub struct Chafon {
 
 impl Chafon {
     fn read(&self, id: &[u8], raw: Option<u8>, ant_mask: Option<u8>) -> Decoded {
+        if id.is_empty() {
+            // No identity: counted, not a read (as `super::epc_read`).
+            return Decoded::Frame { what: "empty_epc" };
+        }
         let antenna = ant_mask.and_then(|m| match m {
             0x01 => Some(1),
             0x02 => Some(2),

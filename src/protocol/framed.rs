@@ -7,7 +7,8 @@
 //! - the checksum is validated before any length-derived field is trusted; after a failed
 //!   candidate the search resumes one byte further on (never a whole claimed length);
 //! - a run of skipped bytes is reported once, with the cause of its first byte, just before
-//!   the next frame's output: the report does not depend on how the bytes were split;
+//!   the next frame's output or when it reaches [`super::RUN_REPORT`] bytes: the report
+//!   does not depend on how the bytes were split;
 //! - at most one frame (a few hundred bytes) is held, waiting for its end.
 
 use super::Decoded;
@@ -76,7 +77,11 @@ impl<F: Framing> Framed<F> {
             if let Some(d) = self.queue.pop_front() {
                 return Some(d);
             }
-            let n = self.framing.skip(src).min(src.len());
+            if self.run >= super::RUN_REPORT {
+                return self.take_run();
+            }
+            let room = super::RUN_REPORT - self.run;
+            let n = self.framing.skip(src).min(src.len()).min(room);
             if n > 0 {
                 self.skipped("garbage", n);
                 src.advance(n);
@@ -154,4 +159,61 @@ impl<F: Framing> Decoder for Framed<F> {
 /// Read a big-endian u16 at `i`, if present.
 pub(crate) fn be16(b: &[u8], i: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?]))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::protocol::{decode_all, Decoded, Protocol, ProtocolKind, RUN_REPORT};
+
+    /// A port that delivers nothing but garbage (a wrong baud rate) shows it: runs are
+    /// reported every `RUN_REPORT` bytes, not only before a valid frame that never comes.
+    #[test]
+    fn garbage_only_is_reported_in_runs_of_bounded_size() {
+        for kind in [
+            ProtocolKind::Em4100,
+            ProtocolKind::ThingMagic,
+            ProtocolKind::UhfBb,
+            ProtocolKind::Chafon,
+        ] {
+            let garbage = vec![0x00u8; 2 * RUN_REPORT + 100];
+            // Not at end of input: the runs come out while more bytes may follow.
+            let out = decode_all(&mut Protocol::of(kind), &garbage, false);
+            assert_eq!(
+                out,
+                vec![
+                    Decoded::Skipped {
+                        reason: "garbage",
+                        bytes: RUN_REPORT
+                    };
+                    2
+                ],
+                "{kind:?}"
+            );
+            // Idle reports the rest.
+            let mut d = Protocol::of(kind);
+            let mut buf = bytes::BytesMut::from(&garbage[..100]);
+            use tokio_util::codec::Decoder;
+            assert_eq!(d.decode(&mut buf).unwrap(), None);
+            assert_eq!(
+                d.idle(&mut buf),
+                vec![Decoded::Skipped {
+                    reason: "garbage",
+                    bytes: 100
+                }],
+                "{kind:?}"
+            );
+        }
+        // Line noise likewise.
+        let mut d = Protocol::of(ProtocolKind::Lines);
+        let mut buf = bytes::BytesMut::from(&[0xFFu8; 100][..]);
+        use tokio_util::codec::Decoder;
+        assert_eq!(d.decode(&mut buf).unwrap(), None);
+        assert_eq!(
+            d.idle(&mut buf),
+            vec![Decoded::Skipped {
+                reason: "line_noise",
+                bytes: 100
+            }]
+        );
+    }
 }

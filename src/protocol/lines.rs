@@ -93,6 +93,14 @@ pub struct LinesDecoder {
 }
 
 impl LinesDecoder {
+    /// The line is idle: report noise still pending (a port that sends only noise shows it).
+    pub fn idle(&mut self) -> Option<Decoded> {
+        (self.noise > 0).then(|| Decoded::Skipped {
+            reason: "line_noise",
+            bytes: std::mem::take(&mut self.noise),
+        })
+    }
+
     pub fn new(opts: LinesOptions) -> Self {
         LinesDecoder {
             opts,
@@ -247,13 +255,15 @@ impl Decoder for LinesDecoder {
             // never joined to the frame that follows it.
             if self.discarding == 0 {
                 let lead = self.opts.prefix.first().copied();
+                let room = super::RUN_REPORT - self.noise;
                 let n = src
                     .iter()
+                    .take(room)
                     .take_while(|&&b| is_noise(b) && Some(b) != lead)
                     .count();
                 src.advance(n);
                 self.noise += n;
-                if src.is_empty() {
+                if src.is_empty() && self.noise < super::RUN_REPORT {
                     return Ok(None);
                 }
                 if self.noise > 0 {

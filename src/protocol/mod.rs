@@ -33,18 +33,26 @@ use tokio_util::codec::Decoder;
 pub enum Decoded {
     Read(Read),
     /// A frame with a valid checksum that carries no tag read: `what` names it (`reply`,
-    /// `keepalive`, `heartbeat`, `no_tag`, `error`, `status`, `command`, `notice`).
+    /// `keepalive`, `heartbeat`, `no_tag`, `error`, `status`, `command`, `notice`,
+    /// `empty_epc`).
     Frame {
         what: &'static str,
     },
     /// Bytes that were not a valid frame. A run of skipped bytes with nothing decoded in
-    /// between is one item; `reason` is the cause of its first byte (`garbage`,
-    /// `bad_checksum`, `bad_record`, `truncated`, or a decoder's own).
+    /// between is one item (at most [`RUN_REPORT`] bytes, so a port delivering only garbage
+    /// shows it); `reason` is the cause of its first byte (`garbage`, `bad_checksum`,
+    /// `truncated`, or a decoder's own). A valid frame whose content does not add up is its
+    /// own item (`bad_record`).
     Skipped {
         reason: &'static str,
         bytes: usize,
     },
 }
+
+/// Longest run of skipped bytes reported as one item: a wrong baud rate delivers nothing but
+/// garbage, and its count must show without waiting for a valid frame. A count of bytes, so the
+/// report does not depend on how the bytes were split.
+pub const RUN_REPORT: usize = 4096;
 
 /// The closed registry of decoders.
 #[derive(Debug)]
@@ -81,12 +89,13 @@ impl Protocol {
     /// The line has been idle long enough that a frame in progress cannot be completed (a
     /// reader sends a frame's bytes back to back): give up the candidate frame at the front
     /// of `src`, so a bogus length byte in garbage does not hold the frames behind it until
-    /// more bytes arrive. Returns what that frees. Serial sources call it when a read times
-    /// out with bytes pending; replays never do (their output must not depend on timing).
+    /// more bytes arrive, and report skipped bytes still pending. Returns what that frees.
+    /// Serial sources call it when a read times out; replays never do (their output must not
+    /// depend on timing).
     pub fn idle(&mut self, src: &mut BytesMut) -> Vec<Decoded> {
         let mut out = Vec::new();
         match self {
-            Protocol::Lines(_) => {}
+            Protocol::Lines(d) => out.extend(d.idle()),
             Protocol::Em4100(d) => d.idle(src, &mut out),
             Protocol::ThingMagic(d) => d.idle(src, &mut out),
             Protocol::UhfBb(d) => d.idle(src, &mut out),
@@ -147,8 +156,13 @@ pub fn hex_upper(bytes: &[u8]) -> String {
     s
 }
 
-/// An EPC read (kind `epc`) with what the reader reported beside it.
+/// An EPC read (kind `epc`) with what the reader reported beside it. A zero-length EPC (it
+/// occurs: REFERENCE-READERS.md) identifies nothing: it is the frame `empty_epc`, counted,
+/// not a read.
 pub(crate) fn epc_read(epc: &[u8], rssi_dbm: Option<f32>, antenna: Option<u16>) -> Decoded {
+    if epc.is_empty() {
+        return Decoded::Frame { what: "empty_epc" };
+    }
     Decoded::Read(Read {
         kind: crate::event::ReadKind::Epc,
         tag: hex_upper(epc),

@@ -387,12 +387,10 @@ fn serve(name: &str, port_cfg: &Port, feed: &Feed, stopped: &super::Stopped) {
                         }
                         // Idle: a frame in progress will not be completed (readers send a
                         // frame's bytes back to back), so a bogus length byte does not hold
-                        // the frames behind it.
-                        if !buf.is_empty() {
-                            let end = pos_end;
-                            for d in decoder.idle(&mut buf) {
-                                out.hand(d, crate::event::wall_now_ms(), end);
-                            }
+                        // the frames behind it; skipped bytes still pending are reported.
+                        let end = pos_end;
+                        for d in decoder.idle(&mut buf) {
+                            out.hand(d, crate::event::wall_now_ms(), end);
                         }
                         out.drain();
                         settle(&mut journal, &out, pos_end.saturating_sub(buf.len() as u64));
