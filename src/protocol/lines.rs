@@ -70,13 +70,25 @@ impl Field {
 }
 
 /// The `lines` settings of a source. The default is plain lines with STX/ETX stripped.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LinesOptions {
     pub prefix: Vec<u8>,
     pub suffix: Vec<u8>,
     /// The column template; `None` for barcodes and bag tags.
     pub fields: Option<Vec<Field>>,
+    /// Between the template's columns (default ",").
     pub separator: String,
+}
+
+impl Default for LinesOptions {
+    fn default() -> Self {
+        LinesOptions {
+            prefix: Vec::new(),
+            suffix: Vec::new(),
+            fields: None,
+            separator: ",".into(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
