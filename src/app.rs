@@ -142,23 +142,32 @@ async fn ingest(
     let max = spool_cfg.commit_max_events;
     // Journal positions of this group, per source (0: none), committed with it.
     let mut marks: Vec<u64> = vec![0; sources.len()];
-    let accept =
-        |read: SourceRead, group: &mut Vec<EventBody>, size: &mut usize, marks: &mut Vec<u64>| {
-            budget.taken(read.size());
-            // Even a read dropped here moves its source's journal mark: it is settled.
-            if let Some(m) = marks.get_mut(read.source) {
-                *m = (*m).max(read.journal_end);
+    // Sources whose last read was not its frame's last (`SourceRead::frame_more`): the group
+    // does not end before the rest of that frame is in it.
+    let mut mid_frame: Vec<bool> = vec![false; sources.len()];
+    let accept = |read: SourceRead,
+                  group: &mut Vec<EventBody>,
+                  size: &mut usize,
+                  marks: &mut Vec<u64>,
+                  mid: &mut Vec<bool>| {
+        budget.taken(read.size());
+        if let Some(m) = mid.get_mut(read.source) {
+            *m = read.frame_more;
+        }
+        // Even a read dropped here moves its source's journal mark: it is settled.
+        if let Some(m) = marks.get_mut(read.source) {
+            *m = (*m).max(read.journal_end);
+        }
+        if let (Some(floor), Some(rssi)) = (floor, read.read.rssi_dbm) {
+            if (rssi as f64) < floor {
+                metrics.count_drop("below_rssi_floor", 1);
+                return;
             }
-            if let (Some(floor), Some(rssi)) = (floor, read.read.rssi_dbm) {
-                if (rssi as f64) < floor {
-                    metrics.count_drop("below_rssi_floor", 1);
-                    return;
-                }
-            }
-            let body = body_of(read, &sources);
-            *size += actor::body_size(&body);
-            group.push(body);
-        };
+        }
+        let body = body_of(read, &sources);
+        *size += actor::body_size(&body);
+        group.push(body);
+    };
     let mut closed = false;
     while !closed {
         let Some(first) = rx.recv().await else {
@@ -166,12 +175,14 @@ async fn ingest(
         };
         let mut group: Vec<EventBody> = Vec::with_capacity(256);
         let mut size = 0usize;
-        accept(first, &mut group, &mut size, &mut marks);
+        accept(first, &mut group, &mut size, &mut marks, &mut mid_frame);
         let deadline = Instant::now() + spool_cfg.commit_interval;
         loop {
-            while group.len() < max && size < GROUP_MAX_BYTES {
+            // A frame's reads come together (at most a few hundred): the group may exceed
+            // its bounds by the rest of one frame per source.
+            while (group.len() < max && size < GROUP_MAX_BYTES) || mid_frame.contains(&true) {
                 match rx.try_recv() {
-                    Ok(read) => accept(read, &mut group, &mut size, &mut marks),
+                    Ok(read) => accept(read, &mut group, &mut size, &mut marks, &mut mid_frame),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         closed = true;
@@ -179,9 +190,23 @@ async fn ingest(
                     }
                 }
             }
-            if closed || group.len() >= max || size >= GROUP_MAX_BYTES || Instant::now() >= deadline
-            {
+            let full = group.len() >= max || size >= GROUP_MAX_BYTES || Instant::now() >= deadline;
+            if closed || (full && !mid_frame.contains(&true)) {
                 break;
+            }
+            if mid_frame.contains(&true) && Instant::now() >= deadline {
+                // The rest of a frame is on its way from the source's thread.
+                match tokio::time::timeout(FRAME_REST_MAX, rx.recv()).await {
+                    Ok(Some(read)) => {
+                        accept(read, &mut group, &mut size, &mut marks, &mut mid_frame)
+                    }
+                    Ok(None) => closed = true,
+                    Err(_) => {
+                        tracing::warn!("A frame's remaining reads did not arrive; committing without them (they are replayed from the port journal after a crash)");
+                        mid_frame.iter_mut().for_each(|m| *m = false);
+                    }
+                }
+                continue;
             }
             tokio::select! {
                 _ = sleep_until(deadline) => {}
@@ -195,6 +220,9 @@ async fn ingest(
             .filter(|(_, m)| **m > 0)
             .map(|(i, m)| (sources[i].name.clone(), std::mem::take(m)))
             .collect();
+        if n > 0 || !group_marks.is_empty() {
+            metrics.ingest_groups.inc();
+        }
         if (n > 0 || !group_marks.is_empty())
             && spool.append_detached(group, group_marks).await.is_err()
         {
@@ -204,6 +232,10 @@ async fn ingest(
         }
     }
 }
+
+/// How long a commit group waits past its deadline for the rest of a frame with several reads
+/// (which the source's thread hands over back to back).
+const FRAME_REST_MAX: Duration = Duration::from_secs(1);
 
 /// Run the gateway until `shutdown` is cancelled (or, with `exit_when_idle`, until done).
 /// `on_start` receives a handle once the spool is open and the sources are started.
@@ -247,6 +279,10 @@ pub async fn run(
         .gateway
         .journal_dir
         .join(format!("{:016x}", spool.identity().salt));
+    let names: Vec<&str> = serial_names.iter().map(|n| &**n).collect();
+    for (source, files, bytes) in crate::source::journal::orphans(&journal_dir, &names) {
+        tracing::warn!(source = %source, files, bytes, dir = %journal_dir.display(), "Port journal of a source that is not in the config (renamed or removed?): reads in it that were not committed are not recovered. Give the source its old name back to recover them, or delete its files");
+    }
     let (handle, spool_thread) =
         actor::spawn_with(spool, journal_marks.clone()).map_err(AppError::Thread)?;
 

@@ -77,3 +77,4 @@ pub mod service;
 pub mod sniff;
 pub mod source;
 pub mod spool;
+pub mod suppress;

@@ -49,6 +49,9 @@ pub struct Metrics {
     pub reads_in: Counter,
     pub spool_committed: Counter,
     pub spool_commits: Counter,
+    /// Groups of reads the ingest stage handed to the spool (several may share one
+    /// transaction).
+    pub ingest_groups: Counter,
     /// Events the forwarder took straight from a commit, without reading the spool back.
     pub forward_handoff: Counter,
     pub spool_backlog: Gauge,
@@ -257,6 +260,12 @@ impl Metrics {
             "counter",
             "Spool transactions (group commits).",
             self.spool_commits.get(),
+        );
+        line(
+            "ingest_groups_total",
+            "counter",
+            "Groups of reads handed to the spool by the ingest stage (a frame's reads are never split across groups).",
+            self.ingest_groups.get(),
         );
         line(
             "forward_handoff_events_total",

@@ -431,3 +431,58 @@ fn reader_settings_errors_are_located() {
         "{got:?}"
     );
 }
+
+/// Settings that would break a binary reader or the port itself are refused before start.
+#[test]
+fn settings_that_break_a_port_are_refused() {
+    let text = r#"[gateway]
+id = "gw1"
+state_dir = "/tmp/x"
+
+[[source]]
+name = "cf"
+kind = "serial"
+protocol = "chafon"
+path = "/dev/ttyUSB0"
+flow_control = "software"
+data_bits = 7
+init = "+F +1"
+
+[[source]]
+name = "cf2"
+kind = "serial"
+protocol = "chafon"
+path = "/dev/ttyUSB0"
+
+[[source]]
+name = "bad\nname"
+kind = "serial"
+protocol = "em4100"
+path = "/dev/ttyUSB2"
+
+[upstream]
+url = "http://h:8000"
+profile = "bag-events"
+"#;
+    let errs = Config::parse(text, Path::new("/etc/scangate")).unwrap_err();
+    let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+    for want in [
+        "source[0].flow_control",
+        "source[0].data_bits",
+        "source[0].init",
+        "source[1].path",
+        "source[2].name",
+    ] {
+        assert!(keys.contains(&want), "{want} missing from {keys:?}");
+    }
+    let init = format!(
+        "[gateway]\nid = \"gw1\"\nstate_dir = \"/tmp/x\"\n[[source]]\nname = \"tm\"\nkind = \"serial\"\nprotocol = \"thingmagic\"\npath = \"/dev/ttyUSB0\"\ninit = \"{}\"\n[upstream]\nurl = \"http://h:8000\"\nprofile = \"bag-events\"\n",
+        "FF".repeat(5000)
+    );
+    let errs = Config::parse(&init, Path::new("/etc/scangate")).unwrap_err();
+    assert!(
+        errs.iter()
+            .any(|e| e.key == "source[0].init" && e.message.contains("4096")),
+        "{errs:?}"
+    );
+}

@@ -134,6 +134,55 @@ async fn kill_9_at_random_moments_never_loses_an_accepted_event() {
 /// server: bytes read from the port but not yet committed come back from the port journal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_serial_load_loses_no_frame_written_to_the_port() {
+    serial_crash(
+        "protocol = \"lines\"\nbaud = 115200",
+        "",
+        |i| {
+            let mut burst = Vec::new();
+            for k in i..i + 20 {
+                burst.extend_from_slice(format!("CR{k:08}\r\n").as_bytes());
+            }
+            (burst, 20)
+        },
+        |i| format!("CR{i:08}"),
+    )
+    .await;
+}
+
+/// The same with a reader whose frames carry several reads (a Chafon inventory answer with
+/// 10 EPCs) and commit groups smaller than a frame: a commit group never ends inside a frame,
+/// so a crash neither loses the rest of a frame nor repeats its first reads (each tag arrives
+/// under one event id only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_several_reads_per_frame_loses_and_repeats_none() {
+    serial_crash(
+        "protocol = \"chafon\"",
+        "commit_max_events = 7\n",
+        |i| {
+            let mut burst = Vec::new();
+            for f in 0..2 {
+                let tags: Vec<(Vec<u8>, u8)> = (0..10)
+                    .map(|k| ((i + f * 10 + k) as u32).to_be_bytes().to_vec())
+                    .map(|e| (e, 0x50))
+                    .collect();
+                burst.extend(common::frames::chafon_inventory(0x03, 1, &tags));
+            }
+            (burst, 20)
+        },
+        |i| format!("{:08X}", i as u32),
+    )
+    .await;
+}
+
+/// `kill -9` rounds against a serial source: `source` is the protocol's TOML lines, `spool`
+/// extra `[spool]` lines; `burst(i)` gives the bytes of reads `i..i+n` and `n`; `tag(i)` the
+/// tag of read `i`.
+async fn serial_crash(
+    source: &str,
+    spool: &str,
+    burst: fn(u64) -> (Vec<u8>, u64),
+    tag: fn(u64) -> String,
+) {
     use std::io::Write;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
@@ -145,11 +194,11 @@ async fn kill_9_under_serial_load_loses_no_frame_written_to_the_port() {
     // The test keeps the slave open (without reading it) so the tty and its buffer live on
     // while the daemon is dead, as a real UART's driver does.
     let state = dir.path().join("state");
-    let sources = format!("[[source]]\nname = \"belt\"\nkind = \"serial\"\nprotocol = \"lines\"\npath = \"{slave_path}\"\nbaud = 115200\n");
+    let sources = format!("{spool}[[source]]\nname = \"belt\"\nkind = \"serial\"\n{source}\npath = \"{slave_path}\"\n");
     let cfg = write_config(dir.path(), &state, &sources, &ingest.base_url(), "", None);
     let log = dir.path().join("log");
 
-    // The writer: 20 frames every 10 ms (2,000/s), until told to stop.
+    // The writer: 20 reads every 10 ms (2,000/s), until told to stop.
     let written = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
@@ -158,12 +207,9 @@ async fn kill_9_under_serial_load_loses_no_frame_written_to_the_port() {
             let (_tx, pace) = std::sync::mpsc::channel::<()>();
             let mut i = 0u64;
             while !stop.load(Ordering::Acquire) {
-                let mut burst = Vec::new();
-                for _ in 0..20 {
-                    burst.extend_from_slice(format!("CR{i:08}\r\n").as_bytes());
-                    i += 1;
-                }
-                master.write_all(&burst).expect("pty write");
+                let (bytes, n) = burst(i);
+                master.write_all(&bytes).expect("pty write");
+                i += n;
                 written.store(i, Ordering::Release);
                 let _ = pace.recv_timeout(Duration::from_millis(10));
             }
@@ -223,9 +269,20 @@ async fn kill_9_under_serial_load_loses_no_frame_written_to_the_port() {
         0,
         "two different events shared an event id"
     );
-    let missing: Vec<u64> = (0..total)
-        .filter(|i| !got.contains(&format!("CR{i:08}")))
-        .collect();
+    let missing: Vec<u64> = (0..total).filter(|i| !got.contains(&tag(*i))).collect();
+    // A read committed twice would arrive under two event ids.
+    let repeated: Vec<String> = ingest.with(|s| {
+        let mut ids: HashMap<&str, std::collections::HashSet<&str>> = HashMap::new();
+        for e in &s.events {
+            if let (Some(t), Some(id)) = (e["bag_id"].as_str(), e["event_id"].as_str()) {
+                ids.entry(t).or_default().insert(id);
+            }
+        }
+        ids.into_iter()
+            .filter(|(_, v)| v.len() > 1)
+            .map(|(t, _)| t.to_string())
+            .collect()
+    });
     let seq_gaps: Vec<u64> = ingest.with(|s| {
         let seqs: std::collections::HashSet<u64> =
             s.events.iter().filter_map(|e| e["seq"].as_u64()).collect();
@@ -247,6 +304,12 @@ async fn kill_9_under_serial_load_loses_no_frame_written_to_the_port() {
         got.len() as u64,
         total,
         "no frame arrives that was not written"
+    );
+    assert!(
+        repeated.is_empty(),
+        "{} reads were committed twice (e.g. {:?})",
+        repeated.len(),
+        &repeated[..repeated.len().min(5)]
     );
     eprintln!(
         "{total} frames over {ROUNDS} kill -9 rounds: all delivered; duplicates filtered by event_id: {}",

@@ -515,3 +515,52 @@ async fn a_port_sending_only_garbage_shows_bad_frames() {
     d.sigterm();
     drop(slave);
 }
+
+/// A frame with several reads (a Chafon inventory answer with 20 EPCs) is committed in one
+/// group even when groups are smaller (`commit_max_events = 7`): a group that ended inside
+/// the frame would leave the rest of it to a later commit, and a crash in between would lose
+/// or repeat part of the frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reads_of_one_frame_are_committed_together() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| s.down = true);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut master, slave) = pty_pair();
+    let admin = free_port();
+    let sources = format!(
+        "commit_max_events = 7\n[[source]]\nname = \"cf\"\nkind = \"serial\"\nprotocol = \"chafon\"\npath = \"{}\"\n",
+        slave.name().unwrap()
+    );
+    let cfg = write_config(
+        dir.path(),
+        &dir.path().join("state"),
+        &sources,
+        &ingest.base_url(),
+        "",
+        Some(admin),
+    );
+    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
+    assert!(
+        wait_metric(admin, "scangate_sources_connected", 1, T).await,
+        "{}",
+        d.log_text()
+    );
+    let tags: Vec<(Vec<u8>, u8)> = (0..20u32)
+        .map(|i| (i.to_be_bytes().to_vec(), 0x50))
+        .collect();
+    master
+        .write_all(&frames::chafon_inventory(0x01, 1, &tags))
+        .unwrap();
+    assert!(
+        wait_metric(admin, "scangate_spool_committed_total", 20, T).await,
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(
+        metric(admin, "scangate_ingest_groups_total").await,
+        Some(1),
+        "the frame's 20 reads were split across commit groups"
+    );
+    d.sigterm();
+    drop(slave);
+}

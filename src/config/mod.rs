@@ -588,6 +588,25 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
                                 format!("duplicate source name \"{}\"", src.name),
                             );
                         }
+                        // One device, one reader: a second opener is locked out for good.
+                        if let SourceKind::Serial { path, .. } = &src.kind {
+                            let same = |o: &SourceConfig| match &o.kind {
+                                SourceKind::Serial { path: q, .. } => {
+                                    q == path
+                                        || std::fs::canonicalize(q).ok().is_some_and(|c| {
+                                            std::fs::canonicalize(path).ok() == Some(c)
+                                        })
+                                }
+                                _ => false,
+                            };
+                            if let Some(o) = sources.iter().find(|o| same(o)) {
+                                p.push(
+                                    s.span_of("path"),
+                                    &s.key_path("path"),
+                                    format!("the same device as source \"{}\": a port can be opened by one source only", o.name),
+                                );
+                            }
+                        }
                         sources.push(src);
                     }
                     s.finish(p);
@@ -644,7 +663,18 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
 }
 
 fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<SourceConfig> {
-    let name = s.required_string(p, "name");
+    let name = s.required_string(p, "name").and_then(|n| {
+        if n.chars().any(char::is_control) || n.len() > 64 {
+            p.push(
+                s.span_of("name"),
+                &s.key_path("name"),
+                "must be at most 64 characters, without control characters (it names log lines, metrics and journal files)",
+            );
+            None
+        } else {
+            Some(n)
+        }
+    });
     let kind = s.choice(p, "kind", &["serial", "mqtt", "replay"]);
     if s.table.get("kind").is_none() {
         p.push(
@@ -654,8 +684,20 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
         );
     }
     let protocol = protocol_config(s, p);
-    let location = s.string(p, "location");
-    let device = s.string(p, "device");
+    let mut location = s.string(p, "location");
+    let mut device = s.string(p, "device");
+    for (key, v) in [("location", &mut location), ("device", &mut device)] {
+        if v.as_ref()
+            .is_some_and(|t| t.chars().any(char::is_control) || t.len() > 256)
+        {
+            p.push(
+                s.span_of(key),
+                &s.key_path(key),
+                "must be at most 256 characters, without control characters",
+            );
+            *v = None;
+        }
+    }
     let group = s.string(p, "group");
     let scan_type = s.string(p, "scan_type");
     let reopen_after_idle = s
@@ -663,7 +705,38 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
         .map(|ms| Duration::from_millis(ms as u64));
     let path = s.string(p, "path");
     let port = port_settings(s, p, protocol.as_ref().map(|c| c.kind));
+    if let (Some(port), Some(proto)) = (&port, &protocol) {
+        let binary = !matches!(proto.kind, ProtocolKind::Lines | ProtocolKind::Em4100);
+        if binary && port.flow_control == tokio_serial::FlowControl::Software {
+            p.push(
+                s.span_of("flow_control"),
+                &s.key_path("flow_control"),
+                format!("\"software\" (XON/XOFF) cannot be used with protocol = \"{}\": the bytes 11 and 13 occur inside its frames and would be swallowed", proto.kind.name()),
+            );
+        }
+        if binary && port.data_bits != tokio_serial::DataBits::Eight {
+            p.push(
+                s.span_of("data_bits"),
+                &s.key_path("data_bits"),
+                format!(
+                    "protocol = \"{}\" is binary and needs 8 data bits",
+                    proto.kind.name()
+                ),
+            );
+        }
+    }
     let init = s.string(p, "init").and_then(|h| match unhex(&h) {
+        Some(b) if b.len() > INIT_MAX => {
+            p.push(
+                s.span_of("init"),
+                &s.key_path("init"),
+                format!(
+                    "{} bytes is more than the {INIT_MAX} an init sequence may have",
+                    b.len()
+                ),
+            );
+            None
+        }
         Some(b) => Some(b),
         None => {
             p.push(
@@ -807,10 +880,13 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
     })
 }
 
+/// Longest `init` sequence, bytes (reader start commands are tens of bytes).
+pub const INIT_MAX: usize = 4096;
+
 /// Hex bytes, spaces allowed: "FF 03 9A" or "ff039a".
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
     let digits: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    if !digits.len().is_multiple_of(2) {
+    if !digits.len().is_multiple_of(2) || !digits.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
     digits

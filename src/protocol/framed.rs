@@ -46,6 +46,8 @@ pub struct Framed<F> {
     /// The skipped run in progress: its length and the cause of its first byte.
     run: usize,
     reason: &'static str,
+    /// Length of the last valid frame interpreted.
+    last_frame: usize,
 }
 
 impl<F: Framing> Framed<F> {
@@ -55,7 +57,20 @@ impl<F: Framing> Framed<F> {
             queue: VecDeque::new(),
             run: 0,
             reason: "garbage",
+            last_frame: 0,
         }
+    }
+
+    /// More reads of the last frame are still to come (a frame with several reads): the
+    /// read just returned is not the frame's last.
+    pub fn frame_pending(&self) -> bool {
+        self.queue.iter().any(|d| matches!(d, Decoded::Read(_)))
+    }
+
+    /// Bytes of the last valid frame (consumed, just before the buffer's front while
+    /// [`Framed::frame_pending`]).
+    pub fn last_frame_len(&self) -> usize {
+        self.last_frame
     }
 
     fn skipped(&mut self, reason: &'static str, n: usize) {
@@ -103,6 +118,7 @@ impl<F: Framing> Framed<F> {
                         return Some(run);
                     }
                     let len = len.clamp(1, src.len());
+                    self.last_frame = len;
                     self.framing.interpret(&src[..len], &mut self.queue);
                     src.advance(len);
                 }
@@ -128,9 +144,28 @@ impl<F: Framing> Framed<F> {
         out.extend(self.take_run());
     }
 
-    /// See [`super::Protocol::idle`].
+    /// See [`super::Protocol::idle`]. An incomplete candidate is given up only when a complete
+    /// valid frame lies behind it (a bogus length byte holding frames back); with nothing
+    /// valid behind it, it may be a real frame whose bytes come slowly (a serial-over-network
+    /// link that stalls), and it keeps waiting.
     pub fn idle(&mut self, src: &mut BytesMut, out: &mut Vec<Decoded>) {
-        self.drain(src, out);
+        loop {
+            if let Some(d) = self.next(src) {
+                out.push(d);
+                continue;
+            }
+            let behind = (1..src.len()).any(|k| {
+                let rest = &src[k..];
+                self.framing.skip(rest) == 0
+                    && matches!(self.framing.candidate(rest), Candidate::Frame(_))
+            });
+            if !behind {
+                break;
+            }
+            self.skipped("truncated", 1);
+            src.advance(1);
+        }
+        out.extend(self.take_run());
     }
 }
 
@@ -164,6 +199,27 @@ pub(crate) fn be16(b: &[u8], i: usize) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use crate::protocol::{decode_all, Decoded, Protocol, ProtocolKind, RUN_REPORT};
+
+    /// A frame whose bytes come slowly (a serial-over-network link that stalls longer than
+    /// the idle time between bytes) is not cut by the idle flush: nothing valid lies behind
+    /// it, so it keeps waiting.
+    #[test]
+    fn idle_does_not_cut_a_frame_that_comes_slowly() {
+        use tokio_util::codec::Decoder;
+        let frame = b"\x0262E3086CED08\r\n\x03";
+        let mut d = Protocol::of(ProtocolKind::Em4100);
+        let mut buf = bytes::BytesMut::new();
+        let mut out = Vec::new();
+        for b in frame {
+            buf.extend_from_slice(&[*b]);
+            while let Some(x) = d.decode(&mut buf).unwrap() {
+                out.push(x);
+            }
+            out.extend(d.idle(&mut buf));
+        }
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(matches!(&out[0], Decoded::Read(r) if r.tag == "62E3086CED"));
+    }
 
     /// A port that delivers nothing but garbage (a wrong baud rate) shows it: runs are
     /// reported every `RUN_REPORT` bytes, not only before a valid frame that never comes.

@@ -86,6 +86,30 @@ impl Protocol {
         Self::new(&ProtocolConfig::from(kind))
     }
 
+    /// Outputs of the frame just decoded are still to come (a frame with several reads, e.g.
+    /// a Chafon inventory answer): until its last output, the frame's bytes are not settled
+    /// in the port journal.
+    pub fn frame_pending(&self) -> bool {
+        match self {
+            Protocol::Lines(_) => false,
+            Protocol::Em4100(d) => d.frame_pending(),
+            Protocol::ThingMagic(d) => d.frame_pending(),
+            Protocol::UhfBb(d) => d.frame_pending(),
+            Protocol::Chafon(d) => d.frame_pending(),
+        }
+    }
+
+    /// Bytes of the last frame decoded (0 for `lines`).
+    pub fn last_frame_len(&self) -> usize {
+        match self {
+            Protocol::Lines(_) => 0,
+            Protocol::Em4100(d) => d.last_frame_len(),
+            Protocol::ThingMagic(d) => d.last_frame_len(),
+            Protocol::UhfBb(d) => d.last_frame_len(),
+            Protocol::Chafon(d) => d.last_frame_len(),
+        }
+    }
+
     /// The line has been idle long enough that a frame in progress cannot be completed (a
     /// reader sends a frame's bytes back to back): give up the candidate frame at the front
     /// of `src`, so a bogus length byte in garbage does not hold the frames behind it until

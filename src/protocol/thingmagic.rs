@@ -64,6 +64,11 @@ pub struct ThingMagic;
 
 /// Parse one tag record at `b[*i..]` with `flags`; `None` when it does not fit.
 fn record(b: &[u8], i: &mut usize, flags: u16) -> Option<Decoded> {
+    if flags & !0x01FF != 0 {
+        // A metadata field this decoder does not know: its size is unknown, so the record
+        // cannot be read reliably.
+        return None;
+    }
     let mut take = |n: usize| -> Option<&[u8]> {
         let s = b.get(*i..*i + n)?;
         *i += n;

@@ -127,6 +127,43 @@ fn prefix_of(source: &str) -> String {
     s
 }
 
+/// Journal files in `dir` that belong to none of `sources` (a source renamed or removed from
+/// the config): `(source name, or its hash for a long name; files; bytes)`. Their reads are
+/// not recovered by anyone; the daemon warns at start rather than deleting them.
+pub fn orphans(dir: &Path, sources: &[&str]) -> Vec<(String, usize, u64)> {
+    let known: Vec<String> = sources.iter().map(|s| prefix_of(s)).collect();
+    let mut found: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    for entry in rd.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !name.ends_with(".jnl") {
+            continue;
+        }
+        let Some((prefix, _)) = name.split_once('.') else {
+            continue;
+        };
+        if known.iter().any(|k| k == prefix) {
+            continue;
+        }
+        let e = found.entry(prefix.to_string()).or_default();
+        e.0 += 1;
+        e.1 += entry.metadata().map_or(0, |m| m.len());
+    }
+    found
+        .into_iter()
+        .map(|(prefix, (files, bytes))| {
+            let decoded = (!prefix.starts_with('h'))
+                .then(|| crate::config::unhex(&prefix))
+                .flatten()
+                .and_then(|b| String::from_utf8(b).ok());
+            (decoded.unwrap_or(prefix), files, bytes)
+        })
+        .collect()
+}
+
 /// Allocate `len` bytes of `f` (`posix_fallocate`).
 fn allocate(f: &std::fs::File, len: usize) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
@@ -431,6 +468,35 @@ impl Journal {
 
 #[cfg(test)]
 mod tests {
+
+    /// A source renamed in the config leaves its journal behind: it is found (by its old
+    /// name) so the daemon can warn; journals of configured sources are not.
+    #[test]
+    fn journals_of_sources_no_longer_configured_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        for (source, bytes) in [
+            ("old-belt", 100usize),
+            ("belt", 50),
+            (&"x".repeat(60)[..], 10),
+        ] {
+            std::fs::write(
+                path_of(dir.path(), &prefix_of(source), 0, false),
+                vec![0; bytes],
+            )
+            .unwrap();
+        }
+        let found = orphans(dir.path(), &["belt"]);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            found.contains(&("old-belt".to_string(), 1, 100)),
+            "{found:?}"
+        );
+        assert!(found
+            .iter()
+            .any(|(n, f, b)| n.starts_with('h') && *f == 1 && *b == 10));
+        assert!(orphans(dir.path(), &["belt", "old-belt", &"x".repeat(60)]).is_empty());
+    }
+
     use super::*;
 
     fn recovered(dir: &Path, committed: u64) -> (Vec<u8>, Vec<(i64, u64)>) {

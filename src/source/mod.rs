@@ -75,6 +75,10 @@ pub struct SourceRead {
     /// Journal position just after the read's frame (0: the source keeps no journal). The
     /// spool commits it with the read (see [`journal`]).
     pub journal_end: u64,
+    /// More reads of the same frame follow (a frame with several reads). Such a read carries
+    /// the frame's *start* as `journal_end`, and the ingest stage does not end a commit group
+    /// before the frame's last read, so a crash neither loses nor repeats part of a frame.
+    pub frame_more: bool,
 }
 
 impl SourceRead {
@@ -132,12 +136,16 @@ impl Feed {
                     read,
                     wall_ms,
                     journal_end,
+                    frame_more: false,
                 })
             }
         }
     }
 
     /// Put a read into the channel if it has room (by count and by bytes), without waiting.
+    // The read comes back in the error so the caller can hold it: boxing it would cost an
+    // allocation per read on the hot path to shrink a value that is moved, not copied.
+    #[allow(clippy::result_large_err)]
     pub fn try_put(&self, r: SourceRead) -> Result<(), mpsc::error::TrySendError<SourceRead>> {
         if self.budget.full() {
             self.wake.notify_one();
@@ -330,6 +338,7 @@ mod tests {
             },
             wall_ms: 0,
             journal_end: 1,
+            frame_more: false,
         }
     }
 

@@ -131,10 +131,13 @@ impl<'a> Handover<'a> {
         }
     }
 
-    fn hand(&mut self, d: Decoded, wall_ms: i64, pos: u64) {
-        let Some(r) = self.feed.read_of(d, wall_ms, pos) else {
+    /// Hand one decoder output over; `more`: more reads of its frame follow (see
+    /// [`SourceRead::frame_more`]).
+    fn hand(&mut self, d: Decoded, wall_ms: i64, pos: u64, more: bool) {
+        let Some(mut r) = self.feed.read_of(d, wall_ms, pos) else {
             return;
         };
+        r.frame_more = more;
         if self.held.is_empty() {
             match self.feed.try_put(r) {
                 Ok(()) => self.last_sent = pos,
@@ -226,10 +229,9 @@ pub fn open(path: &Path, s: &PortSettings, init: &[u8]) -> std::io::Result<std::
         .flow_control(s.flow_control)
         .open_native()
         .map_err(std::io::Error::from)?;
-    let mut file = timed_reads(port)?;
+    let file = timed_reads(port)?;
     if !init.is_empty() {
-        use std::io::Write;
-        file.write_all(init)?;
+        write_within(&file, init, INIT_WRITE_MAX)?;
     }
     Ok(file)
 }
@@ -269,8 +271,9 @@ fn serve(name: &str, port_cfg: &Port, feed: &Feed, stopped: &super::Stopped) {
             }
             buf.extend_from_slice(bytes);
             while let Ok(Some(d)) = decoder.decode(&mut buf) {
-                let pos = end.saturating_sub(buf.len() as u64);
-                if let Some(r) = feed.read_of(d, wall_ms, pos) {
+                let (pos, more) = frame_position(&decoder, end.saturating_sub(buf.len() as u64));
+                if let Some(mut r) = feed.read_of(d, wall_ms, pos) {
+                    r.frame_more = more;
                     recovered += 1;
                     if feed.send_blocking(r) {
                         out.last_sent = pos;
@@ -388,9 +391,15 @@ fn serve(name: &str, port_cfg: &Port, feed: &Feed, stopped: &super::Stopped) {
                         // Idle: a frame in progress will not be completed (readers send a
                         // frame's bytes back to back), so a bogus length byte does not hold
                         // the frames behind it; skipped bytes still pending are reported.
-                        let end = pos_end;
-                        for d in decoder.idle(&mut buf) {
-                            out.hand(d, crate::event::wall_now_ms(), end);
+                        // The freed reads come from bytes before `end`: all but the last carry
+                        // their start, so a commit group keeps them together.
+                        let (start, end) = (pos_end.saturating_sub(buf.len() as u64), pos_end);
+                        let freed = decoder.idle(&mut buf);
+                        let last_read = freed.iter().rposition(|d| matches!(d, Decoded::Read(_)));
+                        for (k, d) in freed.into_iter().enumerate() {
+                            let more = last_read.is_some_and(|l| k < l);
+                            let pos = if more { start } else { end };
+                            out.hand(d, crate::event::wall_now_ms(), pos, more);
                         }
                         out.drain();
                         settle(&mut journal, &out, pos_end.saturating_sub(buf.len() as u64));
@@ -412,7 +421,9 @@ fn serve(name: &str, port_cfg: &Port, feed: &Feed, stopped: &super::Stopped) {
                     health.bytes.add(n as u64);
                     out.drain();
                     while let Ok(Some(d)) = decoder.decode(&mut buf) {
-                        out.hand(d, wall_ms, pos_end.saturating_sub(buf.len() as u64));
+                        let (pos, more) =
+                            frame_position(&decoder, pos_end.saturating_sub(buf.len() as u64));
+                        out.hand(d, wall_ms, pos, more);
                     }
                     feed.wake_if_high();
                     settle(&mut journal, &out, pos_end.saturating_sub(buf.len() as u64));
@@ -475,6 +486,78 @@ fn serve(name: &str, port_cfg: &Port, feed: &Feed, stopped: &super::Stopped) {
     out.finish();
 }
 
+/// How long writing the `init` bytes may take: a port that does not take them (hardware flow
+/// control with CTS low, an XOFF from the device) is an open error, retried with backoff,
+/// never a reader thread blocked for good.
+pub const INIT_WRITE_MAX: Duration = Duration::from_secs(2);
+
+/// Write all of `bytes` to the port within `limit`, without blocking past it.
+fn write_within(file: &std::fs::File, bytes: &[u8], limit: Duration) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL/F_SETFL on a descriptor `file` owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut rest = bytes;
+    let result = loop {
+        if rest.is_empty() {
+            break Ok(());
+        }
+        // SAFETY: writes from a live slice of `rest.len()` bytes.
+        let n = unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) };
+        if n >= 0 {
+            rest = &rest[n as usize..];
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => continue,
+            std::io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    break Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "the port did not take the init bytes within {limit:?} ({} of {} written): flow control holding it?",
+                            bytes.len() - rest.len(),
+                            bytes.len()
+                        ),
+                    ));
+                }
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the duration of the call.
+                unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+            }
+            _ => break Err(e),
+        }
+    };
+    // SAFETY: restores the flags read above on the same descriptor.
+    unsafe { libc::fcntl(fd, libc::F_SETFL, flags) };
+    result
+}
+
+/// The journal position a decoder output settles, and whether more reads of its frame
+/// follow: `after` (the position just after the bytes consumed) for a frame's last output,
+/// the frame's start for the others (their frame is not settled until its last read is).
+fn frame_position(decoder: &crate::protocol::Protocol, after: u64) -> (u64, bool) {
+    if decoder.frame_pending() {
+        (after.saturating_sub(decoder.last_frame_len() as u64), true)
+    } else {
+        (after, false)
+    }
+}
+
 /// Blocking reads that return what is buffered at once, or nothing after `VTIME_DS` tenths of
 /// a second: `VMIN = 0`, `VTIME = VTIME_DS` (raw mode is already set by tokio-serial).
 fn timed_reads(port: impl std::os::fd::IntoRawFd) -> std::io::Result<std::fs::File> {
@@ -502,6 +585,43 @@ pub fn pause_for(bytes: usize, over: Duration, max: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A port that takes no more output (its buffer full: flow control holding it) fails the
+    /// init write after the limit instead of blocking the reader thread for good.
+    #[test]
+    fn an_init_write_that_cannot_complete_times_out() {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe(2) fills the two-element array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both descriptors were just created and are owned here only.
+        let (_r, w) = unsafe {
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                std::fs::File::from_raw_fd(fds[1]),
+            )
+        };
+        let started = tokio::time::Instant::now();
+        // More than a pipe holds (64 KiB), and nobody reads.
+        let e = write_within(&w, &vec![0xFF; 256 * 1024], Duration::from_millis(200))
+            .expect_err("cannot complete");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // A write that fits completes.
+        let (_r2, w2) = {
+            let mut f = [0i32; 2];
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::pipe(f.as_mut_ptr()) }, 0);
+            // SAFETY: as above.
+            unsafe {
+                (
+                    std::fs::File::from_raw_fd(f[0]),
+                    std::fs::File::from_raw_fd(f[1]),
+                )
+            }
+        };
+        write_within(&w2, &[1, 2, 3], Duration::from_millis(200)).unwrap();
+    }
 
     #[test]
     fn pause_follows_the_device_rate_up_to_the_limit() {
