@@ -142,11 +142,12 @@ const NIL: u32 = u32::MAX;
 /// Longest EPC kept inline, bytes (a 96-bit EPC is 12; longer ones go to the heap).
 const INLINE: usize = 14;
 
-/// An EPC in uppercase hex (up to 28 digits) kept as bytes inline; anything else on the heap.
+/// An EPC in uppercase hex (up to 28 digits) kept as bytes inline; anything else in the
+/// suppressor's text arena (16 bytes either way).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum TagBuf {
     Hex { len: u8, bytes: [u8; INLINE] },
-    Other(Box<str>),
+    Other(u32),
 }
 
 /// A tag as looked up: packed once per read.
@@ -176,29 +177,71 @@ impl TagBuf {
         }
         Some((b.len() as u8 / 2, out))
     }
+}
 
-    fn new(key: &Key<'_>) -> TagBuf {
+/// Tags that are not short uppercase hex (barcodes, long EPCs): one slot per open pass.
+#[derive(Default)]
+struct Texts {
+    texts: Vec<Box<str>>,
+    free: Vec<u32>,
+}
+
+impl Texts {
+    fn store(&mut self, key: &Key<'_>) -> TagBuf {
         match key {
             Key::Hex(len, bytes) => TagBuf::Hex {
                 len: *len,
                 bytes: *bytes,
             },
-            Key::Other(s) => TagBuf::Other((*s).into()),
+            Key::Other(s) => {
+                let t: Box<str> = (*s).into();
+                match self.free.pop() {
+                    Some(i) => {
+                        self.texts[i as usize] = t;
+                        TagBuf::Other(i)
+                    }
+                    None => {
+                        self.texts.push(t);
+                        TagBuf::Other((self.texts.len() - 1) as u32)
+                    }
+                }
+            }
         }
     }
 
-    fn is(&self, key: &Key<'_>) -> bool {
-        match (self, key) {
+    fn release(&mut self, tag: &TagBuf) {
+        if let TagBuf::Other(i) = tag {
+            self.texts[*i as usize] = Box::from("");
+            self.free.push(*i);
+        }
+    }
+
+    fn text_of(&self, tag: &TagBuf) -> &str {
+        match tag {
+            TagBuf::Hex { .. } => "",
+            TagBuf::Other(i) => &self.texts[*i as usize],
+        }
+    }
+
+    fn is(&self, tag: &TagBuf, key: &Key<'_>) -> bool {
+        match (tag, key) {
             (TagBuf::Hex { len, bytes }, Key::Hex(l, b)) => len == l && bytes == b,
-            (TagBuf::Other(s), Key::Other(t)) => **s == **t,
+            (TagBuf::Other(i), Key::Other(t)) => *self.texts[*i as usize] == **t,
             _ => false,
         }
     }
 
-    fn text(&self) -> String {
-        match self {
+    fn text(&self, tag: &TagBuf) -> String {
+        match tag {
             TagBuf::Hex { len, bytes } => crate::protocol::hex_upper(&bytes[..*len as usize]),
-            TagBuf::Other(s) => s.to_string(),
+            TagBuf::Other(i) => self.texts[*i as usize].to_string(),
+        }
+    }
+
+    fn hash(&self, group: u16, tag: &TagBuf) -> u64 {
+        match tag {
+            TagBuf::Hex { len, bytes } => hash_bytes(group, &bytes[..*len as usize], 0),
+            TagBuf::Other(_) => hash_bytes(group, self.text_of(tag).as_bytes(), 1),
         }
     }
 }
@@ -312,6 +355,7 @@ pub struct Suppressor {
     slots: Vec<Slot>,
     free: Vec<u32>,
     table: HashTable<u32>,
+    texts: Texts,
     head: u32,
     tail: u32,
     /// Shortest window of any rule: the LRU scan of [`Suppressor::tick`] stops there.
@@ -328,19 +372,12 @@ impl<'a> Key<'a> {
     }
 
     /// The table's hash of a pass key: the packed EPC bytes (or the text) seeded by the
-    /// group, the same as [`hash_tag`] of the stored tag.
+    /// group, the same as [`Texts::hash`] of the stored tag.
     fn hash(&self, group: u16) -> u64 {
         match self {
             Key::Hex(len, bytes) => hash_bytes(group, &bytes[..*len as usize], 0),
             Key::Other(s) => hash_bytes(group, s.as_bytes(), 1),
         }
-    }
-}
-
-fn hash_tag(group: u16, tag: &TagBuf) -> u64 {
-    match tag {
-        TagBuf::Hex { len, bytes } => hash_bytes(group, &bytes[..*len as usize], 0),
-        TagBuf::Other(s) => hash_bytes(group, s.as_bytes(), 1),
     }
 }
 
@@ -367,6 +404,7 @@ impl Suppressor {
             slots: Vec::with_capacity(cap),
             free: Vec::new(),
             table: HashTable::with_capacity(cap),
+            texts: Texts::default(),
             head: NIL,
             tail: NIL,
             min_window: settings
@@ -426,11 +464,11 @@ impl Suppressor {
     }
 
     fn find(&self, group: u16, key: &Key<'_>, hash: u64) -> Option<u32> {
-        let slots = &self.slots;
+        let (slots, texts) = (&self.slots, &self.texts);
         self.table
             .find(hash, |&i| {
                 let s = &slots[i as usize];
-                s.group == group && s.tag.is(key)
+                s.group == group && texts.is(&s.tag, key)
             })
             .copied()
     }
@@ -440,7 +478,7 @@ impl Suppressor {
         let s = &self.slots[i as usize];
         let win = s.hold.best(s.merged).best(s.chal);
         Pass {
-            tag: s.tag.text(),
+            tag: self.texts.text(&s.tag),
             kind: s.kind,
             group: s.group,
             zone: win.zone,
@@ -461,10 +499,12 @@ impl Suppressor {
             self.counters.passes += 1;
         }
         let s = &self.slots[i as usize];
-        let hash = hash_tag(s.group, &s.tag);
+        let hash = self.texts.hash(s.group, &s.tag);
         if let Ok(e) = self.table.find_entry(hash, |&j| j == i) {
             e.remove();
         }
+        let tag = self.slots[i as usize].tag.clone();
+        self.texts.release(&tag);
         self.unlink(i);
         self.free.push(i);
     }
@@ -483,7 +523,7 @@ impl Suppressor {
             self.close(self.head, End::Forced, out);
         }
         let slot = Slot {
-            tag: TagBuf::new(key),
+            tag: self.texts.store(key),
             first_ms: r.at_ms,
             linked: 0,
             last: 0,
@@ -514,10 +554,10 @@ impl Suppressor {
                 (self.slots.len() - 1) as u32
             }
         };
-        let slots = &self.slots;
+        let (slots, texts) = (&self.slots, &self.texts);
         self.table.insert_unique(hash, i, |&j| {
             let s = &slots[j as usize];
-            hash_tag(s.group, &s.tag)
+            texts.hash(s.group, &s.tag)
         });
         self.push_tail(i);
         i
@@ -664,7 +704,7 @@ impl Suppressor {
         let c = s.chal;
         let win = s.hold.best(s.merged);
         let old = Pass {
-            tag: s.tag.text(),
+            tag: self.texts.text(&s.tag),
             kind: s.kind,
             group: s.group,
             zone: win.zone,
