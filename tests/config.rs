@@ -486,3 +486,20 @@ profile = "bag-events"
         "{errs:?}"
     );
 }
+
+/// A journal directory that is empty or a file is refused at validation, not discovered
+/// later as a daemon that cannot journal its ports.
+#[test]
+fn a_bad_journal_dir_is_refused() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    for jd in ["", " ", file.path().to_str().unwrap()] {
+        let text = format!(
+            "[gateway]\nid = \"gw1\"\nstate_dir = \"/tmp/x\"\njournal_dir = \"{jd}\"\n[upstream]\nurl = \"http://h:8000\"\nprofile = \"bag-events\"\n"
+        );
+        let errs = Config::parse(&text, Path::new("/etc/scangate")).unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.key == "gateway.journal_dir"),
+            "{jd:?}: {errs:?}"
+        );
+    }
+}

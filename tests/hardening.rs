@@ -83,9 +83,10 @@ async fn a_504_byte_scan_ending_in_a_quote_arrives_intact() {
 async fn sighup_never_stops_the_daemon() {
     let ingest = Ingest::start().await;
     let (_dir, mut master, slave, _admin, mut d) = serial_daemon(&ingest).await;
-    for _ in 0..3 {
+    // SIGUSR1/SIGUSR2 too: their default action also ends a process without draining.
+    for sig in ["-HUP", "-HUP", "-HUP", "-USR1", "-USR2"] {
         let ok = Command::new("kill")
-            .args(["-HUP", &d.pid().to_string()])
+            .args([sig, &d.pid().to_string()])
             .status()
             .unwrap()
             .success();
@@ -98,6 +99,11 @@ async fn sighup_never_stops_the_daemon() {
     .await;
     assert!(d.child.try_wait().unwrap().is_none(), "still running");
     assert!(d.log_text().contains("SIGHUP received"));
+    wait_until("SIGUSR1 and SIGUSR2 logged", T, || {
+        let log = d.log_text();
+        log.contains("SIGUSR1 received") && log.contains("SIGUSR2 received")
+    })
+    .await;
     d.sigterm();
     assert!(d.wait_exit(T).await.success(), "{}", d.log_text());
     drop(slave);

@@ -467,17 +467,35 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
                 .string(p, "state_dir")
                 .unwrap_or_else(|| "/var/lib/scangate".into());
             let journal_dir = g.string(p, "journal_dir");
-            g.finish(p);
             let state_dir = resolve(base, &state_dir);
             // Default: systemd's runtime directory (RAM, kept across restarts with
             // RuntimeDirectoryPreserve=yes: no flash writes at all), else the state dir.
             let journal_dir = match journal_dir {
-                Some(j) => resolve(base, &j),
+                Some(j) if j.trim().is_empty() => {
+                    p.push(
+                        g.span_of("journal_dir"),
+                        "gateway.journal_dir",
+                        "is empty: give a directory (a tmpfs such as /run/scangate/journal), or leave the key out",
+                    );
+                    state_dir.join("journal")
+                }
+                Some(j) => {
+                    let dir = resolve(base, &j);
+                    if dir.exists() && !dir.is_dir() {
+                        p.push(
+                            g.span_of("journal_dir"),
+                            "gateway.journal_dir",
+                            format!("{} exists and is not a directory", dir.display()),
+                        );
+                    }
+                    dir
+                }
                 None => std::env::var_os("RUNTIME_DIRECTORY")
                     .and_then(|r| std::env::split_paths(&r).next().filter(|p| p.is_absolute()))
                     .map(|r| r.join("journal"))
                     .unwrap_or_else(|| state_dir.join("journal")),
             };
+            g.finish(p);
             id.map(|id| GatewayConfig {
                 site: site.unwrap_or_else(|| id.clone()),
                 id,

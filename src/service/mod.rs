@@ -112,9 +112,10 @@ pub fn spawn_watchdog(spool: SpoolHandle) -> Option<tokio::task::JoinHandle<()>>
 
 /// Cancel `token` on SIGTERM or SIGINT.
 /// Install the signal handlers (synchronously: a signal that arrives after this returns is
-/// handled) and cancel `token` on SIGTERM or SIGINT. SIGHUP is never fatal: its default action
-/// would end the daemon, and systemd's `Restart=on-failure` does not restart a service that
-/// died of SIGHUP. It is logged (config reload comes with the operations work).
+/// handled) and cancel `token` on SIGTERM or SIGINT. SIGHUP, SIGUSR1 and SIGUSR2 are never
+/// fatal: their default action would end the daemon without draining, and systemd's
+/// `Restart=on-failure` does not restart a service that died of SIGHUP. They are logged
+/// (config reload comes with the operations work).
 /// Call inside the runtime.
 pub fn spawn_signal_handler(token: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -124,12 +125,17 @@ pub fn spawn_signal_handler(token: CancellationToken) {
     if let Err(e) = &hup {
         tracing::warn!(error = %e, "Cannot handle SIGHUP; it would stop the daemon");
     }
+    // SIGUSR1/SIGUSR2 would end the daemon too (their default action), without draining:
+    // a stray `kill -USR1` (log rotation scripts send it) must not stop a gateway.
+    let usr1 = signal(SignalKind::user_defined1()).ok();
+    let usr2 = signal(SignalKind::user_defined2()).ok();
     tokio::spawn(async move {
         let (Ok(mut term), Ok(mut int)) = (term, int) else {
             tracing::warn!("Cannot handle SIGTERM/SIGINT");
             return;
         };
         let mut hup = hup.ok();
+        let (mut usr1, mut usr2) = (usr1, usr2);
         loop {
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM received"); break; }
@@ -137,10 +143,20 @@ pub fn spawn_signal_handler(token: CancellationToken) {
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     tracing::info!("SIGHUP received; configuration reload is not supported yet, the running configuration stays in effect");
                 }
+                Some(()) = wait(usr1.as_mut()) => { tracing::info!("SIGUSR1 received and ignored"); }
+                Some(()) = wait(usr2.as_mut()) => { tracing::info!("SIGUSR2 received and ignored"); }
             }
         }
         token.cancel();
     });
+}
+
+/// The next delivery of an optional signal stream (never, without one).
+async fn wait(s: Option<&mut tokio::signal::unix::Signal>) -> Option<()> {
+    match s {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// For the demo: errors only, so the progress line stays readable.
