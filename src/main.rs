@@ -361,7 +361,7 @@ fn sniff(a: SniffArgs) -> anyhow::Result<ExitCode> {
         let kind = match kind {
             Some(k) => k,
             None => {
-                let (_, recs) = scangate::source::capture::parse(&text)
+                let (_, recs, _) = scangate::source::capture::parse_recording(&text)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
                 let bytes: Vec<u8> = recs.into_iter().flat_map(|r| r.bytes).collect();
                 let g = scangate::sniff::guess(&bytes).remove(0);
@@ -377,8 +377,14 @@ fn sniff(a: SniffArgs) -> anyhow::Result<ExitCode> {
                 g.protocol
             }
         };
-        let outs = scangate::sniff::decode_capture(&text, &cfg(kind))
+        let (outs, warning) = scangate::sniff::decode_capture(&text, &cfg(kind))
             .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        if let Some(w) = warning {
+            eprintln!(
+                "warning: {}: {w} (the recording was cut short; that line is left out)",
+                file.display()
+            );
+        }
         for d in &outs {
             if a.json {
                 writeln!(out, "{}", scangate::sniff::json_line(d))?;

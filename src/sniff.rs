@@ -40,13 +40,14 @@ pub fn json_line(d: &Decoded) -> String {
 }
 
 /// Decode a capture file's text with `cfg`: a serial capture as one byte stream, an MQTT
-/// capture message by message. Errors: the capture's format (line and reason).
+/// capture message by message. A last line cut short (a recording that ended on a full disk)
+/// is left out and returned as a warning. Errors: the capture's format (line and reason).
 pub fn decode_capture(
     text: &str,
     cfg: &ProtocolConfig,
-) -> Result<Vec<Decoded>, capture::CaptureError> {
-    let (kind, records) = capture::parse(text)?;
-    Ok(match kind {
+) -> Result<(Vec<Decoded>, Option<capture::CaptureError>), capture::CaptureError> {
+    let (kind, records, warning) = capture::parse_recording(text)?;
+    let outs = match kind {
         CaptureKind::Serial => {
             let bytes: Vec<u8> = records.into_iter().flat_map(|r| r.bytes).collect();
             decode_all(&mut Protocol::new(cfg), &bytes, true)
@@ -55,7 +56,8 @@ pub fn decode_capture(
             .iter()
             .flat_map(|r| decode_all(&mut Protocol::new(cfg), &r.bytes, true))
             .collect(),
-    })
+    };
+    Ok((outs, warning))
 }
 
 /// How well one protocol explains a sample of bytes.

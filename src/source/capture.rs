@@ -171,9 +171,48 @@ pub fn parse(text: &str) -> Result<(CaptureKind, Vec<Record>), CaptureError> {
     Ok((kind.ok_or_else(|| err(1, "empty capture: no header"))?, out))
 }
 
+/// [`parse`], but a last record line that is cut short (a recording that ended on a full disk
+/// or a killed process) is left out with a warning instead of failing the whole capture.
+pub fn parse_recording(
+    text: &str,
+) -> Result<(CaptureKind, Vec<Record>, Option<CaptureError>), CaptureError> {
+    match parse(text) {
+        Ok((k, r)) => Ok((k, r, None)),
+        Err(e) => {
+            let last = text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty() && !l.trim().starts_with('#'))
+                .map(|(i, _)| i + 1)
+                .last();
+            if last != Some(e.line) || e.line <= 1 {
+                return Err(e);
+            }
+            let head: String = text
+                .lines()
+                .take(e.line - 1)
+                .flat_map(|l| [l, "\n"])
+                .collect();
+            let (k, r) = parse(&head)?;
+            Ok((k, r, Some(e)))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recording_cut_in_its_last_line_keeps_the_rest() {
+        let text = "scangate-capture v1 serial\n0 hex 02 36\n5 hex 02 3";
+        assert!(parse(text).is_err());
+        let (_, recs, warning) = parse_recording(text).unwrap();
+        assert_eq!(recs.len(), 1);
+        assert_eq!(warning.map(|w| w.line), Some(3));
+        // A bad line elsewhere is still an error.
+        assert!(parse_recording("scangate-capture v1 serial\n0 hex 0\n5 hex 02").is_err());
+    }
 
     #[test]
     fn serial_and_mqtt_records() {
