@@ -132,8 +132,19 @@ pub struct Forwarder {
     spool: SpoolHandle,
     metrics: Arc<Metrics>,
     token: Option<String>,
-    /// Largest batch size known to pass after a 413 (None until a 413 is seen).
+    /// Largest batch size known to pass after a 413 (None until a 413 is seen). A hint, not a
+    /// verdict: after [`PROBE_AFTER`] deliveries at it, the next batches may be twice as
+    /// large, until `batch_max_events` (then the hint is dropped) or another 413.
     max_ok: Option<usize>,
+    /// Deliveries at the current `max_ok` since it was set or raised.
+    ok_at_max: u32,
+    /// Deliveries at `max_ok` before the next probe.
+    probe_wait: u32,
+    /// `max_ok` was raised by a probe that has not been answered yet.
+    probing: bool,
+    /// The event whose lone 413 is being confirmed (a single event is dead-lettered only when
+    /// its 413 repeats).
+    lone_413: Option<uuid::Uuid>,
     down_since: Option<Instant>,
     last_error: Option<String>,
     /// live-first: chunks with id ≥ this are live.
@@ -153,6 +164,10 @@ pub struct Forwarder {
     rewind: bool,
     backoff: backon::ExponentialBackoff,
 }
+
+/// Deliveries at a size learned from a 413 before batches twice as large are tried (doubled
+/// after each 413, so a hard server limit costs a probe ever more rarely).
+pub const PROBE_AFTER: u32 = 2;
 
 fn read_token(path: &std::path::Path) -> Option<String> {
     match std::fs::read_to_string(path) {
@@ -220,6 +235,10 @@ impl Forwarder {
             metrics,
             token,
             max_ok: None,
+            ok_at_max: 0,
+            probe_wait: PROBE_AFTER,
+            probing: false,
+            lone_413: None,
             down_since: None,
             last_error: None,
             live_floor,
@@ -408,8 +427,12 @@ impl Forwarder {
         while let Some((b, from_413)) = stack.pop() {
             if let Some(cap) = self.max_ok {
                 if b.len() > cap {
-                    let parts: Vec<Vec<SpooledEvent>> = b.chunks(cap).map(|c| c.to_vec()).collect();
-                    stack.extend(parts.into_iter().rev().map(|p| (p, from_413)));
+                    // One piece of the learned size; the rest waits as one batch, so a size
+                    // raised meanwhile (a probe) applies to it.
+                    let mut b = b;
+                    let rest = b.split_off(cap);
+                    stack.push((rest, from_413));
+                    stack.push((b, from_413));
                     continue;
                 }
             }
@@ -480,7 +503,17 @@ impl Forwarder {
                     }
                     Outcome::TooLarge => {
                         self.metrics.response(413);
-                        if b.len() == 1 {
+                        if b.len() == 1 && self.lone_413 != Some(b[0].event_id) {
+                            // Confirmed before it is dead-lettered: the 413 may have been a
+                            // proxy's passing limit.
+                            self.lone_413 = Some(b[0].event_id);
+                            tracing::warn!(event_id = %b[0].event_id, "Upstream refuses a single event as too large (413); trying it once more");
+                            stack.push((b, true));
+                            if let Wait::Shutdown = self.pause(self.cfg.retry_min, shutdown).await {
+                                return Err(());
+                            }
+                        } else if b.len() == 1 {
+                            self.lone_413 = None;
                             tracing::error!(event_id = %b[0].event_id, "Upstream refuses a single event as too large (413); moved to dead letters");
                             let items = b
                                 .into_iter()
@@ -496,6 +529,11 @@ impl Forwarder {
                         } else {
                             let half = b.len().div_ceil(2);
                             self.max_ok = Some(self.max_ok.map_or(half, |m| m.min(half)));
+                            self.ok_at_max = 0;
+                            if std::mem::take(&mut self.probing) {
+                                // A probe met the limit again: probe less often.
+                                self.probe_wait = self.probe_wait.saturating_mul(2).min(1024);
+                            }
                             tracing::warn!(
                                 size = b.len(),
                                 next = half,
@@ -731,9 +769,29 @@ impl Forwarder {
         }
         self.metrics.batches_ok.inc();
         self.metrics.response(status);
-        if from_413 {
-            // Remember the size that worked.
-            self.max_ok = Some(self.max_ok.map_or(n, |m| m.max(n)));
+        if let Some(m) = self.max_ok {
+            if from_413 && n > m {
+                self.max_ok = Some(n);
+                self.ok_at_max = 0;
+            } else if n >= m {
+                if std::mem::take(&mut self.probing) {
+                    // A probe went through: the limit is gone or higher; probe on quickly.
+                    self.probe_wait = PROBE_AFTER;
+                }
+                self.ok_at_max += 1;
+                if self.ok_at_max >= self.probe_wait {
+                    // Probe back up: the 413 may have come from one large event, or the limit
+                    // may have been raised.
+                    let next = m.saturating_mul(2);
+                    self.max_ok = (next < self.cfg.batch_max_events).then_some(next);
+                    self.probing = self.max_ok.is_some();
+                    if self.max_ok.is_none() {
+                        self.probe_wait = PROBE_AFTER;
+                    }
+                    self.ok_at_max = 0;
+                    tracing::debug!(next = ?self.max_ok, "Probing larger batches after a 413");
+                }
+            }
         }
         self.backoff = Self::new_backoff(&self.cfg);
         if let Some(since) = self.down_since.take() {

@@ -53,6 +53,9 @@ pub struct RequestLog {
 pub struct State {
     pub script: VecDeque<Reply>,
     pub max_batch: Option<usize>,
+    /// Standing rule: 413 for a request whose decompressed body is larger than this (a server
+    /// or proxy body limit).
+    pub max_body: Option<usize>,
     pub poison: HashSet<String>,
     pub poison_status: u16,
     /// The poison answer echoes the refused events (a reason that differs per event).
@@ -326,6 +329,13 @@ async fn handle(
             return json(400, serde_json::json!({"detail": e}));
         }
     };
+    if st.max_body.is_some_and(|m| raw.len() > m) {
+        finish(413, &mut log, &mut st);
+        return json(
+            413,
+            serde_json::json!({"detail": "Request Entity Too Large"}),
+        );
+    }
     let v: Value = match serde_json::from_slice(&raw) {
         Ok(v) => v,
         Err(e) => {
