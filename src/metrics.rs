@@ -81,6 +81,8 @@ pub struct Metrics {
     pub dead_lettered: Counter,
     pub upstream_bytes_sent: Counter,
     pub upstream_auth_failures: Counter,
+    /// Requests sent again at once on a new connection after failing on a reused one.
+    pub upstream_fresh_retries: Counter,
     pub upstream_down: Gauge,
     pub sources_connected: Gauge,
     dropped: Mutex<BTreeMap<&'static str, u64>>,
@@ -380,6 +382,12 @@ impl Metrics {
             "counter",
             "401/403 answers (nothing is deleted).",
             self.upstream_auth_failures.get(),
+        );
+        line(
+            "upstream_fresh_connection_retries_total",
+            "counter",
+            "Requests sent again at once on a new connection after a reused keep-alive connection failed before any answer.",
+            self.upstream_fresh_retries.get(),
         );
         line(
             "sources_connected",

@@ -843,3 +843,90 @@ async fn five_bad_events_in_a_row_do_not_block_the_good_ones_behind_them() {
     assert_eq!(rig.metrics.upstream_rejecting_all.get(), 0);
     rig.shutdown().await;
 }
+
+/// A server that closes idle keep-alive connections, met by a request on a reused one (the
+/// request is written, the socket closes before any answer byte): the request goes again at
+/// once on a new connection, with no outage, no warning and no failed batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_on_a_connection_the_server_closed_is_sent_again_on_a_new_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let (answered, dropped) = (answered.clone(), dropped.clone());
+        tokio::spawn(async move {
+            let mut conn_no = 0;
+            while let Ok((mut sock, _)) = listener.accept().await {
+                conn_no += 1;
+                let first_conn = conn_no == 1;
+                let (answered, dropped) = (answered.clone(), dropped.clone());
+                tokio::spawn(async move {
+                    let mut on_this = 0;
+                    let mut buf = Vec::new();
+                    loop {
+                        // One request: headers, then Content-Length bytes of body.
+                        let head_end = loop {
+                            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break p + 4;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        while buf.len() < head_end + len {
+                            let mut chunk = [0u8; 4096];
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..head_end + len);
+                        on_this += 1;
+                        if first_conn && on_this == 2 {
+                            // The server had given up on this idle connection.
+                            dropped.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            return;
+                        }
+                        answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let body = b"{\"accepted\":true}";
+                        let reply = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n",
+                            body.len()
+                        );
+                        if sock.write_all(reply.as_bytes()).await.is_err()
+                            || sock.write_all(body).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+    let url = format!("http://{addr}");
+    let rig = Rig::new(|d| config(d, &url, "bag-events", "pool_idle_ms = 60000")).await;
+    rig.commit("k", 10, 10).await;
+    wait_until("first batch", T, || rig.metrics.delivered.get() == 10).await;
+    rig.commit("k2", 10, 10).await;
+    wait_until("second batch", T, || rig.metrics.delivered.get() == 20).await;
+    assert_eq!(
+        dropped.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the reused connection was met"
+    );
+    assert_eq!(rig.metrics.batches_failed.get(), 0, "no failed batch");
+    assert_eq!(rig.metrics.upstream_down.get(), 0);
+    assert_eq!(rig.metrics.upstream_fresh_retries.get(), 1);
+    assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 2);
+    rig.shutdown().await;
+}

@@ -298,6 +298,9 @@ pub struct UpstreamConfig {
     pub batch_max_bytes: usize,
     pub batch_max_delay: Duration,
     pub timeout: Duration,
+    /// Idle keep-alive connections are closed after this (`pool_idle_ms`, default 4 s: below
+    /// the 5 s that common ingest servers keep an idle connection).
+    pub pool_idle: Duration,
     pub retry_min: Duration,
     pub retry_max: Duration,
     pub auth_retry: Duration,
@@ -1204,6 +1207,7 @@ fn build_upstream(u: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<
     let max_bytes = u.size(p, "batch_max_bytes", 1024);
     let max_delay = u.integer(p, "batch_max_delay_ms", 0, 3_600_000);
     let timeout = u.integer(p, "timeout_ms", 100, 600_000);
+    let pool_idle = u.integer(p, "pool_idle_ms", 0, 3_600_000);
     let retry_min = u.integer(p, "retry_min_ms", 1, 600_000);
     let retry_max = u.integer(p, "retry_max_ms", 1, 3_600_000);
     let auth_retry = u.integer(p, "auth_retry_ms", 100, 3_600_000);
@@ -1283,6 +1287,7 @@ fn build_upstream(u: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<
         batch_max_bytes: max_bytes.unwrap_or(4 * 1024 * 1024) as usize,
         batch_max_delay: ms(max_delay, 1000),
         timeout: ms(timeout, 10_000),
+        pool_idle: ms(pool_idle, 4_000),
         retry_min: ms(retry_min, 100),
         retry_max: ms(retry_max, 1000),
         auth_retry: ms(auth_retry, 30_000),

@@ -125,6 +125,9 @@ pub const REFUSE_ALL_AFTER: usize = 5;
 pub struct Forwarder {
     cfg: UpstreamConfig,
     client: reqwest::Client,
+    /// The same client without a connection pool: a request that failed on a reused
+    /// keep-alive connection is sent again at once on a new one.
+    fresh: reqwest::Client,
     encoder: Encoder,
     compressor: BodyCompressor,
     /// The JSON body, reused across batches (its capacity is kept).
@@ -169,6 +172,21 @@ pub struct Forwarder {
 /// after each 413, so a hard server limit costs a probe ever more rarely).
 pub const PROBE_AFTER: u32 = 2;
 
+/// The outcome of a request that got no answer.
+fn request_error(e: &reqwest::Error) -> Outcome {
+    let what = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    Outcome::Retry {
+        status: None,
+        reason: format!("{what}: {}", error_chain(e)),
+    }
+}
+
 fn read_token(path: &std::path::Path) -> Option<String> {
     match std::fs::read_to_string(path) {
         Ok(t) => Some(t.trim().to_string()),
@@ -192,27 +210,34 @@ impl Forwarder {
         spool: SpoolHandle,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ForwardError> {
-        let mut b = reqwest::Client::builder()
-            .timeout(cfg.timeout)
-            .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
-            .user_agent(concat!("scangate/", env!("CARGO_PKG_VERSION")))
-            // A batch is only ever sent where the operator configured it: a 3xx is classified
-            // (a misconfiguration), never followed.
-            .redirect(reqwest::redirect::Policy::none())
-            .pool_idle_timeout(Duration::from_secs(30));
-        if let Some(ca) = &cfg.ca_file {
-            let pem = std::fs::read(ca).map_err(|source| ForwardError::CaFile {
-                path: ca.clone(),
-                source,
-            })?;
-            let cert =
-                reqwest::Certificate::from_pem(&pem).map_err(|source| ForwardError::CaPem {
+        let builder = |pooled: bool| -> Result<reqwest::Client, ForwardError> {
+            let mut b = reqwest::Client::builder()
+                .timeout(cfg.timeout)
+                .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
+                .user_agent(concat!("scangate/", env!("CARGO_PKG_VERSION")))
+                // A batch is only ever sent where the operator configured it: a 3xx is
+                // classified (a misconfiguration), never followed.
+                .redirect(reqwest::redirect::Policy::none())
+                .pool_idle_timeout(cfg.pool_idle);
+            if !pooled {
+                b = b.pool_max_idle_per_host(0);
+            }
+            if let Some(ca) = &cfg.ca_file {
+                let pem = std::fs::read(ca).map_err(|source| ForwardError::CaFile {
                     path: ca.clone(),
                     source,
                 })?;
-            b = b.add_root_certificate(cert);
-        }
-        let client = b.build().map_err(ForwardError::Client)?;
+                let cert =
+                    reqwest::Certificate::from_pem(&pem).map_err(|source| ForwardError::CaPem {
+                        path: ca.clone(),
+                        source,
+                    })?;
+                b = b.add_root_certificate(cert);
+            }
+            b.build().map_err(ForwardError::Client)
+        };
+        let client = builder(true)?;
+        let fresh = builder(false)?;
         let token = cfg.token_file.as_deref().and_then(read_token);
         let encoder = Encoder::new(
             cfg.profile,
@@ -228,6 +253,7 @@ impl Forwarder {
         Ok(Forwarder {
             cfg,
             client,
+            fresh,
             encoder,
             compressor,
             json: Vec::new(),
@@ -654,8 +680,31 @@ impl Forwarder {
     }
 
     async fn send(&self, body: bytes::Bytes, key: uuid::Uuid) -> Outcome {
-        let mut req = self
-            .client
+        match self.send_with(&self.client, body.clone(), key).await {
+            // Failed after connecting, before any answer (not a timeout): most likely a reused
+            // keep-alive connection the server had closed. Once more, at once, on a new
+            // connection, with the same Idempotency-Key: no outage, no warning.
+            Err(e) if !e.is_timeout() && !e.is_connect() => {
+                tracing::debug!(error = %error_chain(&e), "Request failed on a reused connection; sending again on a new one");
+                self.metrics.upstream_fresh_retries.inc();
+                match self.send_with(&self.fresh, body, key).await {
+                    Ok(o) => o,
+                    Err(e) => request_error(&e),
+                }
+            }
+            Err(e) => request_error(&e),
+            Ok(o) => o,
+        }
+    }
+
+    /// One request; `Err` when no answer came (the connection failed or timed out).
+    async fn send_with(
+        &self,
+        client: &reqwest::Client,
+        body: bytes::Bytes,
+        key: uuid::Uuid,
+    ) -> Result<Outcome, reqwest::Error> {
+        let mut req = client
             .post(&self.cfg.endpoint)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("Idempotency-Key", key.to_string())
@@ -668,19 +717,7 @@ impl Forwarder {
         }
         let len = body.len() as u64;
         match req.body(body).send().await {
-            Err(e) => {
-                let what = if e.is_timeout() {
-                    "timeout"
-                } else if e.is_connect() {
-                    "connection failed"
-                } else {
-                    "request failed"
-                };
-                Outcome::Retry {
-                    status: None,
-                    reason: format!("{what}: {}", error_chain(&e)),
-                }
-            }
+            Err(e) => Err(e),
             Ok(resp) => {
                 self.metrics.upstream_bytes_sent.add(len);
                 let status = resp.status().as_u16();
@@ -707,15 +744,15 @@ impl Forwarder {
                             break;
                         }
                         Err(e) => {
-                            return Outcome::Retry {
+                            return Ok(Outcome::Retry {
                                 status: Some(status),
                                 reason: format!("answer cut short: {}", error_chain(&e)),
-                            }
+                            })
                         }
                     }
                 }
                 body.truncate(1 << 20);
-                outcome::classify(
+                Ok(outcome::classify(
                     &outcome::Answer {
                         status,
                         retry_after: retry_after.as_deref(),
@@ -725,7 +762,7 @@ impl Forwarder {
                         body: &body,
                     },
                     SystemTime::now(),
-                )
+                ))
             }
         }
     }
