@@ -930,3 +930,30 @@ async fn a_request_on_a_connection_the_server_closed_is_sent_again_on_a_new_one(
     assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 2);
     rig.shutdown().await;
 }
+
+/// A certificate that is "not valid yet" by the gateway's clock (a box that booted in 1970
+/// without an RTC sees every certificate so): one clear ERROR naming the gateway's clock, not
+/// a generic "upstream unavailable" per attempt; the events are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_not_valid_yet_points_at_the_gateway_clock() {
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2099, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
+    let ingest = Ingest::start_tls(&cert_pem, &key_pem).await;
+    let url = format!("https://localhost:{}", ingest.addr.port());
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ingest-ca.pem");
+    std::fs::write(&ca, &cert_pem).unwrap();
+    let extra = format!("ca_file = \"{}\"", ca.display());
+    let rig = Rig::new(|d| config(d, &url, "bag-events", &extra)).await;
+    rig.commit("t", 3, 3).await;
+    wait_until("attempts fail", T, || rig.metrics.batches_failed.get() >= 3).await;
+    assert_eq!(rig.backlog().await, 3, "kept");
+    let stats = rig.spool.stats().await.unwrap();
+    let err = stats.last_error.unwrap_or_default();
+    assert!(err.contains("gateway's clock is probably wrong"), "{err}");
+    rig.shutdown().await;
+}

@@ -172,8 +172,22 @@ pub struct Forwarder {
 /// after each 413, so a hard server limit costs a probe ever more rarely).
 pub const PROBE_AFTER: u32 = 2;
 
+/// How a failure that points at this gateway's clock begins.
+const CLOCK_SUSPECT: &str = "TLS: the server's certificate is not valid yet";
+
 /// The outcome of a request that got no answer.
 fn request_error(e: &reqwest::Error) -> Outcome {
+    let chain = error_chain(e);
+    if chain.contains("NotValidYet") || chain.contains("not valid yet") {
+        // A box without an RTC boots in 1970 until NTP syncs: every certificate looks like it
+        // starts in the future. Said once (the reason stays the same until the date changes).
+        let now = crate::event::rfc3339_ms(crate::event::wall_now_ms());
+        let day = now.get(..10).unwrap_or(&now);
+        return Outcome::Retry {
+            status: None,
+            reason: format!("{CLOCK_SUSPECT} by this gateway's clock (today is {day} here): the gateway's clock is probably wrong (no NTP sync yet, no RTC?); events are kept and sent once the clock is right ({chain})"),
+        };
+    }
     let what = if e.is_timeout() {
         "timeout"
     } else if e.is_connect() {
@@ -658,7 +672,9 @@ impl Forwarder {
                             self.metrics.response(s);
                         }
                         let wait = self.backoff.next().unwrap_or(self.cfg.retry_max);
-                        self.on_failure(&reason, false).await;
+                        // A clock problem is the operator's to fix: an ERROR, once per state.
+                        let loud = reason.starts_with(CLOCK_SUSPECT);
+                        self.on_failure(&reason, loud).await;
                         if let Wait::Shutdown = self.pause(wait, shutdown).await {
                             return Err(());
                         }
