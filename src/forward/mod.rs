@@ -185,7 +185,9 @@ fn request_error(e: &reqwest::Error) -> Outcome {
         let day = now.get(..10).unwrap_or(&now);
         return Outcome::Retry {
             status: None,
-            reason: format!("{CLOCK_SUSPECT} by this gateway's clock (today is {day} here): the gateway's clock is probably wrong (no NTP sync yet, no RTC?); events are kept and sent once the clock is right ({chain})"),
+            // Without the error's own text: it names the current second, and a reason that
+            // changes on every attempt would be logged on every attempt.
+            reason: format!("{CLOCK_SUSPECT} by this gateway's clock (today is {day} here): the gateway's clock is probably wrong (no NTP sync yet, no RTC?); events are kept and sent once the clock is right"),
         };
     }
     let what = if e.is_timeout() {
