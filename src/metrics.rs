@@ -84,6 +84,10 @@ pub struct Metrics {
     /// Requests sent again at once on a new connection after failing on a reused one.
     pub upstream_fresh_retries: Counter,
     pub upstream_down: Gauge,
+    /// Wall-clock ms when the upstream began failing (0 while it is not).
+    pub upstream_down_since_ms: Gauge,
+    /// Wall-clock ms when this process started.
+    pub started_ms: Gauge,
     pub sources_connected: Gauge,
     dropped: Mutex<BTreeMap<&'static str, u64>>,
     responses: Mutex<BTreeMap<u16, u64>>,

@@ -564,3 +564,74 @@ async fn the_reads_of_one_frame_are_committed_together() {
     d.sigterm();
     drop(slave);
 }
+
+/// `/health` turns 503 when a reader has been disconnected longer than
+/// `source_down_after_ms` (a reader unplugged for minutes no longer reads "ok"), and when the
+/// upstream has been failing longer than `upstream_down_after_ms`; back to 200 when both
+/// recover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_a_reader_down_and_a_long_outage() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| s.down = true);
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("usb-Reader-if00");
+    let admin = free_port();
+    let text = format!(
+        "[gateway]\nid = \"gw\"\nstate_dir = \"{}\"\n[spool]\ncommit_interval_ms = 5\n[[source]]\nname = \"portal\"\nkind = \"serial\"\nprotocol = \"uhf-bb\"\npath = \"{}\"\n[upstream]\nurl = \"{}\"\nprofile = \"bag-events\"\nretry_min_ms = 20\nretry_max_ms = 100\n[admin]\nlisten = \"127.0.0.1:{admin}\"\nsource_down_after_ms = 1000\nupstream_down_after_ms = 1000\n",
+        dir.path().join("state").display(),
+        link.display(),
+        ingest.base_url()
+    );
+    let cfg = dir.path().join("scangate.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
+    let health = || async move {
+        let r = reqwest::get(format!("http://127.0.0.1:{admin}/health"))
+            .await
+            .ok()?;
+        let code = r.status().as_u16();
+        Some((code, r.text().await.ok()?))
+    };
+    // The reader was never plugged in.
+    let end = tokio::time::Instant::now() + T;
+    let text = loop {
+        if let Some((503, t)) = health().await {
+            if t.contains("reader portal disconnected") {
+                break t;
+            }
+        }
+        assert!(tokio::time::Instant::now() < end, "{}", d.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        text.contains("does not exist") || text.contains("not opened"),
+        "{text}"
+    );
+    // Plug it in and make the upstream fail for longer than the threshold.
+    let (mut master, slave) = pty_pair();
+    std::os::unix::fs::symlink(slave.name().unwrap(), &link).unwrap();
+    assert!(wait_metric(admin, "scangate_sources_connected", 1, T).await);
+    master
+        .write_all(&frames::uhf_bb_notice(-50, &[1, 2, 3, 4]))
+        .unwrap();
+    let end = tokio::time::Instant::now() + T;
+    loop {
+        if let Some((503, t)) = health().await {
+            if t.contains("upstream failing") && !t.contains("reader portal") {
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < end, "{}", d.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Both recover: 200.
+    ingest.with(|s| s.down = false);
+    wait_until("delivered", T, || ingest.unique() == 1).await;
+    let end = tokio::time::Instant::now() + T;
+    while health().await.map(|h| h.0) != Some(200) {
+        assert!(tokio::time::Instant::now() < end, "{:?}", health().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    d.sigterm();
+    drop(slave);
+}

@@ -13,7 +13,10 @@ use axum::{Json, Router};
 struct Ctx {
     running: Running,
     sources: Vec<(String, String)>,
+    /// Sources with a port that can be disconnected.
+    serial: Vec<String>,
     gateway: String,
+    admin: crate::config::AdminConfig,
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, running: Running, cfg: Config) {
@@ -24,7 +27,14 @@ pub async fn serve(listener: tokio::net::TcpListener, running: Running, cfg: Con
             .iter()
             .map(|s| (s.name.clone(), s.location.clone()))
             .collect(),
+        serial: cfg
+            .sources
+            .iter()
+            .filter(|s| matches!(s.kind, crate::config::SourceKind::Serial { .. }))
+            .map(|s| s.name.clone())
+            .collect(),
         gateway: cfg.gateway.id.clone(),
+        admin: cfg.admin.clone(),
     };
     let app = Router::new()
         .route("/health", get(health))
@@ -60,6 +70,36 @@ async fn health(State(c): State<Ctx>) -> impl IntoResponse {
     }
     if m.upstream_rejecting_all.get() == 1 {
         reasons.push("upstream refuses every event with the same answer (misconfiguration)".into());
+    }
+    let now = crate::event::wall_now_ms().max(0) as u64;
+    let since = m.upstream_down_since_ms.get();
+    if m.upstream_down.get() == 1
+        && since > 0
+        && now.saturating_sub(since) >= c.admin.upstream_down_after.as_millis() as u64
+    {
+        reasons.push(format!(
+            "upstream failing for {} s: events wait in the spool (see `scangate status` for the last error)",
+            now.saturating_sub(since) / 1000
+        ));
+    }
+    for name in &c.serial {
+        let h = m.source(name);
+        if h.connected.get() == 1 {
+            continue;
+        }
+        // Never connected: counted from the start of the process.
+        let since = match h.since_ms.get() {
+            0 => m.started_ms.get(),
+            s => s,
+        };
+        let down = now.saturating_sub(since);
+        if since > 0 && down >= c.admin.source_down_after.as_millis() as u64 {
+            reasons.push(format!(
+                "reader {name} disconnected for {} s ({})",
+                down / 1000,
+                h.last_error().unwrap_or_else(|| "not opened yet".into())
+            ));
+        }
     }
     if reasons.is_empty() {
         (StatusCode::OK, Json(serde_json::json!({"status": "ok"})))

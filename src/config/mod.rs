@@ -315,6 +315,12 @@ pub struct UpstreamConfig {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: Option<std::net::SocketAddr>,
+    /// `/health` says 503 when a serial reader has been disconnected this long
+    /// (`source_down_after_ms`, default 60 s).
+    pub source_down_after: Duration,
+    /// … and when the upstream has been failing this long (`upstream_down_after_ms`, default
+    /// 5 min; shorter outages are what the spool is for).
+    pub upstream_down_after: Duration,
 }
 
 /// Every problem found in a config file, each with file, line, column and key.
@@ -656,7 +662,15 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
     // [admin]
     let admin = {
         let mut listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9898)));
+        let mut source_down_after = Duration::from_secs(60);
+        let mut upstream_down_after = Duration::from_secs(300);
         if let Some(mut a) = root.table(p, "admin") {
+            if let Some(ms) = a.integer(p, "source_down_after_ms", 1000, 86_400_000) {
+                source_down_after = Duration::from_millis(ms as u64);
+            }
+            if let Some(ms) = a.integer(p, "upstream_down_after_ms", 1000, 604_800_000) {
+                upstream_down_after = Duration::from_millis(ms as u64);
+            }
             if let Some(l) = a.string(p, "listen") {
                 if l.is_empty() || l == "off" {
                     listen = None;
@@ -669,7 +683,11 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
             }
             a.finish(p);
         }
-        AdminConfig { listen }
+        AdminConfig {
+            listen,
+            source_down_after,
+            upstream_down_after,
+        }
     };
 
     root.finish(p);

@@ -851,6 +851,7 @@ impl Forwarder {
         self.backoff = Self::new_backoff(&self.cfg);
         if let Some(since) = self.down_since.take() {
             self.metrics.upstream_down.set(0);
+            self.metrics.upstream_down_since_ms.set(0);
             tracing::info!(down_for = ?since.elapsed(), "Upstream is accepting events again; delivering the backlog");
             self.last_error = None;
             self.spool.set_upstream_error(None).await;
@@ -864,6 +865,9 @@ impl Forwarder {
         self.metrics.upstream_down.set(1);
         if self.down_since.is_none() {
             self.down_since = Some(Instant::now());
+            self.metrics
+                .upstream_down_since_ms
+                .set(crate::event::wall_now_ms().max(0) as u64);
         }
         if self.last_error.as_deref() != Some(reason) {
             if loud {
