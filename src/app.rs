@@ -145,12 +145,16 @@ async fn ingest(
     // Sources whose last read was not its frame's last (`SourceRead::frame_more`): the group
     // does not end before the rest of that frame is in it.
     let mut mid_frame: Vec<bool> = vec![false; sources.len()];
+    // `carried`: the read came from `carry` (its bytes already left the channel's budget).
     let accept = |read: SourceRead,
+                  carried: bool,
                   group: &mut Vec<EventBody>,
                   size: &mut usize,
                   marks: &mut Vec<u64>,
                   mid: &mut Vec<bool>| {
-        budget.taken(read.size());
+        if !carried {
+            budget.taken(read.size());
+        }
         if let Some(m) = mid.get_mut(read.source) {
             *m = read.frame_more;
         }
@@ -168,50 +172,122 @@ async fn ingest(
         *size += actor::body_size(&body);
         group.push(body);
     };
+    // Reads taken from the channel while a full group waited for the rest of another
+    // source's frame: they start the next group, in order.
+    let mut carry: std::collections::VecDeque<SourceRead> = std::collections::VecDeque::new();
     let mut closed = false;
-    while !closed {
-        let Some(first) = rx.recv().await else {
-            break;
+    while !closed || !carry.is_empty() {
+        let (first, carried) = match carry.pop_front() {
+            Some(r) => (r, true),
+            None => match rx.recv().await {
+                Some(r) => (r, false),
+                None => break,
+            },
         };
         let mut group: Vec<EventBody> = Vec::with_capacity(256);
         let mut size = 0usize;
-        accept(first, &mut group, &mut size, &mut marks, &mut mid_frame);
+        accept(
+            first,
+            carried,
+            &mut group,
+            &mut size,
+            &mut marks,
+            &mut mid_frame,
+        );
         let deadline = Instant::now() + spool_cfg.commit_interval;
         loop {
-            // A frame's reads come together (at most a few hundred): the group may exceed
-            // its bounds by the rest of one frame per source.
-            while (group.len() < max && size < GROUP_MAX_BYTES) || mid_frame.contains(&true) {
-                match rx.try_recv() {
-                    Ok(read) => accept(read, &mut group, &mut size, &mut marks, &mut mid_frame),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        closed = true;
-                        break;
-                    }
-                }
+            while group.len() < max && size < GROUP_MAX_BYTES {
+                let (read, carried) = match carry.pop_front() {
+                    Some(r) => (r, true),
+                    None => match rx.try_recv() {
+                        Ok(r) => (r, false),
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            closed = true;
+                            break;
+                        }
+                    },
+                };
+                accept(
+                    read,
+                    carried,
+                    &mut group,
+                    &mut size,
+                    &mut marks,
+                    &mut mid_frame,
+                );
             }
             let full = group.len() >= max || size >= GROUP_MAX_BYTES || Instant::now() >= deadline;
-            if closed || (full && !mid_frame.contains(&true)) {
-                break;
-            }
-            if mid_frame.contains(&true) && Instant::now() >= deadline {
-                // The rest of a frame is on its way from the source's thread.
-                match tokio::time::timeout(FRAME_REST_MAX, rx.recv()).await {
-                    Ok(Some(read)) => {
-                        accept(read, &mut group, &mut size, &mut marks, &mut mid_frame)
-                    }
-                    Ok(None) => closed = true,
-                    Err(_) => {
-                        tracing::warn!("A frame's remaining reads did not arrive; committing without them (they are replayed from the port journal after a crash)");
-                        mid_frame.iter_mut().for_each(|m| *m = false);
-                    }
+            if !full && !closed {
+                tokio::select! {
+                    _ = sleep_until(deadline) => {}
+                    _ = wake.notified() => {}
                 }
                 continue;
             }
-            tokio::select! {
-                _ = sleep_until(deadline) => {}
-                _ = wake.notified() => {}
+            // Full: the group ends once every source's frame in it is complete. Only those
+            // sources' reads join it now (at most the rest of one frame each); any other
+            // read waits for the next group.
+            while mid_frame.contains(&true) {
+                if let Some(k) = carry
+                    .iter()
+                    .position(|r| mid_frame.get(r.source).copied().unwrap_or(false))
+                {
+                    if let Some(read) = carry.remove(k) {
+                        accept(
+                            read,
+                            true,
+                            &mut group,
+                            &mut size,
+                            &mut marks,
+                            &mut mid_frame,
+                        );
+                    }
+                    continue;
+                }
+                let next = match rx.try_recv() {
+                    Ok(r) => Some(r),
+                    Err(TryRecvError::Disconnected) => {
+                        closed = true;
+                        None
+                    }
+                    // The rest of the frame is on its way from the source's thread.
+                    Err(TryRecvError::Empty) => {
+                        match tokio::time::timeout(FRAME_REST_MAX, rx.recv()).await {
+                            Ok(Some(r)) => Some(r),
+                            Ok(None) => {
+                                closed = true;
+                                None
+                            }
+                            Err(_) => None,
+                        }
+                    }
+                };
+                match next {
+                    Some(read) if mid_frame.get(read.source).copied().unwrap_or(false) => accept(
+                        read,
+                        false,
+                        &mut group,
+                        &mut size,
+                        &mut marks,
+                        &mut mid_frame,
+                    ),
+                    // Out of the channel's byte budget now (or the sources, finding it full,
+                    // could not send the rest of the frame this group waits for). The carry
+                    // holds what arrives while it waits: at most the sources' reads of ~1 s.
+                    Some(read) => {
+                        budget.taken(read.size());
+                        carry.push_back(read);
+                    }
+                    None => {
+                        if !closed {
+                            tracing::warn!("A frame's remaining reads did not arrive within 1 s; committing the group without them");
+                        }
+                        mid_frame.iter_mut().for_each(|m| *m = false);
+                    }
+                }
             }
+            break;
         }
         let n = group.len() as u64;
         let group_marks: Vec<(Arc<str>, u64)> = marks

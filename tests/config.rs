@@ -460,6 +460,15 @@ kind = "serial"
 protocol = "em4100"
 path = "/dev/ttyUSB2"
 
+[[source]]
+name = "bidi"
+kind = "serial"
+protocol = "em4100"
+path = "/dev/ttyUSB3"
+location = "DOOR\u202E1"
+[source.antennas]
+1 = "X\nY"
+
 [upstream]
 url = "http://h:8000"
 profile = "bag-events"
@@ -472,6 +481,8 @@ profile = "bag-events"
         "source[0].init",
         "source[1].path",
         "source[2].name",
+        "source[3].location",
+        "source[3].antennas.1",
     ] {
         assert!(keys.contains(&want), "{want} missing from {keys:?}");
     }
@@ -492,7 +503,8 @@ profile = "bag-events"
 #[test]
 fn a_bad_journal_dir_is_refused() {
     let file = tempfile::NamedTempFile::new().unwrap();
-    for jd in ["", " ", file.path().to_str().unwrap()] {
+    let below_file = format!("{}/sub", file.path().display());
+    for jd in ["", " ", file.path().to_str().unwrap(), &below_file] {
         let text = format!(
             "[gateway]\nid = \"gw1\"\nstate_dir = \"/tmp/x\"\njournal_dir = \"{jd}\"\n[upstream]\nurl = \"http://h:8000\"\nprofile = \"bag-events\"\n"
         );

@@ -84,7 +84,9 @@ async fn sighup_never_stops_the_daemon() {
     let ingest = Ingest::start().await;
     let (_dir, mut master, slave, _admin, mut d) = serial_daemon(&ingest).await;
     // SIGUSR1/SIGUSR2 too: their default action also ends a process without draining.
-    for sig in ["-HUP", "-HUP", "-HUP", "-USR1", "-USR2"] {
+    for sig in [
+        "-HUP", "-HUP", "-HUP", "-USR1", "-USR2", "-ALRM", "-VTALRM", "-PROF", "-IO",
+    ] {
         let ok = Command::new("kill")
             .args([sig, &d.pid().to_string()])
             .status()
@@ -101,7 +103,9 @@ async fn sighup_never_stops_the_daemon() {
     assert!(d.log_text().contains("SIGHUP received"));
     wait_until("SIGUSR1 and SIGUSR2 logged", T, || {
         let log = d.log_text();
-        log.contains("SIGUSR1 received") && log.contains("SIGUSR2 received")
+        log.contains("SIGUSR1 received")
+            && log.contains("SIGUSR2 received")
+            && log.contains("SIGALRM")
     })
     .await;
     d.sigterm();

@@ -635,3 +635,70 @@ async fn health_reports_a_reader_down_and_a_long_outage() {
     d.sigterm();
     drop(slave);
 }
+
+/// Several sources streaming frames with several reads each: a full group waits only for the
+/// rest of the frames already in it, so groups stay within `commit_max_events` plus one frame
+/// per source (they grew to thousands of reads when every source's next frame joined too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_stay_bounded_with_several_sources_of_multi_read_frames() {
+    let ingest = Ingest::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<_> = (0..3).map(|_| pty_pair()).collect();
+    let mut sources = String::from("commit_max_events = 7\n");
+    for (i, (_, s)) in ports.iter().enumerate() {
+        sources.push_str(&format!(
+            "[[source]]\nname = \"cf{i}\"\nkind = \"serial\"\nprotocol = \"chafon\"\npath = \"{}\"\n",
+            s.name().unwrap()
+        ));
+    }
+    let admin = free_port();
+    let cfg = write_config(
+        dir.path(),
+        &dir.path().join("state"),
+        &sources,
+        &ingest.base_url(),
+        "",
+        Some(admin),
+    );
+    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
+    assert!(
+        wait_metric(admin, "scangate_sources_connected", 3, T).await,
+        "{}",
+        d.log_text()
+    );
+    let frames_each = 1500u32;
+    let writers: Vec<_> = ports
+        .into_iter()
+        .enumerate()
+        .map(|(p, (mut master, slave))| {
+            std::thread::spawn(move || {
+                for f in 0..frames_each {
+                    let tags: Vec<(Vec<u8>, u8)> = (0..10u32)
+                        .map(|k| ((p as u32) << 24 | f << 4 | k).to_be_bytes().to_vec())
+                        .map(|e| (e, 0x50))
+                        .collect();
+                    master
+                        .write_all(&frames::chafon_inventory(0x03, 1, &tags))
+                        .unwrap();
+                }
+                (master, slave)
+            })
+        })
+        .collect();
+    let _ports: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let total = 3 * frames_each as u64 * 10;
+    assert!(
+        wait_metric(admin, "scangate_spool_committed_total", total, 4 * T).await,
+        "{}",
+        d.log_text()
+    );
+    let groups = metric(admin, "scangate_ingest_groups_total").await.unwrap();
+    let per_group = total as f64 / groups as f64;
+    eprintln!("{per_group:.1} reads per group ({groups} groups)");
+    assert!(
+        per_group <= 37.0,
+        "{per_group:.1} reads per group on average ({groups} groups for {total} reads)"
+    );
+    assert!(!d.log_text().contains("did not arrive"), "{}", d.log_text());
+    d.sigterm();
+}

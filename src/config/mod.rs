@@ -490,7 +490,9 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
                 }
                 Some(j) => {
                     let dir = resolve(base, &j);
-                    if dir.exists() && !dir.is_dir() {
+                    // The nearest part of the path that exists must be a directory.
+                    let existing = dir.ancestors().find(|a| a.exists());
+                    if existing.is_some_and(|a| !a.is_dir()) {
                         p.push(
                             g.span_of("journal_dir"),
                             "gateway.journal_dir",
@@ -703,7 +705,7 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
 
 fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<SourceConfig> {
     let name = s.required_string(p, "name").and_then(|n| {
-        if n.chars().any(char::is_control) || n.len() > 64 {
+        if !is_clean_text(&n) || n.len() > 64 {
             p.push(
                 s.span_of("name"),
                 &s.key_path("name"),
@@ -727,7 +729,7 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
     let mut device = s.string(p, "device");
     for (key, v) in [("location", &mut location), ("device", &mut device)] {
         if v.as_ref()
-            .is_some_and(|t| t.chars().any(char::is_control) || t.len() > 256)
+            .is_some_and(|t| !is_clean_text(t) || t.len() > 256)
         {
             p.push(
                 s.span_of(key),
@@ -750,7 +752,7 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
             p.push(
                 s.span_of("flow_control"),
                 &s.key_path("flow_control"),
-                format!("\"software\" (XON/XOFF) cannot be used with protocol = \"{}\": the bytes 11 and 13 occur inside its frames and would be swallowed", proto.kind.name()),
+                format!("\"software\" (XON/XOFF) cannot be used with protocol = \"{}\": the bytes 0x11 and 0x13 (XON/XOFF) occur inside its frames and would be swallowed", proto.kind.name()),
             );
         }
         if binary && port.data_bits != tokio_serial::DataBits::Eight {
@@ -917,6 +919,13 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
         group,
         scan_type,
     })
+}
+
+/// A name or location shown in logs, metrics and upstream events: no control characters and
+/// no bidirectional overrides (which make text read differently than it is).
+fn is_clean_text(t: &str) -> bool {
+    !t.chars()
+        .any(|c| c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'))
 }
 
 /// Longest `init` sequence, bytes (reader start commands are tens of bytes).
@@ -1117,6 +1126,11 @@ fn antenna_map(s: &mut Section<'_>, p: &mut Problems) -> Vec<(u16, String)> {
     let mut out = Vec::new();
     for (k, v) in s.string_map(p, "antennas") {
         match k.parse::<u16>() {
+            Ok(_) if !is_clean_text(&v) || v.len() > 256 => p.push(
+                s.span_of("antennas"),
+                &format!("{}.{k}", s.key_path("antennas")),
+                "the location must be at most 256 characters, without control characters",
+            ),
             Ok(port) if !v.trim().is_empty() => out.push((port, v)),
             Ok(_) => p.push(
                 s.span_of("antennas"),

@@ -129,6 +129,29 @@ pub fn spawn_signal_handler(token: CancellationToken) {
     // a stray `kill -USR1` (log rotation scripts send it) must not stop a gateway.
     let usr1 = signal(SignalKind::user_defined1()).ok();
     let usr2 = signal(SignalKind::user_defined2()).ok();
+    // Every other signal whose default action ends a process and that the daemon does not
+    // use (a stray `kill -ALRM`): logged and ignored, each on its own task.
+    for (name, sig) in [
+        ("SIGALRM", libc::SIGALRM),
+        ("SIGVTALRM", libc::SIGVTALRM),
+        ("SIGPROF", libc::SIGPROF),
+        ("SIGIO", libc::SIGIO),
+        ("SIGPWR", libc::SIGPWR),
+        ("SIGSTKFLT", libc::SIGSTKFLT),
+    ] {
+        match signal(SignalKind::from_raw(sig)) {
+            Ok(mut s) => {
+                tokio::spawn(async move {
+                    while s.recv().await.is_some() {
+                        tracing::info!(signal = name, "Signal received and ignored");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(signal = name, error = %e, "Cannot handle a signal; it would stop the daemon")
+            }
+        }
+    }
     tokio::spawn(async move {
         let (Ok(mut term), Ok(mut int)) = (term, int) else {
             tracing::warn!("Cannot handle SIGTERM/SIGINT");

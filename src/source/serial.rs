@@ -118,6 +118,10 @@ struct Handover<'a> {
     /// Journal position of the last read put into the channel.
     last_sent: u64,
     closed: bool,
+    /// The last read handed over was not its frame's last.
+    in_frame: bool,
+    /// Dropping the rest of a frame whose first read was dropped.
+    dropping: bool,
 }
 
 impl<'a> Handover<'a> {
@@ -128,6 +132,8 @@ impl<'a> Handover<'a> {
             held_bytes: 0,
             last_sent: 0,
             closed: false,
+            in_frame: false,
+            dropping: false,
         }
     }
 
@@ -138,6 +144,14 @@ impl<'a> Handover<'a> {
             return;
         };
         r.frame_more = more;
+        // A frame's reads are kept or dropped together: a frame cut by a drop would leave the
+        // ingest stage waiting for the rest of it.
+        if self.dropping {
+            self.dropping = more;
+            self.feed.metrics.count_drop("pipeline_full", 1);
+            return;
+        }
+        let in_frame = std::mem::replace(&mut self.in_frame, more);
         if self.held.is_empty() {
             match self.feed.try_put(r) {
                 Ok(()) => self.last_sent = pos,
@@ -147,9 +161,13 @@ impl<'a> Handover<'a> {
                     self.hold(r);
                 }
             }
-        } else if self.held_bytes >= HOLD_MAX {
+        } else if self.held_bytes >= HOLD_MAX && !in_frame {
+            self.in_frame = false;
+            self.dropping = more;
             self.feed.metrics.count_drop("pipeline_full", 1);
         } else {
+            // Within the bound, or the rest of a frame already partly handed over (at most
+            // one frame beyond the bound).
             self.hold(r);
         }
     }
