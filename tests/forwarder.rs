@@ -957,3 +957,103 @@ async fn a_certificate_not_valid_yet_points_at_the_gateway_clock() {
     assert!(err.contains("gateway's clock is probably wrong"), "{err}");
     rig.shutdown().await;
 }
+
+/// live-first with a far upstream (50 ms per answer) and a large backlog: fresh events go out
+/// within `batch_max_delay_ms` (20 ms here, plus round trips) while the backlog drains, not after it (they
+/// waited for a full batch before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_first_sends_fresh_events_within_the_batch_delay_during_a_drain() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| s.delay = Some(Duration::from_millis(50)));
+    let url = ingest.base_url();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &url,
+        "bag-events",
+        "order = \"live-first\"\nbatch_max_events = 500\nbacklog_max_eps = 100000",
+    );
+    let rig = Rig::open(dir, cfg.upstream.clone(), false).await;
+    rig.commit("old", 20_000, 1000).await;
+    let dir = rig.shutdown().await;
+    let rig = Rig::open(dir, cfg.upstream.clone(), true).await;
+    let mut worst = Duration::ZERO;
+    let mut old_at_first: Option<usize> = None;
+    for i in 0..8 {
+        let t0 = tokio::time::Instant::now();
+        rig.commit(&format!("new{i}"), 1, 1).await;
+        let want = format!("new{i}-0");
+        wait_until("a fresh event arrives", T, || {
+            ingest.with(|s| {
+                s.events
+                    .iter()
+                    .rev()
+                    .take(600)
+                    .any(|e| e["bag_id"] == want.as_str())
+            })
+        })
+        .await;
+        worst = worst.max(t0.elapsed());
+        old_at_first.get_or_insert_with(|| {
+            ingest.with(|s| {
+                s.events
+                    .iter()
+                    .filter(|e| e["bag_id"].as_str().unwrap().starts_with("old-"))
+                    .count()
+            })
+        });
+    }
+    assert!(
+        old_at_first < Some(20_000),
+        "the first fresh event waited for the whole backlog ({worst:?})"
+    );
+    assert!(
+        worst < Duration::from_millis(600),
+        "a fresh event took {worst:?} during the drain"
+    );
+    wait_until("backlog drained", Duration::from_secs(60), || {
+        ingest.unique() == 20_008
+    })
+    .await;
+    rig.shutdown().await;
+}
+
+/// live-first with `batch_max_delay_ms = 0` and a steady live flow: the backlog still gets its
+/// share (it starved while every loop found a fresh event to send).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_first_never_starves_the_backlog() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| s.delay = Some(Duration::from_millis(20)));
+    let url = ingest.base_url();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(
+        dir.path(),
+        &url,
+        "bag-events",
+        "order = \"live-first\"\nbatch_max_events = 200\nbacklog_max_eps = 100000",
+    );
+    cfg.upstream.batch_max_delay = Duration::ZERO;
+    let rig = Rig::open(dir, cfg.upstream.clone(), false).await;
+    rig.commit("old", 5_000, 1000).await;
+    let dir = rig.shutdown().await;
+    let rig = Rig::open(dir, cfg.upstream.clone(), true).await;
+    // A fresh event every 5 ms for 2 s.
+    let end = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut i = 0;
+    while tokio::time::Instant::now() < end {
+        rig.commit(&format!("live{i}"), 1, 1).await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let old_done = ingest.with(|s| {
+        s.events
+            .iter()
+            .filter(|e| e["bag_id"].as_str().unwrap().starts_with("old-"))
+            .count()
+    });
+    assert!(
+        old_done >= 1000,
+        "only {old_done} of 5,000 backlog events went out during 2 s of live traffic"
+    );
+    rig.shutdown().await;
+}

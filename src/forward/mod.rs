@@ -321,6 +321,8 @@ impl Forwarder {
         let mut tokens: f64 = 0.0;
         let mut last_refill = Instant::now();
         let mut partial_since: Option<Instant> = None;
+        // live-first: the backlog's turn after a fresh batch.
+        let mut backlog_turn = false;
         // Events read but not yet sent: a batch fills up across several commits without
         // reading (and decompressing) the same chunks again.
         let mut pending: Vec<SpooledEvent> = Vec::new();
@@ -386,50 +388,65 @@ impl Forwarder {
                     }
                 }
             }
-            let aged = partial_since.is_some_and(|t| t.elapsed() >= self.cfg.batch_max_delay);
-            if !pending.is_empty()
-                && (pending.len() >= max || aged || self.cfg.batch_max_delay.is_zero())
-            {
+            // A partial batch's age counts from when its first event was read, whatever the
+            // loop did meanwhile (delivering backlog batches): fresh events go out within
+            // `batch_max_delay_ms`.
+            if pending.is_empty() {
                 partial_since = None;
-                let batch = std::mem::take(&mut pending);
-                if self.deliver(batch, &shutdown).await.is_err() {
-                    return;
-                }
-                continue;
+            } else if partial_since.is_none() {
+                partial_since = Some(Instant::now());
             }
-            // live-first: spend the backlog budget while live traffic is not ready to go.
-            if self.cfg.order == Order::LiveFirst {
+            let aged = partial_since.is_some_and(|t| t.elapsed() >= self.cfg.batch_max_delay);
+            let live_first = self.cfg.order == Order::LiveFirst;
+            if live_first {
                 let now = Instant::now();
                 let rate = self.cfg.backlog_max_eps as f64;
                 tokens = (tokens + now.duration_since(last_refill).as_secs_f64() * rate)
                     .min(rate.max(max as f64));
                 last_refill = now;
-                if tokens >= 1.0 {
-                    let want = (tokens as usize).min(max);
-                    match self.spool.read_after(backlog_cursor, 0, want).await {
-                        Ok(b) => {
-                            let b: Vec<SpooledEvent> = b
-                                .into_iter()
-                                .filter(|e| e.loc.chunk < self.live_floor)
-                                .collect();
-                            if !b.is_empty() {
-                                tokens -= b.len() as f64;
-                                let last = b.last().map(|e| e.loc);
-                                if self.deliver(b, &shutdown).await.is_err() {
-                                    return;
-                                }
-                                backlog_cursor = last;
-                                continue;
+            }
+            let live_ready = !pending.is_empty()
+                && (pending.len() >= max || aged || self.cfg.batch_max_delay.is_zero());
+            // live-first: after a fresh batch the backlog gets its turn (within its budget), so
+            // a steady live flow never starves it.
+            if live_ready && !(live_first && backlog_turn && tokens >= 1.0) {
+                partial_since = None;
+                let batch = std::mem::take(&mut pending);
+                if self.deliver(batch, &shutdown).await.is_err() {
+                    return;
+                }
+                backlog_turn = live_first;
+                continue;
+            }
+            // live-first: spend the backlog budget while live traffic is not ready to go.
+            if live_first && tokens >= 1.0 {
+                backlog_turn = false;
+                let want = (tokens as usize).min(max);
+                match self.spool.read_after(backlog_cursor, 0, want).await {
+                    Ok(b) => {
+                        let b: Vec<SpooledEvent> = b
+                            .into_iter()
+                            .filter(|e| e.loc.chunk < self.live_floor)
+                            .collect();
+                        if !b.is_empty() {
+                            tokens -= b.len() as f64;
+                            let last = b.last().map(|e| e.loc);
+                            if self.deliver(b, &shutdown).await.is_err() {
+                                return;
                             }
+                            backlog_cursor = last;
+                            continue;
                         }
-                        Err(e) => tracing::error!(error = %e, "Cannot read backlog from the spool"),
+                        if live_ready {
+                            continue;
+                        }
                     }
+                    Err(e) => tracing::error!(error = %e, "Cannot read backlog from the spool"),
                 }
             }
             // Wait for more events, the batch age, or (live-first) the next backlog tokens.
             let mut wait = Duration::from_secs(3600);
-            if !pending.is_empty() {
-                let since = *partial_since.get_or_insert_with(Instant::now);
+            if let Some(since) = partial_since {
                 wait = self.cfg.batch_max_delay.saturating_sub(since.elapsed());
             }
             if self.cfg.order == Order::LiveFirst {
