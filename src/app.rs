@@ -433,10 +433,12 @@ pub async fn run(
     // Wait for a reason to stop.
     let mut committed = handle.committed();
     loop {
+        // Asked of the spool thread itself (after the ingest stage's last group in its queue),
+        // not read from the backlog gauge, which lags the last commit.
         if opts.exit_when_idle
             && sources.is_empty()
             && ingest_task.is_finished()
-            && metrics.spool_backlog.get() == 0
+            && handle.stats().await.is_ok_and(|s| s.backlog == 0)
         {
             break;
         }

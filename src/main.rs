@@ -156,8 +156,17 @@ fn fmt_ms(ms: Option<i64>) -> String {
 }
 
 fn main() -> ExitCode {
-    scangate::service::tune_allocator();
     let cli = Cli::parse();
+    if !matches!(
+        cli.cmd,
+        Cmd::Run { .. } | Cmd::Demo { .. } | Cmd::Replay { .. }
+    ) {
+        // Commands that print (status, spool, sniff, …) end quietly when their reader goes
+        // away (`| head`), as command-line tools do, instead of panicking on a broken pipe.
+        // SAFETY: setting a signal's disposition to its default before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+    scangate::service::tune_allocator();
     match cli.cmd {
         Cmd::PrintConfig => {
             print!("{}", scangate::config::EXAMPLE);

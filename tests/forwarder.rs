@@ -158,26 +158,33 @@ async fn too_large_413_splits_remembers_the_size_and_dead_letters_a_lone_giant()
     });
     assert_eq!(rig.metrics.dead_lettered.get(), 0);
 
-    // A single event the server refuses as too large is dead-lettered, not retried forever.
-    ingest.with(|s| s.max_batch = Some(0));
-    rig.commit("giant", 1, 1).await;
+    // A single event the server refuses as too large (its 413 repeated) is dead-lettered
+    // once another event is seen to pass: not retried forever.
+    ingest.with(|s| {
+        s.max_batch = None;
+        s.max_body = Some(2000);
+    });
+    rig.commit(&"giant".repeat(600), 1, 1).await;
+    rig.commit("small", 1, 1).await;
     wait_until("giant dead-lettered", T, || {
-        rig.metrics.dead_lettered.get() == 1 && rig.metrics.delivered.get() == 80
+        rig.metrics.dead_lettered.get() == 1 && rig.metrics.delivered.get() == 81
     })
     .await;
     let dl = rig.spool.dead_letters(5).await.unwrap();
     assert_eq!(dl[0].status, Some(413));
-    assert_eq!(dl[0].body.as_ref().unwrap().tag, "giant-0");
+    assert!(dl[0].body.as_ref().unwrap().tag.starts_with("giantgiant"));
     assert_eq!(rig.backlog().await, 0);
-    // Dead-lettered only after its 413 repeated.
-    assert_eq!(
-        ingest.with(|s| s
-            .requests
+    // Dead-lettered only after its 413 repeated (the body limit answers before parsing, so
+    // those requests log 0 events).
+    let lone = ingest.with(|s| {
+        s.requests
             .iter()
-            .filter(|r| r.status == 413 && r.events == 1)
-            .count()),
-        2
-    );
+            .rev()
+            .take(5)
+            .filter(|r| r.status == 413)
+            .count()
+    });
+    assert!(lone >= 2, "{lone}");
     rig.shutdown().await;
 }
 
@@ -844,6 +851,31 @@ async fn five_bad_events_in_a_row_do_not_block_the_good_ones_behind_them() {
     rig.shutdown().await;
 }
 
+/// A body limit set too low refuses every event alone with 413: that is a misconfiguration,
+/// not bad events. Nothing is dead-lettered; the upstream is flagged; once the limit is
+/// fixed, everything is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_413_for_every_event_is_a_misconfiguration_not_dead_letters() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| s.max_body = Some(100));
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| config(d, &url, "bag-events", "auth_retry_ms = 200")).await;
+    rig.commit("e", 20, 20).await;
+    wait_until("flagged as misconfigured", T, || {
+        rig.metrics.upstream_rejecting_all.get() == 1
+    })
+    .await;
+    assert_eq!(rig.metrics.dead_lettered.get(), 0);
+    ingest.with(|s| s.max_body = None);
+    wait_until("all delivered once the limit is fixed", T, || {
+        ingest.unique() == 20
+    })
+    .await;
+    assert_eq!(rig.metrics.dead_lettered.get(), 0);
+    assert_eq!(rig.metrics.upstream_rejecting_all.get(), 0);
+    rig.shutdown().await;
+}
+
 /// A server that closes idle keep-alive connections, met by a request on a reused one (the
 /// request is written, the socket closes before any answer byte): the request goes again at
 /// once on a new connection, with no outage, no warning and no failed batch.
@@ -1055,5 +1087,52 @@ async fn live_first_never_starves_the_backlog() {
         old_done >= 1000,
         "only {old_done} of 5,000 backlog events went out during 2 s of live traffic"
     );
+    rig.shutdown().await;
+}
+
+/// A server that takes every request and drops the connection without answering (failing):
+/// the immediate resend on a new connection happens once, while the upstream was believed
+/// healthy, not on every attempt (that doubled the load on a failing server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_server_is_not_sent_every_request_twice() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let requests = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let requests = requests.clone();
+                tokio::spawn(async move {
+                    // Read until the request's head has arrived, then hang up.
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+        });
+    }
+    let url = format!("http://{addr}");
+    let rig = Rig::new(|d| config(d, &url, "bag-events", "")).await;
+    rig.commit("f", 5, 5).await;
+    wait_until("several failed attempts", T, || {
+        rig.metrics.batches_failed.get() >= 5
+    })
+    .await;
+    assert_eq!(rig.metrics.upstream_fresh_retries.get(), 1);
+    let sent = requests.load(std::sync::atomic::Ordering::SeqCst) as u64;
+    let failed = rig.metrics.batches_failed.get();
+    assert!(
+        sent <= failed + 2,
+        "{sent} requests for {failed} failed attempts"
+    );
+    assert_eq!(rig.backlog().await, 5);
     rig.shutdown().await;
 }

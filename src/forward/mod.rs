@@ -572,19 +572,15 @@ impl Forwarder {
                                 return Err(());
                             }
                         } else if b.len() == 1 {
+                            // Refused alone twice: held like any event refused alone (see
+                            // `refuse_alone`): dead-lettered once other events are seen to
+                            // pass, and never when everything is refused (a body limit set
+                            // too low is a misconfiguration, not bad events).
                             self.lone_413 = None;
-                            tracing::error!(event_id = %b[0].event_id, "Upstream refuses a single event as too large (413); moved to dead letters");
-                            let items = b
-                                .into_iter()
-                                .map(|e| {
-                                    (
-                                        e,
-                                        Some(413),
-                                        "HTTP 413: event too large even alone".to_string(),
-                                    )
-                                })
-                                .collect();
-                            self.dead_letter(items).await;
+                            let reason = "HTTP 413: event too large even alone".to_string();
+                            if self.refuse_alone(b, 413, reason, shutdown).await.is_err() {
+                                return Err(());
+                            }
                         } else {
                             let half = b.len().div_ceil(2);
                             self.max_ok = Some(self.max_ok.map_or(half, |m| m.min(half)));
@@ -605,35 +601,12 @@ impl Forwarder {
                     Outcome::Rejected { status, reason } => {
                         self.metrics.response(status);
                         if b.len() == 1 {
-                            // Held until the upstream shows it accepts other events (then it
-                            // is dead-lettered), or until enough events in a row are refused
-                            // alone with the same status, nothing accepted in between, to be a
-                            // misconfiguration (then nothing is). The status, not the reason
-                            // text: servers echo each event's input in their reason.
-                            if !self.rejecting_all
-                                && self.refused.first().is_some_and(|(_, s, _)| *s != status)
+                            if self
+                                .refuse_alone(b, status, reason, shutdown)
+                                .await
+                                .is_err()
                             {
-                                self.settle_refused().await;
-                            }
-                            self.refused
-                                .extend(b.into_iter().map(|e| (e, status, reason.clone())));
-                            if !self.rejecting_all
-                                && !self.delivered_in_call
-                                && self.refused.len() >= REFUSE_ALL_AFTER
-                            {
-                                self.rejecting_all = true;
-                                self.metrics.upstream_rejecting_all.set(1);
-                                let msg = format!("HTTP {status} for every event, each refused alone ({reason}); this is a misconfiguration (upstream url, profile or schema), not bad events: nothing is dead-lettered, retrying every {:?}", self.cfg.auth_retry);
-                                self.on_failure(&msg, true).await;
-                            }
-                            if self.rejecting_all {
-                                // Slowly, event by event: the refused ones stay in the spool,
-                                // and the next events show when the upstream accepts again.
-                                if let Wait::Shutdown =
-                                    self.pause(self.cfg.auth_retry, shutdown).await
-                                {
-                                    return Err(());
-                                }
+                                return Err(());
                             }
                         } else {
                             tracing::warn!(size = b.len(), status, reason = %reason, "Upstream rejects the batch; bisecting to find the refused events");
@@ -719,7 +692,9 @@ impl Forwarder {
             // Failed after connecting, before any answer (not a timeout): most likely a reused
             // keep-alive connection the server had closed. Once more, at once, on a new
             // connection, with the same Idempotency-Key: no outage, no warning.
-            Err(e) if !e.is_timeout() && !e.is_connect() => {
+            // Only while the upstream is believed healthy: against a failing server every
+            // attempt would be doubled.
+            Err(e) if !e.is_timeout() && !e.is_connect() && self.down_since.is_none() => {
                 tracing::debug!(error = %error_chain(&e), "Request failed on a reused connection; sending again on a new one");
                 self.metrics.upstream_fresh_retries.inc();
                 match self.send_with(&self.fresh, body, key).await {
@@ -828,6 +803,40 @@ impl Forwarder {
         self.dead_letter(items).await;
     }
 
+    /// An event refused alone (400/422, or a 413 that repeated): held until the upstream
+    /// shows it accepts other events (then it is dead-lettered), or until enough events in a
+    /// row are refused alone with the same status, nothing accepted in between, to be a
+    /// misconfiguration (then nothing is). The status, not the reason text: servers echo each
+    /// event's input in their reason. Err on shutdown.
+    async fn refuse_alone(
+        &mut self,
+        b: Vec<SpooledEvent>,
+        status: u16,
+        reason: String,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ()> {
+        if !self.rejecting_all && self.refused.first().is_some_and(|(_, s, _)| *s != status) {
+            self.settle_refused().await;
+        }
+        self.refused
+            .extend(b.into_iter().map(|e| (e, status, reason.clone())));
+        if !self.rejecting_all && !self.delivered_in_call && self.refused.len() >= REFUSE_ALL_AFTER
+        {
+            self.rejecting_all = true;
+            self.metrics.upstream_rejecting_all.set(1);
+            let msg = format!("HTTP {status} for every event, each refused alone ({reason}); this is a misconfiguration (upstream url, profile, schema or a body limit), not bad events: nothing is dead-lettered, retrying every {:?}", self.cfg.auth_retry);
+            self.on_failure(&msg, true).await;
+        }
+        if self.rejecting_all {
+            // Slowly, event by event: the refused ones stay in the spool, and the next events
+            // show when the upstream accepts again.
+            if let Wait::Shutdown = self.pause(self.cfg.auth_retry, shutdown).await {
+                return Err(());
+            }
+        }
+        Ok(())
+    }
+
     async fn on_success(&mut self, status: u16, n: usize, from_413: bool) {
         self.delivered_in_call = true;
         self.metrics.upstream_misconfigured.set(0);
@@ -849,19 +858,21 @@ impl Forwarder {
                 if std::mem::take(&mut self.probing) {
                     // A probe went through: the limit is gone or higher; probe on quickly.
                     self.probe_wait = PROBE_AFTER;
+                    if m >= self.cfg.batch_max_events {
+                        // Full-size batches pass again: the hint has served its purpose.
+                        self.max_ok = None;
+                    }
                 }
                 self.ok_at_max += 1;
-                if self.ok_at_max >= self.probe_wait {
+                if self.max_ok.is_some() && self.ok_at_max >= self.probe_wait {
                     // Probe back up: the 413 may have come from one large event, or the limit
-                    // may have been raised.
-                    let next = m.saturating_mul(2);
-                    self.max_ok = (next < self.cfg.batch_max_events).then_some(next);
-                    self.probing = self.max_ok.is_some();
-                    if self.max_ok.is_none() {
-                        self.probe_wait = PROBE_AFTER;
-                    }
+                    // may have been raised. The hint is dropped only once a full-size batch
+                    // has passed, so a limit just below full size still slows the probes.
+                    let next = m.saturating_mul(2).min(self.cfg.batch_max_events);
+                    self.max_ok = Some(next);
+                    self.probing = true;
                     self.ok_at_max = 0;
-                    tracing::debug!(next = ?self.max_ok, "Probing larger batches after a 413");
+                    tracing::debug!(next, "Probing larger batches after a 413");
                 }
             }
         }
