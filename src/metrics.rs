@@ -56,6 +56,10 @@ pub struct Metrics {
     pub forward_handoff: Counter,
     pub spool_backlog: Gauge,
     pub spool_used_bytes: Gauge,
+    /// Size of the spool's write-ahead log file, bytes.
+    pub spool_wal_bytes: Gauge,
+    /// 1 while the write-ahead log grows because checkpoints are blocked.
+    pub spool_wal_blocked: Gauge,
     pub spool_corrupt_incidents: Counter,
     pub spool_corrupt_chunks: Counter,
     pub spool_disk_full: Gauge,
@@ -290,6 +294,18 @@ impl Metrics {
             "gauge",
             "Bytes used in the spool database.",
             self.spool_used_bytes.get(),
+        );
+        line(
+            "spool_wal_bytes",
+            "gauge",
+            "Size of the spool's write-ahead log file (grows without bound while another process blocks checkpoints).",
+            self.spool_wal_bytes.get(),
+        );
+        line(
+            "spool_wal_blocked",
+            "gauge",
+            "1 while the spool's write-ahead log grows because checkpoints are blocked (another process holds a read transaction).",
+            self.spool_wal_blocked.get(),
         );
         line(
             "spool_corrupt_incidents_total",

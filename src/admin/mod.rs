@@ -62,6 +62,12 @@ async fn health(State(c): State<Ctx>) -> impl IntoResponse {
     if m.spool_blocked.get() == 1 {
         reasons.push("spool locked by another process: new reads are held".into());
     }
+    if m.spool_wal_blocked.get() == 1 {
+        reasons.push(format!(
+            "the spool's write-ahead log is {} bytes and growing: another process holds a read transaction on the spool (close it)",
+            m.spool_wal_bytes.get()
+        ));
+    }
     if m.spool_disk_full.get() == 1 {
         reasons.push("disk full: new reads are refused".into());
     }

@@ -49,6 +49,9 @@ pub const RESERVE_BYTES: usize = 512 * 1024;
 /// Small pages: every commit rewrites a few non-overflow pages (table leaf, meta), so their
 /// size is paid per commit; blobs use overflow pages either way.
 const PAGE_SIZE: u32 = 1024;
+/// A write-ahead log larger than this means checkpoints are blocked (normally it is truncated
+/// to 4 MiB, `journal_size_limit`, after each one).
+pub const WAL_NORMAL: u64 = 8 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct SpoolOptions {
@@ -340,6 +343,8 @@ pub struct Spool {
     boot_id: Uuid,
     page_size: u64,
     used_bytes: u64,
+    /// Size of the write-ahead log file (`spool.db-wal`) at the last measure.
+    wal_bytes: u64,
     cache: Option<DecodedChunk>,
     codec: chunk::Codec,
     metrics: Arc<Metrics>,
@@ -729,6 +734,7 @@ impl Spool {
             boot_id: crate::event::boot_id(),
             page_size: page_size as u64,
             used_bytes: 0,
+            wal_bytes: 0,
             cache: None,
             codec: chunk::Codec::default(),
             metrics,
@@ -865,7 +871,32 @@ impl Spool {
             .query_row([], |r| r.get(0))?;
         self.used_bytes = (pages - free).max(0) as u64 * self.page_size;
         self.metrics.spool_used_bytes.set(self.used_bytes);
+        self.measure_wal();
         Ok(())
+    }
+
+    /// The write-ahead log stays under ~4 MiB (`journal_size_limit`) while checkpoints
+    /// complete. Another process holding a read transaction on the spool (an open `sqlite3`
+    /// shell, a backup tool) blocks them and the log grows without bound: its size is a
+    /// metric, what it holds beyond [`WAL_NORMAL`] counts against `max_bytes`, and the growth
+    /// is a WARN (once, until it shrinks again).
+    fn measure_wal(&mut self) {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        let bytes = std::fs::metadata(&wal).map_or(0, |m| m.len());
+        self.wal_bytes = bytes;
+        self.metrics.spool_wal_bytes.set(bytes);
+        let blocked = self.metrics.spool_wal_blocked.get() == 1;
+        if bytes > WAL_NORMAL && !blocked {
+            self.metrics.spool_wal_blocked.set(1);
+            tracing::warn!(wal_bytes = bytes, path = %self.path.display(), "The spool's write-ahead log keeps growing: checkpoints cannot complete because another process holds a read transaction on the spool (an open sqlite3 shell or a backup tool?). Close it; meanwhile the log counts against max_bytes");
+        } else if bytes <= WAL_NORMAL / 2 && blocked {
+            self.metrics.spool_wal_blocked.set(0);
+            tracing::info!(
+                wal_bytes = bytes,
+                "The spool's write-ahead log is checkpointed again"
+            );
+        }
     }
 
     pub fn backlog(&self) -> rusqlite::Result<u64> {
@@ -1135,9 +1166,10 @@ impl Spool {
         Ok(id)
     }
 
-    /// Bytes of the file that count against `max_bytes`: everything but the dead letters.
+    /// Bytes that count against `max_bytes`: the file but the dead letters, and a
+    /// write-ahead log grown beyond its normal size (blocked checkpoints).
     fn live_bytes(&self) -> u64 {
-        self.used_bytes.saturating_sub(self.dl_bytes)
+        self.used_bytes.saturating_sub(self.dl_bytes) + self.wal_bytes.saturating_sub(WAL_NORMAL)
     }
 
     /// The committed journal position of every source (`source::journal`): name → position.
