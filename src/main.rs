@@ -527,7 +527,7 @@ fn status(cfg: &Config) -> anyhow::Result<()> {
         "spool size:      {} bytes used of {} max",
         s.used_bytes, cfg.spool.max_bytes
     );
-    match cfg.admin.listen.map(live_status) {
+    match cfg.admin.listen.map(|a| live_status(a, cfg.admin.token_file.as_deref())) {
         Some(Ok(v)) => {
             for src in v["sources"].as_array().into_iter().flatten() {
                 let since = src["since_ms"].as_i64();
@@ -566,7 +566,14 @@ fn status(cfg: &Config) -> anyhow::Result<()> {
 }
 
 /// The running daemon's `/status` (1 s timeout).
-fn live_status(addr: std::net::SocketAddr) -> anyhow::Result<serde_json::Value> {
+fn live_status(
+    addr: std::net::SocketAddr,
+    token_file: Option<&Path>,
+) -> anyhow::Result<serde_json::Value> {
+    let token = token_file
+        .map(std::fs::read_to_string)
+        .transpose()?
+        .map(|t| t.trim().to_string());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -574,13 +581,11 @@ fn live_status(addr: std::net::SocketAddr) -> anyhow::Result<serde_json::Value> 
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(1))
             .build()?;
-        let body = client
-            .get(format!("http://{addr}/status"))
-            .send()
-            .await?
-            .error_for_status()?
-            .bytes()
-            .await?;
+        let mut req = client.get(format!("http://{addr}/status"));
+        if let Some(t) = &token {
+            req = req.bearer_auth(t);
+        }
+        let body = req.send().await?.error_for_status()?.bytes().await?;
         Ok(serde_json::from_slice(&body)?)
     })
 }

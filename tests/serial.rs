@@ -702,3 +702,63 @@ async fn groups_stay_bounded_with_several_sources_of_multi_read_frames() {
     assert!(!d.log_text().contains("did not arrive"), "{}", d.log_text());
     d.sigterm();
 }
+
+/// An admin listener with `token_file`: every request needs the bearer token (401 without,
+/// 200 with), `scangate status` sends it; a listener beyond loopback without a token is a
+/// config error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_can_require_a_bearer_token() {
+    let ingest = Ingest::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, "s3cret-admin-token\n").unwrap();
+    let admin = free_port();
+    let text = format!(
+        "[gateway]\nid = \"gw\"\nstate_dir = \"{}\"\n[[source]]\nname = \"r\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\n[upstream]\nurl = \"{}\"\nprofile = \"bag-events\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\ntoken_file = \"{}\"\n",
+        dir.path().join("state").display(),
+        dir.path().join("none.cap").display(),
+        ingest.base_url(),
+        token.display()
+    );
+    std::fs::write(dir.path().join("none.cap"), "scangate-capture v1 serial\n").unwrap();
+    let cfg = dir.path().join("scangate.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
+    let client = reqwest::Client::new();
+    let get = |path: &'static str, token: Option<&'static str>| {
+        let client = client.clone();
+        async move {
+            let mut r = client.get(format!("http://127.0.0.1:{admin}{path}"));
+            if let Some(t) = token {
+                r = r.bearer_auth(t);
+            }
+            r.send().await.ok().map(|r| r.status().as_u16())
+        }
+    };
+    let end = tokio::time::Instant::now() + T;
+    while get("/status", Some("s3cret-admin-token")).await != Some(200) {
+        assert!(tokio::time::Instant::now() < end, "{}", d.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for path in ["/status", "/metrics", "/health"] {
+        assert_eq!(get(path, None).await, Some(401), "{path}");
+        assert_eq!(get(path, Some("wrong")).await, Some(401), "{path}");
+        assert_eq!(
+            get(path, Some("s3cret-admin-token")).await,
+            Some(200),
+            "{path}"
+        );
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_scangate"))
+        .args(["status", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("reader r "), "{text}");
+    d.sigterm();
+
+    let open = "[gateway]\nid = \"gw\"\nstate_dir = \"/tmp/x\"\n[upstream]\nurl = \"http://h:1\"\nprofile = \"bag-events\"\n[admin]\nlisten = \"0.0.0.0:9898\"\n";
+    let errs = scangate::config::Config::parse(open, dir.path()).unwrap_err();
+    assert!(errs.iter().any(|e| e.key == "admin.listen"), "{errs:?}");
+}

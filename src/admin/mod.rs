@@ -17,6 +17,56 @@ struct Ctx {
     serial: Vec<String>,
     gateway: String,
     admin: crate::config::AdminConfig,
+    token: Option<Result<String, String>>,
+}
+
+/// The token a request must carry, read from `[admin] token_file` (None: no token asked).
+/// A file that cannot be read refuses every request rather than opening the listener.
+fn admin_token(cfg: &Config) -> Option<Result<String, String>> {
+    let path = cfg.admin.token_file.as_ref()?;
+    Some(match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        Ok(_) => Err(format!("{} is empty", path.display())),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    })
+}
+
+/// Equal, in time independent of where the bytes differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(
+    State(c): State<Ctx>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match &c.token {
+        None => next.run(req).await,
+        Some(Err(_)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "admin token file unreadable; see the log",
+        )
+            .into_response(),
+        Some(Ok(token)) => {
+            let given = req
+                .headers()
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if same(given.as_bytes(), token.as_bytes()) {
+                next.run(req).await
+            } else {
+                (
+                    StatusCode::UNAUTHORIZED,
+                    [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+                    "a bearer token is required",
+                )
+                    .into_response()
+            }
+        }
+    }
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, running: Running, cfg: Config) {
@@ -35,11 +85,18 @@ pub async fn serve(listener: tokio::net::TcpListener, running: Running, cfg: Con
             .collect(),
         gateway: cfg.gateway.id.clone(),
         admin: cfg.admin.clone(),
+        token: admin_token(&cfg).map(|t| {
+            t.inspect_err(|e| tracing::error!(error = %e, "Admin token file unusable: every admin request is refused"))
+        }),
     };
     let app = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
+        .route_layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            require_token,
+        ))
         .with_state(ctx);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "Admin HTTP server stopped");

@@ -321,6 +321,9 @@ pub struct AdminConfig {
     /// … and when the upstream has been failing this long (`upstream_down_after_ms`, default
     /// 5 min; shorter outages are what the spool is for).
     pub upstream_down_after: Duration,
+    /// A file holding the bearer token every request must carry (`token_file`); required
+    /// for a listener on anything but loopback.
+    pub token_file: Option<PathBuf>,
 }
 
 /// Every problem found in a config file, each with file, line, column and key.
@@ -666,7 +669,9 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
         let mut listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9898)));
         let mut source_down_after = Duration::from_secs(60);
         let mut upstream_down_after = Duration::from_secs(300);
+        let mut token_file = None;
         if let Some(mut a) = root.table(p, "admin") {
+            token_file = a.string(p, "token_file").map(|t| resolve(base, &t));
             if let Some(ms) = a.integer(p, "source_down_after_ms", 1000, 86_400_000) {
                 source_down_after = Duration::from_millis(ms as u64);
             }
@@ -683,12 +688,20 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
                     }
                 }
             }
+            if listen.is_some_and(|l| !l.ip().is_loopback()) && token_file.is_none() {
+                p.push(
+                    a.span_of("listen"),
+                    "admin.listen",
+                    "an address other than loopback needs `token_file` (a file holding the bearer token every request must carry): /status and /metrics describe the site",
+                );
+            }
             a.finish(p);
         }
         AdminConfig {
             listen,
             source_down_after,
             upstream_down_after,
+            token_file,
         }
     };
 
