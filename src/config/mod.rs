@@ -671,7 +671,7 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
         let mut upstream_down_after = Duration::from_secs(300);
         let mut token_file = None;
         if let Some(mut a) = root.table(p, "admin") {
-            token_file = a.string(p, "token_file").map(|t| resolve(base, &t));
+            token_file = a.string(p, "token_file").map(|t| secret_path(base, &t));
             if let Some(ms) = a.integer(p, "source_down_after_ms", 1000, 86_400_000) {
                 source_down_after = Duration::from_millis(ms as u64);
             }
@@ -943,6 +943,24 @@ fn is_clean_text(t: &str) -> bool {
 
 /// Longest `init` sequence, bytes (reader start commands are tens of bytes).
 pub const INIT_MAX: usize = 4096;
+
+/// Where a secret is read from: a file path (relative to the config file), or
+/// `credential:NAME`, a systemd credential (`LoadCredential=NAME:/path` in the unit: the
+/// file `$CREDENTIALS_DIRECTORY/NAME`, readable by the service only and never in the config).
+fn secret_path(base: &Path, value: &str) -> PathBuf {
+    credential_path(value, std::env::var_os("CREDENTIALS_DIRECTORY").as_deref())
+        .unwrap_or_else(|| resolve(base, value))
+}
+
+/// `credential:NAME` → `<dir>/NAME` (`$CREDENTIALS_DIRECTORY/NAME`, literally, outside a
+/// service, so the error names what is missing); None for a plain path.
+pub fn credential_path(value: &str, dir: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
+    let name = value.strip_prefix("credential:")?;
+    Some(match dir {
+        Some(d) => Path::new(d).join(name),
+        None => PathBuf::from(format!("$CREDENTIALS_DIRECTORY/{name}")),
+    })
+}
 
 /// Hex bytes, spaces allowed: "FF 03 9A" or "ff039a".
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
@@ -1326,7 +1344,7 @@ fn build_upstream(u: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<
             Profile::BagEvents
         },
         compression,
-        token_file: token_file.map(|t| resolve(base, &t)),
+        token_file: token_file.map(|t| secret_path(base, &t)),
         ca_file: ca_file.map(|t| resolve(base, &t)),
         batch_max_events: max_events.unwrap_or(500) as usize,
         batch_max_bytes: max_bytes.unwrap_or(4 * 1024 * 1024) as usize,
@@ -1350,6 +1368,23 @@ fn build_upstream(u: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn credentials_come_from_the_service_credentials_directory() {
+        let dir = std::ffi::OsStr::new("/run/credentials/scangate.service");
+        assert_eq!(
+            credential_path("credential:upstream-token", Some(dir)),
+            Some(PathBuf::from(
+                "/run/credentials/scangate.service/upstream-token"
+            ))
+        );
+        assert_eq!(
+            credential_path("credential:upstream-token", None),
+            Some(PathBuf::from("$CREDENTIALS_DIRECTORY/upstream-token"))
+        );
+        assert_eq!(credential_path("/etc/scangate/token", Some(dir)), None);
+    }
+
     use super::*;
 
     #[test]
