@@ -20,8 +20,9 @@ struct Ctx {
     token: Option<Result<String, String>>,
 }
 
-/// The token a request must carry, read from `[admin] token_file` (None: no token asked).
-/// A file that cannot be read refuses every request rather than opening the listener.
+/// The token a request must carry, read from `[admin] token_file` at start (None: no token
+/// asked; a new token takes a restart). A file that cannot be read refuses every request
+/// rather than opening the listener.
 fn admin_token(cfg: &Config) -> Option<Result<String, String>> {
     let path = cfg.admin.token_file.as_ref()?;
     Some(match std::fs::read_to_string(path) {
@@ -53,8 +54,10 @@ async fn require_token(
                 .headers()
                 .get(axum::http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
+                // The scheme is case-insensitive (RFC 9110).
+                .and_then(|v| v.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map_or("", |(_, t)| t.trim());
             if same(given.as_bytes(), token.as_bytes()) {
                 next.run(req).await
             } else {
