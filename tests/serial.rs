@@ -762,3 +762,92 @@ async fn the_admin_listener_can_require_a_bearer_token() {
     let errs = scangate::config::Config::parse(open, dir.path()).unwrap_err();
     assert!(errs.iter().any(|e| e.key == "admin.listen"), "{errs:?}");
 }
+
+/// `/metrics` read by a Prometheus text-format parser: every line is a HELP, TYPE or sample
+/// line, every sample's family is typed, and the counters move when reads flow (a source name
+/// with a quote and a backslash is escaped in its label).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_as_prometheus_text_and_move_with_reads() {
+    use prometheus_parse::{LineInfo, Scrape, Value};
+    let ingest = Ingest::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut master, slave) = pty_pair();
+    let admin = free_port();
+    let sources = format!(
+        "[[source]]\nname = 'por\"t\\al'\nkind = \"serial\"\nprotocol = \"uhf-bb\"\npath = \"{}\"\n",
+        slave.name().unwrap()
+    );
+    let cfg = write_config(
+        dir.path(),
+        &dir.path().join("state"),
+        &sources,
+        &ingest.base_url(),
+        "",
+        Some(admin),
+    );
+    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
+    assert!(
+        wait_metric(admin, "scangate_sources_connected", 1, T).await,
+        "{}",
+        d.log_text()
+    );
+    let scrape = || async move {
+        let text = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for line in text.lines() {
+            assert!(
+                !matches!(LineInfo::parse(line), LineInfo::Ignored),
+                "not Prometheus text: {line:?}"
+            );
+        }
+        Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap()
+    };
+    let value = |s: &Scrape, name: &str, source: Option<&str>| {
+        s.samples
+            .iter()
+            .find(|x| x.metric == name && source.is_none_or(|v| x.labels.get("source") == Some(v)))
+            .map(|x| match x.value {
+                Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+    };
+    let before = scrape().await;
+    assert_eq!(value(&before, "scangate_reads_total", None), Some(0.0));
+    for i in 0..7u8 {
+        master
+            .write_all(&frames::uhf_bb_notice(-50, &[0xAB, i]))
+            .unwrap();
+    }
+    wait_until("7 delivered", T, || ingest.unique() == 7).await;
+    let after = scrape().await;
+    assert_eq!(value(&after, "scangate_reads_total", None), Some(7.0));
+    assert_eq!(value(&after, "scangate_delivered_total", None), Some(7.0));
+    assert!(
+        value(&after, "scangate_source_reads_total", Some("por\"t\\al")) == Some(7.0)
+            || value(
+                &after,
+                "scangate_source_reads_total",
+                Some("por\\\"t\\\\al")
+            ) == Some(7.0),
+        "{:?}",
+        after
+            .samples
+            .iter()
+            .filter(|s| s.metric == "scangate_source_reads_total")
+            .collect::<Vec<_>>()
+    );
+    // Every family is typed and documented.
+    for s in &after.samples {
+        assert!(
+            after.docs.contains_key(&s.metric),
+            "no HELP for {}",
+            s.metric
+        );
+    }
+    d.sigterm();
+    drop(slave);
+}
