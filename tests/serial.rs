@@ -12,6 +12,32 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
 
+/// The daemon with `sources` (TOML) into `ingest`, its admin listener on a free port, once
+/// `connected` ports are open: its config file, admin port and process.
+async fn daemon_with(
+    ingest: &Ingest,
+    dir: &std::path::Path,
+    sources: &str,
+    connected: u64,
+) -> (std::path::PathBuf, u16, Daemon) {
+    let admin = free_port();
+    let cfg = write_config(
+        dir,
+        &dir.join("state"),
+        sources,
+        &ingest.base_url(),
+        "",
+        Some(admin),
+    );
+    let d = Daemon::spawn(&cfg, &dir.join("log"));
+    assert!(
+        wait_metric(admin, "scangate_sources_connected", connected, T).await,
+        "not every port opened; log:\n{}",
+        d.log_text()
+    );
+    (cfg, admin, d)
+}
+
 async fn status(admin: u16) -> serde_json::Value {
     reqwest::get(format!("http://127.0.0.1:{admin}/status"))
         .await
@@ -94,21 +120,7 @@ location = "CF_PORTAL"
         path(3),
         path(4)
     );
-    let admin = free_port();
-    let cfg = write_config(
-        dir.path(),
-        &dir.path().join("state"),
-        &sources,
-        &ingest.base_url(),
-        "",
-        Some(admin),
-    );
-    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
-    assert!(
-        wait_metric(admin, "scangate_sources_connected", 5, T).await,
-        "not every port opened; log:\n{}",
-        d.log_text()
-    );
+    let (cfg, admin, d) = daemon_with(&ingest, dir.path(), &sources, 5).await;
     let mut masters = ports;
     // The init bytes were written to the ThingMagic port after it opened.
     {
@@ -341,25 +353,11 @@ async fn a_burst_after_silence_loses_no_frame() {
     let ingest = Ingest::start().await;
     let dir = tempfile::tempdir().unwrap();
     let (mut master, slave) = pty_pair();
-    let admin = free_port();
     let sources = format!(
         "[[source]]\nname = \"portal\"\nkind = \"serial\"\nprotocol = \"thingmagic\"\npath = \"{}\"\n",
         slave.name().unwrap()
     );
-    let cfg = write_config(
-        dir.path(),
-        &dir.path().join("state"),
-        &sources,
-        &ingest.base_url(),
-        "",
-        Some(admin),
-    );
-    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
-    assert!(
-        wait_metric(admin, "scangate_sources_connected", 1, T).await,
-        "{}",
-        d.log_text()
-    );
+    let (_cfg, admin, d) = daemon_with(&ingest, dir.path(), &sources, 1).await;
     // The silence is the scenario, not a wait for something.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let mut burst = Vec::new();
@@ -476,25 +474,11 @@ async fn a_port_sending_only_garbage_shows_bad_frames() {
     let ingest = Ingest::start().await;
     let dir = tempfile::tempdir().unwrap();
     let (mut master, slave) = pty_pair();
-    let admin = free_port();
     let sources = format!(
         "[[source]]\nname = \"desk\"\nkind = \"serial\"\nprotocol = \"em4100\"\npath = \"{}\"\n",
         slave.name().unwrap()
     );
-    let cfg = write_config(
-        dir.path(),
-        &dir.path().join("state"),
-        &sources,
-        &ingest.base_url(),
-        "",
-        Some(admin),
-    );
-    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
-    assert!(
-        wait_metric(admin, "scangate_sources_connected", 1, T).await,
-        "{}",
-        d.log_text()
-    );
+    let (_cfg, admin, d) = daemon_with(&ingest, dir.path(), &sources, 1).await;
     master
         .write_all(&[0x00, 0x80, 0xF0, 0x41, 0x7F].repeat(40))
         .unwrap();
@@ -526,25 +510,11 @@ async fn the_reads_of_one_frame_are_committed_together() {
     ingest.with(|s| s.down = true);
     let dir = tempfile::tempdir().unwrap();
     let (mut master, slave) = pty_pair();
-    let admin = free_port();
     let sources = format!(
         "commit_max_events = 7\n[[source]]\nname = \"cf\"\nkind = \"serial\"\nprotocol = \"chafon\"\npath = \"{}\"\n",
         slave.name().unwrap()
     );
-    let cfg = write_config(
-        dir.path(),
-        &dir.path().join("state"),
-        &sources,
-        &ingest.base_url(),
-        "",
-        Some(admin),
-    );
-    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
-    assert!(
-        wait_metric(admin, "scangate_sources_connected", 1, T).await,
-        "{}",
-        d.log_text()
-    );
+    let (_cfg, admin, d) = daemon_with(&ingest, dir.path(), &sources, 1).await;
     let tags: Vec<(Vec<u8>, u8)> = (0..20u32)
         .map(|i| (i.to_be_bytes().to_vec(), 0x50))
         .collect();
@@ -651,21 +621,7 @@ async fn groups_stay_bounded_with_several_sources_of_multi_read_frames() {
             s.name().unwrap()
         ));
     }
-    let admin = free_port();
-    let cfg = write_config(
-        dir.path(),
-        &dir.path().join("state"),
-        &sources,
-        &ingest.base_url(),
-        "",
-        Some(admin),
-    );
-    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
-    assert!(
-        wait_metric(admin, "scangate_sources_connected", 3, T).await,
-        "{}",
-        d.log_text()
-    );
+    let (_cfg, admin, d) = daemon_with(&ingest, dir.path(), &sources, 3).await;
     let frames_each = 1500u32;
     let writers: Vec<_> = ports
         .into_iter()
@@ -772,25 +728,11 @@ async fn metrics_parse_as_prometheus_text_and_move_with_reads() {
     let ingest = Ingest::start().await;
     let dir = tempfile::tempdir().unwrap();
     let (mut master, slave) = pty_pair();
-    let admin = free_port();
     let sources = format!(
         "[[source]]\nname = 'por\"t\\al'\nkind = \"serial\"\nprotocol = \"uhf-bb\"\npath = \"{}\"\n",
         slave.name().unwrap()
     );
-    let cfg = write_config(
-        dir.path(),
-        &dir.path().join("state"),
-        &sources,
-        &ingest.base_url(),
-        "",
-        Some(admin),
-    );
-    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
-    assert!(
-        wait_metric(admin, "scangate_sources_connected", 1, T).await,
-        "{}",
-        d.log_text()
-    );
+    let (_cfg, admin, d) = daemon_with(&ingest, dir.path(), &sources, 1).await;
     let scrape = || async move {
         let text = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
             .await
