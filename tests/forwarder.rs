@@ -881,7 +881,7 @@ async fn a_413_for_every_event_is_a_misconfiguration_not_dead_letters() {
 /// once on a new connection, with no outage, no warning and no failed batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_on_a_connection_the_server_closed_is_sent_again_on_a_new_one() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -898,31 +898,9 @@ async fn a_request_on_a_connection_the_server_closed_is_sent_again_on_a_new_one(
                     let mut on_this = 0;
                     let mut buf = Vec::new();
                     loop {
-                        // One request: headers, then Content-Length bytes of body.
-                        let head_end = loop {
-                            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                                break p + 4;
-                            }
-                            let mut chunk = [0u8; 4096];
-                            match sock.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        };
-                        let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse().ok())
-                            .unwrap_or(0);
-                        while buf.len() < head_end + len {
-                            let mut chunk = [0u8; 4096];
-                            match sock.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
+                        if read_request(&mut sock, &mut buf).await.is_none() {
+                            return;
                         }
-                        buf.drain(..head_end + len);
                         on_this += 1;
                         if first_conn && on_this == 2 {
                             // The server had given up on this idle connection.
@@ -1095,7 +1073,6 @@ async fn live_first_never_starves_the_backlog() {
 /// healthy, not on every attempt (that doubled the load on a failing server).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_server_is_not_sent_every_request_twice() {
-    use tokio::io::AsyncReadExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -1105,14 +1082,10 @@ async fn a_failing_server_is_not_sent_every_request_twice() {
             while let Ok((mut sock, _)) = listener.accept().await {
                 let requests = requests.clone();
                 tokio::spawn(async move {
-                    // Read until the request's head has arrived, then hang up.
+                    // Read the request, then hang up.
                     let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match sock.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
+                    if read_request(&mut sock, &mut buf).await.is_none() {
+                        return;
                     }
                     requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 });
@@ -1135,4 +1108,34 @@ async fn a_failing_server_is_not_sent_every_request_twice() {
     );
     assert_eq!(rig.backlog().await, 5);
     rig.shutdown().await;
+}
+
+/// Read one HTTP/1.1 request (head, then `Content-Length` bytes of body) from a raw test
+/// server's socket and remove it from `buf`; None when the connection ends first.
+async fn read_request(sock: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<()> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    buf.drain(..head_end + len);
+    Some(())
 }
