@@ -486,22 +486,33 @@ impl Metrics {
                 ));
             }
         }
-        s.push_str("# HELP scangate_source_bad_frames_total Input skipped by a source's decoder, by reason (runs of bytes).\n# TYPE scangate_source_bad_frames_total counter\n");
-        for (n, h) in &sources {
-            for (reason, v) in h.bad_frames() {
-                s.push_str(&format!(
-                    "scangate_source_bad_frames_total{{source=\"{}\",reason=\"{reason}\"}} {v}\n",
-                    label(n)
-                ));
-            }
-        }
-        s.push_str("# HELP scangate_source_other_frames_total Valid frames that carry no read (keep-alives, replies, error answers), by kind.\n# TYPE scangate_source_other_frames_total counter\n");
-        for (n, h) in &sources {
-            for (what, v) in h.other_frames() {
-                s.push_str(&format!(
-                    "scangate_source_other_frames_total{{source=\"{}\",what=\"{what}\"}} {v}\n",
-                    label(n)
-                ));
+        // Per source and reason (or kind): counters kept as maps.
+        type ByKey = fn(&SourceHealth) -> BTreeMap<&'static str, u64>;
+        let by_key: [(&str, &str, &str, ByKey); 2] = [
+            (
+                "source_bad_frames_total",
+                "reason",
+                "Input skipped by a source's decoder, by reason (runs of bytes).",
+                SourceHealth::bad_frames,
+            ),
+            (
+                "source_other_frames_total",
+                "what",
+                "Valid frames that carry no read (keep-alives, replies, error answers), by kind.",
+                SourceHealth::other_frames,
+            ),
+        ];
+        for (name, key, help, get) in by_key {
+            s.push_str(&format!(
+                "# HELP scangate_{name} {help}\n# TYPE scangate_{name} counter\n"
+            ));
+            for (n, h) in &sources {
+                for (k, v) in get(h) {
+                    s.push_str(&format!(
+                        "scangate_{name}{{source=\"{}\",{key}=\"{k}\"}} {v}\n",
+                        label(n)
+                    ));
+                }
             }
         }
         s.push_str("# HELP scangate_upstream_responses_total Upstream answers by HTTP status.\n# TYPE scangate_upstream_responses_total counter\n");
