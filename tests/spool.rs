@@ -1058,17 +1058,13 @@ fn a_wal_held_open_by_another_process_is_measured_and_flagged() {
         assert!(n < 1000, "the log never grew past its normal size");
     }
     assert!(metrics.spool_wal_bytes.get() > scangate::spool::WAL_NORMAL);
-    // The reader lets go: the next checkpoints complete and the log is truncated again.
+    // Nothing is evicted for it: evicting events cannot shrink the log.
+    assert_eq!(metrics.dropped("evicted"), 0);
+    // The reader lets go: with no commit at all, the next measure (a stats request, as
+    // /health and the watchdog make) checkpoints and truncates the log and clears the flag.
     reader.execute_batch("COMMIT").unwrap();
     drop(reader);
-    let mut m = 0;
-    while metrics.spool_wal_blocked.get() == 1 {
-        sp.append(vec![body("after", 1)], 0).unwrap();
-        m += 1;
-        assert!(
-            m < 5000,
-            "the log never shrank: {}",
-            metrics.spool_wal_bytes.get()
-        );
-    }
+    sp.stats().unwrap();
+    assert_eq!(metrics.spool_wal_blocked.get(), 0);
+    assert!(metrics.spool_wal_bytes.get() <= scangate::spool::WAL_NORMAL);
 }
