@@ -1139,3 +1139,55 @@ async fn read_request(sock: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Op
     buf.drain(..head_end + len);
     Some(())
 }
+
+/// A short spell of 413 for everything (a proxy's limit blip): events refused alone while
+/// nothing passed are sent once more after the first success, not dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_spell_of_413s_dead_letters_nothing() {
+    let ingest = Ingest::start().await;
+    for k in [5usize, 9] {
+        ingest.with(|s| s.script.extend(std::iter::repeat_n(Reply::Status(413), k)));
+        let url = ingest.base_url();
+        let rig = Rig::new(|d| config(d, &url, "bag-events", "")).await;
+        rig.commit(&format!("blip{k}"), 8, 8).await;
+        wait_until("all delivered", T, || rig.metrics.delivered.get() == 8).await;
+        assert_eq!(rig.metrics.dead_lettered.get(), 0, "after {k} 413s");
+        rig.shutdown().await;
+    }
+}
+
+/// An upstream that refuses everything alone with changing statuses (413 and 400 by turns)
+/// and delivers nothing is misconfigured: nothing is dead-lettered; once it accepts again,
+/// everything is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_with_changing_statuses_and_nothing_delivered_dead_letter_nothing() {
+    let ingest = Ingest::start().await;
+    // Batches of more than one event: 413; each event alone: 400 or 413 by its tag.
+    ingest.with(|s| {
+        s.max_batch = Some(1);
+        for i in 0..12 {
+            let tag = format!("mix-{i}");
+            if i % 2 == 0 {
+                s.poison.insert(tag);
+            } else {
+                s.poison_413.insert(tag);
+            }
+        }
+    });
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| config(d, &url, "bag-events", "auth_retry_ms = 100")).await;
+    rig.commit("mix", 12, 12).await;
+    wait_until("flagged as refusing everything", T, || {
+        rig.metrics.upstream_rejecting_all.get() == 1
+    })
+    .await;
+    assert_eq!(rig.metrics.dead_lettered.get(), 0);
+    ingest.with(|s| {
+        s.max_batch = None;
+        s.poison.clear();
+        s.poison_413.clear();
+    });
+    wait_until("all delivered once it accepts", T, || ingest.unique() == 12).await;
+    assert_eq!(rig.metrics.dead_lettered.get(), 0);
+    rig.shutdown().await;
+}

@@ -154,7 +154,10 @@ pub struct Forwarder {
     live_floor: i64,
     /// Events the upstream refused alone (400/422), with status and reason, not yet settled
     /// (see [`REFUSE_ALL_AFTER`]).
-    refused: Vec<(SpooledEvent, u16, String)>,
+    /// The last field: refused while the upstream was seen to accept other events in the same
+    /// delivery (`delivered_in_call`), so refused for what it is; otherwise it is sent once more
+    /// after the next success before it can be dead-lettered (a passing limit or outage).
+    refused: Vec<(SpooledEvent, u16, String, bool)>,
     /// A delivery succeeded during the current [`Forwarder::deliver`] call.
     delivered_in_call: bool,
     /// The upstream refuses every event (see [`REFUSE_ALL_AFTER`]): alarmed, nothing
@@ -781,33 +784,42 @@ impl Forwarder {
     /// out once more (refused alone now, they are dead-lettered).
     fn requeue_refused(&mut self, stack: &mut Vec<(Vec<SpooledEvent>, bool)>) {
         if std::mem::take(&mut self.retry_refused) && !self.refused.is_empty() {
-            let held: Vec<SpooledEvent> = self.refused.drain(..).map(|(e, _, _)| e).collect();
+            let held: Vec<SpooledEvent> = self.refused.drain(..).map(|(e, ..)| e).collect();
             stack.push((held, false));
         }
     }
 
-    /// Dead-letter the events refused alone: the upstream accepts other events, so these are
-    /// refused for what they are.
+    /// Dead-letter the events refused alone while other events passed (refused for what they
+    /// are); the others stay held, to be sent once more (`retry_refused`).
     async fn settle_refused(&mut self) {
         if self.refused.is_empty() {
             return;
         }
-        let items: Vec<(SpooledEvent, Option<u16>, String)> = self
+        let (confirmed, held): (Vec<_>, Vec<_>) = self
             .refused
             .drain(..)
-            .map(|(e, s, r)| {
+            .partition(|(.., confirmed)| *confirmed);
+        self.refused = held;
+        if !self.refused.is_empty() {
+            self.retry_refused = true;
+        }
+        let items: Vec<(SpooledEvent, Option<u16>, String)> = confirmed
+            .into_iter()
+            .map(|(e, s, r, _)| {
                 tracing::warn!(event_id = %e.event_id, status = s, reason = %r, "Upstream rejects an event; moved to dead letters");
                 (e, Some(s), r)
             })
             .collect();
-        self.dead_letter(items).await;
+        if !items.is_empty() {
+            self.dead_letter(items).await;
+        }
     }
 
-    /// An event refused alone (400/422, or a 413 that repeated): held until the upstream
-    /// shows it accepts other events (then it is dead-lettered), or until enough events in a
-    /// row are refused alone with the same status, nothing accepted in between, to be a
-    /// misconfiguration (then nothing is). The status, not the reason text: servers echo each
-    /// event's input in their reason. Err on shutdown.
+    /// An event refused alone (400/422, or a 413 that repeated): dead-lettered only once it is
+    /// refused while other events pass (one refused while nothing had passed is sent once
+    /// more after the next success: a passing limit or outage is not a bad event). Enough
+    /// events in a row refused alone, nothing accepted in between, whatever the statuses, is a
+    /// misconfiguration: nothing is dead-lettered. Err on shutdown.
     async fn refuse_alone(
         &mut self,
         b: Vec<SpooledEvent>,
@@ -815,11 +827,11 @@ impl Forwarder {
         reason: String,
         shutdown: &CancellationToken,
     ) -> Result<(), ()> {
-        if !self.rejecting_all && self.refused.first().is_some_and(|(_, s, _)| *s != status) {
-            self.settle_refused().await;
-        }
-        self.refused
-            .extend(b.into_iter().map(|e| (e, status, reason.clone())));
+        let confirmed = self.delivered_in_call;
+        self.refused.extend(
+            b.into_iter()
+                .map(|e| (e, status, reason.clone(), confirmed)),
+        );
         if !self.rejecting_all && !self.delivered_in_call && self.refused.len() >= REFUSE_ALL_AFTER
         {
             self.rejecting_all = true;

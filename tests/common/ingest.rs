@@ -57,6 +57,8 @@ pub struct State {
     /// or proxy body limit).
     pub max_body: Option<usize>,
     pub poison: HashSet<String>,
+    /// Tags answered with 413 (an event too large for the server's limit).
+    pub poison_413: HashSet<String>,
     pub poison_status: u16,
     /// The poison answer echoes the refused events (a reason that differs per event).
     pub poison_echo: bool,
@@ -362,6 +364,13 @@ async fn handle(
                 serde_json::json!({"detail": format!("batch too large (> {max})")}),
             );
         }
+    }
+    if !st.poison_413.is_empty() && events.iter().any(|e| st.poison_413.contains(&tag_of(e))) {
+        finish(413, &mut log, &mut st);
+        return json(
+            413,
+            serde_json::json!({"detail": "Request Entity Too Large"}),
+        );
     }
     if !st.poison.is_empty() && events.iter().any(|e| st.poison.contains(&tag_of(e))) {
         let s = if st.poison_status == 0 {
