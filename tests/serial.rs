@@ -793,3 +793,53 @@ async fn metrics_parse_as_prometheus_text_and_move_with_reads() {
     d.sigterm();
     drop(slave);
 }
+
+/// Thousands of idle connections to the admin listener (it may face a network) do not take
+/// the file handles the readers and the upstream need: at most a bounded number are open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_admin_connections_are_bounded() {
+    let ingest = Ingest::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut master, slave) = pty_pair();
+    let sources = format!(
+        "[[source]]\nname = \"portal\"\nkind = \"serial\"\nprotocol = \"uhf-bb\"\npath = \"{}\"\n",
+        slave.name().unwrap()
+    );
+    let (_cfg, admin, d) = daemon_with(&ingest, dir.path(), &sources, 1).await;
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    let mut held = Vec::new();
+    for _ in 0..120 {
+        if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", admin)) {
+            held.push(s);
+        }
+    }
+    // Reads still flow to the upstream meanwhile.
+    master
+        .write_all(&frames::uhf_bb_notice(-50, &[1, 2, 3]))
+        .unwrap();
+    wait_until("delivered with the admin listener flooded", T, || {
+        ingest.unique() == 1
+    })
+    .await;
+    let during = fds();
+    assert!(
+        during <= before + 40,
+        "{during} file handles with 120 idle admin connections (from {before})"
+    );
+    drop(held);
+    let end = tokio::time::Instant::now() + T;
+    while metric(admin, "scangate_reads_total").await != Some(1) {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "admin listener never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    d.sigterm();
+    drop(slave);
+}

@@ -32,6 +32,116 @@ fn admin_token(cfg: &Config) -> Option<Result<String, String>> {
     })
 }
 
+/// Admin connections open at once: a client opening thousands (the listener may face a
+/// network) cannot take the file handles the readers and the upstream need. More wait in the
+/// kernel's accept queue.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// A connection that sends nothing for this long is closed (it holds one of the
+/// [`MAX_CONNECTIONS`]).
+pub const IDLE_CLOSE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The admin listener, bounded: see [`MAX_CONNECTIONS`], [`IDLE_CLOSE`].
+struct Bounded {
+    inner: tokio::net::TcpListener,
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl axum::serve::Listener for Bounded {
+    type Io = Guarded;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Guarded, std::net::SocketAddr) {
+        loop {
+            let Ok(permit) = self.permits.clone().acquire_owned().await else {
+                // The semaphore is never closed; fall back to the plain listener.
+                std::future::pending::<()>().await;
+                continue;
+            };
+            match self.inner.accept().await {
+                Ok((stream, addr)) => {
+                    return (
+                        Guarded {
+                            stream,
+                            _permit: permit,
+                            idle: Box::pin(tokio::time::sleep(IDLE_CLOSE)),
+                        },
+                        addr,
+                    )
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "Admin listener accept failed");
+                    drop(permit);
+                    // Out of file handles, say: give the process a moment.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// An admin connection holding its slot, closed after [`IDLE_CLOSE`] without a byte.
+struct Guarded {
+    stream: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl tokio::io::AsyncRead for Guarded {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future;
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.stream).poll_read(cx, buf) {
+            std::task::Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    let next = tokio::time::Instant::now() + IDLE_CLOSE;
+                    self.idle.as_mut().reset(next);
+                }
+                std::task::Poll::Ready(r)
+            }
+            std::task::Poll::Pending => match self.idle.as_mut().poll(cx) {
+                std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "admin connection idle",
+                ))),
+                std::task::Poll::Pending => std::task::Poll::Pending,
+            },
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 /// Equal, in time independent of where the bytes differ.
 fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -101,7 +211,11 @@ pub async fn serve(listener: tokio::net::TcpListener, running: Running, cfg: Con
             require_token,
         ))
         .with_state(ctx);
-    if let Err(e) = axum::serve(listener, app).await {
+    let bounded = Bounded {
+        inner: listener,
+        permits: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+    };
+    if let Err(e) = axum::serve(bounded, app).await {
         tracing::error!(error = %e, "Admin HTTP server stopped");
     }
 }
