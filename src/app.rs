@@ -324,9 +324,7 @@ pub async fn run(
 ) -> Result<RunSummary, AppError> {
     let state_dir = cfg.gateway.state_dir.clone();
     let sopts = SpoolOptions::of(&cfg);
-    metrics
-        .started_ms
-        .set(crate::event::wall_now_ms().max(0) as u64);
+    metrics.started_ms.set(crate::metrics::mono_ms() + 1);
     let m = metrics.clone();
     let (spool, report) = tokio::task::spawn_blocking(move || Spool::open(&state_dir, sopts, m))
         .await

@@ -527,11 +527,17 @@ fn status(cfg: &Config) -> anyhow::Result<()> {
         "spool size:      {} bytes used of {} max",
         s.used_bytes, cfg.spool.max_bytes
     );
-    match cfg.admin.listen.map(|a| live_status(a, cfg.admin.token_file.as_deref())) {
+    match cfg
+        .admin
+        .listen
+        .map(|a| live_status(a, cfg.admin.token_file.as_deref()))
+    {
         Some(Ok(v)) => {
             for src in v["sources"].as_array().into_iter().flatten() {
                 let since = src["since_ms"].as_i64();
-                let state = if src["connected"] == true {
+                let state = if src["kind"] == "replay" {
+                    "replay (a capture file, no port)".to_string()
+                } else if src["connected"] == true {
                     format!("connected since {}", fmt_ms(since))
                 } else {
                     format!(
@@ -553,7 +559,10 @@ fn status(cfg: &Config) -> anyhow::Result<()> {
                 );
             }
         }
-        _ => println!("readers:         the daemon is not running (or its admin listener is off): no live port state"),
+        Some(Err(e)) => println!(
+            "readers:         could not ask the running daemon ({e:#}): no live port state"
+        ),
+        None => println!("readers:         the admin listener is off: no live port state"),
     }
     for q in spool::quarantined(&cfg.gateway.state_dir) {
         println!(

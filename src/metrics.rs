@@ -88,14 +88,24 @@ pub struct Metrics {
     /// Requests sent again at once on a new connection after failing on a reused one.
     pub upstream_fresh_retries: Counter,
     pub upstream_down: Gauge,
-    /// Wall-clock ms when the upstream began failing (0 while it is not).
+    /// When the upstream began failing, on [`mono_ms`]'s clock plus one (0 while it is not).
     pub upstream_down_since_ms: Gauge,
-    /// Wall-clock ms when this process started.
+    /// When the pipeline started, on [`mono_ms`]'s clock plus one.
     pub started_ms: Gauge,
     pub sources_connected: Gauge,
     dropped: Mutex<BTreeMap<&'static str, u64>>,
     responses: Mutex<BTreeMap<u16, u64>>,
     sources: Mutex<Vec<(String, std::sync::Arc<SourceHealth>)>>,
+}
+
+/// Milliseconds on a clock that only moves forward (since this process first asked): for
+/// durations that a wall-clock step (NTP syncing a box that booted in 1970) must not distort.
+pub fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(tokio::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 /// The health of one source (a serial port, a replay), for `status` and `/metrics`.
@@ -104,8 +114,10 @@ pub struct Metrics {
 pub struct SourceHealth {
     /// 1 while the port is open.
     pub connected: Gauge,
-    /// When the port was last opened or closed.
+    /// When the port was last opened or closed (wall clock, for display).
     pub since_ms: Gauge,
+    /// The same on [`mono_ms`]'s clock (for durations), plus one (0: never).
+    pub since_mono: Gauge,
     /// When the last valid frame arrived.
     pub last_frame_ms: Gauge,
     pub bytes: Counter,
@@ -146,6 +158,7 @@ impl SourceHealth {
     pub fn set_connected(&self, up: bool, now_ms: i64) {
         self.connected.set(up as u64);
         self.since_ms.set(now_ms.max(0) as u64);
+        self.since_mono.set(mono_ms() + 1);
     }
 
     pub fn set_error(&self, e: Option<String>) {

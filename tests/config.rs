@@ -515,3 +515,17 @@ fn a_bad_journal_dir_is_refused() {
         );
     }
 }
+
+/// A systemd credential name is one file name: `credential:../../etc/passwd` is refused.
+#[test]
+fn a_credential_name_cannot_leave_the_credentials_directory() {
+    for name in ["../../etc/passwd", "", "a/b", ".."] {
+        let text = format!(
+            "[gateway]\nid = \"gw1\"\nstate_dir = \"/tmp/x\"\n[upstream]\nurl = \"http://h:8000\"\nprofile = \"bag-events\"\ntoken_file = \"credential:{name}\"\n[admin]\ntoken_file = \"credential:{name}\"\n"
+        );
+        let errs = Config::parse(&text, Path::new("/etc/scangate")).unwrap_err();
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.contains(&"upstream.token_file"), "{name}: {keys:?}");
+        assert!(keys.contains(&"admin.token_file"), "{name}: {keys:?}");
+    }
+}

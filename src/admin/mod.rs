@@ -26,8 +26,14 @@ struct Ctx {
 fn admin_token(cfg: &Config) -> Option<Result<String, String>> {
     let path = cfg.admin.token_file.as_ref()?;
     Some(match std::fs::read_to_string(path) {
-        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
-        Ok(_) => Err(format!("{} is empty", path.display())),
+        Ok(t) if !t.trim().is_empty() && t.trim().bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(t.trim().to_string())
+        }
+        Ok(t) if t.trim().is_empty() => Err(format!("{} is empty", path.display())),
+        Ok(_) => Err(format!(
+            "{}: a token is one word of visible ASCII characters (it travels in an HTTP header)",
+            path.display()
+        )),
         Err(e) => Err(format!("cannot read {}: {e}", path.display())),
     })
 }
@@ -251,7 +257,9 @@ async fn health(State(c): State<Ctx>) -> impl IntoResponse {
     if m.upstream_rejecting_all.get() == 1 {
         reasons.push("upstream refuses every event with the same answer (misconfiguration)".into());
     }
-    let now = crate::event::wall_now_ms().max(0) as u64;
+    // Durations on a clock that only moves forward: a wall-clock step (NTP) must not fake or
+    // hide an outage.
+    let now = crate::metrics::mono_ms() + 1;
     let since = m.upstream_down_since_ms.get();
     if m.upstream_down.get() == 1
         && since > 0
@@ -267,8 +275,8 @@ async fn health(State(c): State<Ctx>) -> impl IntoResponse {
         if h.connected.get() == 1 {
             continue;
         }
-        // Never connected: counted from the start of the process.
-        let since = match h.since_ms.get() {
+        // Never connected: counted from the start of the pipeline.
+        let since = match h.since_mono.get() {
             0 => m.started_ms.get(),
             s => s,
         };
@@ -306,6 +314,7 @@ async fn status(State(c): State<Ctx>) -> impl IntoResponse {
         "sources": c.sources.iter().map(|(n, l)| {
             let mut v = m.source(n).json(n);
             v["location"] = l.as_str().into();
+            v["kind"] = if c.serial.contains(n) { "serial" } else { "replay" }.into();
             v
         }).collect::<Vec<_>>(),
         "reads": m.reads_in.get(),

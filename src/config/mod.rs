@@ -671,7 +671,10 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
         let mut upstream_down_after = Duration::from_secs(300);
         let mut token_file = None;
         if let Some(mut a) = root.table(p, "admin") {
-            token_file = a.string(p, "token_file").map(|t| secret_path(base, &t));
+            token_file = a.string(p, "token_file").map(|t| {
+                check_credential(&a, p, "admin.token_file", &t);
+                secret_path(base, &t)
+            });
             if let Some(ms) = a.integer(p, "source_down_after_ms", 1000, 86_400_000) {
                 source_down_after = Duration::from_millis(ms as u64);
             }
@@ -952,10 +955,29 @@ fn secret_path(base: &Path, value: &str) -> PathBuf {
         .unwrap_or_else(|| resolve(base, value))
 }
 
+/// A `credential:NAME` must name one file of the credentials directory.
+fn check_credential(s: &Section<'_>, p: &mut Problems, key: &str, value: &str) {
+    if let Some(name) = value.strip_prefix("credential:") {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            p.push(
+                s.span_of("token_file"),
+                key,
+                format!("\"{name}\" is not a credential name (one file name, as in LoadCredential=NAME:…)"),
+            );
+        }
+    }
+}
+
 /// `credential:NAME` → `<dir>/NAME` (`$CREDENTIALS_DIRECTORY/NAME`, literally, outside a
 /// service, so the error names what is missing); None for a plain path.
 pub fn credential_path(value: &str, dir: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
     let name = value.strip_prefix("credential:")?;
+    // A credential name is one file name: nothing outside the credentials directory.
+    let name = if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        "<invalid credential name>"
+    } else {
+        name
+    };
     Some(match dir {
         Some(d) => Path::new(d).join(name),
         None => PathBuf::from(format!("$CREDENTIALS_DIRECTORY/{name}")),
@@ -1344,7 +1366,10 @@ fn build_upstream(u: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<
             Profile::BagEvents
         },
         compression,
-        token_file: token_file.map(|t| secret_path(base, &t)),
+        token_file: token_file.map(|t| {
+            check_credential(u, p, "upstream.token_file", &t);
+            secret_path(base, &t)
+        }),
         ca_file: ca_file.map(|t| resolve(base, &t)),
         batch_max_events: max_events.unwrap_or(500) as usize,
         batch_max_bytes: max_bytes.unwrap_or(4 * 1024 * 1024) as usize,

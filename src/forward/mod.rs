@@ -907,7 +907,7 @@ impl Forwarder {
             self.down_since = Some(Instant::now());
             self.metrics
                 .upstream_down_since_ms
-                .set(crate::event::wall_now_ms().max(0) as u64);
+                .set(crate::metrics::mono_ms() + 1);
         }
         if self.last_error.as_deref() != Some(reason) {
             if loud {
