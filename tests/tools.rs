@@ -18,6 +18,18 @@ fn scangate(args: &[&str]) -> std::process::Output {
         .expect("run scangate")
 }
 
+/// Wait (at most 10 s) until `record` has the port open: its header is written after the open.
+fn recording_started(file: &std::path::Path) {
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(file).is_ok_and(|t| t.contains("# started")) {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "record never opened the port"
+        );
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+}
+
 fn fixture(p: &str) -> String {
     format!("{}/hardware-fixtures/{p}", env!("CARGO_MANIFEST_DIR"))
 }
@@ -158,15 +170,7 @@ fn record_then_sniff_the_recording() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until the recorder has the port open (its header is written after the open).
-    let end = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&file).is_ok_and(|t| t.contains("# started")) {
-        assert!(
-            tokio::time::Instant::now() < end,
-            "record never opened the port"
-        );
-        std::thread::park_timeout(Duration::from_millis(10));
-    }
+    recording_started(&file);
     let mut want = Vec::new();
     for i in 0..50u8 {
         let epc = [0x30, 0x00, 0x11, i];
@@ -220,14 +224,7 @@ fn record_stops_when_the_device_hangs_up() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let end = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&file).is_ok_and(|t| t.contains("# started")) {
-        assert!(
-            tokio::time::Instant::now() < end,
-            "record never opened the port"
-        );
-        std::thread::park_timeout(Duration::from_millis(10));
-    }
+    recording_started(&file);
     // SAFETY: TIOCVHANGUP on a descriptor this test owns; it takes no argument.
     let r = unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCVHANGUP, 0) };
     if r != 0 {
