@@ -65,35 +65,7 @@ enum Cmd {
     /// Decode a serial port live (or a recorded capture) and show the reads: tag, RSSI,
     /// antenna, reads/s per tag, bad frames. `--protocol auto` says which protocol and baud
     /// rate match and how sure it is.
-    Sniff {
-        /// The serial port (e.g. /dev/serial/by-id/usb-…).
-        #[arg(long, conflicts_with = "capture", required_unless_present = "capture")]
-        port: Option<PathBuf>,
-        /// A capture file (hardware-fixtures format) to decode offline instead.
-        #[arg(long)]
-        capture: Option<PathBuf>,
-        /// lines, em4100, thingmagic, uhf-bb, chafon, or auto.
-        #[arg(long, default_value = "auto")]
-        protocol: String,
-        /// Baud rate (default: the protocol's; with auto, each common rate is tried).
-        #[arg(long)]
-        baud: Option<u32>,
-        /// Hex bytes written after opening the port (e.g. a start-reading command).
-        #[arg(long)]
-        init: Option<String>,
-        /// Chafon answer layout: rssi (UHFReader288 family) or classic (UHFReader18).
-        #[arg(long, default_value = "rssi")]
-        family: String,
-        /// One JSON object per read (kind, tag, rssi_dbm, antenna, symbology) or skip.
-        #[arg(long)]
-        json: bool,
-        /// Stop after this many seconds (default: until Ctrl-C).
-        #[arg(long)]
-        seconds: Option<f64>,
-        /// With auto on a port: how long to listen at each baud rate, ms.
-        #[arg(long, default_value_t = 1500)]
-        listen_ms: u64,
-    },
+    Sniff(SniffArgs),
     /// Record what a serial port sends into a capture file (replay format, with the port
     /// settings in its header) to send a field problem in.
     Record {
@@ -244,27 +216,7 @@ fn main() -> ExitCode {
                 }
             })
         }
-        Cmd::Sniff {
-            port,
-            capture,
-            protocol,
-            baud,
-            init,
-            family,
-            json,
-            seconds,
-            listen_ms,
-        } => match sniff(SniffArgs {
-            port,
-            capture,
-            protocol,
-            baud,
-            init,
-            family,
-            json,
-            seconds,
-            listen_ms,
-        }) {
+        Cmd::Sniff(args) => match sniff(args) {
             Ok(code) => code,
             Err(e) => report(e),
         },
@@ -322,15 +274,35 @@ fn main() -> ExitCode {
     }
 }
 
+/// `scangate sniff` arguments.
+#[derive(clap::Args)]
 struct SniffArgs {
+    /// The serial port (e.g. /dev/serial/by-id/usb-…).
+    #[arg(long, conflicts_with = "capture", required_unless_present = "capture")]
     port: Option<PathBuf>,
+    /// A capture file (hardware-fixtures format) to decode offline instead.
+    #[arg(long)]
     capture: Option<PathBuf>,
+    /// lines, em4100, thingmagic, uhf-bb, chafon, or auto.
+    #[arg(long, default_value = "auto")]
     protocol: String,
+    /// Baud rate (default: the protocol's; with auto, each common rate is tried).
+    #[arg(long)]
     baud: Option<u32>,
+    /// Hex bytes written after opening the port (e.g. a start-reading command).
+    #[arg(long)]
     init: Option<String>,
+    /// Chafon answer layout: rssi (UHFReader288 family) or classic (UHFReader18).
+    #[arg(long, default_value = "rssi")]
     family: String,
+    /// One JSON object per read (kind, tag, rssi_dbm, antenna, symbology) or skip.
+    #[arg(long)]
     json: bool,
+    /// Stop after this many seconds (default: until Ctrl-C).
+    #[arg(long)]
     seconds: Option<f64>,
+    /// With auto on a port: how long to listen at each baud rate, ms.
+    #[arg(long, default_value_t = 1500)]
     listen_ms: u64,
 }
 
