@@ -1191,3 +1191,24 @@ async fn refusals_with_changing_statuses_and_nothing_delivered_dead_letter_nothi
     assert_eq!(rig.metrics.dead_lettered.get(), 0);
     rig.shutdown().await;
 }
+
+/// Bad events in a batch of their own, just after a delivered one (nothing else follows):
+/// they end as dead letters, not held in the spool waiting for another scan that may never
+/// come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_events_after_a_delivery_end_as_dead_letters_even_if_nothing_follows() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| {
+        s.poison = ["t-2", "t-3"].iter().map(|t| t.to_string()).collect();
+        s.poison_status = 422;
+    });
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| config(d, &url, "bag-events", "batch_max_events = 2")).await;
+    rig.commit("t", 4, 4).await;
+    wait_until("2 delivered, 2 dead-lettered", T, || {
+        rig.metrics.delivered.get() == 2 && rig.metrics.dead_lettered.get() == 2
+    })
+    .await;
+    assert_eq!(rig.backlog().await, 0);
+    rig.shutdown().await;
+}

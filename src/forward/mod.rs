@@ -160,6 +160,11 @@ pub struct Forwarder {
     refused: Vec<(SpooledEvent, u16, String, bool)>,
     /// A delivery succeeded during the current [`Forwarder::deliver`] call.
     delivered_in_call: bool,
+    /// The last answer that was not a refusal of single events was a success: the upstream
+    /// accepts events (across calls; a failure clears it).
+    accepted_recently: bool,
+    /// Events refused alone in a row, nothing delivered in between (across calls).
+    refused_streak: usize,
     /// The upstream refuses every event (see [`REFUSE_ALL_AFTER`]): alarmed, nothing
     /// dead-lettered, events tried one by one at `auth_retry`.
     rejecting_all: bool,
@@ -292,6 +297,8 @@ impl Forwarder {
             delivered_in_call: false,
             rejecting_all: false,
             retry_refused: false,
+            accepted_recently: false,
+            refused_streak: 0,
             rewind: false,
         })
     }
@@ -684,7 +691,15 @@ impl Forwarder {
             // Kept for the next pass: read from the spool again (they were never acknowledged).
             self.refused.clear();
             self.rewind = true;
-        } else if self.delivered_in_call {
+        } else if self.delivered_in_call
+            || (self.accepted_recently && self.refused_streak < REFUSE_ALL_AFTER)
+        {
+            // The upstream accepts other events (in this batch, or just before it, with no
+            // failure since): these are refused for what they are. Waiting for another
+            // success would leave them in the spool until the next scan, which may never come.
+            for r in &mut self.refused {
+                r.3 = true;
+            }
             self.settle_refused().await;
         }
         Ok(())
@@ -828,11 +843,15 @@ impl Forwarder {
         shutdown: &CancellationToken,
     ) -> Result<(), ()> {
         let confirmed = self.delivered_in_call;
+        let b_len = b.len();
         self.refused.extend(
             b.into_iter()
                 .map(|e| (e, status, reason.clone(), confirmed)),
         );
-        if !self.rejecting_all && !self.delivered_in_call && self.refused.len() >= REFUSE_ALL_AFTER
+        self.refused_streak += b_len;
+        if !self.rejecting_all
+            && !self.delivered_in_call
+            && self.refused_streak.max(self.refused.len()) >= REFUSE_ALL_AFTER
         {
             self.rejecting_all = true;
             self.metrics.upstream_rejecting_all.set(1);
@@ -851,6 +870,8 @@ impl Forwarder {
 
     async fn on_success(&mut self, status: u16, n: usize, from_413: bool) {
         self.delivered_in_call = true;
+        self.accepted_recently = true;
+        self.refused_streak = 0;
         self.metrics.upstream_misconfigured.set(0);
         if std::mem::take(&mut self.rejecting_all) {
             // The upstream accepts again: what it refused meanwhile is sent again (see
@@ -901,6 +922,7 @@ impl Forwarder {
     }
 
     async fn on_failure(&mut self, reason: &str, loud: bool) {
+        self.accepted_recently = false;
         self.metrics.batches_failed.inc();
         self.metrics.upstream_down.set(1);
         if self.down_since.is_none() {
