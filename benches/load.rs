@@ -537,6 +537,7 @@ fn bodies(n: usize, base: u64) -> Vec<EventBody> {
                 last_seen_ms: 1_763_289_000_000 + (base + i) as i64,
                 symbology: None,
                 value: None,
+                clock: Default::default(),
             }
         })
         .collect()

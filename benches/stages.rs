@@ -47,6 +47,7 @@ fn bodies() -> Vec<EventBody> {
             last_seen_ms: 1_763_289_000_000 + i as i64,
             symbology: None,
             value: None,
+            clock: Default::default(),
         })
         .collect()
 }

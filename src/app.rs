@@ -13,6 +13,7 @@ use crate::source::journal::JournalMarks;
 use crate::source::{self, SourceRead};
 use crate::spool::actor::{self, SpoolHandle};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
+use crate::suppress::stage::Stage;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -46,8 +47,11 @@ pub enum AppError {
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub grace: Duration,
-    /// Stop by itself once every source has ended and the spool is empty (demo, `replay`).
+    /// Stop by itself once every source has ended and the spool is empty (demo, `replay`);
+    /// open passes are emitted when the sources end.
     pub exit_when_idle: bool,
+    /// Wall and boot time (the system's; tests inject an unsynced clock).
+    pub clock: Arc<dyn crate::clock::Clock>,
 }
 
 impl Default for RunOptions {
@@ -55,6 +59,7 @@ impl Default for RunOptions {
         RunOptions {
             grace: Duration::from_secs(10),
             exit_when_idle: false,
+            clock: Arc::new(crate::clock::SystemClock),
         }
     }
 }
@@ -73,81 +78,92 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
 }
 
-/// A source's names as every one of its events carries them (shared, not copied per event).
-struct SourceNames {
-    name: Arc<str>,
-    location: Arc<str>,
-    device: Arc<str>,
-    scan_type: Option<Arc<str>>,
-    /// Antenna port → location (`[source.antennas]`).
-    antennas: Vec<(u16, Arc<str>)>,
+/// Whether the suppression stage may end passes by time yet: not before every serial source
+/// has handed over the reads recovered from its port journal, and the ingest stage has taken
+/// every read queued at that moment (those reads are older than now and continue passes that
+/// are still open). Released after [`TICK_HOLD_MAX`] whatever happens.
+struct TickGate {
+    recovering: Arc<std::sync::atomic::AtomicUsize>,
+    /// Reads still to take before ticks are allowed (None: sources still recovering).
+    left: Option<usize>,
+    open: bool,
+    since: Instant,
 }
 
-impl SourceNames {
-    fn of(s: &crate::config::SourceConfig) -> Self {
-        SourceNames {
-            name: s.name.as_str().into(),
-            location: s.location.as_str().into(),
-            device: s.device.as_str().into(),
-            scan_type: s.scan_type.as_deref().map(Arc::from),
-            antennas: s
-                .antenna_locations
-                .iter()
-                .map(|(a, l)| (*a, Arc::from(l.as_str())))
-                .collect(),
+/// Longest hold of the suppression stage's ticks at start.
+const TICK_HOLD_MAX: Duration = Duration::from_secs(10);
+
+impl TickGate {
+    fn took(&mut self) {
+        if let Some(n) = self.left.as_mut() {
+            *n = n.saturating_sub(1);
         }
     }
-}
 
-fn body_of(read: SourceRead, sources: &[SourceNames]) -> EventBody {
-    let src = &sources[read.source];
-    let r = read.read;
-    EventBody {
-        kind: r.kind,
-        tag: r.tag,
-        source: src.name.clone(),
-        location: r
-            .antenna
-            .and_then(|a| src.antennas.iter().find(|(p, _)| *p == a))
-            .map_or_else(|| src.location.clone(), |(_, l)| l.clone()),
-        device: src.device.clone(),
-        scan_type: src.scan_type.clone(),
-        antenna: r.antenna,
-        rssi_cdbm: r.rssi_dbm.map(|d| (d * 100.0).round() as i32),
-        read_count: 1,
-        first_seen_ms: read.wall_ms,
-        last_seen_ms: read.wall_ms,
-        symbology: r.symbology,
-        value: r.value,
+    /// Check before a tick; `queued`: reads in the channel and the carry now.
+    fn allows(&mut self, queued: usize) -> bool {
+        if self.open {
+            return true;
+        }
+        if self.left.is_none() && self.recovering.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            self.left = Some(queued);
+        }
+        if self.left == Some(0) || self.since.elapsed() >= TICK_HOLD_MAX {
+            self.open = true;
+        }
+        self.open
     }
 }
 
-/// Group commit: collect reads for up to `commit_interval` (or `commit_max_events`), then
-/// hand the group to the spool thread without waiting for its fsync, so the next group
-/// fills while the previous one commits. The task wakes for the first read of a group and at
-/// its deadline, draining the channel in between only when a source reports it filling
+/// Group commit: collect reads for up to `commit_interval` (or `commit_max_events` reads),
+/// pass them through the suppression stage (`crate::suppress::stage`), then hand the events
+/// of ended passes, the open passes' changes and the ports' journal positions to the spool
+/// thread as one transaction, without waiting for its fsync, so the next group fills while
+/// the previous one commits. The task wakes for the first read of a group, at its deadline,
+/// and every commit interval while passes are open (to end them on time); it drains the
+/// channel in between only when a source reports it filling
 /// ([`crate::source::Feed::wake_if_high`]): a few wake-ups per commit, not one per read.
+#[allow(clippy::too_many_arguments)]
 async fn ingest(
     mut rx: mpsc::Receiver<SourceRead>,
     wake: Arc<tokio::sync::Notify>,
     budget: Arc<source::Budget>,
     spool: SpoolHandle,
     cfg: Config,
+    mut stage: Stage,
+    recovered: Vec<EventBody>,
+    recovering: Arc<std::sync::atomic::AtomicUsize>,
+    pass_log_lost: Arc<std::sync::atomic::AtomicBool>,
+    flush_at_end: bool,
+    stopping: CancellationToken,
     metrics: Arc<Metrics>,
 ) {
     use tokio::sync::mpsc::error::TryRecvError;
-    let sources: Vec<SourceNames> = cfg.sources.iter().map(SourceNames::of).collect();
+    let names: Vec<Arc<str>> = cfg
+        .sources
+        .iter()
+        .map(|s| Arc::from(s.name.as_str()))
+        .collect();
     let spool_cfg: SpoolConfig = cfg.spool.clone();
-    let floor = cfg.suppress.min_rssi_dbm;
     let max = spool_cfg.commit_max_events;
+    let mut gate = TickGate {
+        recovering,
+        left: None,
+        open: false,
+        since: Instant::now(),
+    };
+    stage.hold_ticks();
     // Journal positions of this group, per source (0: none), committed with it.
-    let mut marks: Vec<u64> = vec![0; sources.len()];
+    let mut marks: Vec<u64> = vec![0; names.len()];
     // Sources whose last read was not its frame's last (`SourceRead::frame_more`): the group
     // does not end before the rest of that frame is in it.
-    let mut mid_frame: Vec<bool> = vec![false; sources.len()];
+    let mut mid_frame: Vec<bool> = vec![false; names.len()];
     // `carried`: the read came from `carry` (its bytes already left the channel's budget).
+    // Returns the read's count against the group's bound.
     let accept = |read: SourceRead,
                   carried: bool,
+                  stage: &mut Stage,
+                  gate: &mut TickGate,
                   group: &mut Vec<EventBody>,
                   size: &mut usize,
                   marks: &mut Vec<u64>,
@@ -155,152 +171,208 @@ async fn ingest(
         if !carried {
             budget.taken(read.size());
         }
+        gate.took();
         if let Some(m) = mid.get_mut(read.source) {
             *m = read.frame_more;
         }
-        // Even a read dropped here moves its source's journal mark: it is settled.
+        // Even a read folded into a pass moves its source's journal mark: the pass's state
+        // is committed with the mark.
         if let Some(m) = marks.get_mut(read.source) {
             *m = (*m).max(read.journal_end);
         }
-        if let (Some(floor), Some(rssi)) = (floor, read.read.rssi_dbm) {
-            if (rssi as f64) < floor {
-                metrics.count_drop("below_rssi_floor", 1);
-                return;
-            }
+        let before = group.len();
+        stage.read(read, group);
+        for b in &group[before..] {
+            *size += actor::body_size(b);
         }
-        let body = body_of(read, &sources);
-        *size += actor::body_size(&body);
-        group.push(body);
     };
     // Reads taken from the channel while a full group waited for the rest of another
     // source's frame: they start the next group, in order.
     let mut carry: std::collections::VecDeque<SourceRead> = std::collections::VecDeque::new();
     let mut closed = false;
-    while !closed || !carry.is_empty() {
-        let (first, carried) = match carry.pop_front() {
-            Some(r) => (r, true),
-            None => match rx.recv().await {
-                Some(r) => (r, false),
-                None => break,
-            },
-        };
-        let mut group: Vec<EventBody> = Vec::with_capacity(256);
-        let mut size = 0usize;
-        accept(
-            first,
-            carried,
-            &mut group,
-            &mut size,
-            &mut marks,
-            &mut mid_frame,
-        );
-        let deadline = Instant::now() + spool_cfg.commit_interval;
-        loop {
-            while group.len() < max && size < GROUP_MAX_BYTES {
-                let (read, carried) = match carry.pop_front() {
-                    Some(r) => (r, true),
-                    None => match rx.try_recv() {
-                        Ok(r) => (r, false),
-                        Err(TryRecvError::Empty) => break,
-                        Err(TryRecvError::Disconnected) => {
+    let mut pending: Vec<EventBody> = recovered;
+    let tick_every = spool_cfg.commit_interval.max(Duration::from_millis(10));
+    loop {
+        if closed && carry.is_empty() {
+            if flush_at_end || stopping.is_cancelled() || stage.tracked() == 0 {
+                break;
+            }
+            // The sources ended by themselves (replays) while the daemon runs on: the open
+            // passes still end by time.
+            tokio::select! {
+                _ = tokio::time::sleep(tick_every) => {}
+                _ = stopping.cancelled() => {}
+            }
+        }
+        let mut group: Vec<EventBody> = std::mem::take(&mut pending);
+        group.reserve(256);
+        let mut size: usize = group.iter().map(actor::body_size).sum();
+        let mut taken = 0usize;
+        let first = match carry.pop_front() {
+            Some(r) => Some((r, true)),
+            None if !group.is_empty() => None,
+            None => {
+                // Idle: wake for the next read, or to end passes whose window runs out.
+                let timer = tokio::time::sleep(tick_every);
+                tokio::select! {
+                    r = rx.recv() => match r {
+                        Some(r) => Some((r, false)),
+                        None => {
                             closed = true;
-                            break;
+                            None
                         }
                     },
-                };
-                accept(
-                    read,
-                    carried,
-                    &mut group,
-                    &mut size,
-                    &mut marks,
-                    &mut mid_frame,
-                );
-            }
-            let full = group.len() >= max || size >= GROUP_MAX_BYTES || Instant::now() >= deadline;
-            if !full && !closed {
-                tokio::select! {
-                    _ = sleep_until(deadline) => {}
-                    _ = wake.notified() => {}
+                    _ = timer, if stage.tracked() > 0 => None,
                 }
-                continue;
             }
-            // Full: the group ends once every source's frame in it is complete. Only those
-            // sources' reads join it now (at most the rest of one frame each); any other
-            // read waits for the next group.
-            while mid_frame.contains(&true) {
-                if let Some(k) = carry
-                    .iter()
-                    .position(|r| mid_frame.get(r.source).copied().unwrap_or(false))
-                {
-                    if let Some(read) = carry.remove(k) {
-                        accept(
-                            read,
-                            true,
-                            &mut group,
-                            &mut size,
-                            &mut marks,
-                            &mut mid_frame,
-                        );
-                    }
-                    continue;
-                }
-                let next = match rx.try_recv() {
-                    Ok(r) => Some(r),
-                    Err(TryRecvError::Disconnected) => {
-                        closed = true;
-                        None
-                    }
-                    // The rest of the frame is on its way from the source's thread.
-                    Err(TryRecvError::Empty) => {
-                        match tokio::time::timeout(FRAME_REST_MAX, rx.recv()).await {
-                            Ok(Some(r)) => Some(r),
-                            Ok(None) => {
+        };
+        if let Some((first, carried)) = first {
+            taken += 1;
+            accept(
+                first,
+                carried,
+                &mut stage,
+                &mut gate,
+                &mut group,
+                &mut size,
+                &mut marks,
+                &mut mid_frame,
+            );
+            let deadline = Instant::now() + spool_cfg.commit_interval;
+            loop {
+                while taken < max && size < GROUP_MAX_BYTES {
+                    let (read, carried) = match carry.pop_front() {
+                        Some(r) => (r, true),
+                        None => match rx.try_recv() {
+                            Ok(r) => (r, false),
+                            Err(TryRecvError::Empty) => break,
+                            Err(TryRecvError::Disconnected) => {
                                 closed = true;
-                                None
+                                break;
                             }
-                            Err(_) => None,
-                        }
-                    }
-                };
-                match next {
-                    Some(read) if mid_frame.get(read.source).copied().unwrap_or(false) => accept(
+                        },
+                    };
+                    taken += 1;
+                    accept(
                         read,
-                        false,
+                        carried,
+                        &mut stage,
+                        &mut gate,
                         &mut group,
                         &mut size,
                         &mut marks,
                         &mut mid_frame,
-                    ),
-                    // Out of the channel's byte budget now (or the sources, finding it full,
-                    // could not send the rest of the frame this group waits for). The carry
-                    // holds what arrives while it waits: at most the sources' reads of ~1 s.
-                    Some(read) => {
-                        budget.taken(read.size());
-                        carry.push_back(read);
+                    );
+                }
+                let full = taken >= max || size >= GROUP_MAX_BYTES || Instant::now() >= deadline;
+                if !full && !closed {
+                    tokio::select! {
+                        _ = sleep_until(deadline) => {}
+                        _ = wake.notified() => {}
                     }
-                    None => {
-                        if !closed {
-                            tracing::warn!("A frame's remaining reads did not arrive within 1 s; committing the group without them");
+                    continue;
+                }
+                // Full: the group ends once every source's frame in it is complete. Only
+                // those sources' reads join it now (at most the rest of one frame each); any
+                // other read waits for the next group.
+                while mid_frame.contains(&true) {
+                    if let Some(k) = carry
+                        .iter()
+                        .position(|r| mid_frame.get(r.source).copied().unwrap_or(false))
+                    {
+                        if let Some(read) = carry.remove(k) {
+                            accept(
+                                read,
+                                true,
+                                &mut stage,
+                                &mut gate,
+                                &mut group,
+                                &mut size,
+                                &mut marks,
+                                &mut mid_frame,
+                            );
                         }
-                        mid_frame.iter_mut().for_each(|m| *m = false);
+                        continue;
+                    }
+                    let next = match rx.try_recv() {
+                        Ok(r) => Some(r),
+                        Err(TryRecvError::Disconnected) => {
+                            closed = true;
+                            None
+                        }
+                        // The rest of the frame is on its way from the source's thread.
+                        Err(TryRecvError::Empty) => {
+                            match tokio::time::timeout(FRAME_REST_MAX, rx.recv()).await {
+                                Ok(Some(r)) => Some(r),
+                                Ok(None) => {
+                                    closed = true;
+                                    None
+                                }
+                                Err(_) => None,
+                            }
+                        }
+                    };
+                    match next {
+                        Some(read) if mid_frame.get(read.source).copied().unwrap_or(false) => {
+                            accept(
+                                read,
+                                false,
+                                &mut stage,
+                                &mut gate,
+                                &mut group,
+                                &mut size,
+                                &mut marks,
+                                &mut mid_frame,
+                            )
+                        }
+                        // Out of the channel's byte budget now (or the sources, finding it
+                        // full, could not send the rest of the frame this group waits for).
+                        // The carry holds what arrives while it waits: at most the sources'
+                        // reads of ~1 s.
+                        Some(read) => {
+                            budget.taken(read.size());
+                            carry.push_back(read);
+                        }
+                        None => {
+                            if !closed {
+                                tracing::warn!("A frame's remaining reads did not arrive within 1 s; committing the group without them");
+                            }
+                            mid_frame.iter_mut().for_each(|m| *m = false);
+                        }
                     }
                 }
+                break;
             }
-            break;
         }
+        // End the passes whose window ran out (not while reads recovered from the port
+        // journals are still coming: they continue open passes).
+        if gate.allows(rx.len() + carry.len()) {
+            stage.release_ticks();
+        }
+        if pass_log_lost.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            stage.row_lost();
+        }
+        if closed && carry.is_empty() && flush_at_end {
+            stage.flush(&mut group);
+        } else {
+            stage.tick(&mut group);
+        }
+        let row = stage.log_row(rx.len() + carry.len() >= max.min(READ_CHANNEL / 8));
         let n = group.len() as u64;
         let group_marks: Vec<(Arc<str>, u64)> = marks
             .iter_mut()
             .enumerate()
             .filter(|(_, m)| **m > 0)
-            .map(|(i, m)| (sources[i].name.clone(), std::mem::take(m)))
+            .map(|(i, m)| (names[i].clone(), std::mem::take(m)))
             .collect();
-        if n > 0 || !group_marks.is_empty() {
-            metrics.ingest_groups.inc();
+        if n == 0 && group_marks.is_empty() && row.is_none() {
+            continue;
         }
-        if (n > 0 || !group_marks.is_empty())
-            && spool.append_detached(group, group_marks).await.is_err()
+        metrics.ingest_groups.inc();
+        if spool
+            .append_detached(group, group_marks, row.into_iter().collect())
+            .await
+            .is_err()
         {
             metrics.count_drop("spool_unavailable", n);
             tracing::error!(events = n, "Spool is gone; reads dropped");
@@ -323,7 +395,12 @@ pub async fn run(
     on_start: impl FnOnce(Running),
 ) -> Result<RunSummary, AppError> {
     let state_dir = cfg.gateway.state_dir.clone();
-    let sopts = SpoolOptions::of(&cfg);
+    let pass_log_lost: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+    let sopts = SpoolOptions {
+        clock: opts.clock.clone(),
+        pass_log_lost: pass_log_lost.clone(),
+        ..SpoolOptions::of(&cfg)
+    };
     metrics.started_ms.set(crate::metrics::mono_ms() + 1);
     let m = metrics.clone();
     let (spool, report) = tokio::task::spawn_blocking(move || Spool::open(&state_dir, sopts, m))
@@ -360,6 +437,27 @@ pub async fn run(
     for (source, files, bytes) in crate::source::journal::orphans(&journal_dir, &names) {
         tracing::warn!(source = %source, files, bytes, dir = %journal_dir.display(), "Port journal of a source that is not in the config (renamed or removed?): reads in it that were not committed are not recovered. Give the source its old name back to recover them, or delete its files");
     }
+    // Open passes left by the last run (see `crate::suppress::stage`).
+    let boot_offsets = spool.boot_offsets().unwrap_or_else(|e| {
+        tracing::error!(error = %e, "Cannot read the recorded clock offsets from the spool; events of past boots read with an unsynced clock are sent as unsynced");
+        Default::default()
+    });
+    let mut stage = Stage::new(&cfg, opts.clock.clone(), metrics.clone(), true);
+    let mut recovered_events = Vec::new();
+    match spool.pass_log_rows() {
+        Ok(rows) if !rows.is_empty() => {
+            let r = stage.recover(&rows, &boot_offsets, &mut recovered_events);
+            tracing::info!(
+                restored = r.restored,
+                emitted = r.emitted,
+                "Open passes of the last run taken back"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot read the open passes of the last run from the spool; their reads are not emitted again")
+        }
+    }
     let (handle, spool_thread) =
         actor::spawn_with(spool, journal_marks.clone()).map_err(AppError::Thread)?;
 
@@ -369,7 +467,8 @@ pub async fn run(
         cfg.gateway.site.clone(),
         handle.clone(),
         metrics.clone(),
-    )?;
+    )?
+    .with_clock(opts.clock.clone(), boot_offsets);
     let forward_stop = CancellationToken::new();
     let forward_task = tokio::spawn(forwarder.run(forward_stop.clone()));
 
@@ -391,6 +490,7 @@ pub async fn run(
         None => None,
     };
 
+    let source_stop = shutdown.child_token();
     let (tx, rx) = mpsc::channel(READ_CHANNEL);
     let pipe = source::Pipe {
         tx,
@@ -400,6 +500,7 @@ pub async fn run(
             .clamp(Duration::from_millis(1), Duration::from_millis(10)),
         journal: Some((journal_dir, journal_marks)),
         budget: Arc::default(),
+        recovering: Arc::new(std::sync::atomic::AtomicUsize::new(cfg.sources.len())),
     };
     let ingest_task = tokio::spawn(ingest(
         rx,
@@ -407,9 +508,14 @@ pub async fn run(
         pipe.budget.clone(),
         handle.clone(),
         cfg.clone(),
+        stage,
+        recovered_events,
+        pipe.recovering.clone(),
+        pass_log_lost,
+        opts.exit_when_idle,
+        source_stop.clone(),
         metrics.clone(),
     ));
-    let source_stop = shutdown.child_token();
     let mut sources = JoinSet::new();
     for (i, s) in cfg.sources.iter().enumerate() {
         sources.spawn(source::run(

@@ -1,8 +1,12 @@
-//! `scangate demo`: the real pipeline with no hardware and nothing to install. A replay of a
-//! baggage-belt capture feeds the real spool (in a temporary directory) and the real forwarder,
-//! which sends gzip batches to a small bag-events ingest endpoint on loopback inside this
-//! process. That endpoint is down (503) for a few seconds mid-run, to show the backlog
-//! building up and replaying by itself. Ends when everything is delivered; Ctrl-C ends early.
+//! `scangate demo`: the real pipeline with no hardware and nothing to install. Two RFID portals
+//! on one baggage belt, 3 m apart with overlapping fields, read by readers of two makes (a
+//! text-mode reader and a "BB … 7E" module; `hardware-fixtures/portal/demo/`, 10 bags, ~40
+//! reads/s per reader per tag), are replayed into the real suppression stage (one arbitration
+//! group: each bag gives one event at portal A, then one at portal B, with its read count and
+//! peak RSSI), the real spool (in a temporary directory) and the real forwarder, which sends
+//! gzip batches to a small bag-events ingest endpoint on loopback inside this process. That
+//! endpoint is down (503) for a few seconds mid-run, to show the backlog building up and
+//! replaying by itself. Ends when everything is delivered; Ctrl-C ends early.
 
 use crate::app::{self, RunOptions};
 use crate::config::Config;
@@ -19,11 +23,25 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub const CAPTURE: &str = include_str!("../hardware-fixtures/demo/belt-bagtags.cap");
+/// Portal A's reader (text mode: `EPC,RSSI,ANTENNA` lines).
+pub const CAPTURE_A: &str = include_str!("../hardware-fixtures/portal/demo/a.cap");
+/// Portal B's reader ("BB … 7E" module).
+pub const CAPTURE_B: &str = include_str!("../hardware-fixtures/portal/demo/b.cap");
+
+/// A scan event as the ingest endpoint received it.
+#[derive(Debug, Clone)]
+pub struct Scan {
+    pub bag_id: String,
+    pub location: String,
+    pub read_count: u64,
+    pub signal_strength: Option<i64>,
+    pub first_seen: String,
+}
 
 #[derive(Default)]
 struct Received {
     ids: HashSet<String>,
+    scans: Vec<Scan>,
     events: u64,
     duplicates: u64,
     batches: u64,
@@ -90,6 +108,19 @@ async fn batch(
             .to_string();
         if r.ids.insert(id) {
             ingested += 1;
+            let text = |k: &str| {
+                e.get(k)
+                    .and_then(|x| x.as_str())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            r.scans.push(Scan {
+                bag_id: text("bag_id"),
+                location: text("location"),
+                read_count: e.get("read_count").and_then(|x| x.as_u64()).unwrap_or(0),
+                signal_strength: e.get("signal_strength").and_then(|x| x.as_i64()),
+                first_seen: text("first_seen"),
+            });
         } else {
             dups += 1;
         }
@@ -104,8 +135,10 @@ pub async fn run(speed: f64, shutdown: CancellationToken) -> anyhow::Result<()> 
     let dir = tempfile::Builder::new()
         .prefix("scangate-demo-")
         .tempdir()?;
-    let capture = dir.path().join("belt-bagtags.cap");
-    std::fs::write(&capture, CAPTURE)?;
+    let capture_a = dir.path().join("portal-a.cap");
+    std::fs::write(&capture_a, CAPTURE_A)?;
+    let capture_b = dir.path().join("portal-b.cap");
+    std::fs::write(&capture_b, CAPTURE_B)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let outage = (
@@ -129,14 +162,30 @@ site = "PTY"
 state_dir = "{state}"
 [spool]
 sync = "full"
+[suppress]
+mode = "aggregate"
+window_ms = 2000
 [[source]]
-name = "belt-3"
+name = "portal-a"
 kind = "replay"
 protocol = "lines"
-file = "{file}"
+fields = ["tag", "rssi", "antenna"]
+separator = ","
+file = "{file_a}"
 speed = {speed}
-location = "PTY_SORTATION_3"
-device = "BELT3_SCANNER"
+group = "belt-3"
+location = "PTY_SORT3_PORTAL_A"
+device = "PORTAL_A_READER"
+scan_type = "sortation"
+[[source]]
+name = "portal-b"
+kind = "replay"
+protocol = "uhf-bb"
+file = "{file_b}"
+speed = {speed}
+group = "belt-3"
+location = "PTY_SORT3_PORTAL_B"
+device = "PORTAL_B_READER"
 scan_type = "sortation"
 [upstream]
 url = "http://{addr}"
@@ -148,15 +197,15 @@ retry_max_ms = 500
 listen = "off"
 "#,
         state = dir.path().join("state").display(),
-        file = capture.display(),
+        file_a = capture_a.display(),
+        file_b = capture_b.display(),
     );
     let cfg = Config::parse(&toml, dir.path())
         .map_err(|e| anyhow::anyhow!("demo config invalid: {e:?}"))?;
     let metrics = Arc::new(Metrics::default());
 
     eprintln!(
-        "scangate demo: replaying a baggage-belt capture ({} lines) at {speed}x",
-        CAPTURE.lines().count()
+        "scangate demo: two overlapping RFID portals on one belt (10 bags, two reader makes), replayed at {speed}x"
     );
     eprintln!(
         "  spool:    {}",
@@ -180,10 +229,11 @@ listen = "off"
                 (m.reads_in.get() - last.0) as f64 / now.duration_since(last.1).as_secs_f64();
             last = (m.reads_in.get(), now);
             let line = format!(
-                "  t={:>5.1}s reads {:>4} ({:>4.0}/s) | committed {:>4} | delivered {:>4} in {} batches (upstream has {got}, dups {dups}) | backlog {:>3} | upstream {}",
+                "  t={:>5.1}s reads {:>5} ({:>4.0}/s) | open passes {:>2} | events {:>3} | delivered {:>3} in {} batches (upstream has {got}, dups {dups}) | backlog {:>3} | upstream {}",
                 started.elapsed().as_secs_f64(),
                 m.reads_in.get(),
                 rate,
+                m.suppress_tracked.get(),
                 m.spool_committed.get(),
                 m.delivered.get(),
                 m.batches_ok.get(),
@@ -206,6 +256,7 @@ listen = "off"
         RunOptions {
             grace: Duration::from_secs(5),
             exit_when_idle: true,
+            ..Default::default()
         },
         |_| {},
     )
@@ -227,6 +278,15 @@ listen = "off"
         metrics.bytes_in.get()
     );
     println!("  reads decoded:        {}", metrics.reads_in.get());
+    let events = metrics.suppress_passes.get();
+    println!(
+        "  passes (events):      {} from {} reads: {:.0} reads per event ({} folded into open passes, {} moved to the next portal)",
+        events,
+        metrics.suppress_reads.get(),
+        metrics.suppress_reads.get() as f64 / events.max(1) as f64,
+        metrics.suppress_suppressed.get(),
+        metrics.suppress_moves.get()
+    );
     println!(
         "  skipped (bad bytes):  {}",
         metrics.dropped("control_bytes")
@@ -257,6 +317,22 @@ listen = "off"
         "  left in spool:        {} (dead letters: {})",
         summary.backlog_left, summary.dead_letters
     );
-    println!("  note: repeat suppression is not applied yet, so each repeated read of a bag is its own event.");
+    let mut scans = r.scans.clone();
+    scans.sort_by(|a, b| a.first_seen.cmp(&b.first_seen));
+    println!("  events as the upstream received them (one per bag per portal):");
+    println!(
+        "    {:<26} {:<20} {:>10} {:>9}  first seen",
+        "bag_id (EPC)", "location", "read_count", "peak dBm"
+    );
+    for s in &scans {
+        println!(
+            "    {:<26} {:<20} {:>10} {:>9}  {}",
+            s.bag_id,
+            s.location,
+            s.read_count,
+            s.signal_strength.map_or("-".into(), |v| v.to_string()),
+            s.first_seen
+        );
+    }
     Ok(())
 }

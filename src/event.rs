@@ -104,16 +104,62 @@ pub struct EventBody {
     pub last_seen_ms: i64,
     pub symbology: Option<String>,
     pub value: Option<f64>,
+    /// How `first_seen_ms`/`last_seen_ms` were obtained (see `crate::clock`); `Mono`: they
+    /// are boot-time ms of the chunk's boot, not yet re-based.
+    pub clock: crate::clock::ClockMark,
 }
 
 impl EventBody {
     pub fn rssi_dbm(&self) -> Option<f64> {
         self.rssi_cdbm.map(|c| c as f64 / 100.0)
     }
+}
 
-    /// True when the wall clock that stamped this event was implausible (not NTP-synced).
-    pub fn clock_unsynced(&self) -> bool {
-        self.first_seen_ms < PLAUSIBLE_WALL_MS
+/// [`EventBody`] as chunks of format 1 stored it (before the `clock` field): times below
+/// [`PLAUSIBLE_WALL_MS`] came from an unsynced wall clock.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventBodyV1 {
+    pub kind: ReadKind,
+    pub tag: String,
+    #[serde(deserialize_with = "de_name")]
+    pub source: Arc<str>,
+    #[serde(deserialize_with = "de_name")]
+    pub location: Arc<str>,
+    #[serde(deserialize_with = "de_name")]
+    pub device: Arc<str>,
+    #[serde(deserialize_with = "de_opt_name")]
+    pub scan_type: Option<Arc<str>>,
+    pub antenna: Option<u16>,
+    pub rssi_cdbm: Option<i32>,
+    pub read_count: u32,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub symbology: Option<String>,
+    pub value: Option<f64>,
+}
+
+impl From<EventBodyV1> for EventBody {
+    fn from(b: EventBodyV1) -> Self {
+        EventBody {
+            clock: if b.first_seen_ms < PLAUSIBLE_WALL_MS {
+                crate::clock::ClockMark::Unsynced
+            } else {
+                crate::clock::ClockMark::Synced
+            },
+            kind: b.kind,
+            tag: b.tag,
+            source: b.source,
+            location: b.location,
+            device: b.device,
+            scan_type: b.scan_type,
+            antenna: b.antenna,
+            rssi_cdbm: b.rssi_cdbm,
+            read_count: b.read_count,
+            first_seen_ms: b.first_seen_ms,
+            last_seen_ms: b.last_seen_ms,
+            symbology: b.symbology,
+            value: b.value,
+        }
     }
 }
 

@@ -450,7 +450,7 @@ fn run_daemon(cfg: Config, grace: Duration, exit_when_idle: bool) -> ExitCode {
         scangate::service::spawn_signal_handler(token.clone());
         let metrics = Arc::new(Metrics::default());
         tracing::info!(gateway = %cfg.gateway.id, sources = cfg.sources.len(), upstream = %cfg.upstream.endpoint, "scangate starting");
-        match scangate::app::run(cfg, metrics, token, scangate::app::RunOptions { grace, exit_when_idle }, |_| {}).await {
+        match scangate::app::run(cfg, metrics, token, scangate::app::RunOptions { grace, exit_when_idle, ..Default::default() }, |_| {}).await {
             Ok(_) => ExitCode::SUCCESS,
             Err(e @ scangate::app::AppError::Spool(spool::SpoolError::StateDir { .. } | spool::SpoolError::Open { .. } | spool::SpoolError::ReadOnly(_))) => {
                 tracing::error!(error = %e, "Cannot open the spool");

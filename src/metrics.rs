@@ -93,6 +93,22 @@ pub struct Metrics {
     /// When the pipeline started, on [`mono_ms`]'s clock plus one.
     pub started_ms: Gauge,
     pub sources_connected: Gauge,
+    /// Repeat suppression (`crate::suppress`): reads taken, reads under the RSSI floor,
+    /// reads folded into an open pass, passes emitted as events, passes closed early because
+    /// the table was full, passes that moved to another zone, open passes now.
+    pub suppress_reads: Counter,
+    pub suppress_below_floor: Counter,
+    pub suppress_suppressed: Counter,
+    pub suppress_passes: Counter,
+    pub suppress_forced: Counter,
+    pub suppress_moves: Counter,
+    pub suppress_tracked: Gauge,
+    /// Open passes put back from the spool at start, and passes emitted then because they
+    /// could not be put back (another boot, or their source left the config).
+    pub suppress_restored: Counter,
+    pub suppress_recovered_emitted: Counter,
+    /// 1 while the wall clock is unsynced (before the build time): delivery is held.
+    pub clock_unsynced: Gauge,
     dropped: Mutex<BTreeMap<&'static str, u64>>,
     responses: Mutex<BTreeMap<u16, u64>>,
     sources: Mutex<Vec<(String, std::sync::Arc<SourceHealth>)>>,
@@ -272,6 +288,20 @@ impl Metrics {
             "Reads decoded.",
             self.reads_in.get(),
         );
+        for (name, kind, help, v) in [
+            ("suppress_reads_total", "counter", "Reads taken by repeat suppression.", self.suppress_reads.get()),
+            ("suppress_below_floor_total", "counter", "Reads dropped because their RSSI (after calibration) was under min_rssi_dbm.", self.suppress_below_floor.get()),
+            ("suppress_suppressed_total", "counter", "Reads folded into a pass already open (no event of their own).", self.suppress_suppressed.get()),
+            ("suppress_passes_total", "counter", "Passes emitted as events.", self.suppress_passes.get()),
+            ("suppress_forced_closes_total", "counter", "Passes emitted early because max_tracked passes were open.", self.suppress_forced.get()),
+            ("suppress_moves_total", "counter", "Passes that moved to a stronger zone (the old zone's pass was emitted).", self.suppress_moves.get()),
+            ("suppress_tracked_passes", "gauge", "Open passes now.", self.suppress_tracked.get()),
+            ("suppress_restored_total", "counter", "Open passes put back from the spool at start.", self.suppress_restored.get()),
+            ("suppress_recovered_emitted_total", "counter", "Open passes found in the spool at start that were emitted at once (another boot, or their source or zone left the config).", self.suppress_recovered_emitted.get()),
+            ("clock_unsynced", "gauge", "1 while the wall clock is before the build time (not synced): delivery is held, reads are stamped on boot time.", self.clock_unsynced.get()),
+        ] {
+            line(name, kind, help, v);
+        }
         line(
             "spool_committed_total",
             "counter",

@@ -185,6 +185,7 @@ fn spool_cli_lists_exports_and_requeues_dead_letters() {
         last_seen_ms: 1_763_289_000_000,
         symbology: None,
         value: None,
+        clock: Default::default(),
     };
     let ids = {
         let (mut sp, _) = Spool::open(

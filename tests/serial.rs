@@ -511,7 +511,8 @@ async fn the_reads_of_one_frame_are_committed_together() {
     let dir = tempfile::tempdir().unwrap();
     let (mut master, slave) = pty_pair();
     let sources = format!(
-        "commit_max_events = 7\n[[source]]\nname = \"cf\"\nkind = \"serial\"\nprotocol = \"chafon\"\npath = \"{}\"\n",
+        // One event per read (no suppression), so the frame's reads are visible as events.
+        "commit_max_events = 7\n[[source]]\nname = \"cf\"\nkind = \"serial\"\nprotocol = \"chafon\"\nsuppress = \"off\"\npath = \"{}\"\n",
         slave.name().unwrap()
     );
     let (_cfg, admin, d) = daemon_with(&ingest, dir.path(), &sources, 1).await;

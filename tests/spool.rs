@@ -999,7 +999,7 @@ async fn journal_positions_of_refused_reads_are_settled() {
                     b
                 })
                 .collect();
-            h.append_detached(more, vec![(belt.clone(), pos)])
+            h.append_detached(more, vec![(belt.clone(), pos)], Vec::new())
                 .await
                 .unwrap();
             break;

@@ -29,6 +29,7 @@ fuzz_target!(|data: &[u8]| {
         last_seen_ms: data.len() as i64 * 1_000_003 + 7,
         symbology: symbology.clone(),
         value: None,
+                clock: Default::default(),
     };
     let ev = SpooledEvent {
         loc: Loc { chunk: 1, idx: 0 },

@@ -332,10 +332,10 @@ def reads_in(rng, lo, hi, first_at_lo=False, mean=MEAN_GAP_MS):
         ts.append(t)
 
 
-def two_portals():
-    rng = random.Random(SEED + 1)
+def two_portals(n=200, seed=SEED + 1):
+    rng = random.Random(seed)
     bags, reads, labels = [], [], []
-    for i in range(200):
+    for i in range(n):
         bags.append((new_epc(rng), i * BAG_EVERY_MS))
     for tag, te in bags:
         # reader A (text): in field while |x - 0| <= 1.8
@@ -573,6 +573,17 @@ def main():
         "", PROV % (SEED + 4), "", HDR_B % (230400, " (assumed: 500 notices/s of 24 bytes exceed 115200 baud)")]})
     results["dense-300-tags"] = check_scenario("dense-300-tags", reads)
     assert results["dense-300-tags"]["b"]["tags"] == 300 and results["dense-300-tags"]["b"]["reads"] == 2000
+
+    # ---- 5. demo: the first seconds of a belt like two-portals, 10 bags (for `scangate demo`)
+    bags5, reads, labels = two_portals(10, SEED + 5)
+    p5 = PROV % (SEED + 5)
+    common5 = common.replace("200 bags", "10 bags")
+    write_scenario("demo", reads, labels, {
+        "a": [common5, "", p5, "", HDR_A],
+        "b": [common5, "", p5, "", HDR_B % (115200, "")]})
+    overlap5 = {tag: (t_at(X_B - FIELD_M, te), t_at(X_A + FIELD_M, te)) for tag, te in bags5}
+    results["demo"] = check_scenario("demo", reads, overlap5)
+    assert len(read_labels(os.path.join(OUT, "demo", "labels.tsv"))) == 20
 
     # ---- report
     for name, st in results.items():

@@ -67,17 +67,62 @@ pub struct SpoolConfig {
     pub dead_letter_max_bytes: u64,
 }
 
+/// How repeat reads become events (`[suppress] mode`, or a source's `suppress`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SuppressMode {
+    /// One event per pass, when the pass ends.
     Aggregate,
+    /// One event at the first read of a pass; the rest of the pass is swallowed.
     First,
+    /// One event per read (no suppression).
+    Off,
 }
 
+impl SuppressMode {
+    pub const CHOICES: [&'static str; 3] = ["aggregate", "first", "off"];
+
+    fn of(name: &str) -> SuppressMode {
+        match name {
+            "first" => SuppressMode::First,
+            "off" => SuppressMode::Off,
+            _ => SuppressMode::Aggregate,
+        }
+    }
+}
+
+/// `[suppress]`: repeat suppression and zone arbitration (see `src/suppress/`).
 #[derive(Debug, Clone)]
 pub struct SuppressConfig {
     pub mode: SuppressMode,
+    /// Quiet time that ends a pass.
     pub window: Duration,
+    /// Window of sources with protocol = "lines" (barcode scanners) that set none: short,
+    /// so a scanner beeping twice on one bag is one pass and the next bag is not merged.
+    pub barcode_window: Duration,
+    /// A pass lasting this long is emitted and a new one opens (a parked tag).
     pub max_pass: Duration,
+    /// Reads weaker than this (dBm, after calibration) are dropped and counted.
+    pub min_rssi_dbm: Option<f64>,
+    /// Open passes tracked at most; when full the longest idle is emitted early.
+    pub max_tracked: usize,
+    /// How much stronger (mean RSSI, dB) another zone must read a tag to take its pass.
+    pub zone_margin_db: f64,
+    /// How long (ms) it must stay stronger.
+    pub zone_dwell: Duration,
+    /// How fast (dB per second) the current zone's mean fades while it does not read the tag.
+    pub zone_fade_db_per_s: f64,
+}
+
+/// A source's own suppression settings (`[[source]]` keys), each overriding `[suppress]`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SourceSuppress {
+    /// `suppress = "aggregate" | "first" | "off"`.
+    pub mode: Option<SuppressMode>,
+    /// `window_ms`.
+    pub window: Option<Duration>,
+    /// `rssi_offset_db`: added to this reader's RSSI, dB (calibration between models).
+    pub rssi_offset_db: f64,
+    /// `min_rssi_dbm`.
     pub min_rssi_dbm: Option<f64>,
 }
 
@@ -238,7 +283,10 @@ pub struct SourceConfig {
     /// byte. For readers that send keep-alives while they work; unset, silence is normal.
     pub reopen_after_idle: Option<Duration>,
     pub device: String,
+    /// Arbitration group: sources whose read zones overlap (default: the source alone).
     pub group: Option<String>,
+    /// This source's suppression overrides.
+    pub suppress: SourceSuppress,
     pub scan_type: Option<String>,
 }
 
@@ -569,11 +617,18 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
     let suppress = {
         let mut s = root.table(p, "suppress");
         let (mut mode, mut window, mut max_pass, mut floor) = (None, None, None, None);
+        let (mut barcode_window, mut max_tracked, mut margin, mut dwell, mut fade) =
+            (None, None, None, None, None);
         if let Some(s) = s.as_mut() {
-            mode = s.choice(p, "mode", &["aggregate", "first"]);
+            mode = s.choice(p, "mode", &SuppressMode::CHOICES);
             window = s.integer(p, "window_ms", 1, 3_600_000);
+            barcode_window = s.integer(p, "barcode_window_ms", 1, 3_600_000);
             max_pass = s.integer(p, "max_pass_ms", 1, 86_400_000);
             floor = s.float(p, "min_rssi_dbm", -150.0, 50.0);
+            max_tracked = s.integer(p, "max_tracked", 1, 10_000_000);
+            margin = s.float(p, "zone_margin_db", 0.0, 100.0);
+            dwell = s.integer(p, "zone_dwell_ms", 0, 3_600_000);
+            fade = s.float(p, "zone_fade_db_per_s", 0.0, 1000.0);
             if let (Some(w), Some(m)) = (window, max_pass) {
                 if m < w {
                     p.push(
@@ -588,14 +643,15 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
             s.finish(p);
         }
         SuppressConfig {
-            mode: if mode == Some("first") {
-                SuppressMode::First
-            } else {
-                SuppressMode::Aggregate
-            },
+            mode: SuppressMode::of(mode.unwrap_or("aggregate")),
             window: ms(window, 2000),
+            barcode_window: ms(barcode_window, 1000),
             max_pass: ms(max_pass, 30_000),
             min_rssi_dbm: floor,
+            max_tracked: max_tracked.unwrap_or(100_000) as usize,
+            zone_margin_db: margin.unwrap_or(3.0),
+            zone_dwell: ms(dwell, 150),
+            zone_fade_db_per_s: fade.unwrap_or(10.0),
         }
     };
 
@@ -756,6 +812,26 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
         }
     }
     let group = s.string(p, "group");
+    if group
+        .as_ref()
+        .is_some_and(|g| g.is_empty() || !is_clean_text(g) || g.len() > 256)
+    {
+        p.push(
+            s.span_of("group"),
+            &s.key_path("group"),
+            "must be 1 to 256 characters, without control characters",
+        );
+    }
+    let suppress = SourceSuppress {
+        mode: s
+            .choice(p, "suppress", &SuppressMode::CHOICES)
+            .map(SuppressMode::of),
+        window: s
+            .integer(p, "window_ms", 1, 3_600_000)
+            .map(|ms| Duration::from_millis(ms as u64)),
+        rssi_offset_db: s.float(p, "rssi_offset_db", -100.0, 100.0).unwrap_or(0.0),
+        min_rssi_dbm: s.float(p, "min_rssi_dbm", -150.0, 50.0),
+    };
     let scan_type = s.string(p, "scan_type");
     let reopen_after_idle = s
         .integer(p, "reopen_after_idle_ms", 1000, 86_400_000)
@@ -933,6 +1009,7 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
         antenna_locations,
         reopen_after_idle,
         group,
+        suppress,
         scan_type,
     })
 }

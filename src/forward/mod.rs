@@ -152,6 +152,12 @@ pub struct Forwarder {
     last_error: Option<String>,
     /// live-first: chunks with id ≥ this are live.
     live_floor: i64,
+    /// Wall and boot time, to place events stamped on boot time ([`Forwarder::with_clock`]).
+    clock: Arc<dyn crate::clock::Clock>,
+    boot_offsets: std::collections::HashMap<[u8; 16], i64>,
+    /// This boot's kernel id.
+    boot: uuid::Uuid,
+    clock_hold_logged: bool,
     /// Events the upstream refused alone (400/422), with status and reason, not yet settled
     /// (see [`REFUSE_ALL_AFTER`]).
     /// The last field: refused while the upstream was seen to accept other events in the same
@@ -300,7 +306,69 @@ impl Forwarder {
             accepted_recently: false,
             refused_streak: 0,
             rewind: false,
+            clock: Arc::new(crate::clock::SystemClock),
+            boot_offsets: Default::default(),
+            boot: crate::event::boot_id(),
+            clock_hold_logged: false,
         })
+    }
+
+    /// Use `clock` to place events stamped on boot time (see `crate::clock`), with the clock
+    /// offsets the spool recorded for past boots.
+    pub fn with_clock(
+        mut self,
+        clock: Arc<dyn crate::clock::Clock>,
+        boot_offsets: std::collections::HashMap<[u8; 16], i64>,
+    ) -> Self {
+        self.clock = clock;
+        self.boot_offsets = boot_offsets;
+        self
+    }
+
+    /// Give every event of `batch` wall times (see `crate::clock`): events stamped on this
+    /// boot's boot time are re-based with the clock's offset now, those of a past boot with
+    /// the offset recorded for it, or, without one, stamped now and marked `unsynced`.
+    /// False (nothing changed) while this boot's clock is unsynced and an event needs it.
+    fn place_in_time(&self, batch: &mut [SpooledEvent]) -> bool {
+        use crate::clock::ClockMark;
+        let now = self.clock.offset();
+        let wall = self.clock.wall_ms();
+        let needs = |e: &SpooledEvent| match e.body.clock {
+            ClockMark::Mono => true,
+            ClockMark::Unsynced => !crate::clock::plausible(e.body.first_seen_ms),
+            _ => false,
+        };
+        if !batch.iter().any(needs) {
+            return true;
+        }
+        if now.is_none() {
+            return false;
+        }
+        for e in batch.iter_mut().filter(|e| needs(e)) {
+            let b = &mut e.body;
+            let off = if b.clock == ClockMark::Mono {
+                if e.boot_id == self.boot {
+                    now
+                } else {
+                    self.boot_offsets.get(e.boot_id.as_bytes()).copied()
+                }
+            } else {
+                None
+            };
+            match off {
+                Some(off) => {
+                    b.first_seen_ms += off;
+                    b.last_seen_ms += off;
+                    b.clock = ClockMark::Rebased;
+                }
+                None => {
+                    b.first_seen_ms = wall;
+                    b.last_seen_ms = wall;
+                    b.clock = ClockMark::Unsynced;
+                }
+            }
+        }
+        true
     }
 
     fn new_backoff(cfg: &UpstreamConfig) -> backon::ExponentialBackoff {
@@ -477,6 +545,20 @@ impl Forwarder {
         batch: Vec<SpooledEvent>,
         shutdown: &CancellationToken,
     ) -> Result<(), ()> {
+        let mut batch = batch;
+        // Timestamps sent upstream are never 1970: wait for the clock.
+        while !self.place_in_time(&mut batch) {
+            if !self.clock_hold_logged {
+                self.clock_hold_logged = true;
+                tracing::warn!(wall_ms = self.clock.wall_ms(), "Holding delivery: the wall clock is not set (before this build's date; no RTC and no NTP yet?). Reads are kept, stamped on boot time, and sent with true times once the clock syncs");
+            }
+            if let Wait::Shutdown = self.pause(Duration::from_secs(1), shutdown).await {
+                return Err(());
+            }
+        }
+        if std::mem::take(&mut self.clock_hold_logged) {
+            tracing::info!("The wall clock is set: delivery resumes");
+        }
         // Split by event type (one type per batch in the bag-events contract), keeping order.
         // Runs are split off in place: a batch of one type (the usual case) is not copied.
         let mut groups: Vec<Vec<SpooledEvent>> = Vec::new();

@@ -63,7 +63,7 @@ pub fn event_keys(profile: Profile) -> &'static [&'static str] {
             "last_seen",
             "gateway_id",
             "seq",
-            "clock_unsynced",
+            "clock",
         ],
         Profile::Collect => &[
             "event_id",
@@ -99,7 +99,7 @@ enum K {
     LastSeen,
     GatewayId,
     Seq,
-    ClockUnsynced,
+    Clock,
     LearnerId,
     TenantId,
     EventType,
@@ -131,7 +131,7 @@ impl K {
         K::LastSeen,
         K::GatewayId,
         K::Seq,
-        K::ClockUnsynced,
+        K::Clock,
         K::LearnerId,
         K::TenantId,
         K::EventType,
@@ -163,7 +163,7 @@ impl K {
             K::LastSeen => "last_seen",
             K::GatewayId => "gateway_id",
             K::Seq => "seq",
-            K::ClockUnsynced => "clock_unsynced",
+            K::Clock => "clock",
             K::LearnerId => "learner_id",
             K::TenantId => "tenant_id",
             K::EventType => "event_type",
@@ -520,9 +520,7 @@ impl Encoder {
         }
         o.json(K::GatewayId, &self.gateway_json);
         o.int(K::Seq, e.seq as i64);
-        if b.clock_unsynced() {
-            o.json(K::ClockUnsynced, b"true");
-        }
+        o.str(K::Clock, b.clock.as_str());
         // Never the first key: event_id is.
         o.out.extend_from_slice(&self.constants_json);
         o.close();
@@ -571,9 +569,7 @@ impl Encoder {
             m.json(K::GatewayId, &self.gateway_json);
             m.int(K::Seq, e.seq as i64);
             m.uuid(K::BootId, &e.boot_id);
-            if b.clock_unsynced() {
-                m.json(K::ClockUnsynced, b"true");
-            }
+            m.str(K::Clock, b.clock.as_str());
             m.close();
         }
         // Never the first key: event_id is.
@@ -659,6 +655,7 @@ mod tests {
                 last_seen_ms: 1_763_289_000_500,
                 symbology: None,
                 value: None,
+                clock: Default::default(),
             },
         }
     }
@@ -862,9 +859,7 @@ mod tests {
                         p.push(("last_seen", json!(rfc3339_ms(b.last_seen_ms))));
                         p.push(("gateway_id", json!(en.gateway_id)));
                         p.push(("seq", json!(e.seq)));
-                        if b.clock_unsynced() {
-                            p.push(("clock_unsynced", json!(true)));
-                        }
+                        p.push(("clock", json!(b.clock.as_str())));
                         finish(p)
                     })
                     .collect();
@@ -907,9 +902,7 @@ mod tests {
                             "seq": e.seq,
                             "boot_id": e.boot_id.to_string(),
                         });
-                        if b.clock_unsynced() {
-                            meta["clock_unsynced"] = json!(true);
-                        }
+                        meta["clock"] = json!(b.clock.as_str());
                         finish(vec![
                             ("event_id", json!(e.event_id.to_string())),
                             ("learner_id", json!(b.tag)),

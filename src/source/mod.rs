@@ -21,6 +21,7 @@ use crate::config::{SourceConfig, SourceKind};
 use crate::event::Read;
 use crate::metrics::Metrics;
 use crate::protocol::Decoded;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -71,7 +72,10 @@ impl Budget {
 pub struct SourceRead {
     pub source: usize,
     pub read: Read,
+    /// Wall clock when the bytes were read, unix ms (possibly unsynced).
     pub wall_ms: i64,
+    /// The same instant on `CLOCK_BOOTTIME`, ms (see `crate::clock`): the suppressor's time.
+    pub mono_ms: i64,
     /// Journal position just after the read's frame (0: the source keeps no journal). The
     /// spool commits it with the read (see [`journal`]).
     pub journal_end: u64,
@@ -108,9 +112,23 @@ pub struct Feed {
     pub budget: Arc<Budget>,
     /// This source's health record (frames, bad frames by reason, connection).
     pub health: Arc<crate::metrics::SourceHealth>,
+    /// Serial sources still recovering their port journal (see [`Pipe::recovering`]).
+    pub recovering: Arc<AtomicUsize>,
+    /// This feed has already reported its recovery done.
+    pub recovered: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Feed {
+    /// This serial source has handed over every read recovered from its journal (called
+    /// once; later calls do nothing).
+    pub fn recovery_done(&self) {
+        if !self.recovered.swap(true, Ordering::AcqRel) {
+            let _ = self
+                .recovering
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        }
+    }
+
     pub(crate) fn read_of(&self, d: Decoded, wall_ms: i64, journal_end: u64) -> Option<SourceRead> {
         match d {
             Decoded::Skipped { reason, bytes } => {
@@ -131,10 +149,14 @@ impl Feed {
                 self.health.frames.inc();
                 self.health.reads.inc();
                 self.health.last_frame_ms.set(wall_ms.max(0) as u64);
+                // Reads recovered from a journal carry the wall time of their read: their boot
+                // time is as far back as that (exact while the wall clock did not step).
+                let age = (crate::event::wall_now_ms() - wall_ms).max(0);
                 Some(SourceRead {
                     source: self.source,
                     read,
                     wall_ms,
+                    mono_ms: crate::clock::boottime_ms() - age,
                     journal_end,
                     frame_more: false,
                 })
@@ -161,10 +183,19 @@ impl Feed {
     /// Hand decoder output to the pipeline, waiting while the read channel is full (a source
     /// that can be paused). Returns false once the pipeline is gone.
     pub async fn push(&self, d: Decoded) -> bool {
-        let wall_ms = crate::event::wall_now_ms();
+        self.push_at(d, None).await
+    }
+
+    /// [`Feed::push`] of a read that happened at `at` (wall ms, boot-time ms) rather than now
+    /// (a replay's capture time).
+    pub async fn push_at(&self, d: Decoded, at: Option<(i64, i64)>) -> bool {
+        let wall_ms = at.map_or_else(crate::event::wall_now_ms, |(w, _)| w);
         let Some(mut r) = self.read_of(d, wall_ms, 0) else {
             return true;
         };
+        if let Some((_, mono)) = at {
+            r.mono_ms = mono;
+        }
         loop {
             // Registered before the check, so a drain in between is not missed.
             let drained = self.budget.drained.notified();
@@ -266,6 +297,10 @@ pub struct Pipe {
     pub journal: Option<(std::path::PathBuf, Arc<journal::JournalMarks>)>,
     /// The read channel's byte budget.
     pub budget: Arc<Budget>,
+    /// Serial sources that have not yet handed over the reads recovered from their port
+    /// journals: until none has, the suppression stage does not end passes by time (those
+    /// reads are older than now and belong to passes still open).
+    pub recovering: Arc<AtomicUsize>,
 }
 
 /// Run one source until `shutdown` (or, for a replay, until the capture is played).
@@ -287,7 +322,20 @@ pub async fn run(
         read_coalesce: pipe.read_coalesce,
         journal: pipe.journal,
         budget: pipe.budget,
+        recovering: pipe.recovering,
+        recovered: Arc::default(),
     };
+    // Whatever way the source ends, it no longer holds the stage back.
+    struct Done(Feed);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            self.0.recovery_done();
+        }
+    }
+    let done = Done(feed.clone());
+    if !matches!(cfg.kind, SourceKind::Serial { .. }) {
+        done.0.recovery_done();
+    }
     match &cfg.kind {
         SourceKind::Serial { path, port, init } => {
             serial::run(&cfg, path, *port, init, feed, shutdown).await
@@ -321,6 +369,8 @@ mod tests {
             journal: None,
             budget,
             health: Arc::default(),
+            recovering: Arc::default(),
+            recovered: Arc::default(),
         }
     }
 
@@ -337,6 +387,7 @@ mod tests {
                 value: None,
             },
             wall_ms: 0,
+            mono_ms: 0,
             journal_end: 1,
             frame_more: false,
         }

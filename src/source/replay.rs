@@ -40,6 +40,7 @@ pub async fn run_file(
     feed: Feed,
     shutdown: CancellationToken,
 ) -> Result<(), ReplayError> {
+    let mut timeline = Timeline::default();
     for pass in 0..repeat {
         let f = tokio::fs::File::open(file)
             .await
@@ -47,7 +48,16 @@ pub async fn run_file(
                 path: file.to_path_buf(),
                 source,
             })?;
-        let done = play(cfg, BufReader::new(f), file, speed, &feed, &shutdown).await?;
+        let done = play(
+            cfg,
+            BufReader::new(f),
+            file,
+            speed,
+            &feed,
+            &shutdown,
+            &mut timeline,
+        )
+        .await?;
         if !done {
             return Ok(());
         }
@@ -55,6 +65,41 @@ pub async fn run_file(
     }
     tracing::info!(source = %cfg.name, file = %file.display(), "Replay finished");
     Ok(())
+}
+
+/// When a replay's reads happened: at the capture's own offsets from the replay's start,
+/// whatever the speed, so repeat suppression sees a capture replayed faster than recorded
+/// exactly as it was read (`scangate replay` of a field capture gives the field's passes).
+/// A repetition starts [`REPEAT_GAP_MS`] after the previous one's last read.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Timeline {
+    /// Boot time (ms) of offset 0, and the wall time then.
+    mono: i64,
+    wall: i64,
+    /// Boot time of the last read placed.
+    last: i64,
+}
+
+/// Quiet between two repetitions of a capture, ms: longer than any pass window in practice.
+pub const REPEAT_GAP_MS: i64 = 60_000;
+
+impl Timeline {
+    fn start(&mut self) {
+        let now = crate::clock::boottime_ms();
+        let mono = if self.last == 0 {
+            now
+        } else {
+            now.max(self.last + REPEAT_GAP_MS)
+        };
+        self.wall = crate::event::wall_now_ms() + (mono - now);
+        self.mono = mono;
+    }
+
+    fn at(&mut self, offset_ms: u64) -> (i64, i64) {
+        let off = offset_ms.min(i64::MAX as u64 / 4) as i64;
+        self.last = self.last.max(self.mono.saturating_add(off));
+        (self.wall.saturating_add(off), self.mono.saturating_add(off))
+    }
 }
 
 /// Play one capture. Returns false if stopped early (shutdown or pipeline gone).
@@ -65,7 +110,10 @@ pub async fn play<R: AsyncBufRead + Unpin>(
     speed: &ReplaySpeed,
     feed: &Feed,
     shutdown: &CancellationToken,
+    timeline: &mut Timeline,
 ) -> Result<bool, ReplayError> {
+    timeline.start();
+    let mut at = timeline.at(0);
     let mut lines = reader.lines();
     let mut kind = None;
     let mut decoder = Protocol::new(&cfg.protocol);
@@ -115,6 +163,7 @@ pub async fn play<R: AsyncBufRead + Unpin>(
         } else if shutdown.is_cancelled() {
             return Ok(false);
         }
+        at = timeline.at(rec.offset_ms);
         feed.metrics.frames_in.inc();
         feed.metrics.bytes_in.add(rec.bytes.len() as u64);
         feed.health.bytes.add(rec.bytes.len() as u64);
@@ -132,13 +181,13 @@ pub async fn play<R: AsyncBufRead + Unpin>(
             CaptureKind::Mqtt => decode_all(&mut Protocol::new(&cfg.protocol), &rec.bytes, true),
         };
         for d in outputs {
-            if !feed.push(d).await {
+            if !feed.push_at(d, Some(at)).await {
                 return Ok(false);
             }
         }
     }
     while let Ok(Some(d)) = decoder.decode_eof(&mut buf) {
-        if !feed.push(d).await {
+        if !feed.push_at(d, Some(at)).await {
             return Ok(false);
         }
     }

@@ -314,6 +314,8 @@ fn serve(name: &str, port_cfg: &Port, feed: &Feed, stopped: &super::Stopped) {
             }
         }
     });
+    // Every recovered read is in the channel: the suppression stage may end passes by time.
+    feed.recovery_done();
     let mut pos_end = journal.as_ref().map_or(0, Journal::end);
     // Positions up to which everything is settled (committed, or consumed without a read in
     // flight): journal files before it can go.

@@ -119,6 +119,8 @@ pub enum Cmd {
         bodies: Vec<EventBody>,
         /// Journal positions committed with these events (source name, position).
         marks: Vec<(Arc<str>, u64)>,
+        /// Pass-log rows committed with them (`crate::suppress::stage`).
+        pass_rows: Vec<(Vec<u8>, bool)>,
         reply: Option<Reply<AppendResult>>,
     },
     Read {
@@ -252,13 +254,15 @@ pub fn spawn_with(
                 flush(&mut spool);
             }
             match cmd {
-                Cmd::Append { mut bodies, mut marks, reply } => {
+                Cmd::Append { mut bodies, mut marks, pass_rows, reply } => {
+                    spool.stage_pass_rows(pass_rows);
                     // Merge appends that are already queued into this transaction.
                     let mut replies = vec![(reply, bodies.len())];
                     let mut size: usize = bodies.iter().map(body_size).sum();
                     while bodies.len() < MERGE_MAX_EVENTS && size < MERGE_MAX_BYTES {
                         match rx.try_recv() {
-                            Ok(Cmd::Append { bodies: more, marks: more_marks, reply }) => {
+                            Ok(Cmd::Append { bodies: more, marks: more_marks, pass_rows, reply }) => {
+                                spool.stage_pass_rows(pass_rows);
                                 replies.push((reply, more.len()));
                                 size += more.iter().map(body_size).sum::<usize>();
                                 bodies.extend(more);
@@ -299,6 +303,8 @@ pub fn spawn_with(
                             Err(e)
                         }
                     };
+                    // Rows still staged were not committed: the stage must write a snapshot.
+                    spool.drop_pass_rows();
                     if replies.iter().any(|(r, _)| r.is_none()) {
                         report_detached(&spool, &result, total, &mut refusing);
                     }
@@ -432,6 +438,7 @@ impl SpoolHandle {
         self.call(|reply| Cmd::Append {
             bodies,
             marks: Vec::new(),
+            pass_rows: Vec::new(),
             reply: Some(reply),
         })
         .await
@@ -444,11 +451,13 @@ impl SpoolHandle {
         &self,
         bodies: Vec<EventBody>,
         marks: Vec<(Arc<str>, u64)>,
+        pass_rows: Vec<(Vec<u8>, bool)>,
     ) -> Result<(), HandleError> {
         self.tx
             .send(Cmd::Append {
                 bodies,
                 marks,
+                pass_rows,
                 reply: None,
             })
             .await
@@ -602,6 +611,7 @@ mod tests {
                     last_seen_ms: 0,
                     symbology: None,
                     value: None,
+                    clock: Default::default(),
                 },
             })
             .collect()

@@ -6,7 +6,10 @@
 use crate::event::EventBody;
 use serde::{Deserialize, Serialize};
 
+/// Format 1: bodies without the `clock` field ([`crate::event::EventBodyV1`]); read only.
 pub const FORMAT_ZSTD_POSTCARD_V1: u8 = 1;
+/// Format 2 (written now): [`EventBody`] with `clock`.
+pub const FORMAT_ZSTD_POSTCARD_V2: u8 = 2;
 /// zstd level for chunks: level 1 is ~3x faster than 3 and costs a few bytes per event.
 const ZSTD_LEVEL: i32 = 1;
 
@@ -23,6 +26,20 @@ pub struct Record {
 pub struct ChunkData {
     pub boot_id: [u8; 16],
     pub records: Vec<Record>,
+}
+
+#[derive(Deserialize)]
+struct RecordV1 {
+    seq_delta: i64,
+    committed_delta: i64,
+    body: crate::event::EventBodyV1,
+}
+
+/// A chunk of format 1.
+#[derive(Deserialize)]
+struct ChunkDataV1 {
+    boot_id: [u8; 16],
+    records: Vec<RecordV1>,
 }
 
 /// A fresh group serialised straight from its bodies, byte for byte what
@@ -129,7 +146,7 @@ impl Codec {
         // Compressing into memory cannot fail for I/O reasons; map the impossible error anyway.
         let n = n.map_err(|_| postcard::Error::SerializeBufferFull)?;
         let mut out = Vec::with_capacity(n + 1);
-        out.push(FORMAT_ZSTD_POSTCARD_V1);
+        out.push(FORMAT_ZSTD_POSTCARD_V2);
         out.extend_from_slice(&packed[..n]);
         if raw.capacity() <= KEEP_BUFFER {
             self.raw = raw;
@@ -142,7 +159,7 @@ impl Codec {
 
     pub fn decode(&mut self, blob: &[u8]) -> Result<ChunkData, ChunkError> {
         let (&fmt, rest) = blob.split_first().ok_or(ChunkError::Empty)?;
-        if fmt != FORMAT_ZSTD_POSTCARD_V1 {
+        if fmt != FORMAT_ZSTD_POSTCARD_V1 && fmt != FORMAT_ZSTD_POSTCARD_V2 {
             return Err(ChunkError::Format(fmt));
         }
         // Size the output from the frame header (the compressor always writes it), so a read
@@ -156,6 +173,21 @@ impl Codec {
             None => zstd::bulk::decompress(rest, cap),
         }
         .map_err(ChunkError::Zstd)?;
+        if fmt == FORMAT_ZSTD_POSTCARD_V1 {
+            let old: ChunkDataV1 = postcard::from_bytes(&raw)?;
+            return Ok(ChunkData {
+                boot_id: old.boot_id,
+                records: old
+                    .records
+                    .into_iter()
+                    .map(|r| Record {
+                        seq_delta: r.seq_delta,
+                        committed_delta: r.committed_delta,
+                        body: r.body.into(),
+                    })
+                    .collect(),
+            });
+        }
         Ok(postcard::from_bytes(&raw)?)
     }
 }
@@ -183,6 +215,7 @@ mod tests {
             last_seen_ms: 0,
             symbology: None,
             value: None,
+            clock: Default::default(),
         };
         // Just under the cap: written and read back.
         let n = MAX_RAW / 4200 - 16;
@@ -220,6 +253,7 @@ mod tests {
                         last_seen_ms: i as i64,
                         symbology: None,
                         value: None,
+                        clock: Default::default(),
                     },
                 })
                 .collect(),
@@ -233,7 +267,7 @@ mod tests {
         for (n, salt) in [(5000, "a"), (3, "b"), (400, "c"), (0, "d"), (1, "e")] {
             let data = chunk(n, salt);
             let blob = c.encode(&data).unwrap();
-            assert_eq!(blob[0], FORMAT_ZSTD_POSTCARD_V1);
+            assert_eq!(blob[0], FORMAT_ZSTD_POSTCARD_V2);
             assert_eq!(c.decode(&blob).unwrap(), data);
             assert!(c.raw.capacity() <= KEEP_BUFFER && c.packed.capacity() <= KEEP_BUFFER);
         }
@@ -261,5 +295,61 @@ mod tests {
         assert!(std::sync::Arc::ptr_eq(&a.source, &b.source));
         assert!(std::sync::Arc::ptr_eq(&a.device, &b.device));
         assert_eq!(&*a.location, "HALL");
+    }
+
+    /// Spools written before the `clock` field (format 1) are still read: their events come
+    /// back whole, marked by the old rule (a time before 2024 was an unsynced clock).
+    #[test]
+    fn chunks_of_format_1_are_still_read() {
+        #[derive(Serialize)]
+        struct OldRecord {
+            seq_delta: i64,
+            committed_delta: i64,
+            body: crate::event::EventBodyV1,
+        }
+        #[derive(Serialize)]
+        struct OldChunk {
+            boot_id: [u8; 16],
+            records: Vec<OldRecord>,
+        }
+        let new = chunk(3, "old");
+        let old = OldChunk {
+            boot_id: new.boot_id,
+            records: new
+                .records
+                .iter()
+                .map(|r| OldRecord {
+                    seq_delta: r.seq_delta,
+                    committed_delta: r.committed_delta,
+                    body: crate::event::EventBodyV1 {
+                        kind: r.body.kind,
+                        tag: r.body.tag.clone(),
+                        source: r.body.source.clone(),
+                        location: r.body.location.clone(),
+                        device: r.body.device.clone(),
+                        scan_type: r.body.scan_type.clone(),
+                        antenna: r.body.antenna,
+                        rssi_cdbm: r.body.rssi_cdbm,
+                        read_count: r.body.read_count,
+                        first_seen_ms: r.body.first_seen_ms,
+                        last_seen_ms: r.body.last_seen_ms,
+                        symbology: r.body.symbology.clone(),
+                        value: r.body.value,
+                    },
+                })
+                .collect(),
+        };
+        let mut blob = vec![FORMAT_ZSTD_POSTCARD_V1];
+        blob.extend(zstd::bulk::compress(&postcard::to_stdvec(&old).unwrap(), 1).unwrap());
+        let back = Codec::default().decode(&blob).unwrap();
+        assert_eq!(back.records.len(), 3);
+        for (b, n) in back.records.iter().zip(&new.records) {
+            // The test chunk's times are tiny: an unsynced clock by the old rule.
+            let want = EventBody {
+                clock: crate::clock::ClockMark::Unsynced,
+                ..n.body.clone()
+            };
+            assert_eq!(b.body, want);
+        }
     }
 }

@@ -41,7 +41,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use uuid::Uuid;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 /// Size of `spool.reserve`, a preallocated file released when the disk is full so that
 /// acknowledgements, evictions and dead-lettering (which must write WAL frames to free space)
 /// still work. Appends never use it: the reserve exists to get data *out* of a full spool.
@@ -66,6 +66,12 @@ pub struct SpoolOptions {
     /// The gateway id, mixed into every event id: two gateways made from one SD card image (a
     /// copied state directory) never share ids as long as their gateway ids differ.
     pub gateway_id: String,
+    /// The clock whose offset (wall − boot time) is recorded per boot, so events stamped on
+    /// boot time while the wall clock was unsynced can be re-based (`crate::clock`).
+    pub clock: Arc<dyn crate::clock::Clock>,
+    /// Set when a commit carrying pass-log rows failed: the suppression stage then writes a
+    /// snapshot next (`crate::suppress::stage`).
+    pub pass_log_lost: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Default for SpoolOptions {
@@ -76,6 +82,8 @@ impl Default for SpoolOptions {
             sync: SyncMode::Full,
             dead_letter_max_bytes: 64 * 1024 * 1024,
             gateway_id: String::new(),
+            clock: Arc::new(crate::clock::SystemClock),
+            pass_log_lost: Arc::default(),
         }
     }
 }
@@ -89,6 +97,7 @@ impl SpoolOptions {
             sync: cfg.spool.sync,
             dead_letter_max_bytes: cfg.spool.dead_letter_max_bytes,
             gateway_id: cfg.gateway.id.clone(),
+            ..SpoolOptions::default()
         }
     }
 }
@@ -341,6 +350,10 @@ pub struct Spool {
     /// cursor.
     next_chunk: i64,
     boot_id: Uuid,
+    /// Pass-log rows to write with the next commit (blob, snapshot).
+    pass_rows: Vec<(Vec<u8>, bool)>,
+    /// This boot's clock offset is in `meta`.
+    offset_recorded: bool,
     page_size: u64,
     used_bytes: u64,
     /// Size of the write-ahead log file (`spool.db-wal`) at the last measure.
@@ -675,9 +688,13 @@ impl Spool {
             return Err(SpoolError::Open { path: path.clone(), source: rusqlite::Error::InvalidParameterName(format!("schema version {version} is newer than this scangate understands ({SCHEMA_VERSION}); upgrade scangate")) });
         }
         let known = Identity::load(state_dir);
+        if version == 1 {
+            migrate_to_2(&conn).map_err(classify)?;
+        }
         if version == 0 {
             report.created = true;
             migrate_to_1(&conn).map_err(classify)?;
+            migrate_to_2(&conn).map_err(classify)?;
             // After a quarantine the fresh spool keeps the identity: the same salt (so
             // `spool salvage` re-sends the old events with their original ids) and seqs above
             // every one reserved before.
@@ -745,6 +762,8 @@ impl Spool {
             delivery_noted_ms: i64::MIN / 2,
             acks: Vec::new(),
             acks_max: None,
+            pass_rows: Vec::new(),
+            offset_recorded: false,
         };
         if !spool.make_reserve() {
             spool.reserve_missing_commits = Some(0);
@@ -1147,6 +1166,26 @@ impl Spool {
         for (source, pos) in marks {
             meta_set(&tx, &format!("journal:{source}"), *pos as i64).map_err(classify)?;
         }
+        for (blob, snapshot) in &self.pass_rows {
+            tx.prepare_cached("INSERT INTO pass_log(data) VALUES (?1)")?
+                .execute([blob])
+                .map_err(classify)?;
+            if *snapshot {
+                let id = tx.last_insert_rowid();
+                tx.prepare_cached("DELETE FROM pass_log WHERE id < ?1")?
+                    .execute([id])
+                    .map_err(classify)?;
+            }
+        }
+        let offset = if self.offset_recorded {
+            None
+        } else {
+            self.opts.clock.offset()
+        };
+        if let Some(off) = offset {
+            meta_set(&tx, &format!("clock_offset:{}", self.boot_id.simple()), off)
+                .map_err(classify)?;
+        }
         if let (Some(salt), true) = (salt, count > 0) {
             meta_set(&tx, &format!("salt_chunk:{id}"), salt as i64).map_err(classify)?;
         }
@@ -1179,6 +1218,10 @@ impl Spool {
             }
         };
         tx.commit().map_err(classify)?;
+        self.pass_rows.clear();
+        if offset.is_some() {
+            self.offset_recorded = true;
+        }
         if let (Some(salt), true) = (salt, count > 0) {
             self.salt_overrides.push((id, salt));
         }
@@ -1201,6 +1244,51 @@ impl Spool {
     /// evicting events cannot shrink it, so counting it would destroy the backlog for nothing.
     fn live_bytes(&self) -> u64 {
         self.used_bytes.saturating_sub(self.dl_bytes)
+    }
+
+    /// Pass-log rows (`crate::suppress::stage`) to write in the next commit's transaction. If
+    /// that commit fails they are dropped and `pass_log_lost` is set.
+    pub fn stage_pass_rows(&mut self, rows: Vec<(Vec<u8>, bool)>) {
+        self.pass_rows.extend(rows);
+    }
+
+    /// Drop staged pass-log rows that could not be committed (and say so).
+    pub fn drop_pass_rows(&mut self) {
+        if !self.pass_rows.is_empty() {
+            self.pass_rows.clear();
+            self.opts
+                .pass_log_lost
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Every row of the pass log, oldest first (the first is a snapshot unless the log was
+    /// never compacted).
+    pub fn pass_log_rows(&self) -> Result<Vec<Vec<u8>>, SpoolError> {
+        let mut q = self.conn.prepare("SELECT data FROM pass_log ORDER BY id")?;
+        let rows = q
+            .query_map([], |r| r.get::<_, Vec<u8>>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// The recorded clock offsets (wall − boot time, ms) by kernel boot id.
+    pub fn boot_offsets(&self) -> Result<std::collections::HashMap<[u8; 16], i64>, SpoolError> {
+        let mut q = self
+            .conn
+            .prepare("SELECT key, value FROM meta WHERE key LIKE 'clock_offset:%'")?;
+        let rows = q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            let (key, off) = row?;
+            if let Some(id) = key
+                .strip_prefix("clock_offset:")
+                .and_then(|h| Uuid::parse_str(h).ok())
+            {
+                out.insert(*id.as_bytes(), off);
+            }
+        }
+        Ok(out)
     }
 
     /// The committed journal position of every source (`source::journal`): name → position.
@@ -1951,6 +2039,17 @@ fn mark_done(tx: &rusqlite::Transaction<'_>, locs: &[Loc]) -> Result<(u64, bool)
     Ok((newly, deleted))
 }
 
+/// Version 2: the suppression stage's pass log (`crate::suppress::stage`), and chunks of
+/// format 2 (events with a `clock` mark; format 1 is still read).
+fn migrate_to_2(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "BEGIN;
+         CREATE TABLE IF NOT EXISTS pass_log(id INTEGER PRIMARY KEY, data BLOB NOT NULL);
+         PRAGMA user_version = 2;
+         COMMIT;",
+    )
+}
+
 fn migrate_to_1(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(
         "BEGIN;
@@ -2087,6 +2186,7 @@ mod tests {
             last_seen_ms: 1,
             symbology: None,
             value: None,
+            clock: Default::default(),
         }
     }
 

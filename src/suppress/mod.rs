@@ -30,6 +30,9 @@
 
 use crate::event::ReadKind;
 use hashbrown::HashTable;
+use serde::{Deserialize, Serialize};
+
+pub mod stage;
 
 /// How passes are emitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +136,102 @@ pub struct Counters {
     pub passes: u64,
     pub forced: u64,
     pub moves: u64,
+}
+
+/// The reads of one zone within a saved pass (see [`SavedPass`]); `zone` and `reader` are the
+/// caller's interned indices, `peak` centi-dBm (`i16::MIN`: none), `first` ms after the pass
+/// began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedZone {
+    pub zone: u16,
+    pub peak: i16,
+    pub reader: u16,
+    pub count: u32,
+    pub first: u32,
+}
+
+/// An open pass as written to the spool ([`Suppressor::take_changes`]) and put back at start
+/// ([`Suppressor::restore`]): everything the suppressor keeps about it, so a restored pass
+/// goes on exactly as if there had been no restart. Times: `first_ms` on the caller's clock,
+/// the others ms after it. `group`, `rule`, zones, readers and `symbology` are the caller's
+/// interned indices (the caller maps them to names when it saves and back when it restores).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedPass {
+    pub tag: String,
+    pub kind: ReadKind,
+    pub group: u16,
+    pub rule: u16,
+    pub symbology: u8,
+    pub first_ms: i64,
+    pub last: u32,
+    pub base_last: u32,
+    pub count: u32,
+    pub hold: SavedZone,
+    pub merged: SavedZone,
+    pub chal: SavedZone,
+    pub hold_mean: i16,
+    pub chal_mean: i16,
+    pub chal_last: u32,
+    pub chal_since: u32,
+    /// `first` mode: its event was already emitted.
+    pub emitted: bool,
+}
+
+impl SavedPass {
+    /// The last read, on the caller's clock.
+    pub fn last_ms(&self) -> i64 {
+        self.first_ms + self.last as i64
+    }
+}
+
+/// What changed in the open passes since the last [`Suppressor::take_changes`]: the passes
+/// opened or updated (their whole state) and the keys (group, tag) of logged passes that
+/// closed. Applying `closed` before `open` to the previous state gives the new state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Changes {
+    pub open: Vec<SavedPass>,
+    pub closed: Vec<(u16, String)>,
+}
+
+/// A bit per slot.
+#[derive(Default)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn get(&self, i: u32) -> bool {
+        self.0
+            .get(i as usize / 64)
+            .is_some_and(|w| w >> (i % 64) & 1 == 1)
+    }
+
+    /// Set bit `i`; true if it was clear.
+    fn set(&mut self, i: u32) -> bool {
+        let w = i as usize / 64;
+        if w >= self.0.len() {
+            self.0.resize(w + 1, 0);
+        }
+        let was = self.0[w] >> (i % 64) & 1 == 1;
+        self.0[w] |= 1 << (i % 64);
+        !was
+    }
+
+    fn clear(&mut self, i: u32) {
+        if let Some(w) = self.0.get_mut(i as usize / 64) {
+            *w &= !(1 << (i % 64));
+        }
+    }
+}
+
+/// Change tracking for persistence (off unless [`Suppressor::track_changes`]).
+#[derive(Default)]
+struct Tracking {
+    on: bool,
+    /// Slots changed since the last take.
+    dirty: Bits,
+    dirty_list: Vec<u32>,
+    /// Slots whose pass is in the log (a close must be logged).
+    logged: Bits,
+    closed: Vec<(u16, String)>,
 }
 
 /// No RSSI.
@@ -361,6 +460,29 @@ pub struct Suppressor {
     /// Shortest window of any rule: the LRU scan of [`Suppressor::tick`] stops there.
     min_window: i64,
     counters: Counters,
+    track: Tracking,
+}
+
+impl ZoneReads {
+    fn save(&self) -> SavedZone {
+        SavedZone {
+            zone: self.zone,
+            peak: self.peak,
+            reader: self.reader,
+            count: self.count,
+            first: self.first,
+        }
+    }
+
+    fn load(z: &SavedZone) -> ZoneReads {
+        ZoneReads {
+            zone: z.zone,
+            peak: z.peak,
+            reader: z.reader,
+            count: z.count,
+            first: z.first,
+        }
+    }
 }
 
 impl<'a> Key<'a> {
@@ -414,7 +536,115 @@ impl Suppressor {
                 .min()
                 .unwrap_or(0),
             counters: Counters::default(),
+            track: Tracking::default(),
             s: settings,
+        }
+    }
+
+    /// Keep track of what changes, for [`Suppressor::take_changes`] (a bit and at most one
+    /// list entry per changed pass between two takes).
+    pub fn track_changes(&mut self) {
+        self.track.on = true;
+    }
+
+    fn touched(&mut self, i: u32) {
+        if self.track.on && self.track.dirty.set(i) {
+            self.track.dirty_list.push(i);
+        }
+    }
+
+    fn save(&self, i: u32) -> SavedPass {
+        let s = &self.slots[i as usize];
+        SavedPass {
+            tag: self.texts.text(&s.tag),
+            kind: s.kind,
+            group: s.group,
+            rule: s.rule,
+            symbology: s.symbology,
+            first_ms: s.first_ms,
+            last: s.last,
+            base_last: s.base_last,
+            count: s.count,
+            hold: s.hold.save(),
+            merged: s.merged.save(),
+            chal: s.chal.save(),
+            hold_mean: s.hold_mean,
+            chal_mean: s.chal_mean,
+            chal_last: s.chal_last,
+            chal_since: s.chal_since,
+            emitted: s.emitted,
+        }
+    }
+
+    /// What changed since the last call (see [`Changes`]); from now on those passes count as
+    /// logged.
+    pub fn take_changes(&mut self) -> Changes {
+        let list = std::mem::take(&mut self.track.dirty_list);
+        let mut open = Vec::with_capacity(list.len());
+        for i in list {
+            if self.track.dirty.get(i) {
+                self.track.dirty.clear(i);
+                self.track.logged.set(i);
+                open.push(self.save(i));
+            }
+        }
+        Changes {
+            open,
+            closed: std::mem::take(&mut self.track.closed),
+        }
+    }
+
+    /// Every open pass, oldest read first; from now on all of them count as logged and
+    /// nothing as changed.
+    pub fn snapshot(&mut self) -> Vec<SavedPass> {
+        let mut out = Vec::with_capacity(self.table.len());
+        let mut i = self.head;
+        while i != NIL {
+            out.push(self.save(i));
+            self.track.dirty.clear(i);
+            self.track.logged.set(i);
+            i = self.slots[i as usize].next;
+        }
+        self.track.dirty_list.clear();
+        self.track.closed.clear();
+        out
+    }
+
+    /// Put a saved pass back (at start, passes saved in order of their last read). A pass of
+    /// the same key already open is closed first (emitted into `out`). Counts as logged.
+    pub fn restore(&mut self, p: &SavedPass, out: &mut Vec<Pass>) {
+        let key = Key::of(&p.tag);
+        let hash = key.hash(p.group);
+        if let Some(i) = self.find(p.group, &key, hash) {
+            self.close(i, End::Flushed, out);
+        }
+        let r = ReadIn {
+            tag: &p.tag,
+            kind: p.kind,
+            group: p.group,
+            zone: p.hold.zone,
+            reader: p.hold.reader,
+            rule: p.rule,
+            rssi_dbm: None,
+            symbology: p.symbology,
+            at_ms: p.first_ms,
+        };
+        let i = self.open(&r, &key, NONE, hash, out);
+        let s = &mut self.slots[i as usize];
+        s.last = p.last;
+        s.linked = p.last;
+        s.base_last = p.base_last;
+        s.count = p.count;
+        s.hold = ZoneReads::load(&p.hold);
+        s.merged = ZoneReads::load(&p.merged);
+        s.chal = ZoneReads::load(&p.chal);
+        s.hold_mean = p.hold_mean;
+        s.chal_mean = p.chal_mean;
+        s.chal_last = p.chal_last;
+        s.chal_since = p.chal_since;
+        s.emitted = p.emitted;
+        if self.track.on {
+            self.track.logged.set(i);
         }
     }
 
@@ -498,6 +728,15 @@ impl Suppressor {
             out.push(self.pass_of(i, end));
             self.counters.passes += 1;
         }
+        if self.track.on {
+            self.track.dirty.clear(i);
+            if self.track.logged.get(i) {
+                self.track.logged.clear(i);
+                let s = &self.slots[i as usize];
+                let key = (s.group, self.texts.text(&s.tag));
+                self.track.closed.push(key);
+            }
+        }
         let s = &self.slots[i as usize];
         let hash = self.texts.hash(s.group, &s.tag);
         if let Ok(e) = self.table.find_entry(hash, |&j| j == i) {
@@ -560,6 +799,7 @@ impl Suppressor {
             texts.hash(s.group, &s.tag)
         });
         self.push_tail(i);
+        self.touched(i);
         i
     }
 
@@ -627,6 +867,7 @@ impl Suppressor {
             return;
         };
         self.counters.suppressed += 1;
+        self.touched(i);
         // The LRU position is refreshed at most every `RELINK_MS` of a pass (relinking
         // touches two other slots: two cache misses per read in a large table).
         let s = &self.slots[i as usize];

@@ -39,6 +39,7 @@ pub fn body(tag: &str, ms: i64) -> EventBody {
         last_seen_ms: ms,
         symbology: None,
         value: None,
+        clock: Default::default(),
     }
 }
 
