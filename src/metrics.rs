@@ -109,6 +109,8 @@ pub struct Metrics {
     pub suppress_recovered_emitted: Counter,
     /// 1 while the wall clock is unsynced (before the build time): delivery is held.
     pub clock_unsynced: Gauge,
+    /// 1 while the forwarder holds events because this boot's clock is unsynced.
+    pub delivery_held_for_clock: Gauge,
     dropped: Mutex<BTreeMap<&'static str, u64>>,
     responses: Mutex<BTreeMap<u16, u64>>,
     sources: Mutex<Vec<(String, std::sync::Arc<SourceHealth>)>>,
@@ -298,6 +300,7 @@ impl Metrics {
             ("suppress_tracked_passes", "gauge", "Open passes now.", self.suppress_tracked.get()),
             ("suppress_restored_total", "counter", "Open passes put back from the spool at start.", self.suppress_restored.get()),
             ("suppress_recovered_emitted_total", "counter", "Open passes found in the spool at start that were emitted at once (another boot, or their source or zone left the config).", self.suppress_recovered_emitted.get()),
+            ("delivery_held_for_clock", "gauge", "1 while the forwarder holds events stamped on boot time because the wall clock is not synced (they are sent with true times once it is).", self.delivery_held_for_clock.get()),
             ("clock_unsynced", "gauge", "1 while the wall clock is before the build time (not synced): delivery is held, reads are stamped on boot time.", self.clock_unsynced.get()),
         ] {
             line(name, kind, help, v);

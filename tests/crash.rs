@@ -356,9 +356,7 @@ async fn kill_9_during_passes_emits_every_pass_once_with_every_read() {
                 let mut burst = Vec::new();
                 for k in 0..READS {
                     // RSSI -70.0 .. -31.0: the peak is the 40th read's.
-                    burst.extend_from_slice(
-                        format!("30{i:022X},-{}.0,1\r\n", 70 - k).as_bytes(),
-                    );
+                    burst.extend_from_slice(format!("30{i:022X},-{}.0,1\r\n", 70 - k).as_bytes());
                 }
                 master.write_all(&burst).expect("pty write");
                 i += 1;
@@ -449,7 +447,10 @@ async fn kill_9_during_passes_emits_every_pass_once_with_every_read() {
             .iter()
             .all(|e| e["signal_strength"].as_i64() == Some(-31) && e["location"] == "GATE_7")
     });
-    assert!(peaks_ok, "every pass's peak is its strongest read, at its zone");
+    assert!(
+        peaks_ok,
+        "every pass's peak is its strongest read, at its zone"
+    );
     eprintln!(
         "{total} passes of {READS} reads over {ROUNDS} kill -9 rounds: each once, every read counted; duplicates filtered by event_id: {}",
         ingest.with(|s| s.duplicates)

@@ -548,6 +548,7 @@ impl Forwarder {
         let mut batch = batch;
         // Timestamps sent upstream are never 1970: wait for the clock.
         while !self.place_in_time(&mut batch) {
+            self.metrics.delivery_held_for_clock.set(1);
             if !self.clock_hold_logged {
                 self.clock_hold_logged = true;
                 tracing::warn!(wall_ms = self.clock.wall_ms(), "Holding delivery: the wall clock is not set (before this build's date; no RTC and no NTP yet?). Reads are kept, stamped on boot time, and sent with true times once the clock syncs");
@@ -556,6 +557,7 @@ impl Forwarder {
                 return Err(());
             }
         }
+        self.metrics.delivery_held_for_clock.set(0);
         if std::mem::take(&mut self.clock_hold_logged) {
             tracing::info!("The wall clock is set: delivery resumes");
         }

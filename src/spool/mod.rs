@@ -1518,15 +1518,28 @@ impl Spool {
                 .execute([])?;
         }
         let note_delivery = self.delivery_due(now_ms);
+        // Delivered events were placed in time: this boot's clock offset is known now.
+        let offset = if self.offset_recorded {
+            None
+        } else {
+            self.opts.clock.offset()
+        };
+        let boot = self.boot_id;
         let result = (|| {
             let tx = self.conn.transaction().map_err(classify)?;
             let done = mark_done(&tx, locs)?;
             if note_delivery {
                 meta_set(&tx, "last_delivery_ms", now_ms).map_err(classify)?;
             }
+            if let Some(off) = offset {
+                meta_set(&tx, &format!("clock_offset:{}", boot.simple()), off).map_err(classify)?;
+            }
             tx.commit().map_err(classify)?;
             Ok::<(u64, bool), SpoolError>(done)
         })();
+        if result.is_ok() && offset.is_some() {
+            self.offset_recorded = true;
+        }
         if relax {
             if let Err(e) = self.restore_sync() {
                 tracing::error!(error = %e, "Cannot set synchronous = FULL back after an acknowledgement; the next append will");
