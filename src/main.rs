@@ -505,6 +505,14 @@ fn status(cfg: &Config) -> anyhow::Result<()> {
         .map(|a| live_status(a, cfg.admin.token_file.as_deref()))
     {
         Some(Ok(v)) => {
+            let sup = &v["suppression"];
+            println!(
+                "suppression:     {} reads in, {} passes out ({} reads folded into open passes, {} under the RSSI floor); {} passes open, {} forced closes (max_tracked), {} moved to a stronger zone",
+                sup["reads"], sup["passes_emitted"], sup["suppressed"], sup["below_floor"], sup["tracked"], sup["forced_closes"], sup["moves"]
+            );
+            if v["clock_unsynced"] == true {
+                println!("WARNING:         the wall clock is not set (before this build's date): reads are stamped on boot time and delivery waits until it syncs (check NTP)");
+            }
             for src in v["sources"].as_array().into_iter().flatten() {
                 let since = src["since_ms"].as_i64();
                 let state = if src["kind"] == "replay" {

@@ -330,5 +330,16 @@ async fn status(State(c): State<Ctx>) -> impl IntoResponse {
         "spool_quarantined": m.spool_quarantined.get() == 1,
         "spool_blocked": m.spool_blocked.get() == 1,
         "dropped": m.dropped_total(),
+        "suppression": {
+            "reads": m.suppress_reads.get(),
+            "below_floor": m.suppress_below_floor.get(),
+            "suppressed": m.suppress_suppressed.get(),
+            "passes_emitted": m.suppress_passes.get(),
+            "forced_closes": m.suppress_forced.get(),
+            "moves": m.suppress_moves.get(),
+            "tracked": m.suppress_tracked.get(),
+        },
+        "clock_unsynced": m.clock_unsynced.get() == 1,
+        "delivery_held_for_clock": m.delivery_held_for_clock.get() == 1,
     }))
 }
