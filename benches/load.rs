@@ -142,11 +142,13 @@ fn start_daemon(
 ) -> Daemon {
     let admin = free_port();
     let cfg = format!(
-        "[gateway]\nid = \"bench-gw\"\nstate_dir = \"{}\"\n{}\n[spool]\n{spool_extra}\n{source}\n[upstream]\nurl = \"{upstream}\"\nprofile = \"bag-events\"\nbatch_max_delay_ms = 200\nretry_min_ms = 50\nretry_max_ms = 500\n{up_extra}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n",
+        "[gateway]\nid = \"bench-gw\"\nstate_dir = \"{}\"\n{}\n[spool]\n{spool_extra}\n{source}\n[upstream]\nurl = \"{upstream}\"\nprofile = \"bag-events\"\n{}retry_min_ms = 50\nretry_max_ms = 500\n{up_extra}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n",
         state.display(),
         // BENCH_GATEWAY: extra [gateway] lines, e.g. journal_dir = "/dev/shm/…" (a tmpfs,
         // like systemd's runtime directory).
-        std::env::var("BENCH_GATEWAY").unwrap_or_default()
+        std::env::var("BENCH_GATEWAY").unwrap_or_default(),
+        // 200 ms unless the scenario sets its own.
+        if up_extra.contains("batch_max_delay_ms") { "" } else { "batch_max_delay_ms = 200\n" }
     );
     let p = dir.join("bench.toml");
     std::fs::write(&p, cfg).unwrap();
@@ -744,6 +746,232 @@ async fn idle() {
     );
 }
 
+/// Issue 16's portal workload through the whole daemon: two overlapping readers of different
+/// makes (a text reader and a "BB … 7E" module, one group), 300 tags in the field at once,
+/// 50 reads per tag per reader, written to two ptys as fast as they take them. Reports CPU
+/// and bytes written per *read*, and the events out.
+async fn portal() {
+    const TAGS: u64 = 300;
+    const READS: u64 = 50;
+    let blocks: u64 = std::env::var("BENCH_BLOCKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let per_reader = blocks * TAGS * READS;
+    let mut ing = Ingest::start().await;
+    ing.with(|s| s.light = true);
+    let dir = bench_dir();
+    let (ma, sa, na) = pty();
+    let (mb, sb, nb) = pty();
+    let sources = format!(
+        "[suppress]\nmode = \"aggregate\"\n\
+         [[source]]\nname = \"portal-a\"\nkind = \"serial\"\nprotocol = \"lines\"\nfields = [\"tag\", \"rssi\", \"antenna\"]\nseparator = \",\"\nwindow_ms = 2000\npath = \"{na}\"\nbaud = 115200\ngroup = \"belt\"\nlocation = \"A\"\n\
+         [[source]]\nname = \"portal-b\"\nkind = \"serial\"\nprotocol = \"uhf-bb\"\npath = \"{nb}\"\nbaud = 115200\ngroup = \"belt\"\nlocation = \"B\"\n"
+    );
+    let d = start_daemon(
+        dir.path(),
+        &dir.path().join("state"),
+        &sources,
+        &ing.base_url(),
+        "",
+        "",
+    );
+    wait_health(d.admin).await;
+    while metric(d.admin, "scangate_sources_connected").await != Some(2) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Read k of block b: tag b*300 + k%300 (300 tags in the field, each read 50 times,
+    // interleaved); reader A reads even tags stronger, reader B odd ones.
+    fn text_read(i: u64) -> Vec<u8> {
+        let (b, k) = (i / (TAGS * READS), i % (TAGS * READS));
+        let tag = b * TAGS + k % TAGS;
+        let rssi = if tag.is_multiple_of(2) {
+            -48 - (k % 7) as i64
+        } else {
+            -62 - (k % 7) as i64
+        };
+        format!(
+            "{:024X},{rssi}.0,{}\r\n",
+            0x3000_0000_0000_0000_0000_0000u128 + tag as u128,
+            k % 2 + 1
+        )
+        .into_bytes()
+    }
+    fn bb_read(i: u64) -> Vec<u8> {
+        let (b, k) = (i / (TAGS * READS), i % (TAGS * READS));
+        let tag = b * TAGS + k % TAGS;
+        let rssi = if tag % 2 == 1 {
+            -48 - (k % 7) as i8
+        } else {
+            -62 - (k % 7) as i8
+        };
+        let epc = (0x3000_0000_0000_0000_0000_0000u128 + tag as u128).to_be_bytes();
+        let mut e = [0u8; 12];
+        e.copy_from_slice(&epc[4..]);
+        frames::uhf_bb_notice(rssi, &e)
+    }
+    let (cpu0, w0) = (d.proc.cpu(), d.proc.write_bytes());
+    let t0 = Instant::now();
+    let fa = feed_with(ma, 0, per_reader, 0, text_read);
+    let fb = feed_with(mb, 0, per_reader, 0, bb_read);
+    let reads = 2 * per_reader;
+    let mut anon_peak = 0u64;
+    loop {
+        anon_peak = anon_peak.max(d.proc.anon_kb());
+        let r = metric(d.admin, "scangate_suppress_reads_total")
+            .await
+            .unwrap_or(0);
+        let open = metric(d.admin, "scangate_suppress_tracked_passes")
+            .await
+            .unwrap_or(1);
+        let passes = metric(d.admin, "scangate_suppress_passes_total")
+            .await
+            .unwrap_or(0);
+        if r >= reads && open == 0 && ing.with(|s| s.light_count) >= passes {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(600),
+            "portal run timed out: {r} of {reads} reads"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = d.proc.cpu() - cpu0;
+    let written = d.proc.write_bytes() - w0;
+    let passes = metric(d.admin, "scangate_suppress_passes_total")
+        .await
+        .unwrap_or(0);
+    let moves = metric(d.admin, "scangate_suppress_moves_total")
+        .await
+        .unwrap_or(0);
+    let dropped = metric(d.admin, "scangate_dropped_total{reason=\"pipeline_full\"}")
+        .await
+        .unwrap_or(0);
+    let _ = (fa.join(), fb.join());
+    drop((sa, sb));
+    println!(
+        "portal: {reads} reads ({} tags x {READS} reads x 2 readers) -> {passes} events ({moves} moves) in {secs:.1} s; CPU {:.3} s = {:.3} µs per read; {:.2} B written per read ({:.0} B per event); peak private {:.1} MB; dropped {dropped}",
+        blocks * TAGS,
+        cpu,
+        1e6 * cpu / reads as f64,
+        written as f64 / reads as f64,
+        written as f64 / passes.max(1) as f64,
+        anon_peak as f64 / 1024.0
+    );
+    ing.stop().await;
+}
+
+/// `first` mode at a steady 10,000 reads/s (200 tags/s, 50 reads each): from the first read
+/// of a tag leaving the pty to its event's commit (the event id's UUIDv7 timestamp is the
+/// commit time, ms) and to its arrival at the ingest server (µs).
+async fn first_latency() {
+    const READS: u64 = 50;
+    let rate = 10_000u64;
+    let n: u64 = std::env::var("BENCH_FRAMES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let interval: u64 = std::env::var("BENCH_INTERVAL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let mut ing = Ingest::start().await;
+    ing.with(|s| {
+        s.light = true;
+        s.arrivals = Some(Vec::new());
+    });
+    let dir = bench_dir();
+    let (mut master, slave, name) = pty();
+    let sources = format!("[suppress]\nmode = \"first\"\n[[source]]\nname = \"gate\"\nkind = \"serial\"\nprotocol = \"lines\"\nfields = [\"tag\", \"rssi\", \"antenna\"]\nseparator = \",\"\nwindow_ms = 500\npath = \"{name}\"\nbaud = 115200\n");
+    let d = start_daemon(
+        dir.path(),
+        &dir.path().join("state"),
+        &sources,
+        &ing.base_url(),
+        &format!("commit_interval_ms = {interval}"),
+        "batch_max_delay_ms = 0",
+    );
+    wait_health(d.admin).await;
+    while metric(d.admin, "scangate_sources_connected").await != Some(1) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Tag t is read 50 times, its reads spread over 10 bursts of 5 (1 ms apart at 10,000/s):
+    // the writer notes when each tag's first read was written.
+    let writer = std::thread::spawn(move || {
+        let mut first_written: Vec<(String, i64)> = Vec::new();
+        let t0 = Instant::now();
+        let mut i = 0u64;
+        while i < n {
+            let due = ((t0.elapsed().as_secs_f64() * rate as f64) as u64).min(n);
+            if i >= due {
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            let mut buf = Vec::new();
+            let mut firsts = Vec::new();
+            while i < due {
+                // 20 tags in the field; each read 50 times over 100 ms.
+                let tag = (i / 20) / READS * 20 + i % 20;
+                let tag_s = format!("{:024X}", 0x3000_0000_0000_0000_0000_0000u128 + tag as u128);
+                if (i / 20).is_multiple_of(READS) {
+                    firsts.push(tag_s.clone());
+                }
+                buf.extend_from_slice(format!("{tag_s},-50.0,1\r\n").as_bytes());
+                i += 1;
+            }
+            master.write_all(&buf).unwrap();
+            let now_us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_micros() as i64;
+            first_written.extend(firsts.into_iter().map(|t| (t, now_us)));
+        }
+        (master, first_written)
+    });
+    let (master, first_written) = writer.join().unwrap();
+    let tags = first_written.len();
+    let end = Instant::now() + Duration::from_secs(60);
+    while ing.with(|s| s.light_count) < tags as u64 && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let arrivals = ing.with(|s| s.arrivals.clone().unwrap_or_default());
+    let written: std::collections::HashMap<String, i64> = first_written.into_iter().collect();
+    let mut to_commit = Vec::new();
+    let mut to_ingest = Vec::new();
+    for (tag, id, at_us) in &arrivals {
+        let Some(w) = written.get(tag) else { continue };
+        let committed_ms = uuid::Uuid::parse_str(id)
+            .ok()
+            .and_then(|u| u.get_timestamp())
+            .map(|ts| {
+                let (s, ns) = ts.to_unix();
+                s as i64 * 1000 + ns as i64 / 1_000_000
+            })
+            .unwrap_or(0);
+        to_commit.push(committed_ms * 1000 - w);
+        to_ingest.push(at_us - w);
+    }
+    to_commit.sort();
+    to_ingest.sort();
+    let pct = |v: &Vec<i64>, p: f64| {
+        v.get(((v.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    println!(
+        "first mode, {rate} reads/s, commit_interval_ms = {interval}: {} of {tags} passes; read -> commit p50 {:.1} ms p99 {:.1} ms (ms resolution: the event id's time); read -> ingest server p50 {:.2} ms p99 {:.2} ms",
+        arrivals.len(),
+        pct(&to_commit, 0.5),
+        pct(&to_commit, 0.99),
+        pct(&to_ingest, 0.5),
+        pct(&to_ingest, 0.99)
+    );
+    drop((master, slave, d));
+    ing.stop().await;
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -815,6 +1043,14 @@ fn main() {
                 let bytes = make(0).len();
                 through_with(&format!("{protocol} ({bytes}-byte frames)"), n, 0, "", "", protocol, make).await;
             }
+        }
+        if want("portal") {
+            println!("\n## issue 16: portal workload through the whole daemon (two ptys, one group)");
+            portal().await;
+        }
+        if want("first") {
+            println!("\n## issue 16: first mode latency at 10,000 reads/s");
+            first_latency().await;
         }
         if want("outage") {
             outage().await;

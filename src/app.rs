@@ -190,7 +190,20 @@ async fn ingest(
     // source's frame: they start the next group, in order.
     let mut carry: std::collections::VecDeque<SourceRead> = std::collections::VecDeque::new();
     let mut closed = false;
+    // The passes taken back (or none) are written as a snapshot at once: damaged rows are
+    // replaced even if no read comes.
     let mut pending: Vec<EventBody> = recovered;
+    if let Some(row) = stage.log_row(false) {
+        let events = std::mem::take(&mut pending);
+        if spool
+            .append_detached(events, Vec::new(), vec![row])
+            .await
+            .is_err()
+        {
+            tracing::error!("Spool is gone before the first commit");
+            return;
+        }
+    }
     let tick_every = spool_cfg.commit_interval.max(Duration::from_millis(10));
     loop {
         if closed && carry.is_empty() {
@@ -264,7 +277,12 @@ async fn ingest(
                         &mut mid_frame,
                     );
                 }
-                let full = taken >= max || size >= GROUP_MAX_BYTES || Instant::now() >= deadline;
+                // A `first`-mode event goes out at once: that mode is chosen for latency
+                // (the reads that came with it are in the group already).
+                let full = taken >= max
+                    || size >= GROUP_MAX_BYTES
+                    || Instant::now() >= deadline
+                    || stage.take_urgent();
                 if !full && !closed {
                     tokio::select! {
                         _ = sleep_until(deadline) => {}
@@ -501,8 +519,15 @@ pub async fn run(
         journal: Some((journal_dir, journal_marks)),
         budget: Arc::default(),
         recovering: Arc::new(std::sync::atomic::AtomicUsize::new(cfg.sources.len())),
+        first_mode: cfg.suppress.mode == crate::config::SuppressMode::First,
+        capture_time: cfg
+            .sources
+            .iter()
+            .all(|s| matches!(s.kind, crate::config::SourceKind::Replay { .. })),
     };
-    let ingest_task = tokio::spawn(ingest(
+    // A panic of the ingest stage (a bug) stops the daemon (so systemd restarts it) instead
+    // of leaving it up with nothing read: in release builds a panic aborts anyway.
+    let ingest_inner = tokio::spawn(ingest(
         rx,
         pipe.wake.clone(),
         pipe.budget.clone(),
@@ -516,6 +541,17 @@ pub async fn run(
         source_stop.clone(),
         metrics.clone(),
     ));
+    let ingest_task = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ingest_inner.await {
+                if e.is_panic() {
+                    tracing::error!("The ingest stage stopped on an internal error; stopping the daemon (what was committed is kept; port journals hold the rest)");
+                    shutdown.cancel();
+                }
+            }
+        })
+    };
     let mut sources = JoinSet::new();
     for (i, s) in cfg.sources.iter().enumerate() {
         sources.spawn(source::run(

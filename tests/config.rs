@@ -530,3 +530,42 @@ fn a_credential_name_cannot_leave_the_credentials_directory() {
         assert!(keys.contains(&"admin.token_file"), "{name}: {keys:?}");
     }
 }
+
+/// Suppression keys: a bad mode, window, offset or group is refused with its line and key.
+#[test]
+fn suppression_settings_errors_are_located() {
+    let text = "[gateway]\nid = \"gw\"\nstate_dir = \"/var/lib/scangate\"\n\
+[suppress]\nmode = \"sometimes\"\nzone_margin_db = -3\nmax_tracked = 0\n\
+[[source]]\nname = \"a\"\nkind = \"serial\"\nprotocol = \"uhf-bb\"\npath = \"/dev/ttyUSB0\"\n\
+suppress = \"always\"\nwindow_ms = 0\nrssi_offset_db = 500\ngroup = \"\"\n\
+[upstream]\nurl = \"http://127.0.0.1:9\"\nprofile = \"bag-events\"\n";
+    let errs = Config::parse(text, Path::new("/etc/scangate")).unwrap_err();
+    let got: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.key.as_str())).collect();
+    for want in [
+        (5, "suppress.mode"),
+        (6, "suppress.zone_margin_db"),
+        (7, "suppress.max_tracked"),
+        (13, "source[0].suppress"),
+        (14, "source[0].window_ms"),
+        (15, "source[0].rssi_offset_db"),
+        (16, "source[0].group"),
+    ] {
+        assert!(got.contains(&want), "{want:?} missing from {got:?}");
+    }
+    // The valid forms are taken.
+    let ok = text
+        .replace("\"sometimes\"", "\"first\"")
+        .replace("= -3", "= 3")
+        .replace("max_tracked = 0", "max_tracked = 10")
+        .replace("\"always\"", "\"off\"")
+        .replace("window_ms = 0", "window_ms = 300")
+        .replace("= 500", "= -4.5")
+        .replace("group = \"\"", "group = \"belt\"");
+    let cfg = Config::parse(&ok, Path::new("/etc/scangate")).unwrap();
+    assert_eq!(
+        cfg.sources[0].suppress.window,
+        Some(std::time::Duration::from_millis(300))
+    );
+    assert_eq!(cfg.sources[0].suppress.rssi_offset_db, -4.5);
+    assert_eq!(cfg.suppress.max_tracked, 10);
+}

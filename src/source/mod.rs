@@ -76,6 +76,9 @@ pub struct SourceRead {
     pub wall_ms: i64,
     /// The same instant on `CLOCK_BOOTTIME`, ms (see `crate::clock`): the suppressor's time.
     pub mono_ms: i64,
+    /// Recovered from a journal across a step of the wall clock: when it was read is not
+    /// known (`mono_ms` is when it was recovered); its event is marked `unsynced`.
+    pub time_unknown: bool,
     /// Journal position just after the read's frame (0: the source keeps no journal). The
     /// spool commits it with the read (see [`journal`]).
     pub journal_end: u64,
@@ -116,6 +119,11 @@ pub struct Feed {
     pub recovering: Arc<AtomicUsize>,
     /// This feed has already reported its recovery done.
     pub recovered: Arc<std::sync::atomic::AtomicBool>,
+    /// The source is in `first` mode (chosen for latency): every hand-over wakes the ingest
+    /// stage, which commits a first read's event at once.
+    pub eager: bool,
+    /// See [`Pipe::capture_time`].
+    pub capture_time: bool,
 }
 
 impl Feed {
@@ -150,13 +158,23 @@ impl Feed {
                 self.health.reads.inc();
                 self.health.last_frame_ms.set(wall_ms.max(0) as u64);
                 // Reads recovered from a journal carry the wall time of their read: their boot
-                // time is as far back as that (exact while the wall clock did not step).
-                let age = (crate::event::wall_now_ms() - wall_ms).max(0);
+                // time is as far back as that (exact while the wall clock did not step). A
+                // read stamped by an unsynced clock and recovered after it synced (or the
+                // other way round) has no known age: it is placed now and marked.
+                let now = crate::event::wall_now_ms();
+                let boot = crate::clock::boottime_ms();
+                let same_clock = crate::clock::plausible(wall_ms) == crate::clock::plausible(now);
+                let (mono_ms, time_unknown) = if same_clock {
+                    (boot - (now - wall_ms).clamp(0, boot.max(0)), false)
+                } else {
+                    (boot, true)
+                };
                 Some(SourceRead {
                     source: self.source,
                     read,
                     wall_ms,
-                    mono_ms: crate::clock::boottime_ms() - age,
+                    mono_ms,
+                    time_unknown,
                     journal_end,
                     frame_more: false,
                 })
@@ -249,7 +267,7 @@ impl Feed {
 
     /// After handing over a burst: wake the ingest stage if a group's worth of reads waits.
     pub fn wake_if_high(&self) {
-        if self.tx.max_capacity() - self.tx.capacity() >= self.high_water {
+        if self.eager || self.tx.max_capacity() - self.tx.capacity() >= self.high_water {
             self.wake.notify_one();
         }
     }
@@ -301,6 +319,13 @@ pub struct Pipe {
     /// journals: until none has, the suppression stage does not end passes by time (those
     /// reads are older than now and belong to passes still open).
     pub recovering: Arc<AtomicUsize>,
+    /// `[suppress] mode` is `first` (a source's own `suppress` overrides it): see
+    /// [`Feed::eager`].
+    pub first_mode: bool,
+    /// Every source is a replay: replays place reads at the capture's own times (see
+    /// `replay::Timeline`). With a live source beside them they use the time of reading, so
+    /// that one timeline ends every pass.
+    pub capture_time: bool,
 }
 
 /// Run one source until `shutdown` (or, for a replay, until the capture is played).
@@ -324,6 +349,11 @@ pub async fn run(
         budget: pipe.budget,
         recovering: pipe.recovering,
         recovered: Arc::default(),
+        eager: cfg
+            .suppress
+            .mode
+            .map_or(pipe.first_mode, |m| m == crate::config::SuppressMode::First),
+        capture_time: pipe.capture_time,
     };
     // Whatever way the source ends, it no longer holds the stage back.
     struct Done(Feed);
@@ -371,6 +401,8 @@ mod tests {
             health: Arc::default(),
             recovering: Arc::default(),
             recovered: Arc::default(),
+            eager: false,
+            capture_time: false,
         }
     }
 
@@ -388,6 +420,7 @@ mod tests {
             },
             wall_ms: 0,
             mono_ms: 0,
+            time_unknown: false,
             journal_end: 1,
             frame_more: false,
         }

@@ -70,6 +70,8 @@ pub async fn run_file(
 /// When a replay's reads happened: at the capture's own offsets from the replay's start,
 /// whatever the speed, so repeat suppression sees a capture replayed faster than recorded
 /// exactly as it was read (`scangate replay` of a field capture gives the field's passes).
+/// Only when every source is a replay (`Feed::capture_time`); two replays in one group need
+/// a speed factor (e.g. 20), not `max`: at `max` one file runs ahead of the other.
 /// A repetition starts [`REPEAT_GAP_MS`] after the previous one's last read.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Timeline {
@@ -181,13 +183,13 @@ pub async fn play<R: AsyncBufRead + Unpin>(
             CaptureKind::Mqtt => decode_all(&mut Protocol::new(&cfg.protocol), &rec.bytes, true),
         };
         for d in outputs {
-            if !feed.push_at(d, Some(at)).await {
+            if !feed.push_at(d, feed.capture_time.then_some(at)).await {
                 return Ok(false);
             }
         }
     }
     while let Ok(Some(d)) = decoder.decode_eof(&mut buf) {
-        if !feed.push_at(d, Some(at)).await {
+        if !feed.push_at(d, feed.capture_time.then_some(at)).await {
             return Ok(false);
         }
     }

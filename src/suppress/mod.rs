@@ -180,7 +180,34 @@ pub struct SavedPass {
 impl SavedPass {
     /// The last read, on the caller's clock.
     pub fn last_ms(&self) -> i64 {
-        self.first_ms + self.last as i64
+        self.first_ms.saturating_add(self.last as i64)
+    }
+
+    /// Whether the fields hold together as the suppressor leaves them (a row damaged on
+    /// flash may still decode): counts add up, offsets are ordered, times are in range.
+    pub fn is_consistent(&self) -> bool {
+        let zones = [self.hold, self.merged, self.chal];
+        let reads: u64 = zones
+            .iter()
+            .filter(|z| z.zone != NO_ZONE)
+            .map(|z| z.count as u64)
+            .sum();
+        let zone_ok = |z: &SavedZone| {
+            z.zone == NO_ZONE || (z.count >= 1 && z.first <= self.last && z.count <= self.count)
+        };
+        self.hold.zone != NO_ZONE
+            && self.count >= 1
+            && self.count < u32::MAX / 2
+            && reads <= self.count as u64
+            && zones.iter().all(zone_ok)
+            && self.base_last <= self.last
+            && self.chal_last <= self.last
+            && (self.chal.zone == NO_ZONE || self.chal.first <= self.chal_last)
+            && (self.chal_since == NIL || self.chal_since <= self.last)
+            && self.last < u32::MAX / 2
+            && self.first_ms.checked_add(self.last as i64).is_some()
+            && (-(1i64 << 50)..(1i64 << 50)).contains(&self.first_ms)
+            && !self.tag.is_empty()
     }
 }
 
@@ -897,7 +924,7 @@ impl Suppressor {
         // counts, at the pass's start.
         let at = (r.at_ms - s.first_ms).clamp(0, u32::MAX as i64 - 1) as u32;
         s.last = s.last.max(at);
-        s.count += 1;
+        s.count = s.count.saturating_add(1);
         if r.zone == s.hold.zone {
             s.hold.add(rssi, r.reader);
             s.hold_mean = ewma(s.hold_mean, rssi);
@@ -952,7 +979,7 @@ impl Suppressor {
             reader: win.reader,
             first_ms: s.first_ms,
             last_ms: s.first_ms + s.base_last as i64,
-            read_count: s.count - c.count,
+            read_count: s.count.saturating_sub(c.count),
             peak_cdbm: (win.peak != NONE).then_some(win.peak),
             symbology: s.symbology,
             end: End::Moved,
@@ -964,7 +991,7 @@ impl Suppressor {
         let s = &mut self.slots[i as usize];
         let shift = c.first;
         s.first_ms += shift as i64;
-        s.last = s.chal_last - shift;
+        s.last = s.chal_last.saturating_sub(shift);
         s.linked = s.last;
         s.base_last = s.last;
         s.count = c.count;

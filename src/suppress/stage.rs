@@ -162,6 +162,11 @@ pub struct Stage {
     /// Ticks wait until the reads recovered from port journals have been taken (they are
     /// older than now and belong to passes that are still open).
     hold_ticks: bool,
+    /// Reads at or before this boot time were recovered with no known time (see
+    /// `SourceRead::time_unknown`): passes that began then are marked `unsynced`.
+    unsure_until: i64,
+    /// A `first`-mode event is waiting: the group is committed now, not at its deadline.
+    urgent: bool,
     /// Latest read time seen (boot-time ms): a replay running faster than recorded is ahead
     /// of the clock, and its passes end on its own timeline.
     latest: i64,
@@ -216,11 +221,14 @@ impl Stage {
             let window = s
                 .suppress
                 .window
-                .unwrap_or(if s.protocol.kind == ProtocolKind::Lines {
-                    sc.barcode_window
-                } else {
-                    sc.window
-                });
+                // A barcode scanner; a text-mode RFID reader (a `fields` template) is RFID.
+                .unwrap_or(
+                    if s.protocol.kind == ProtocolKind::Lines && s.protocol.lines.fields.is_none() {
+                        sc.barcode_window
+                    } else {
+                        sc.window
+                    },
+                );
             let floor = s.suppress.min_rssi_dbm.or(sc.min_rssi_dbm);
             rules.push(Rule {
                 mode,
@@ -282,6 +290,8 @@ impl Stage {
             need_snapshot: true,
             hold_ticks: false,
             latest: i64::MIN,
+            urgent: false,
+            unsure_until: i64::MIN,
             // Level 1 as for chunks; a context that cannot be made (out of memory) fails
             // here once, at start, not per commit.
             codec: zstd::bulk::Compressor::new(1)
@@ -350,6 +360,9 @@ impl Stage {
         let Some(src) = self.srcs.get(r.source) else {
             return;
         };
+        if r.time_unknown {
+            self.unsure_until = self.unsure_until.max(r.mono_ms);
+        }
         // Sensor readings are not passes: one event each (deadband is the MQTT sources').
         if r.read.kind == ReadKind::Sensor || self.modes.get(r.source) == Some(&Mode::Off) {
             if let (Some(rssi), Mode::Off) = (r.read.rssi_dbm, self.modes[r.source]) {
@@ -415,9 +428,16 @@ impl Stage {
         let mut passes = std::mem::take(&mut self.passes);
         self.sup.read(&rin, &mut passes);
         for p in passes.drain(..) {
+            self.urgent |= p.end == super::End::First;
             out.push(self.body(p));
         }
         self.passes = passes;
+    }
+
+    /// True once since a `first`-mode event was emitted: its group should be committed at
+    /// once (that mode is chosen for latency).
+    pub fn take_urgent(&mut self) -> bool {
+        std::mem::take(&mut self.urgent)
     }
 
     /// End the passes whose window ran out, and follow the wall clock (once per group).
@@ -488,6 +508,7 @@ impl Stage {
     /// Wall time and clock mark of boot time `mono`.
     fn wall(&self, mono: i64) -> (i64, ClockMark) {
         match self.offset {
+            Some(off) if mono <= self.unsure_until => (mono + off, ClockMark::Unsynced),
             Some(off) => {
                 let mark = match self.synced_since {
                     Some(since) if mono >= since => ClockMark::Synced,
@@ -739,6 +760,10 @@ impl Stage {
         let mut done = Recovered::default();
         let mut early = Vec::new();
         for n in all {
+            if !n.p.is_consistent() {
+                tracing::error!(tag = %n.p.tag, "An open pass in the spool's pass log does not hold together (a damaged row?); it is dropped");
+                continue;
+            }
             match self.map_back(&n) {
                 Some(p) if n.boot == self.boot => {
                     self.sup.restore(&p, &mut early);
@@ -889,6 +914,7 @@ mod tests {
             },
             wall_ms: at,
             mono_ms: at,
+            time_unknown: false,
             journal_end: 0,
             frame_more: false,
         }
@@ -1056,5 +1082,63 @@ mod tests {
         }
         let mut fresh = stage(&cfg);
         assert_eq!(fresh.recover(&[row], &HashMap::new(), &mut out).restored, 1);
+    }
+
+    /// A row that decodes but holds numbers the suppressor never leaves (a byte flipped on
+    /// flash inside a row stored almost verbatim) is not restored: restoring it made the next
+    /// read of that tag overflow its read count (a panic in debug builds, a wrong count in
+    /// release).
+    #[test]
+    fn a_decodable_row_with_impossible_numbers_is_not_restored() {
+        let cfg = config("");
+        let mut s = stage(&cfg);
+        let mut out = Vec::new();
+        for k in 0..5 {
+            s.read(source_read(&(0, 9, -50, 1, 0), 50_000 + k), &mut out);
+        }
+        let good = s.sup.snapshot();
+        let mut t = Tables::default();
+        let bad_rows: Vec<Vec<u8>> = [
+            |p: &mut SavedPass| p.count = u32::MAX,
+            |p: &mut SavedPass| p.hold.count = 1000,
+            |p: &mut SavedPass| p.chal_last = p.last + 1,
+            |p: &mut SavedPass| p.first_ms = i64::MAX - 1,
+            |p: &mut SavedPass| p.hold.zone = super::super::NO_ZONE,
+        ]
+        .iter()
+        .map(|damage| {
+            let mut p = good[0].clone();
+            p.group = t.name("group:belt");
+            p.rule = t.name("a");
+            let z = t.name("A");
+            let r = t.reader(p.rule, Some(1));
+            p.hold.zone = z;
+            p.hold.reader = r;
+            damage(&mut p);
+            let row = LogRow {
+                boot: s.boot,
+                snapshot: true,
+                names: t.names.clone(),
+                readers: t.readers.clone(),
+                symbologies: Vec::new(),
+                passes: vec![p],
+                closed: Vec::new(),
+            };
+            zstd::bulk::compress(&postcard::to_stdvec(&row).unwrap(), 1).unwrap()
+        })
+        .collect();
+        for row in bad_rows {
+            let mut fresh = stage(&cfg);
+            fresh.release_ticks();
+            let mut got = Vec::new();
+            let r = fresh.recover(&[row], &HashMap::new(), &mut got);
+            assert_eq!(r, Recovered::default(), "dropped, not restored");
+            for k in 0..3 {
+                fresh.read(source_read(&(0, 9, -50, 1, 0), 50_010 + k), &mut got);
+            }
+            fresh.flush(&mut got);
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].read_count, 3);
+        }
     }
 }

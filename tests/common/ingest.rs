@@ -68,6 +68,8 @@ pub struct State {
     /// output, which has no event ids); count its elements.
     pub light_array: bool,
     pub light_count: u64,
+    /// With `light`: (bag_id, event_id, arrival in unix µs) of every new event, when Some.
+    pub arrivals: Option<Vec<(String, String, i64)>>,
     pub token: Option<String>,
     pub down: bool,
     /// Standing rule: answer every POST with `302 Location: <this>` (and `GET` of any other
@@ -470,6 +472,8 @@ struct LightEnv {
 #[derive(serde::Deserialize)]
 struct LightEvent {
     event_id: String,
+    #[serde(default)]
+    bag_id: Option<String>,
 }
 
 fn light(
@@ -498,11 +502,17 @@ fn light(
         return json(503, serde_json::json!({"detail": "down"}));
     }
     let n = env.events.len();
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
     for e in env.events {
-        let c = st.seen.entry(e.event_id).or_default();
+        let c = st.seen.entry(e.event_id.clone()).or_default();
         *c += 1;
         if *c == 1 {
             st.light_count += 1;
+            if let Some(a) = st.arrivals.as_mut() {
+                a.push((e.bag_id.unwrap_or_default(), e.event_id, now_us));
+            }
         } else {
             st.duplicates += 1;
         }
