@@ -207,15 +207,7 @@ async fn ingest(
     let tick_every = spool_cfg.commit_interval.max(Duration::from_millis(10));
     loop {
         if closed && carry.is_empty() {
-            if flush_at_end || stopping.is_cancelled() || stage.tracked() == 0 {
-                break;
-            }
-            // The sources ended by themselves (replays) while the daemon runs on: the open
-            // passes still end by time.
-            tokio::select! {
-                _ = tokio::time::sleep(tick_every) => {}
-                _ = stopping.cancelled() => {}
-            }
+            break;
         }
         let mut group: Vec<EventBody> = std::mem::take(&mut pending);
         group.reserve(256);
@@ -370,7 +362,10 @@ async fn ingest(
         if pass_log_lost.swap(false, std::sync::atomic::Ordering::AcqRel) {
             stage.row_lost();
         }
-        if closed && carry.is_empty() && flush_at_end {
+        // Every source ended by itself (replays: no read can come any more) or the run ends
+        // when idle: the open passes are complete. On a stop they stay open in the pass log
+        // and go on at the next start.
+        if closed && carry.is_empty() && (flush_at_end || !stopping.is_cancelled()) {
             stage.flush(&mut group);
         } else {
             stage.tick(&mut group);
@@ -524,6 +519,12 @@ pub async fn run(
             .sources
             .iter()
             .all(|s| matches!(s.kind, crate::config::SourceKind::Replay { .. })),
+        replay_sync: Some(Arc::new(crate::source::replay::ReplaySync::new(
+            &cfg.sources
+                .iter()
+                .map(|s| matches!(s.kind, crate::config::SourceKind::Replay { .. }))
+                .collect::<Vec<_>>(),
+        ))),
     };
     // A panic of the ingest stage (a bug) stops the daemon (so systemd restarts it) instead
     // of leaving it up with nothing read: in release builds a panic aborts anyway.

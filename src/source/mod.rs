@@ -124,6 +124,8 @@ pub struct Feed {
     pub eager: bool,
     /// See [`Pipe::capture_time`].
     pub capture_time: bool,
+    /// See [`Pipe::replay_sync`].
+    pub replay_sync: Option<Arc<replay::ReplaySync>>,
 }
 
 impl Feed {
@@ -326,6 +328,9 @@ pub struct Pipe {
     /// `replay::Timeline`). With a live source beside them they use the time of reading, so
     /// that one timeline ends every pass.
     pub capture_time: bool,
+    /// With several replays in capture time: plays them in step (see
+    /// [`replay::ReplaySync`]).
+    pub replay_sync: Option<Arc<replay::ReplaySync>>,
 }
 
 /// Run one source until `shutdown` (or, for a replay, until the capture is played).
@@ -354,12 +359,16 @@ pub async fn run(
             .mode
             .map_or(pipe.first_mode, |m| m == crate::config::SuppressMode::First),
         capture_time: pipe.capture_time,
+        replay_sync: pipe.replay_sync,
     };
-    // Whatever way the source ends, it no longer holds the stage back.
+    // Whatever way the source ends, it no longer holds the stage (or other replays) back.
     struct Done(Feed);
     impl Drop for Done {
         fn drop(&mut self) {
             self.0.recovery_done();
+            if let Some(s) = &self.0.replay_sync {
+                s.done(self.0.source);
+            }
         }
     }
     let done = Done(feed.clone());
@@ -403,6 +412,7 @@ mod tests {
             recovered: Arc::default(),
             eager: false,
             capture_time: false,
+            replay_sync: None,
         }
     }
 

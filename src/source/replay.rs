@@ -82,12 +82,82 @@ pub struct Timeline {
     last: i64,
 }
 
+/// Replays of one run played in step: each waits before a record until every other replay
+/// has reached the record's time, so the reads of several captures (two readers of one
+/// portal) reach the suppression stage in time order at any speed, `max` included. They also
+/// share the start of their timeline.
+#[derive(Debug)]
+pub struct ReplaySync {
+    /// Per source index: the boot time of the record it is about to play (`i64::MAX`: done,
+    /// or not a replay).
+    progress: Vec<std::sync::atomic::AtomicI64>,
+    moved: tokio::sync::Notify,
+    base: std::sync::OnceLock<(i64, i64)>,
+}
+
+impl ReplaySync {
+    /// For `sources` sources, of which those with `replay[i]` take part.
+    pub fn new(replay: &[bool]) -> Self {
+        ReplaySync {
+            progress: replay
+                .iter()
+                .map(|r| std::sync::atomic::AtomicI64::new(if *r { i64::MIN } else { i64::MAX }))
+                .collect(),
+            moved: tokio::sync::Notify::new(),
+            base: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn set(&self, me: usize, at: i64) {
+        if let Some(p) = self.progress.get(me) {
+            p.store(at, std::sync::atomic::Ordering::Release);
+            self.moved.notify_waiters();
+        }
+    }
+
+    /// Source `me` is done (for good).
+    pub fn done(&self, me: usize) {
+        self.set(me, i64::MAX);
+    }
+
+    /// Publish that `me` is at `at`, then wait until every other replay is there too.
+    async fn step(&self, me: usize, at: i64, shutdown: &CancellationToken) -> bool {
+        self.set(me, at);
+        loop {
+            let moved = self.moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            let behind = self
+                .progress
+                .iter()
+                .enumerate()
+                .any(|(i, p)| i != me && p.load(std::sync::atomic::Ordering::Acquire) < at);
+            if !behind {
+                return true;
+            }
+            tokio::select! {
+                _ = moved => {}
+                _ = shutdown.cancelled() => return false,
+            }
+        }
+    }
+}
+
 /// Quiet between two repetitions of a capture, ms: longer than any pass window in practice.
 pub const REPEAT_GAP_MS: i64 = 60_000;
 
 impl Timeline {
-    fn start(&mut self) {
+    fn start(&mut self, shared: Option<&ReplaySync>) {
         let now = crate::clock::boottime_ms();
+        if self.last == 0 {
+            if let Some(&(mono, wall)) =
+                shared.map(|s| s.base.get_or_init(|| (now, crate::event::wall_now_ms())))
+            {
+                self.mono = mono;
+                self.wall = wall;
+                return;
+            }
+        }
         let mono = if self.last == 0 {
             now
         } else {
@@ -114,7 +184,8 @@ pub async fn play<R: AsyncBufRead + Unpin>(
     shutdown: &CancellationToken,
     timeline: &mut Timeline,
 ) -> Result<bool, ReplayError> {
-    timeline.start();
+    let sync = feed.replay_sync.as_deref().filter(|_| feed.capture_time);
+    timeline.start(sync);
     let mut at = timeline.at(0);
     let mut lines = reader.lines();
     let mut kind = None;
@@ -166,6 +237,11 @@ pub async fn play<R: AsyncBufRead + Unpin>(
             return Ok(false);
         }
         at = timeline.at(rec.offset_ms);
+        if let Some(sync) = sync {
+            if !sync.step(feed.source, at.1, shutdown).await {
+                return Ok(false);
+            }
+        }
         feed.metrics.frames_in.inc();
         feed.metrics.bytes_in.add(rec.bytes.len() as u64);
         feed.health.bytes.add(rec.bytes.len() as u64);
