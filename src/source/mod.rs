@@ -341,6 +341,10 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
+    let eager = cfg
+        .suppress
+        .mode
+        .map_or(pipe.first_mode, |m| m == crate::config::SuppressMode::First);
     let feed = Feed {
         source: index,
         name: Arc::from(cfg.name.as_str()),
@@ -349,15 +353,18 @@ pub async fn run(
         metrics,
         wake: pipe.wake,
         high_water: pipe.high_water,
-        read_coalesce: pipe.read_coalesce,
+        // A source in `first` mode is there for latency: its reads are not held back to fill
+        // larger hand-overs.
+        read_coalesce: if eager {
+            pipe.read_coalesce.min(Duration::from_millis(1))
+        } else {
+            pipe.read_coalesce
+        },
         journal: pipe.journal,
         budget: pipe.budget,
         recovering: pipe.recovering,
         recovered: Arc::default(),
-        eager: cfg
-            .suppress
-            .mode
-            .map_or(pipe.first_mode, |m| m == crate::config::SuppressMode::First),
+        eager,
         capture_time: pipe.capture_time,
         replay_sync: pipe.replay_sync,
     };
