@@ -1183,8 +1183,7 @@ impl Spool {
             self.opts.clock.offset()
         };
         if let Some(off) = offset {
-            meta_set(&tx, &format!("clock_offset:{}", self.boot_id.simple()), off)
-                .map_err(classify)?;
+            record_offset(&tx, self.boot_id, off)?;
         }
         if let (Some(salt), true) = (salt, count > 0) {
             meta_set(&tx, &format!("salt_chunk:{id}"), salt as i64).map_err(classify)?;
@@ -1532,7 +1531,7 @@ impl Spool {
                 meta_set(&tx, "last_delivery_ms", now_ms).map_err(classify)?;
             }
             if let Some(off) = offset {
-                meta_set(&tx, &format!("clock_offset:{}", boot.simple()), off).map_err(classify)?;
+                record_offset(&tx, boot, off)?;
             }
             tx.commit().map_err(classify)?;
             Ok::<(u64, bool), SpoolError>(done)
@@ -2052,6 +2051,29 @@ fn mark_done(tx: &rusqlite::Transaction<'_>, locs: &[Loc]) -> Result<(u64, bool)
     Ok((newly, deleted))
 }
 
+/// Clock offsets kept for past boots, at most (one small `meta` row each): events of a boot
+/// further back whose times were not re-based are sent as `unsynced`.
+const BOOT_OFFSETS_MAX: i64 = 64;
+
+/// Record this boot's clock offset (wall − boot time, ms), keeping at most
+/// [`BOOT_OFFSETS_MAX`] boots.
+fn record_offset(tx: &rusqlite::Transaction<'_>, boot: Uuid, off: i64) -> Result<(), SpoolError> {
+    let key = format!("clock_offset:{}", boot.simple());
+    let n: i64 = tx
+        .prepare_cached("SELECT COUNT(*) FROM meta WHERE key LIKE 'clock_offset:%'")?
+        .query_row([], |r| r.get(0))?;
+    let known = meta_get::<i64>(tx, &key)?.is_some();
+    if n >= BOOT_OFFSETS_MAX && !known {
+        tx.prepare_cached(
+            "DELETE FROM meta WHERE key IN (SELECT key FROM meta WHERE key LIKE 'clock_offset:%' AND key <> ?1 LIMIT ?2)",
+        )?
+        .execute(params![key, n - BOOT_OFFSETS_MAX + 1])
+        .map_err(classify)?;
+    }
+    meta_set(tx, &key, off).map_err(classify)?;
+    Ok(())
+}
+
 /// Version 2: the suppression stage's pass log (`crate::suppress::stage`), and chunks of
 /// format 2 (events with a `clock` mark; format 1 is still read).
 fn migrate_to_2(conn: &Connection) -> rusqlite::Result<()> {
@@ -2207,6 +2229,30 @@ mod tests {
         sp.conn
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
             .unwrap()
+    }
+
+    /// One clock offset per boot, and no more than `BOOT_OFFSETS_MAX` boots: a gateway that
+    /// reboots every day for years does not grow its `meta` table without bound.
+    #[test]
+    fn clock_offsets_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sp, _) = Spool::open(dir.path(), SpoolOptions::default(), Arc::default()).unwrap();
+        let mut last = Uuid::nil();
+        for i in 0..200u128 {
+            last = Uuid::from_u128(i + 1);
+            let tx = sp.conn.transaction().unwrap();
+            record_offset(&tx, last, i as i64).unwrap();
+            tx.commit().unwrap();
+        }
+        let offsets = sp.boot_offsets().unwrap();
+        assert_eq!(offsets.len() as i64, BOOT_OFFSETS_MAX);
+        assert_eq!(offsets.get(last.as_bytes()), Some(&199));
+        // The same boot again replaces its own row.
+        let tx = sp.conn.transaction().unwrap();
+        record_offset(&tx, last, 7).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(sp.boot_offsets().unwrap().get(last.as_bytes()), Some(&7));
+        assert_eq!(sp.boot_offsets().unwrap().len() as i64, BOOT_OFFSETS_MAX);
     }
 
     #[test]
