@@ -312,3 +312,55 @@ async fn two_portal_captures_replayed_at_max_speed_through_the_daemon_score_as_l
         truth.len()
     );
 }
+
+/// Replays played in step at recorded speed: a replay sleeping through a quiet stretch of its
+/// capture does not hold the others back (they waited for it, and a pass of the other capture
+/// was split by its window meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_replay_does_not_hold_another_back() {
+    let ingest = common::ingest::Ingest::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let x = tmp.path().join("x.cap");
+    let y = tmp.path().join("y.cap");
+    std::fs::write(
+        &x,
+        "scangate-capture v1 serial\n0 text XX1\\r\\n\n4000 text XX2\\r\\n\n",
+    )
+    .unwrap();
+    let mut ty = String::from("scangate-capture v1 serial\n");
+    for k in 0..30 {
+        ty.push_str(&format!("{} text Y1\\r\\n\n", k * 50));
+    }
+    std::fs::write(&y, ty).unwrap();
+    let toml = format!(
+        "[gateway]\nid = \"gw\"\nstate_dir = \"{}\"\n[spool]\ncommit_interval_ms = 5\n\
+[[source]]\nname = \"x\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\nspeed = \"recorded\"\nwindow_ms = 400\n\
+[[source]]\nname = \"y\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\nspeed = \"recorded\"\nwindow_ms = 400\n\
+[upstream]\nurl = \"{}\"\nprofile = \"bag-events\"\nbatch_max_delay_ms = 10\n[admin]\nlisten = \"off\"\n",
+        tmp.path().join("state").display(),
+        x.display(),
+        y.display(),
+        ingest.base_url()
+    );
+    let cfg = scangate::config::Config::parse(&toml, tmp.path()).unwrap();
+    scangate::app::run(
+        cfg,
+        std::sync::Arc::default(),
+        tokio_util::sync::CancellationToken::new(),
+        scangate::app::RunOptions {
+            exit_when_idle: true,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let y1: Vec<u64> = ingest.with(|s| {
+        s.events
+            .iter()
+            .filter(|e| e["bag_id"] == "Y1")
+            .map(|e| e["read_count"].as_u64().unwrap())
+            .collect()
+    });
+    assert_eq!(y1, [30], "one pass of Y1 with its 30 reads");
+}

@@ -223,6 +223,12 @@ pub async fn play<R: AsyncBufRead + Unpin>(
             continue;
         };
         let rec = capture::parse_record(k, &line, line_no).map_err(fmt_err)?;
+        at = timeline.at(rec.offset_ms);
+        // The other replays may go up to this record's time while this one waits for it (a
+        // quiet stretch of its capture must not hold them back).
+        if let Some(sync) = sync {
+            sync.set(feed.source, at.1);
+        }
         let due = match speed {
             ReplaySpeed::Max => None,
             ReplaySpeed::Recorded => Some(due_at(start, rec.offset_ms as f64 / 1000.0)),
@@ -236,7 +242,6 @@ pub async fn play<R: AsyncBufRead + Unpin>(
         } else if shutdown.is_cancelled() {
             return Ok(false);
         }
-        at = timeline.at(rec.offset_ms);
         if let Some(sync) = sync {
             if !sync.step(feed.source, at.1, shutdown).await {
                 return Ok(false);
