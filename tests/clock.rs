@@ -117,26 +117,12 @@ async fn events_read_with_a_synced_clock_are_marked_synced() {
         "scangate-capture v1 serial\n0 text 0000000042\\r\\n\n",
     )
     .unwrap();
-    let toml = format!(
-        "[gateway]\nid = \"gw-clock\"\nstate_dir = \"{}\"\n[spool]\ncommit_interval_ms = 5\n[[source]]\nname = \"belt\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\nspeed = \"max\"\n[upstream]\nurl = \"{}\"\nprofile = \"bag-events\"\nbatch_max_delay_ms = 10\n[admin]\nlisten = \"off\"\n",
-        dir.path().join("state").display(),
-        cap.display(),
-        ingest.base_url()
-    );
-    let cfg = scangate::config::Config::parse(&toml, dir.path()).unwrap();
     let before = scangate::event::wall_now_ms();
-    let summary = scangate::app::run(
-        cfg,
-        Arc::default(),
-        CancellationToken::new(),
-        scangate::app::RunOptions {
-            exit_when_idle: true,
-            ..Default::default()
-        },
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let sources = format!(
+        "[[source]]\nname = \"belt\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\nspeed = \"max\"\n",
+        cap.display()
+    );
+    let summary = common::run_until_idle(dir.path(), &sources, &ingest.base_url()).await;
     assert_eq!(summary.backlog_left, 0);
     let e = ingest.with(|s| s.events[0].clone());
     assert_eq!(e["clock"], "synced");

@@ -250,29 +250,13 @@ fn a_dense_field_of_300_tags_gives_one_event_each() {
 async fn two_portal_captures_replayed_at_max_speed_through_the_daemon_score_as_live() {
     let ingest = common::ingest::Ingest::start().await;
     let tmp = tempfile::tempdir().unwrap();
-    let toml = format!(
-        "[gateway]\nid = \"gw\"\nstate_dir = \"{}\"\n[spool]\ncommit_interval_ms = 5\n\
-[[source]]\nname = \"portal-a\"\nkind = \"replay\"\nprotocol = \"lines\"\nfields = [\"tag\", \"rssi\", \"antenna\"]\nseparator = \",\"\nfile = \"{}\"\nspeed = \"max\"\ngroup = \"belt\"\nlocation = \"A\"\n\
-[[source]]\nname = \"portal-b\"\nkind = \"replay\"\nprotocol = \"uhf-bb\"\nfile = \"{}\"\nspeed = \"max\"\ngroup = \"belt\"\nlocation = \"B\"\n\
-[upstream]\nurl = \"{}\"\nprofile = \"bag-events\"\nbatch_max_delay_ms = 10\n[admin]\nlisten = \"off\"\n",
-        tmp.path().join("state").display(),
+    let sources = format!(
+        "[[source]]\nname = \"portal-a\"\nkind = \"replay\"\nprotocol = \"lines\"\nfields = [\"tag\", \"rssi\", \"antenna\"]\nseparator = \",\"\nfile = \"{}\"\nspeed = \"max\"\ngroup = \"belt\"\nlocation = \"A\"\n\
+[[source]]\nname = \"portal-b\"\nkind = \"replay\"\nprotocol = \"uhf-bb\"\nfile = \"{}\"\nspeed = \"max\"\ngroup = \"belt\"\nlocation = \"B\"\n",
         dir("two-portals").join("a.cap").display(),
         dir("two-portals").join("b.cap").display(),
-        ingest.base_url()
     );
-    let cfg = scangate::config::Config::parse(&toml, tmp.path()).unwrap();
-    let summary = scangate::app::run(
-        cfg,
-        std::sync::Arc::default(),
-        tokio_util::sync::CancellationToken::new(),
-        scangate::app::RunOptions {
-            exit_when_idle: true,
-            ..Default::default()
-        },
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let summary = common::run_until_idle(tmp.path(), &sources, &ingest.base_url()).await;
     assert_eq!(summary.backlog_left, 0);
     let got: Vec<(String, String)> = ingest.with(|s| {
         s.events
@@ -332,29 +316,13 @@ async fn a_quiet_replay_does_not_hold_another_back() {
         ty.push_str(&format!("{} text Y1\\r\\n\n", k * 50));
     }
     std::fs::write(&y, ty).unwrap();
-    let toml = format!(
-        "[gateway]\nid = \"gw\"\nstate_dir = \"{}\"\n[spool]\ncommit_interval_ms = 5\n\
-[[source]]\nname = \"x\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\nspeed = \"recorded\"\nwindow_ms = 400\n\
-[[source]]\nname = \"y\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\nspeed = \"recorded\"\nwindow_ms = 400\n\
-[upstream]\nurl = \"{}\"\nprofile = \"bag-events\"\nbatch_max_delay_ms = 10\n[admin]\nlisten = \"off\"\n",
-        tmp.path().join("state").display(),
+    let sources = format!(
+        "[[source]]\nname = \"x\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\nspeed = \"recorded\"\nwindow_ms = 400\n\
+[[source]]\nname = \"y\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\nspeed = \"recorded\"\nwindow_ms = 400\n",
         x.display(),
         y.display(),
-        ingest.base_url()
     );
-    let cfg = scangate::config::Config::parse(&toml, tmp.path()).unwrap();
-    scangate::app::run(
-        cfg,
-        std::sync::Arc::default(),
-        tokio_util::sync::CancellationToken::new(),
-        scangate::app::RunOptions {
-            exit_when_idle: true,
-            ..Default::default()
-        },
-        |_| {},
-    )
-    .await
-    .unwrap();
+    common::run_until_idle(tmp.path(), &sources, &ingest.base_url()).await;
     let y1: Vec<u64> = ingest.with(|s| {
         s.events
             .iter()

@@ -24,6 +24,28 @@ pub fn config(state_dir: &Path, url: &str, profile: &str, upstream_extra: &str) 
     Config::parse(&text, state_dir).unwrap_or_else(|e| panic!("test config invalid: {e:?}"))
 }
 
+/// Run the real pipeline in this process on `sources` (TOML `[[source]]` tables, replays)
+/// against `url` until every source has ended and the spool is empty. State in `dir/state`.
+pub async fn run_until_idle(dir: &Path, sources: &str, url: &str) -> scangate::app::RunSummary {
+    let text = format!(
+        "[gateway]\nid = \"gw-test\"\nstate_dir = \"{}\"\n[spool]\ncommit_interval_ms = 5\n{sources}\n[upstream]\nurl = \"{url}\"\nprofile = \"bag-events\"\nbatch_max_delay_ms = 10\n[admin]\nlisten = \"off\"\n",
+        dir.join("state").display()
+    );
+    let cfg = Config::parse(&text, dir).unwrap_or_else(|e| panic!("test config invalid: {e:?}"));
+    scangate::app::run(
+        cfg,
+        Arc::default(),
+        CancellationToken::new(),
+        scangate::app::RunOptions {
+            exit_when_idle: true,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await
+    .expect("pipeline run")
+}
+
 pub fn body(tag: &str, ms: i64) -> EventBody {
     EventBody {
         kind: ReadKind::BagTag,
