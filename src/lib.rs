@@ -5,8 +5,9 @@
 //!
 //! ```text
 //!  sources ──reads──► ingest (group commit) ──groups──► spool thread ◄──► forwarder ──HTTP──► upstream
-//!  serial, replay     min-RSSI floor, timer   SQLite    (one owner)    batches, gzip,
-//!  (+ decoder each)                                                    outcome → ack / dead letter
+//!  serial, replay     suppression stage:      SQLite    (one owner)    batches, gzip, clock,
+//!  (+ decoder each)   passes, zones, floor;   events +                 outcome → ack / dead letter
+//!                     pass log, timer         pass log
 //! ```
 //!
 //! ## Tasks and channels
@@ -51,11 +52,20 @@
 //! - Bad input never stops the daemon: decoders skip and count; a corrupt spool is moved aside;
 //!   a full disk refuses new events (counted) and recovers by itself.
 //! - Shutdown cancels the sources only; each later stage ends when its input closes
-//!   ([`app`] docs), within a grace period.
+//!   ([`app`] docs), within a grace period. Open passes stay open in the pass log and go on
+//!   at the next start; when every source ended by itself (replays) they are emitted.
+//! - One event per pass: the open passes' state is committed in the same transaction as the
+//!   events of ended passes and the ports' journal positions, so a crash neither loses,
+//!   repeats, splits nor miscounts a pass ([`suppress::stage`]). Open passes are bounded by
+//!   `max_tracked` (the longest idle is emitted early).
+//! - Reads are stamped on `CLOCK_BOOTTIME`; events read while the wall clock was unsynced are
+//!   held and re-based once it syncs; no 1970 timestamp is sent ([`clock`]).
 //!
 //! ## Modules
 //! - [`config`]: TOML → validated [`config::Config`], every error with line and column.
-//! - [`event`]: reads, event bodies, ids, clocks.
+//! - [`event`]: reads, event bodies, ids. [`clock`]: wall and boot time, re-basing.
+//! - [`suppress`]: passes and zone arbitration ([`suppress::Suppressor`]) and the pipeline
+//!   stage around it with its durable pass log ([`suppress::stage`]).
 //! - [`protocol`]: one decoder per reader protocol.
 //! - [`source`]: serial and replay sources, port journals, capture format.
 //! - [`spool`]: SQLite spool (chunks, acks, dead letters) and its owner thread.
