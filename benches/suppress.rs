@@ -97,6 +97,40 @@ fn suppress(c: &mut Criterion) {
     });
     g.finish();
     assert_eq!(s.tracked(), TAGS, "no pass ended: every read was a repeat");
+
+    // The same with change tracking on, as the daemon runs it: the changed passes are taken
+    // (encoded into the pass log by the stage, not measured here) every 1,000 reads, a commit
+    // group's worth.
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut t = Suppressor::new(settings());
+    t.track_changes();
+    for (i, tag) in tags.iter().enumerate() {
+        t.read(&read(tag, i, 0), &mut out);
+    }
+    let _ = t.snapshot();
+    let bytes = LIVE.load(Ordering::Relaxed) - before;
+    println!(
+        "memory with change tracking: {:.1} bytes per tracked tag",
+        bytes as f64 / TAGS as f64
+    );
+    let mut g = c.benchmark_group("suppressor_100k_tracked_with_change_tracking");
+    g.throughput(Throughput::Elements(order.len() as u64));
+    g.sample_size(10);
+    let mut now = 1i64;
+    g.bench_function("reads", |b| {
+        b.iter(|| {
+            for k in 0..order.len() {
+                let tag = &stream[k * width..(k + 1) * width];
+                t.read(&read(tag, k, now + (k / 1000) as i64), &mut out);
+                if k % 1000 == 999 {
+                    std::hint::black_box(t.take_changes());
+                }
+            }
+            now += 1000;
+            out.clear();
+        })
+    });
+    g.finish();
 }
 
 fn read(tag: &str, k: usize, at_ms: i64) -> ReadIn<'_> {

@@ -632,8 +632,10 @@ impl Suppressor {
             self.track.logged.set(i);
             i = self.slots[i as usize].next;
         }
-        self.track.dirty_list.clear();
-        self.track.closed.clear();
+        // Dropped, not cleared: after a snapshot of a full table its capacity would stay (4
+        // bytes per tracked pass).
+        self.track.dirty_list = Vec::new();
+        self.track.closed = Vec::new();
         out
     }
 
