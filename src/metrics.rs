@@ -88,6 +88,15 @@ pub struct Metrics {
     /// Requests sent again at once on a new connection after failing on a reused one.
     pub upstream_fresh_retries: Counter,
     pub upstream_down: Gauge,
+    /// Requests the forwarder may have in flight now (adaptive, `1..=max_in_flight`).
+    pub upstream_concurrency_limit: Gauge,
+    /// Requests in flight now.
+    pub upstream_in_flight: Gauge,
+    /// Mean round-trip time of recent requests, microseconds (0 before the first answer).
+    pub upstream_rtt_us: Gauge,
+    /// Batches throttled (429/503) while other requests were in flight: sent again after the
+    /// server's wait with less concurrency, not an outage.
+    pub upstream_throttled: Counter,
     /// When the upstream began failing, on [`mono_ms`]'s clock plus one (0 while it is not).
     pub upstream_down_since_ms: Gauge,
     /// When the pipeline started, on [`mono_ms`]'s clock plus one.
@@ -466,6 +475,30 @@ impl Metrics {
             "gauge",
             "1 while the upstream is failing.",
             self.upstream_down.get(),
+        );
+        line(
+            "upstream_concurrency_limit",
+            "gauge",
+            "Requests the forwarder may have in flight now (adaptive, from 1 up to upstream.max_in_flight).",
+            self.upstream_concurrency_limit.get(),
+        );
+        line(
+            "upstream_in_flight",
+            "gauge",
+            "Requests in flight now.",
+            self.upstream_in_flight.get(),
+        );
+        line(
+            "upstream_rtt_microseconds",
+            "gauge",
+            "Mean round-trip time of recent upstream requests (0 before the first answer).",
+            self.upstream_rtt_us.get(),
+        );
+        line(
+            "upstream_throttled_total",
+            "counter",
+            "Batches throttled (429/503) while other requests were in flight, sent again with less concurrency.",
+            self.upstream_throttled.get(),
         );
         line(
             "disk_write_bytes_total",

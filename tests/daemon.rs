@@ -51,16 +51,20 @@ async fn serial_pty_lines_to_ingest_end_to_end_then_sigterm_exits_zero() {
     master.flush().unwrap();
     wait_until("200 reads delivered", T, || ingest.unique() == 200).await;
     ingest.with(|s| {
-        let e = &s.events[0];
+        let e = s.events.iter().find(|e| e["seq"] == 1).expect("seq 1");
         assert_eq!(e["bag_id"], "0125000000");
         assert_eq!(e["location"], "PTY_BELT_1");
         assert_eq!(e["scan_type"], "sortation");
         assert_eq!(e["device_id"], "belt");
-        let tags: Vec<&str> = s
+        // Commit order (`seq`) is serial order; batches in flight at once may arrive out of
+        // order, so the events are compared in `seq` order.
+        let mut by_seq: Vec<(u64, &str)> = s
             .events
             .iter()
-            .map(|e| e["bag_id"].as_str().unwrap())
+            .map(|e| (e["seq"].as_u64().unwrap(), e["bag_id"].as_str().unwrap()))
             .collect();
+        by_seq.sort_unstable();
+        let tags: Vec<&str> = by_seq.iter().map(|(_, t)| *t).collect();
         let want: Vec<String> = (0..200).map(|i| format!("0125{i:06}")).collect();
         assert_eq!(tags, want, "serial order is kept");
     });

@@ -41,14 +41,14 @@ async fn ok_200_delivers_everything_once_with_contract_envelope_and_headers() {
             .envelopes
             .iter()
             .all(|e| e["source_system"] == "gw-test" && e["event_type"] == "scan"));
-        // fifo: commit order is delivery order.
-        let tags: Vec<String> = s
+        // fifo: commit order, as far as batches in flight at once allow (8 of 10 events).
+        let arrived: Vec<usize> = s
             .events
             .iter()
-            .map(|e| e["bag_id"].as_str().unwrap().to_string())
+            .map(|e| e["bag_id"].as_str().unwrap()[4..].parse().unwrap())
             .collect();
-        let want: Vec<String> = (0..35).map(|i| format!("bag-{i}")).collect();
-        assert_eq!(tags, want);
+        assert_eq!(arrived.len(), 35);
+        common::assert_order_within(&arrived, 8 * 10);
         let e = &s.events[0];
         assert_eq!(e["signal_strength"], -62, "peak RSSI in whole dBm");
         assert_eq!(e["scan_type"], "sortation");
@@ -191,6 +191,8 @@ async fn too_large_413_splits_remembers_the_size_and_dead_letters_a_lone_giant()
 /// The size learned from a 413 is a hint that probes back up: a proxy limited requests to one
 /// event for a while (so the forwarder learned "1"), then the limit went away. Before, every
 /// later batch stayed at the learned size for the rest of the run (200 events, 200 requests).
+/// Run at the default concurrency; [`the_size_learned_from_a_413_recovers_one_at_a_time`]
+/// counts the requests of the serial case.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_size_learned_from_a_413_recovers() {
     let ingest = Ingest::start().await;
@@ -211,8 +213,53 @@ async fn the_size_learned_from_a_413_recovers() {
             .map(|r| (r.status, r.events))
             .collect::<Vec<_>>()
     });
+    // One at a time: 1, 1, 2, 2, 4, 4, … then the hint is dropped (about 15 requests). With
+    // batches in flight at once, each size also goes out in the requests sent beside its
+    // probe: more requests, but the size still climbs back.
+    assert!(sizes.len() <= 60, "{} requests: {sizes:?}", sizes.len());
+    assert!(
+        sizes.iter().any(|(_, n)| *n >= 16),
+        "the size stayed low: {sizes:?}"
+    );
+    assert_eq!(rig.metrics.dead_lettered.get(), 0);
+    rig.shutdown().await;
+}
+
+/// [`the_size_learned_from_a_413_recovers`], one batch at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_size_learned_from_a_413_recovers_one_at_a_time() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| s.max_batch = Some(1));
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| {
+        config(
+            d,
+            &url,
+            "bag-events",
+            "batch_max_events = 500\nmax_in_flight = 1",
+        )
+    })
+    .await;
+    rig.commit("a", 20, 20).await;
+    wait_until("20 delivered one by one", T, || ingest.unique() == 20).await;
+    let before = ingest.with(|s| {
+        s.max_batch = None;
+        s.requests.len()
+    });
+    rig.commit("c", 200, 200).await;
+    wait_until("200 more delivered", T, || ingest.unique() == 220).await;
+    let sizes = ingest.with(|s| {
+        s.requests[before..]
+            .iter()
+            .map(|r| (r.status, r.events))
+            .collect::<Vec<_>>()
+    });
     // 1, 1, 2, 2, 4, 4, … then the hint is dropped: about 15 requests.
     assert!(sizes.len() <= 30, "{} requests: {sizes:?}", sizes.len());
+    assert!(
+        sizes.iter().any(|(_, n)| *n >= 16),
+        "the size stayed low: {sizes:?}"
+    );
     assert_eq!(rig.metrics.dead_lettered.get(), 0);
     rig.shutdown().await;
 }
@@ -421,16 +468,16 @@ async fn live_first_sends_fresh_events_before_the_backlog() {
             "fresh events waited for the whole backlog"
         );
         wait_until("backlog drained too", T, || ingest.unique() == 620).await;
-        // The backlog itself went in commit order.
+        // The backlog itself went in commit order, as far as batches in flight at once
+        // allow (the default `max_in_flight` of 8 batches of 50).
         ingest.with(|s| {
-            let old: Vec<&str> = s
+            let old: Vec<usize> = s
                 .events
                 .iter()
-                .filter_map(|e| e["bag_id"].as_str())
-                .filter(|t| t.starts_with("old-"))
+                .filter_map(|e| e["bag_id"].as_str()?.strip_prefix("old-")?.parse().ok())
                 .collect();
-            let want: Vec<String> = (0..600).map(|i| format!("old-{i}")).collect();
-            assert_eq!(old, want);
+            assert_eq!(old.len(), 600);
+            common::assert_order_within(&old, 8 * 50);
         });
         rig.shutdown().await;
     }
@@ -477,7 +524,16 @@ async fn https_upstream_with_a_private_ca_needs_ca_file_and_loses_nothing_withou
 async fn handed_over_and_read_back_events_are_delivered_once_in_order() {
     let ingest = Ingest::start().await;
     let url = ingest.base_url();
-    let rig = Rig::new(|d| config(d, &url, "bag-events", "batch_max_events = 50")).await;
+    // One batch at a time: the order the upstream sees is exactly commit order.
+    let rig = Rig::new(|d| {
+        config(
+            d,
+            &url,
+            "bag-events",
+            "batch_max_events = 50\nmax_in_flight = 1",
+        )
+    })
+    .await;
     let mut x: u32 = 7;
     let mut total = 0usize;
     let mut want = Vec::new();
@@ -535,7 +591,16 @@ async fn handed_over_and_read_back_events_are_delivered_once_in_order() {
 async fn a_batch_of_mixed_event_types_is_sent_as_one_request_per_run_in_order() {
     let ingest = Ingest::start().await;
     let url = ingest.base_url();
-    let rig = Rig::new(|d| config(d, &url, "bag-events", "batch_max_events = 10")).await;
+    // One batch at a time: the upstream sees the runs in commit order.
+    let rig = Rig::new(|d| {
+        config(
+            d,
+            &url,
+            "bag-events",
+            "batch_max_events = 10\nmax_in_flight = 1",
+        )
+    })
+    .await;
     let kinds = [false, false, false, true, true, false];
     let bodies = kinds
         .iter()
@@ -981,7 +1046,7 @@ async fn live_first_sends_fresh_events_within_the_batch_delay_during_a_drain() {
         dir.path(),
         &url,
         "bag-events",
-        "order = \"live-first\"\nbatch_max_events = 500\nbacklog_max_eps = 100000",
+        "order = \"live-first\"\nbatch_max_events = 500\nbacklog_max_eps = 100000\nmax_in_flight = 2",
     );
     let rig = Rig::open(dir, cfg.upstream.clone(), false).await;
     rig.commit("old", 20_000, 1000).await;
@@ -994,13 +1059,7 @@ async fn live_first_sends_fresh_events_within_the_batch_delay_during_a_drain() {
         rig.commit(&format!("new{i}"), 1, 1).await;
         let want = format!("new{i}-0");
         wait_until("a fresh event arrives", T, || {
-            ingest.with(|s| {
-                s.events
-                    .iter()
-                    .rev()
-                    .take(600)
-                    .any(|e| e["bag_id"] == want.as_str())
-            })
+            ingest.with(|s| s.events.iter().any(|e| e["bag_id"] == want.as_str()))
         })
         .await;
         worst = worst.max(t0.elapsed());
@@ -1210,5 +1269,192 @@ async fn bad_events_after_a_delivery_end_as_dead_letters_even_if_nothing_follows
     })
     .await;
     assert_eq!(rig.backlog().await, 0);
+    rig.shutdown().await;
+}
+
+/// Drain `n` events committed while no forwarder ran, against `ingest`; the time from the
+/// forwarder's start to the last delivery.
+async fn drain(ingest: &Ingest, n: usize, extra: &str) -> (Duration, Rig) {
+    let url = ingest.base_url();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &url, "bag-events", extra);
+    let rig = Rig::open(dir, cfg.upstream.clone(), false).await;
+    rig.commit("d", n, 1000).await;
+    let dir = rig.shutdown().await;
+    let t0 = tokio::time::Instant::now();
+    let rig = Rig::open(dir, cfg.upstream.clone(), true).await;
+    wait_until("the backlog drained", Duration::from_secs(120), || {
+        rig.metrics.delivered.get() == n as u64
+    })
+    .await;
+    (t0.elapsed(), rig)
+}
+
+/// A server 50 ms away that answers 429 to more than 4 requests at once: the forwarder
+/// grows its concurrency from 1, settles at or below the server's limit without a dead
+/// letter, and drains several times faster than one batch at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_batches_in_flight_converge_below_a_server_limit_and_drain_faster() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| {
+        s.delay = Some(Duration::from_millis(50));
+        s.max_concurrent = Some(4);
+    });
+    let n = 10_000;
+    let (one, rig) = drain(&ingest, n, "batch_max_events = 100\nmax_in_flight = 1").await;
+    assert_eq!(ingest.with(|s| s.peak_active), 1);
+    rig.shutdown().await;
+    ingest.with(|s| {
+        s.events.clear();
+        s.seen.clear();
+        s.requests.clear();
+        s.peak_active = 0;
+    });
+    let (many, rig) = drain(&ingest, n, "batch_max_events = 100\nmax_in_flight = 32").await;
+    let ratio = one.as_secs_f64() / many.as_secs_f64();
+    let (requests, throttled) = ingest.with(|s| {
+        (
+            s.requests.len(),
+            s.requests.iter().filter(|r| r.status == 429).count(),
+        )
+    });
+    eprintln!(
+        "one at a time {one:?}, adaptive {many:?} ({ratio:.2}×); {requests} requests, {throttled} answered 429; limit now {}, RTT {} µs",
+        rig.metrics.upstream_concurrency_limit.get(),
+        rig.metrics.upstream_rtt_us.get()
+    );
+    assert_eq!(ingest.unique(), n);
+    assert_eq!(rig.metrics.dead_lettered.get(), 0);
+    assert_eq!(rig.backlog().await, 0);
+    assert!(
+        ratio >= 1.8,
+        "adaptive concurrency drained only {ratio:.2}× faster"
+    );
+    // Converged: a probe above the limit now and then, not a storm of 429s.
+    assert!(
+        throttled * 5 <= requests,
+        "{throttled} of {requests} requests answered 429"
+    );
+    assert!(rig.metrics.upstream_concurrency_limit.get() <= 5);
+    assert!(
+        rig.metrics.upstream_throttled.get() >= 1,
+        "the limit was probed"
+    );
+    assert_eq!(rig.metrics.upstream_down.get(), 0);
+    rig.shutdown().await;
+}
+
+/// fifo with several batches in flight: while an earlier batch fails, nothing after it is
+/// acknowledged (the spool still holds it all); after recovery every event arrives, within
+/// the documented order rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_acknowledges_nothing_past_a_failed_batch_in_flight() {
+    let ingest = Ingest::start().await;
+    // Batch 6 of 40 fails 30 times (500: not back-pressure, an outage of that batch).
+    ingest.with(|s| {
+        s.delay = Some(Duration::from_millis(20));
+        s.fail_tag = Some(("f-50".into(), 500, 30));
+    });
+    let n = 400;
+    let url = ingest.base_url();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(
+        dir.path(),
+        &url,
+        "bag-events",
+        "batch_max_events = 10\nmax_in_flight = 4",
+    );
+    cfg.upstream.retry_min = Duration::from_millis(20);
+    cfg.upstream.retry_max = Duration::from_millis(40);
+    let rig = Rig::open(dir, cfg.upstream.clone(), false).await;
+    rig.commit("f", n, 1000).await;
+    let dir = rig.shutdown().await;
+    let rig = Rig::open(dir, cfg.upstream.clone(), true).await;
+    // Some later batch was accepted while the failing one was in flight or failing.
+    wait_until("the failing batch has failed 10 times", T, || {
+        ingest.with(|s| s.requests.iter().filter(|r| r.status == 500).count() >= 10)
+    })
+    .await;
+    let (later_arrived, failed_arrived) = ingest.with(|s| {
+        let pos = |e: &serde_json::Value| -> usize {
+            e["bag_id"].as_str().unwrap()[2..].parse().unwrap()
+        };
+        (
+            s.events.iter().filter(|e| pos(e) >= 60).count(),
+            s.events.iter().any(|e| pos(e) == 50),
+        )
+    });
+    assert!(!failed_arrived);
+    assert!(
+        later_arrived > 0,
+        "no batch after the failing one was in flight"
+    );
+    // Nothing at or after the failing batch was acknowledged: all of it is still spooled.
+    assert!(rig.backlog().await >= (n - 50) as u64);
+    wait_until("all delivered after recovery", T, || ingest.unique() == n).await;
+    wait_until("all acknowledged", T, || {
+        rig.metrics.delivered.get() == n as u64
+    })
+    .await;
+    assert_eq!(rig.backlog().await, 0);
+    ingest.with(|s| {
+        let seqs: Vec<usize> = s
+            .events
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap() as usize - 1)
+            .collect();
+        common::assert_order_within(&seqs, 4 * 10);
+        assert_eq!(s.events.len(), n);
+    });
+    assert_eq!(rig.metrics.dead_lettered.get(), 0);
+    rig.shutdown().await;
+}
+
+/// While the upstream is down, one batch probes it, and never waits longer than
+/// `retry_max_ms` between tries, jitter included: its return is noticed within that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_waits_stay_within_retry_max_and_the_return_is_noticed_in_time() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| s.down = true);
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| {
+        let mut c = config(
+            d,
+            &url,
+            "bag-events",
+            "batch_max_events = 10\nmax_in_flight = 8",
+        );
+        c.upstream.retry_min = Duration::from_millis(20);
+        c.upstream.retry_max = Duration::from_millis(200);
+        c
+    })
+    .await;
+    rig.commit("p", 200, 200).await;
+    wait_until("12 tries while down", T, || {
+        ingest.with(|s| s.requests.len() >= 12)
+    })
+    .await;
+    ingest.with(|s| s.down = false);
+    let back = tokio::time::Instant::now();
+    wait_until("delivered", T, || ingest.unique() == 200).await;
+    ingest.with(|s| {
+        let failed: Vec<_> = s.requests.iter().filter(|r| r.status == 503).collect();
+        let gaps: Vec<Duration> = failed.windows(2).map(|w| w[1].at - w[0].at).collect();
+        // While down, one request at a time (the probe), never more than retry_max apart
+        // (plus the scheduling of a loaded 2-core machine).
+        assert!(
+            gaps.iter().all(|g| *g <= Duration::from_millis(200 + 60)),
+            "gaps {gaps:?}"
+        );
+        let keys: std::collections::HashSet<_> =
+            failed.iter().map(|r| r.idempotency_key.clone()).collect();
+        assert_eq!(keys.len(), 1, "the probe is one batch, resent");
+        let first_ok = s.requests.iter().find(|r| r.status == 200).expect("a 200");
+        assert!(
+            first_ok.at - back <= Duration::from_millis(200 + 60),
+            "the return was noticed {:?} after it",
+            first_ok.at - back
+        );
+    });
     rig.shutdown().await;
 }

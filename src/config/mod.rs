@@ -334,6 +334,11 @@ pub struct FieldMapping {
     pub constant: Vec<(String, String)>,
 }
 
+/// Largest accepted `upstream.max_in_flight`.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// `upstream.max_in_flight` when not set.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;
+
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     /// Full endpoint URL: base url + profile path (or the `path` override).
@@ -355,6 +360,10 @@ pub struct UpstreamConfig {
     pub retry_after_max: Duration,
     pub order: Order,
     pub backlog_max_eps: u32,
+    /// Ceiling of requests in flight at once (`max_in_flight`, 1 to [`MAX_IN_FLIGHT`], default
+    /// [`DEFAULT_MAX_IN_FLIGHT`]); the forwarder starts at 1 and adapts (see
+    /// `crate::forward::concurrency`). 1 sends one batch at a time.
+    pub max_in_flight: usize,
     /// `event_type` of the collect profile.
     pub event_type: String,
     pub fields: FieldMapping,
@@ -1376,6 +1385,7 @@ fn build_upstream(u: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<
     let retry_after_max = u.integer(p, "retry_after_max_ms", 100, 86_400_000);
     let order = u.choice(p, "order", &["fifo", "live-first"]);
     let backlog_eps = u.integer(p, "backlog_max_eps", 1, 10_000_000);
+    let max_in_flight = u.integer(p, "max_in_flight", 1, MAX_IN_FLIGHT as i64);
     let event_type = u.choice(
         p,
         "event_type",
@@ -1463,6 +1473,7 @@ fn build_upstream(u: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<
             Order::Fifo
         },
         backlog_max_eps: backlog_eps.unwrap_or(2000) as u32,
+        max_in_flight: max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT as i64) as usize,
         event_type: event_type.unwrap_or("interaction").to_string(),
         fields,
     })

@@ -8,6 +8,7 @@
 //! committed after the forwarder (re)gained the upstream are *live* and go first; older ones are
 //! *backlog* and go at `backlog_max_eps` at most.
 
+pub mod concurrency;
 pub mod outcome;
 pub mod profile;
 
@@ -18,8 +19,10 @@ use crate::spool::actor::SpoolHandle;
 use backon::BackoffBuilder;
 use outcome::Outcome;
 use profile::{batch_key, batch_type, Encoder};
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
+use tokio::task::JoinSet;
 use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -122,19 +125,175 @@ pub fn compress(body: &[u8], c: Compression) -> std::io::Result<Vec<u8>> {
 /// stay below this.
 pub const REFUSE_ALL_AFTER: usize = 5;
 
-pub struct Forwarder {
-    cfg: UpstreamConfig,
+/// Sends one request and classifies its answer; shared by the requests in flight.
+struct Sender {
     client: reqwest::Client,
     /// The same client without a connection pool: a request that failed on a reused
     /// keep-alive connection is sent again at once on a new one.
     fresh: reqwest::Client,
+    endpoint: String,
+    content_encoding: Option<&'static str>,
+    gateway_id: String,
+    /// Re-read from `token_file` after a 401/403.
+    token: RwLock<Option<String>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Sender {
+    /// Send one batch body; `healthy`: the upstream is believed up (a request that fails on a
+    /// reused connection is then sent again at once on a new one).
+    async fn send(&self, body: bytes::Bytes, key: uuid::Uuid, healthy: bool) -> Outcome {
+        match self.send_with(&self.client, body.clone(), key).await {
+            // Failed after connecting, before any answer (not a timeout): most likely a reused
+            // keep-alive connection the server had closed. Once more, at once, on a new
+            // connection, with the same Idempotency-Key: no outage, no warning.
+            // Only while the upstream is believed healthy: against a failing server every
+            // attempt would be doubled.
+            Err(e) if !e.is_timeout() && !e.is_connect() && healthy => {
+                tracing::debug!(error = %error_chain(&e), "Request failed on a reused connection; sending again on a new one");
+                self.metrics.upstream_fresh_retries.inc();
+                match self.send_with(&self.fresh, body, key).await {
+                    Ok(o) => o,
+                    Err(e) => request_error(&e),
+                }
+            }
+            Err(e) => request_error(&e),
+            Ok(o) => o,
+        }
+    }
+
+    /// One request; `Err` when no answer came (the connection failed or timed out).
+    async fn send_with(
+        &self,
+        client: &reqwest::Client,
+        body: bytes::Bytes,
+        key: uuid::Uuid,
+    ) -> Result<Outcome, reqwest::Error> {
+        let mut req = client
+            .post(&self.endpoint)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("Idempotency-Key", key.to_string())
+            .header("X-Gateway-Id", &self.gateway_id);
+        if let Some(enc) = self.content_encoding {
+            req = req.header(reqwest::header::CONTENT_ENCODING, enc);
+        }
+        let token = self.token.read().ok().and_then(|t| t.clone());
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let len = body.len() as u64;
+        match req.body(body).send().await {
+            Err(e) => Err(e),
+            Ok(resp) => {
+                self.metrics.upstream_bytes_sent.add(len);
+                let status = resp.status().as_u16();
+                let header = |name: reqwest::header::HeaderName| {
+                    resp.headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                };
+                let retry_after = header(reqwest::header::RETRY_AFTER);
+                let location = header(reqwest::header::LOCATION);
+                let content_type = header(reqwest::header::CONTENT_TYPE);
+                let date = header(reqwest::header::DATE);
+                let mut body = Vec::new();
+                let mut resp = resp;
+                // Read at most 1 MiB of the answer: enough for any per-event report.
+                loop {
+                    match resp.chunk().await {
+                        Ok(Some(c)) if body.len() < (1 << 20) => body.extend_from_slice(&c),
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(e) if (200..300).contains(&status) && status != 207 => {
+                            tracing::debug!(error = %e, "Upstream answer body cut short after a 2xx status");
+                            break;
+                        }
+                        Err(e) => {
+                            return Ok(Outcome::Retry {
+                                status: Some(status),
+                                reason: format!("answer cut short: {}", error_chain(&e)),
+                            })
+                        }
+                    }
+                }
+                body.truncate(1 << 20);
+                Ok(outcome::classify(
+                    &outcome::Answer {
+                        status,
+                        retry_after: retry_after.as_deref(),
+                        location: location.as_deref(),
+                        content_type: content_type.as_deref(),
+                        date: date.as_deref(),
+                        body: &body,
+                    },
+                    SystemTime::now(),
+                ))
+            }
+        }
+    }
+}
+
+/// Where a batch sent beside others stands.
+enum FlightState {
+    /// Its request is in flight.
+    InFlight,
+    /// Throttled while other requests were in flight: sent again at this time.
+    Waiting(Instant),
+    /// Delivered, success recorded; acknowledged in the spool when its turn comes (`fifo`:
+    /// after every earlier batch is settled).
+    Done,
+    /// Answered with something other than a delivery: settled by [`Forwarder::deliver`].
+    Failed(Outcome),
+    /// Its request task ended without an answer (aborted): sent again.
+    Lost,
+}
+
+/// A batch ready to send: its events, encoded and compressed once.
+struct Flight {
+    events: Vec<SpooledEvent>,
+    key: uuid::Uuid,
+    body: bytes::Bytes,
+    state: FlightState,
+}
+
+/// An answer to a request in flight: the flight's id, the outcome, the round-trip time, and
+/// how many batches were unresolved when it was sent.
+type Answered = (u64, Outcome, Duration, usize);
+
+/// The batches sent and not yet settled, by dispatch order (ids increase).
+#[derive(Default)]
+struct Flights {
+    next_id: u64,
+    map: BTreeMap<u64, Flight>,
+    set: JoinSet<Answered>,
+    /// The rest of batches cut to the size learned from a 413, not yet sent: they go before
+    /// any new batch, cut to the size known when their turn comes (a probe may raise it).
+    held: std::collections::VecDeque<Vec<SpooledEvent>>,
+}
+
+impl Flights {
+    fn next_retry(&self) -> Option<Instant> {
+        self.map
+            .values()
+            .filter_map(|f| match f.state {
+                FlightState::Waiting(t) => Some(t),
+                _ => None,
+            })
+            .min()
+    }
+}
+
+pub struct Forwarder {
+    cfg: UpstreamConfig,
+    sender: Arc<Sender>,
+    limiter: concurrency::Limiter,
     encoder: Encoder,
     compressor: BodyCompressor,
     /// The JSON body, reused across batches (its capacity is kept).
     json: Vec<u8>,
     spool: SpoolHandle,
     metrics: Arc<Metrics>,
-    token: Option<String>,
     /// Largest batch size known to pass after a 413 (None until a 413 is seen). A hint, not a
     /// verdict: after [`PROBE_AFTER`] deliveries at it, the next batches may be twice as
     /// large, until `batch_max_events` (then the hint is dropped) or another 413.
@@ -189,6 +348,9 @@ pub const PROBE_AFTER: u32 = 2;
 /// How a failure that points at this gateway's clock begins.
 const CLOCK_SUSPECT: &str = "TLS: the server's certificate is not valid yet";
 
+/// How the reason of a request that timed out begins (a back-pressure signal).
+const TIMEOUT: &str = "timeout";
+
 /// The outcome of a request that got no answer.
 fn request_error(e: &reqwest::Error) -> Outcome {
     let chain = error_chain(e);
@@ -205,7 +367,7 @@ fn request_error(e: &reqwest::Error) -> Outcome {
         };
     }
     let what = if e.is_timeout() {
-        "timeout"
+        TIMEOUT
     } else if e.is_connect() {
         "connection failed"
     } else {
@@ -269,6 +431,17 @@ impl Forwarder {
         let client = builder(true)?;
         let fresh = builder(false)?;
         let token = cfg.token_file.as_deref().and_then(read_token);
+        let sender = Arc::new(Sender {
+            client,
+            fresh,
+            endpoint: cfg.endpoint.clone(),
+            content_encoding: cfg.compression.content_encoding(),
+            gateway_id: gateway_id.clone(),
+            token: RwLock::new(token),
+            metrics: metrics.clone(),
+        });
+        let limiter = concurrency::Limiter::new(cfg.max_in_flight);
+        metrics.upstream_concurrency_limit.set(1);
         let encoder = Encoder::new(
             cfg.profile,
             gateway_id,
@@ -282,14 +455,13 @@ impl Forwarder {
         let live_floor = *spool.committed().borrow() + 1;
         Ok(Forwarder {
             cfg,
-            client,
-            fresh,
+            sender,
+            limiter,
             encoder,
             compressor,
             json: Vec::new(),
             spool,
             metrics,
-            token,
             max_ok: None,
             ok_at_max: 0,
             probe_wait: PROBE_AFTER,
@@ -381,6 +553,14 @@ impl Forwarder {
             .build()
     }
 
+    /// The next retry wait: exponential from `retry_min_ms`, jittered, and never above
+    /// `retry_max_ms` jitter included (at the cap, waits spread over the cap's upper half),
+    /// so an upstream's return is noticed within `retry_max_ms`.
+    fn next_wait(&mut self) -> Duration {
+        let d = self.backoff.next().unwrap_or(self.cfg.retry_max);
+        cap_jittered(d, self.cfg.retry_min, self.cfg.retry_max)
+    }
+
     async fn pause(&self, d: Duration, shutdown: &CancellationToken) -> Wait {
         tokio::select! {
             _ = sleep(d) => Wait::Done,
@@ -388,9 +568,18 @@ impl Forwarder {
         }
     }
 
-    /// Run until `shutdown` is cancelled. An in-flight request is allowed to finish (bounded by
-    /// `timeout_ms`); everything not yet acknowledged stays in the spool.
+    /// Run until `shutdown` is cancelled. Requests in flight are allowed to finish (each
+    /// bounded by `timeout_ms`) and what they delivered is acknowledged; everything not yet
+    /// acknowledged stays in the spool.
     pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut fl = Flights::default();
+        if self.run_loop(&mut fl, &shutdown).await.is_err() {
+            self.finish(&mut fl).await;
+        }
+    }
+
+    /// The loop of [`Forwarder::run`]; Err on shutdown.
+    async fn run_loop(&mut self, fl: &mut Flights, shutdown: &CancellationToken) -> Result<(), ()> {
         let mut committed = self.spool.committed();
         let mut cursor: Option<Loc> = None;
         // The exact next event when everything before it has been read (see `Handoff`).
@@ -406,9 +595,11 @@ impl Forwarder {
         let mut pending: Vec<SpooledEvent> = Vec::new();
         loop {
             if shutdown.is_cancelled() {
-                return;
+                return Err(());
             }
             if self.spool.take_rewind() || std::mem::take(&mut self.rewind) {
+                // Everything in flight is settled first: the cursors restart behind it.
+                self.settle(fl, shutdown).await?;
                 tracing::warn!("Reading the spool from its start again: some events could not be recorded as delivered or dead-lettered and are sent again (same event ids)");
                 cursor = None;
                 next_fresh = None;
@@ -416,6 +607,13 @@ impl Forwarder {
                 pending.clear();
                 self.refused.clear();
                 self.spool.want_fresh(None);
+            }
+            self.resend_due(fl);
+            if fl.map.len() < self.limiter.limit() {
+                if let Some(b) = fl.held.pop_front() {
+                    self.dispatch(b, fl, shutdown).await?;
+                    continue;
+                }
             }
             let max = self.cfg.batch_max_events;
             let floor = if self.cfg.order == Order::LiveFirst {
@@ -458,9 +656,8 @@ impl Forwarder {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "Cannot read from the spool");
-                        if let Wait::Shutdown = self.pause(Duration::from_secs(1), &shutdown).await
-                        {
-                            return;
+                        if let Wait::Shutdown = self.pause(Duration::from_secs(1), shutdown).await {
+                            return Err(());
                         }
                         continue;
                     }
@@ -483,21 +680,22 @@ impl Forwarder {
                     .min(rate.max(max as f64));
                 last_refill = now;
             }
+            // Another batch may go out while fewer than the concurrency limit are unresolved
+            // and no cut batch waits.
+            let slot = fl.map.len() < self.limiter.limit() && fl.held.is_empty();
             let live_ready = !pending.is_empty()
                 && (pending.len() >= max || aged || self.cfg.batch_max_delay.is_zero());
             // live-first: after a fresh batch the backlog gets its turn (within its budget), so
             // a steady live flow never starves it.
-            if live_ready && !(live_first && backlog_turn && tokens >= 1.0) {
+            if slot && live_ready && !(live_first && backlog_turn && tokens >= 1.0) {
                 partial_since = None;
                 let batch = std::mem::take(&mut pending);
-                if self.deliver(batch, &shutdown).await.is_err() {
-                    return;
-                }
+                self.dispatch(batch, fl, shutdown).await?;
                 backlog_turn = live_first;
                 continue;
             }
             // live-first: spend the backlog budget while live traffic is not ready to go.
-            if live_first && tokens >= 1.0 {
+            if slot && live_first && tokens >= 1.0 {
                 backlog_turn = false;
                 let want = (tokens as usize).min(max);
                 match self.spool.read_after(backlog_cursor, 0, want).await {
@@ -508,11 +706,8 @@ impl Forwarder {
                             .collect();
                         if !b.is_empty() {
                             tokens -= b.len() as f64;
-                            let last = b.last().map(|e| e.loc);
-                            if self.deliver(b, &shutdown).await.is_err() {
-                                return;
-                            }
-                            backlog_cursor = last;
+                            backlog_cursor = b.last().map(|e| e.loc);
+                            self.dispatch(b, fl, shutdown).await?;
                             continue;
                         }
                         if live_ready {
@@ -522,29 +717,336 @@ impl Forwarder {
                     Err(e) => tracing::error!(error = %e, "Cannot read backlog from the spool"),
                 }
             }
-            // Wait for more events, the batch age, or (live-first) the next backlog tokens.
+            // Wait for an answer, more events, the batch age, a throttled batch's turn, or
+            // (live-first) the next backlog tokens.
             let mut wait = Duration::from_secs(3600);
-            if let Some(since) = partial_since {
+            if let Some(since) = partial_since.filter(|_| slot) {
                 wait = self.cfg.batch_max_delay.saturating_sub(since.elapsed());
             }
-            if self.cfg.order == Order::LiveFirst {
+            if live_first && slot {
                 wait = wait.min(Duration::from_millis(100));
             }
+            if let Some(t) = fl.next_retry() {
+                wait = wait.min(t.saturating_duration_since(Instant::now()));
+            }
             tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = committed.changed() => { if r.is_err() && pending.is_empty() { return; } }
+                _ = shutdown.cancelled() => return Err(()),
+                Some(r) = fl.set.join_next(), if !fl.set.is_empty() => {
+                    self.on_answer(r, fl, shutdown).await?;
+                }
+                r = committed.changed() => {
+                    if r.is_err() && pending.is_empty() && fl.map.is_empty() {
+                        return Err(());
+                    }
+                }
                 _ = sleep(wait) => {}
             }
         }
     }
 
+    /// Send `batch` beside the batches in flight, or, while the upstream fails, refusals are
+    /// being sorted out or the batch cannot go as it is (too many bytes, the clock not set),
+    /// through [`Forwarder::deliver`] once everything in flight is settled. Err on shutdown.
+    async fn dispatch(
+        &mut self,
+        batch: Vec<SpooledEvent>,
+        fl: &mut Flights,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let serial = self.down_since.is_some()
+            || self.rejecting_all
+            || self.retry_refused
+            || !self.refused.is_empty()
+            || self.lone_413.is_some();
+        let batch = if serial {
+            batch
+        } else {
+            let room = self.limiter.limit().saturating_sub(fl.map.len()).max(1);
+            match self.prepare(batch, room, &mut fl.held) {
+                Ok(flights) => {
+                    for f in flights {
+                        let id = fl.next_id;
+                        fl.next_id += 1;
+                        fl.map.insert(id, f);
+                        self.launch(fl, id);
+                    }
+                    return Ok(());
+                }
+                Err(batch) => batch,
+            }
+        };
+        self.settle(fl, shutdown).await?;
+        self.deliver(batch, None, shutdown).await
+    }
+
+    /// Encode and compress `batch` as the requests it needs (one per run of an event type, at
+    /// most the size learned from a 413 each), at most `room` of them: the rest goes to the
+    /// front of `held`, in order. Err with the batch when it must go through
+    /// [`Forwarder::deliver`] (its clock is not set, a body over `batch_max_bytes`, a
+    /// compression error).
+    fn prepare(
+        &mut self,
+        mut batch: Vec<SpooledEvent>,
+        room: usize,
+        held: &mut std::collections::VecDeque<Vec<SpooledEvent>>,
+    ) -> Result<Vec<Flight>, Vec<SpooledEvent>> {
+        if !self.place_in_time(&mut batch) {
+            return Err(batch);
+        }
+        let mut pieces = Vec::new();
+        let mut rest: Vec<Vec<SpooledEvent>> = Vec::new();
+        for mut run in split_runs(batch) {
+            if pieces.len() >= room {
+                rest.push(run);
+                continue;
+            }
+            if let Some(cap) = self.max_ok {
+                while run.len() > cap && pieces.len() + 1 < room {
+                    let tail = run.split_off(cap);
+                    pieces.push(std::mem::replace(&mut run, tail));
+                }
+                if run.len() > cap {
+                    let tail = run.split_off(cap);
+                    rest.push(tail);
+                }
+            }
+            pieces.push(run);
+        }
+
+        let mut flights: Vec<Flight> = Vec::with_capacity(pieces.len());
+        let mut failed = false;
+        for events in pieces {
+            let key = batch_key(&events);
+            let body = if failed {
+                None
+            } else {
+                self.encoder.encode_into(&events, key, &mut self.json);
+                if self.json.len() > self.cfg.batch_max_bytes && events.len() > 1 {
+                    None
+                } else {
+                    self.compressor.compress(&self.json).ok()
+                }
+            };
+            failed |= body.is_none();
+            flights.push(Flight {
+                events,
+                key,
+                body: bytes::Bytes::from(body.unwrap_or_default()),
+                state: FlightState::InFlight,
+            });
+        }
+        if failed {
+            let mut all: Vec<SpooledEvent> = flights.into_iter().flat_map(|f| f.events).collect();
+            all.extend(rest.into_iter().flatten());
+            return Err(all);
+        }
+        for r in rest.into_iter().rev() {
+            held.push_front(r);
+        }
+        Ok(flights)
+    }
+
+    /// Start (or restart) the request of flight `id`.
+    fn launch(&mut self, fl: &mut Flights, id: u64) {
+        let unresolved = fl.map.len();
+        let Some(f) = fl.map.get_mut(&id) else {
+            return;
+        };
+        f.state = FlightState::InFlight;
+        let sender = self.sender.clone();
+        let (body, key) = (f.body.clone(), f.key);
+        let healthy = self.down_since.is_none();
+        fl.set.spawn(async move {
+            let t = Instant::now();
+            let o = sender.send(body, key, healthy).await;
+            (id, o, t.elapsed(), unresolved)
+        });
+        self.metrics.upstream_in_flight.set(fl.set.len() as u64);
+    }
+
+    /// Send again the throttled flights whose wait is over.
+    fn resend_due(&mut self, fl: &mut Flights) {
+        let now = Instant::now();
+        let due: Vec<u64> = fl
+            .map
+            .iter()
+            .filter(|(_, f)| matches!(f.state, FlightState::Waiting(t) if t <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.launch(fl, id);
+        }
+    }
+
+    /// Feed an answer to the concurrency limiter and record it on its flight. True when the
+    /// flight needs [`Forwarder::deliver`] (anything but a delivery or a throttle that more
+    /// concurrency may have caused).
+    async fn record_answer(&mut self, a: Answered, fl: &mut Flights) -> bool {
+        let (id, outcome, rtt, unresolved) = a;
+        self.metrics.upstream_in_flight.set(fl.set.len() as u64);
+        let backpressure = match &outcome {
+            Outcome::Throttled { .. } => true,
+            Outcome::Retry { reason, .. } => reason.starts_with(TIMEOUT),
+            _ => false,
+        };
+        let before = self.limiter.limit();
+        let change = self.limiter.on_answer(rtt, unresolved, backpressure);
+        if change != concurrency::Change::Same {
+            tracing::debug!(?change, from = before, to = self.limiter.limit(), rtt = ?self.limiter.rtt(), "Request concurrency");
+        }
+        self.metrics
+            .upstream_concurrency_limit
+            .set(self.limiter.limit() as u64);
+        if let Some(r) = self.limiter.rtt() {
+            self.metrics.upstream_rtt_us.set(r.as_micros() as u64);
+        }
+        let Some(n) = fl.map.get(&id).map(|f| f.events.len()) else {
+            return false;
+        };
+        let state = match outcome {
+            Outcome::Delivered => {
+                self.on_success(200, n, false).await;
+                FlightState::Done
+            }
+            // Throttled beside other requests: fewer at once (the limiter halved), this one
+            // again after the server's wait, without an outage (never sooner than retry_min).
+            Outcome::Throttled {
+                status,
+                retry_after,
+            } if unresolved > 1 && self.down_since.is_none() => {
+                self.metrics.response(status);
+                self.metrics.upstream_throttled.inc();
+                let wait = retry_after
+                    .map_or(self.cfg.retry_min, |d| d.min(self.cfg.retry_after_max))
+                    .max(self.cfg.retry_min);
+                FlightState::Waiting(Instant::now() + wait)
+            }
+            other => FlightState::Failed(other),
+        };
+        let failed = matches!(state, FlightState::Failed(_));
+        if let Some(f) = fl.map.get_mut(&id) {
+            f.state = state;
+        }
+        failed
+    }
+
+    /// An answer while the loop runs: a delivery is acknowledged in its turn; a failure
+    /// settles everything in flight. Err on shutdown.
+    async fn on_answer(
+        &mut self,
+        r: Result<Answered, tokio::task::JoinError>,
+        fl: &mut Flights,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ()> {
+        let failed = match r {
+            Ok(a) => self.record_answer(a, fl).await,
+            // The request task did not finish (it cannot panic: `send` returns every error
+            // as an outcome); its flight is sent again through `deliver`.
+            Err(_) => {
+                self.mark_lost(fl);
+                true
+            }
+        };
+        if failed {
+            self.settle(fl, shutdown).await
+        } else {
+            self.ack_done(fl).await;
+            Ok(())
+        }
+    }
+
+    /// Flights marked in flight whose task is gone.
+    fn mark_lost(&self, fl: &mut Flights) {
+        if fl.set.is_empty() {
+            for f in fl.map.values_mut() {
+                if matches!(f.state, FlightState::InFlight) {
+                    f.state = FlightState::Lost;
+                }
+            }
+        }
+    }
+
+    /// Acknowledge the delivered flights whose turn has come: all of them (live-first), or
+    /// those with no unsettled flight before them (fifo).
+    async fn ack_done(&mut self, fl: &mut Flights) {
+        let fifo = self.cfg.order == Order::Fifo;
+        let mut ids = Vec::new();
+        for (id, f) in &fl.map {
+            match f.state {
+                FlightState::Done => ids.push(*id),
+                _ if fifo => break,
+                _ => {}
+            }
+        }
+        let mut events = Vec::new();
+        for id in ids {
+            if let Some(f) = fl.map.remove(&id) {
+                events.extend(f.events);
+            }
+        }
+        self.ack(&events).await;
+    }
+
+    /// Wait for every request in flight, then settle every flight in dispatch order: a
+    /// delivered one is acknowledged, any other goes through [`Forwarder::deliver`] (the
+    /// first failed one is the probe while the upstream is down). Nothing is acknowledged
+    /// past an earlier batch that is not settled. Err on shutdown (the rest stays in the spool).
+    async fn settle(&mut self, fl: &mut Flights, shutdown: &CancellationToken) -> Result<(), ()> {
+        while !fl.set.is_empty() {
+            let r = tokio::select! {
+                _ = shutdown.cancelled() => return Err(()),
+                r = fl.set.join_next() => r,
+            };
+            match r {
+                Some(Ok(a)) => {
+                    self.record_answer(a, fl).await;
+                }
+                Some(Err(_)) | None => self.mark_lost(fl),
+            }
+        }
+        self.metrics.upstream_in_flight.set(0);
+        while let Some((_, f)) = fl.map.pop_first() {
+            match f.state {
+                FlightState::Done => self.ack(&f.events).await,
+                FlightState::Failed(o) => {
+                    self.deliver(f.events, Some((f.key, o)), shutdown).await?
+                }
+                FlightState::InFlight | FlightState::Waiting(_) | FlightState::Lost => {
+                    self.deliver(f.events, None, shutdown).await?
+                }
+            }
+        }
+        while let Some(b) = fl.held.pop_front() {
+            self.deliver(b, None, shutdown).await?;
+        }
+        Ok(())
+    }
+
+    /// On shutdown: wait for the requests in flight (each bounded by `timeout_ms`; the daemon's
+    /// grace period bounds the whole) and acknowledge what they delivered, in turn.
+    async fn finish(&mut self, fl: &mut Flights) {
+        while let Some(r) = fl.set.join_next().await {
+            if let Ok(a) = r {
+                self.record_answer(a, fl).await;
+            }
+        }
+        self.ack_done(fl).await;
+    }
+
     /// Deliver one batch to an outcome for every event (delivered or dead-lettered). Err only on
     /// shutdown: the remaining events stay in the spool.
+    /// `first`: the answer already received for the batch with this key (sent beside others),
+    /// taken as the first attempt's outcome.
     async fn deliver(
         &mut self,
         batch: Vec<SpooledEvent>,
+        first: Option<(uuid::Uuid, Outcome)>,
         shutdown: &CancellationToken,
     ) -> Result<(), ()> {
+        let mut first = first;
         let mut batch = batch;
         // Timestamps sent upstream are never 1970: wait for the clock.
         while !self.place_in_time(&mut batch) {
@@ -561,21 +1063,11 @@ impl Forwarder {
         if std::mem::take(&mut self.clock_hold_logged) {
             tracing::info!("The wall clock is set: delivery resumes");
         }
-        // Split by event type (one type per batch in the bag-events contract), keeping order.
-        // Runs are split off in place: a batch of one type (the usual case) is not copied.
-        let mut groups: Vec<Vec<SpooledEvent>> = Vec::new();
-        let mut rest = batch;
-        while let Some(first) = rest.first() {
-            let t = batch_type(first);
-            let end = rest
-                .iter()
-                .position(|e| batch_type(e) != t)
-                .unwrap_or(rest.len());
-            let tail = rest.split_off(end);
-            groups.push(std::mem::replace(&mut rest, tail));
-        }
-        let mut stack: Vec<(Vec<SpooledEvent>, bool)> =
-            groups.into_iter().rev().map(|g| (g, false)).collect();
+        let mut stack: Vec<(Vec<SpooledEvent>, bool)> = split_runs(batch)
+            .into_iter()
+            .rev()
+            .map(|g| (g, false))
+            .collect();
         self.delivered_in_call = false;
         while let Some((b, from_413)) = stack.pop() {
             if let Some(cap) = self.max_ok {
@@ -609,7 +1101,13 @@ impl Forwarder {
                 }
             };
             loop {
-                let outcome = self.send(body.clone(), key).await;
+                let outcome = match first.take_if(|(k, _)| *k == key) {
+                    Some((_, o)) => o,
+                    None => {
+                        let healthy = self.down_since.is_none();
+                        self.sender.send(body.clone(), key, healthy).await
+                    }
+                };
                 match outcome {
                     Outcome::Delivered => {
                         self.on_success(200, b.len(), from_413).await;
@@ -644,7 +1142,7 @@ impl Forwarder {
                                 push_halves(&mut stack, b, from_413);
                             }
                             None => {
-                                let wait = self.backoff.next().unwrap_or(self.cfg.retry_max);
+                                let wait = self.next_wait();
                                 self.on_failure("HTTP 207 for a single event that cannot be matched to it; keeping it and retrying", true).await;
                                 if let Wait::Shutdown = self.pause(wait, shutdown).await {
                                     return Err(());
@@ -725,7 +1223,10 @@ impl Forwarder {
                             return Err(());
                         }
                         if let Some(p) = &self.cfg.token_file {
-                            self.token = read_token(p);
+                            let t = read_token(p);
+                            if let Ok(mut w) = self.sender.token.write() {
+                                *w = t;
+                            }
                         }
                     }
                     Outcome::Throttled {
@@ -737,7 +1238,7 @@ impl Forwarder {
                         // must not turn into a tight loop.
                         let wait = match retry_after {
                             Some(d) => d.min(self.cfg.retry_after_max),
-                            None => self.backoff.next().unwrap_or(self.cfg.retry_max),
+                            None => self.next_wait(),
                         }
                         .max(self.cfg.retry_min);
                         tracing::debug!(status, wait = ?wait, "Upstream asks to wait");
@@ -757,7 +1258,7 @@ impl Forwarder {
                         if let Some(s) = status {
                             self.metrics.response(s);
                         }
-                        let wait = self.backoff.next().unwrap_or(self.cfg.retry_max);
+                        let wait = self.next_wait();
                         // A clock problem is the operator's to fix: an ERROR, once per state.
                         let loud = reason.starts_with(CLOCK_SUSPECT);
                         self.on_failure(&reason, loud).await;
@@ -787,96 +1288,6 @@ impl Forwarder {
             self.settle_refused().await;
         }
         Ok(())
-    }
-
-    async fn send(&self, body: bytes::Bytes, key: uuid::Uuid) -> Outcome {
-        match self.send_with(&self.client, body.clone(), key).await {
-            // Failed after connecting, before any answer (not a timeout): most likely a reused
-            // keep-alive connection the server had closed. Once more, at once, on a new
-            // connection, with the same Idempotency-Key: no outage, no warning.
-            // Only while the upstream is believed healthy: against a failing server every
-            // attempt would be doubled.
-            Err(e) if !e.is_timeout() && !e.is_connect() && self.down_since.is_none() => {
-                tracing::debug!(error = %error_chain(&e), "Request failed on a reused connection; sending again on a new one");
-                self.metrics.upstream_fresh_retries.inc();
-                match self.send_with(&self.fresh, body, key).await {
-                    Ok(o) => o,
-                    Err(e) => request_error(&e),
-                }
-            }
-            Err(e) => request_error(&e),
-            Ok(o) => o,
-        }
-    }
-
-    /// One request; `Err` when no answer came (the connection failed or timed out).
-    async fn send_with(
-        &self,
-        client: &reqwest::Client,
-        body: bytes::Bytes,
-        key: uuid::Uuid,
-    ) -> Result<Outcome, reqwest::Error> {
-        let mut req = client
-            .post(&self.cfg.endpoint)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header("Idempotency-Key", key.to_string())
-            .header("X-Gateway-Id", &self.encoder.gateway_id);
-        if let Some(enc) = self.cfg.compression.content_encoding() {
-            req = req.header(reqwest::header::CONTENT_ENCODING, enc);
-        }
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        let len = body.len() as u64;
-        match req.body(body).send().await {
-            Err(e) => Err(e),
-            Ok(resp) => {
-                self.metrics.upstream_bytes_sent.add(len);
-                let status = resp.status().as_u16();
-                let header = |name: reqwest::header::HeaderName| {
-                    resp.headers()
-                        .get(name)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string)
-                };
-                let retry_after = header(reqwest::header::RETRY_AFTER);
-                let location = header(reqwest::header::LOCATION);
-                let content_type = header(reqwest::header::CONTENT_TYPE);
-                let date = header(reqwest::header::DATE);
-                let mut body = Vec::new();
-                let mut resp = resp;
-                // Read at most 1 MiB of the answer: enough for any per-event report.
-                loop {
-                    match resp.chunk().await {
-                        Ok(Some(c)) if body.len() < (1 << 20) => body.extend_from_slice(&c),
-                        Ok(Some(_)) => {}
-                        Ok(None) => break,
-                        Err(e) if (200..300).contains(&status) && status != 207 => {
-                            tracing::debug!(error = %e, "Upstream answer body cut short after a 2xx status");
-                            break;
-                        }
-                        Err(e) => {
-                            return Ok(Outcome::Retry {
-                                status: Some(status),
-                                reason: format!("answer cut short: {}", error_chain(&e)),
-                            })
-                        }
-                    }
-                }
-                body.truncate(1 << 20);
-                Ok(outcome::classify(
-                    &outcome::Answer {
-                        status,
-                        retry_after: retry_after.as_deref(),
-                        location: location.as_deref(),
-                        content_type: content_type.as_deref(),
-                        date: date.as_deref(),
-                        body: &body,
-                    },
-                    SystemTime::now(),
-                ))
-            }
-        }
     }
 
     /// After the upstream accepted again: the events it refused while it refused everything go
@@ -1055,6 +1466,33 @@ impl Forwarder {
     }
 }
 
+/// A jittered wait `d` (backon adds up to 100 % of the delay as jitter) kept within
+/// `[min, max]`: above `max` it is folded back into `[max / 2, max]`, keeping its spread.
+fn cap_jittered(d: Duration, min: Duration, max: Duration) -> Duration {
+    if d <= max {
+        return d.max(min);
+    }
+    max.saturating_sub((d - max) / 2).clamp(min.min(max), max)
+}
+
+/// Split a batch into runs of one event type (one type per batch in the bag-events
+/// contract), keeping order. Runs are split off in place: a batch of one type (the usual case)
+/// is not copied.
+fn split_runs(batch: Vec<SpooledEvent>) -> Vec<Vec<SpooledEvent>> {
+    let mut groups: Vec<Vec<SpooledEvent>> = Vec::new();
+    let mut rest = batch;
+    while let Some(first) = rest.first() {
+        let t = batch_type(first);
+        let end = rest
+            .iter()
+            .position(|e| batch_type(e) != t)
+            .unwrap_or(rest.len());
+        let tail = rest.split_off(end);
+        groups.push(std::mem::replace(&mut rest, tail));
+    }
+    groups
+}
+
 fn push_halves(
     stack: &mut Vec<(Vec<SpooledEvent>, bool)>,
     mut b: Vec<SpooledEvent>,
@@ -1105,6 +1543,35 @@ mod tests {
             Vec::new(),
             json(20_000, "c"),
         ]
+    }
+
+    #[test]
+    fn retry_waits_never_exceed_retry_max_jitter_included() {
+        let min = Duration::from_millis(100);
+        let max = Duration::from_millis(1000);
+        let cfg_backoff = || {
+            backon::ExponentialBuilder::default()
+                .with_min_delay(min)
+                .with_max_delay(max)
+                .with_factor(2.0)
+                .with_jitter()
+                .without_max_times()
+                .build()
+        };
+        let mut waits = Vec::new();
+        for _ in 0..50 {
+            let mut b = cfg_backoff();
+            for _ in 0..20 {
+                let w = cap_jittered(b.next().unwrap(), min, max);
+                assert!(w >= min && w <= max, "{w:?}");
+                waits.push(w);
+            }
+        }
+        // Still spread at the cap: not every late wait is exactly the cap.
+        let late: std::collections::HashSet<_> = waits.iter().filter(|w| **w >= max / 2).collect();
+        assert!(late.len() > 10);
+        assert_eq!(cap_jittered(Duration::from_secs(9), max, max), max);
+        assert_eq!(cap_jittered(Duration::ZERO, min, max), min);
     }
 
     #[test]

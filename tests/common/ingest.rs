@@ -79,6 +79,15 @@ pub struct State {
     pub html: bool,
     /// Standing rule: every answer takes this long (a slow or far-away server).
     pub delay: Option<Duration>,
+    /// Standing rule: a request that arrives while this many are being answered gets 429
+    /// (no Retry-After), as a server with a concurrency limit answers.
+    pub max_concurrent: Option<usize>,
+    /// Requests being answered now, and the most seen at once.
+    pub active: usize,
+    pub peak_active: usize,
+    /// Standing rule: a batch holding this tag is answered with the status, as many times as
+    /// the count says (then it is accepted).
+    pub fail_tag: Option<(String, u16, u32)>,
     /// Unique events in arrival order.
     pub events: Vec<Value>,
     pub seen: HashMap<String, u32>,
@@ -235,9 +244,34 @@ async fn handle(
         .map_err(|_| DropConnection)?
         .to_bytes();
 
+    // Counted while answered (every exit, a dropped connection included).
+    struct Active(Arc<Mutex<State>>);
+    impl Drop for Active {
+        fn drop(&mut self) {
+            if let Ok(mut st) = self.0.lock() {
+                st.active = st.active.saturating_sub(1);
+            }
+        }
+    }
+    let over_limit = {
+        let mut st = state.lock().expect("state");
+        st.active += 1;
+        st.peak_active = st.peak_active.max(st.active);
+        st.max_concurrent.is_some_and(|m| st.active > m)
+    };
+    let _active = Active(state.clone());
     let delay = state.lock().expect("state").delay;
     if let Some(d) = delay {
         tokio::time::sleep(d).await;
+    }
+    if over_limit {
+        let mut st = state.lock().expect("state");
+        log.status = 429;
+        st.requests.push(log);
+        return json(
+            429,
+            serde_json::json!({"detail": "too many concurrent requests"}),
+        );
     }
     let page = |status: u16| {
         Ok(Response::builder()
@@ -372,6 +406,19 @@ async fn handle(
         return json(
             413,
             serde_json::json!({"detail": "Request Entity Too Large"}),
+        );
+    }
+    let fail = st.fail_tag.as_ref().and_then(|(tag, status, left)| {
+        (*left > 0 && events.iter().any(|e| tag_of(e) == *tag)).then_some(*status)
+    });
+    if let Some(status) = fail {
+        if let Some(f) = st.fail_tag.as_mut() {
+            f.2 -= 1;
+        }
+        finish(status, &mut log, &mut st);
+        return json(
+            status,
+            serde_json::json!({"detail": "scripted failure for a tag"}),
         );
     }
     if !st.poison.is_empty() && events.iter().any(|e| st.poison.contains(&tag_of(e))) {

@@ -146,3 +146,22 @@ impl Rig {
         dir
     }
 }
+
+/// The order rule with batches in flight at once (README, "Order"): events are sent and
+/// acknowledged in commit order, and an event never arrives before one committed `window`
+/// or more positions earlier (`window` = `max_in_flight` × `batch_max_events`). `arrived`:
+/// commit positions (0-based) in arrival order, each once. Panics naming the first breach.
+pub fn assert_order_within(arrived: &[usize], window: usize) {
+    let mut seen = vec![false; arrived.iter().max().map_or(0, |m| m + 1)];
+    let mut lowest_missing = 0;
+    for (i, &p) in arrived.iter().enumerate() {
+        assert!(
+            p < lowest_missing + window,
+            "arrival {i}: position {p} arrived before position {lowest_missing} (window {window})"
+        );
+        seen[p] = true;
+        while seen.get(lowest_missing) == Some(&true) {
+            lowest_missing += 1;
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! Adaptive request concurrency: how many batches may be in flight to the upstream at once.
+//!
+//! The rule follows Vector's adaptive request concurrency (AIMD, additive increase and
+//! multiplicative decrease, on observed round-trip time and back-pressure answers), written
+//! for the forwarder's own bookkeeping:
+//!
+//! - The limit starts at 1 and never leaves `1..=max_in_flight`.
+//! - Answers are taken in windows of `limit` answers (about one round trip at full use).
+//! - At the end of a window:
+//!   - back-pressure in it (429, 503, a timeout) halves the limit;
+//!   - otherwise a window mean RTT above the past mean plus a tolerance takes 10 % off (the
+//!     server queues our requests: more of them only adds latency);
+//!   - otherwise, if the limit was in full use during the window, it grows by one.
+//! - Latency is judged against a base RTT: the mean of the last window with one request at a
+//!   time (which queues nothing of ours: the link's own RTT), or a lower window mean since.
+//!   A slower route is learned when the limit has eased down to 1. (Comparing with a moving
+//!   mean instead lets the limit creep up one queued request at a time.) The tolerance
+//!   is 2.5 mean deviations of the window means, within 10 % to 50 % of the base, and at least 1 ms
+//!   (loopback RTTs are sub-millisecond and jittery). The RTT reported is an exponentially
+//!   weighted mean of the window means (weight 0.4 for the newest).
+//!
+//! Pure and synchronous: the forwarder feeds it and reads [`Limiter::limit`].
+
+use std::time::Duration;
+
+/// Weight of the newest window in the past RTT mean.
+const ALPHA: f64 = 0.4;
+/// Deviations above the past mean that still count as flat latency.
+const DEVIATIONS: f64 = 2.5;
+/// A tolerance of at least this share of the past mean.
+const MIN_TOLERANCE_SHARE: f64 = 0.1;
+/// A tolerance of at most this share of the base (else the deviation a saw-tooth of the limit
+/// itself causes would let the limit creep up).
+const MAX_TOLERANCE_SHARE: f64 = 0.5;
+/// A tolerance of at least this, seconds.
+const MIN_TOLERANCE_S: f64 = 0.001;
+
+/// The AIMD concurrency limit. See the module docs.
+#[derive(Debug, Clone)]
+pub struct Limiter {
+    limit: usize,
+    max: usize,
+    /// Past mean RTT and mean deviation, seconds (None before the first window closes).
+    past: Option<(f64, f64)>,
+    /// Base RTT, seconds (see the module docs).
+    base: f64,
+    win_sum: f64,
+    win_n: usize,
+    win_full: bool,
+    win_backpressure: bool,
+}
+
+/// What the limiter did at the end of a window (for logs and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Same,
+    Up,
+    /// Latency grew: 10 % off.
+    Eased,
+    /// Back-pressure: halved.
+    Halved,
+}
+
+impl Limiter {
+    /// A limiter that starts at 1 with `max` (≥ 1; `max_in_flight`) as its ceiling.
+    pub fn new(max: usize) -> Self {
+        Limiter {
+            limit: 1,
+            max: max.max(1),
+            past: None,
+            base: f64::INFINITY,
+            win_sum: 0.0,
+            win_n: 0,
+            win_full: false,
+            win_backpressure: false,
+        }
+    }
+
+    /// Requests that may be in flight now.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// The past mean round-trip time (None before the first window closed).
+    pub fn rtt(&self) -> Option<Duration> {
+        self.past.map(|(m, _)| Duration::from_secs_f64(m))
+    }
+
+    /// An answer that took `rtt`; `in_flight` requests (this one included) were unresolved
+    /// when it was sent; `backpressure` for 429, 503 or a timeout.
+    pub fn on_answer(&mut self, rtt: Duration, in_flight: usize, backpressure: bool) -> Change {
+        if backpressure {
+            self.win_backpressure = true;
+        } else {
+            self.win_sum += rtt.as_secs_f64();
+        }
+        self.win_n += 1;
+        if in_flight >= self.limit {
+            self.win_full = true;
+        }
+        // Back-pressure acts at once (the next requests would meet it too); other windows
+        // close after `limit` answers.
+        if self.win_backpressure || self.win_n >= self.limit {
+            self.close_window()
+        } else {
+            Change::Same
+        }
+    }
+
+    fn close_window(&mut self) -> Change {
+        let ok = self.win_n - usize::from(self.win_backpressure).min(self.win_n);
+        let mean = (ok > 0).then(|| self.win_sum / ok as f64);
+        let at_one = self.limit == 1;
+        let change = if self.win_backpressure {
+            self.limit = (self.limit / 2).max(1);
+            Change::Halved
+        } else {
+            match (mean, self.past) {
+                (Some(m), Some((_, dev)))
+                    if m > self.base
+                        + (DEVIATIONS * dev)
+                            .min(MAX_TOLERANCE_SHARE * self.base)
+                            .max(MIN_TOLERANCE_SHARE * self.base)
+                            .max(MIN_TOLERANCE_S) =>
+                {
+                    let eased = ((self.limit as f64) * 0.9).floor() as usize;
+                    self.limit = eased.clamp(1, self.max);
+                    Change::Eased
+                }
+                _ if self.win_full && self.limit < self.max => {
+                    self.limit += 1;
+                    Change::Up
+                }
+                _ => Change::Same,
+            }
+        };
+        if let Some(m) = mean {
+            // One request at a time queues nothing of ours: that is the link's own RTT.
+            self.base = if at_one { m } else { self.base.min(m) };
+            self.past = Some(match self.past {
+                None => (m, 0.0),
+                Some((past, dev)) => (
+                    past + ALPHA * (m - past),
+                    dev + ALPHA * ((m - past).abs() - dev),
+                ),
+            });
+        }
+        self.win_sum = 0.0;
+        self.win_n = 0;
+        self.win_full = false;
+        self.win_backpressure = false;
+        change
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    /// Feed `answers` answers at full use with this RTT; the final limit.
+    fn run(l: &mut Limiter, answers: usize, mut rtt: impl FnMut(usize) -> Duration) -> usize {
+        for _ in 0..answers {
+            let n = l.limit();
+            l.on_answer(rtt(n), n, false);
+        }
+        l.limit()
+    }
+
+    #[test]
+    fn starts_at_one_and_grows_to_the_ceiling_while_latency_is_flat() {
+        let mut l = Limiter::new(16);
+        assert_eq!(l.limit(), 1);
+        let end = run(&mut l, 2_000, |_| ms(50));
+        assert_eq!(end, 16);
+        assert_eq!(l.rtt(), Some(ms(50)));
+    }
+
+    #[test]
+    fn does_not_grow_when_the_limit_is_not_used() {
+        let mut l = Limiter::new(16);
+        for _ in 0..1000 {
+            // One request at a time although 1 more would be allowed after the first window.
+            l.on_answer(ms(50), 0, false);
+        }
+        assert_eq!(l.limit(), 1);
+    }
+
+    #[test]
+    fn halves_on_back_pressure_and_never_goes_below_one() {
+        let mut l = Limiter::new(16);
+        run(&mut l, 2_000, |_| ms(20));
+        assert_eq!(l.limit(), 16);
+        assert_eq!(l.on_answer(ms(20), 16, true), Change::Halved);
+        assert_eq!(l.limit(), 8);
+        for _ in 0..10 {
+            l.on_answer(ms(20), 8, true);
+        }
+        assert_eq!(l.limit(), 1);
+    }
+
+    #[test]
+    fn settles_below_a_server_that_throttles_above_a_concurrency() {
+        // The server answers 429 to more than 4 requests at once: the limit saw-tooths at or
+        // below 4 and never runs away.
+        let mut l = Limiter::new(32);
+        let mut over = 0;
+        for _ in 0..5_000 {
+            let n = l.limit();
+            let throttled = n > 4;
+            if throttled {
+                over += 1;
+            }
+            l.on_answer(ms(50), n, throttled);
+            assert!(l.limit() <= 5);
+        }
+        // A probe above the limit every few round trips, not a storm of 429s.
+        assert!(over < 5_000 / 10, "{over} answers over the limit");
+    }
+
+    #[test]
+    fn eases_off_when_latency_grows_with_concurrency() {
+        // A server whose RTT grows with the requests it is given past 3 (it queues them):
+        // more concurrency only adds latency, so the limit stays near 3.
+        let mut l = Limiter::new(64);
+        let end = run(&mut l, 20_000, |n| {
+            ms(if n <= 3 { 10 } else { 10 * n as u64 / 3 })
+        });
+        assert!((2..=6).contains(&end), "limit {end}");
+    }
+
+    #[test]
+    fn a_slower_route_is_learned_and_the_limit_grows_again() {
+        let mut l = Limiter::new(16);
+        run(&mut l, 2_000, |_| ms(10));
+        assert_eq!(l.limit(), 16);
+        // The route changes: every answer now takes 40 ms, whatever the concurrency.
+        let end = run(&mut l, 5_000, |_| ms(40));
+        assert_eq!(end, 16);
+    }
+
+    #[test]
+    fn jittery_sub_millisecond_rtts_still_grow() {
+        let mut l = Limiter::new(8);
+        let mut x: u64 = 7;
+        let end = run(&mut l, 5_000, |_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            Duration::from_micros(200 + (x >> 33) % 600)
+        });
+        assert_eq!(end, 8);
+    }
+
+    #[test]
+    fn a_ceiling_of_zero_is_one() {
+        let mut l = Limiter::new(0);
+        run(&mut l, 100, |_| ms(1));
+        assert_eq!(l.limit(), 1);
+    }
+}
