@@ -17,7 +17,7 @@
 //! | source (replay) | tokio task per file | the file | — | waits (a file can be paused) |
 //! | ingest | one tokio task, woken per group, not per read | read channel | [`app::READ_CHANNEL`] = 8192 reads | serial threads hold their reads; replay waits |
 //! | spool | one OS thread (blocking SQLite) | command channel | [`spool::actor::COMMAND_CAPACITY`] = 4 commands | ingest waits; its read channel absorbs the burst |
-//! | forwarder | one tokio task | the spool (pull), or just-committed chunks handed over when caught up ([`spool::actor::Handoff`], consecutive chunks, ≤ 8,192 events queued; beyond that it reads back) | one batch (≤ 1000 events) in memory | — |
+//! | forwarder | one tokio task | the spool (pull), or just-committed chunks handed over when caught up ([`spool::actor::Handoff`], consecutive chunks, ≤ 8,192 events queued; beyond that it reads back) | the batch being filled, and up to `max_in_flight` (≤ 64) batches sent and not yet settled, each ≤ 1000 events with its compressed body | — |
 //! | admin | axum on loopback | HTTP | — | — |
 //!
 //! The async runtime has one worker: the async stages are light, and the heavy work (ports,
@@ -43,7 +43,10 @@
 //!   one that cannot be written makes the forwarder read the spool from its start again.
 //! - `seq` and `event_id` (UUIDv7) are fixed at commit; retries and replays resend the same ids
 //!   (`event` docs).
-//! - Memory is bounded: channels are bounded, the forwarder holds one batch, the spool decodes
+//! - With several batches in flight, the spool is acknowledged in commit order (`fifo`: never
+//!   past an earlier batch not yet settled; see `forward` and the README's "Order").
+//! - Memory is bounded: channels are bounded, the forwarder holds at most `max_in_flight`
+//!   batches besides the one it fills, the spool decodes
 //!   one chunk at a time; the backlog lives only on disk. In bytes, while the spool cannot
 //!   commit (locked, or slower than the input), reads wait in: each serial thread's hold
 //!   ([`source::serial::HOLD_MAX`], 2 MiB), the read channel ([`source::CHANNEL_MAX_BYTES`],

@@ -44,6 +44,7 @@ profile = "bag-events"
 batch_max_events = 5000
 retry_min_ms = 900
 retry_max_ms = 100
+max_in_flight = 0
 "#;
 
 #[test]
@@ -59,6 +60,7 @@ fn a_broken_file_lists_every_error_with_line_and_key() {
         (17, "upstream.url"),
         (19, "upstream.batch_max_events"),
         (20, "upstream.retry_min_ms"),
+        (22, "upstream.max_in_flight"),
     ];
     for w in want {
         assert!(got.contains(&w), "missing {w:?} in {got:?}");

@@ -4,9 +4,25 @@
 //! policy and backoff. Does not own: durability (events stay in the spool until an outcome
 //! removes them, so a crash at any point only causes a resend with the same event ids).
 //!
-//! Order: `fifo` sends strictly in commit order. `live-first` keeps two cursors: events
-//! committed after the forwarder (re)gained the upstream are *live* and go first; older ones are
-//! *backlog* and go at `backlog_max_eps` at most.
+//! Several batches in flight: up to the adaptive limit of [`concurrency::Limiter`] (from 1 up
+//! to `max_in_flight`), each request on its own task, each batch acknowledged as its answer
+//! arrives. Anything but a delivery (or a throttle while others were in flight: the limit
+//! halves and that batch goes again after the server's wait) *settles* the flights: every
+//! request in flight is waited for, then every batch is settled in dispatch order through the
+//! one-at-a-time path ([`Forwarder::deliver`]: bisecting, dead letters, backoff), whose first
+//! batch is the probe while the upstream is down. New batches go out one at a time until a
+//! delivery succeeds again.
+//!
+//! Order: batches are sent in commit order. `fifo` acknowledges them in commit order too: a
+//! delivered batch waits, unacknowledged, for every earlier one to be settled, and no new
+//! batch is sent while `max_in_flight` batches are unsettled. The upstream may therefore
+//! receive a batch before the (at most `max_in_flight` − 1) batches sent just before it, never
+//! before older ones: an event never arrives before one committed `max_in_flight` ×
+//! `batch_max_events` or more events earlier. Events carry `seq` (commit order) and
+//! `first_seen` to restore exact order; `max_in_flight = 1` sends one batch at a time in
+//! strict order. `live-first` keeps two cursors: events committed after the forwarder
+//! (re)gained the upstream are *live* and go first; older ones are *backlog* and go at
+//! `backlog_max_eps` at most, each cursor in commit order, acknowledged as answers come.
 
 pub mod concurrency;
 pub mod outcome;
