@@ -598,13 +598,22 @@ fn commit_rate() {
 }
 
 async fn outage() {
-    println!("\n## outage: 5,000 frames/s, upstream down for 20 s, then back");
+    outage_at(5000, 0).await;
+}
+
+/// An outage of 20 s while `rate` frames/s flow, against a receiver that adds `delay_ms` to
+/// every answer (a far-away upstream).
+async fn outage_at(rate: u64, delay_ms: u64) {
+    println!("\n## outage: {rate} frames/s, upstream down for 20 s, then back; answers take {delay_ms} ms more");
     let mut ing = Ingest::start().await;
-    ing.with(|s| s.light = true);
+    ing.with(|s| {
+        s.light = true;
+        s.delay = (delay_ms > 0).then(|| Duration::from_millis(delay_ms));
+    });
     let dir = bench_dir();
     let (d, master, slave) = serial_daemon(dir.path(), &ing.base_url(), "", "").await;
-    let total = 5000 * 40;
-    let feeder = feed(master, 0, total, 5000);
+    let total = rate * 40;
+    let feeder = feed(master, 0, total, rate);
     tokio::time::sleep(Duration::from_secs(5)).await;
     ing.stop().await;
     let down = Instant::now();
@@ -622,7 +631,7 @@ async fn outage() {
     })
     .await;
     let took = back.elapsed();
-    println!("outage {:.1} s, backlog at recovery {backlog} events; all events committed before recovery delivered {:.2} s after the upstream came back ({:.0} events/s while live traffic continued)", (back - down).as_secs_f64(), took.as_secs_f64(), backlog as f64 / took.as_secs_f64());
+    println!("outage {:.1} s, backlog at recovery {backlog} events; all events committed before recovery delivered {:.2} s after the upstream came back ({:.0} events/s while live traffic continued); concurrency limit then {:?}", (back - down).as_secs_f64(), took.as_secs_f64(), backlog as f64 / took.as_secs_f64(), metric(d.admin, "scangate_upstream_concurrency_limit").await);
     // Keep the pty's master open until everything is delivered: closing it hangs up the
     // line, and the kernel discards whatever the daemon has not read yet (as on an unplug).
     let master = feeder.join();
@@ -727,6 +736,90 @@ async fn drain() {
     let s = t.elapsed().as_secs_f64();
     println!("drained 1,000,000 events in {s:.2} s: {:.0} events/s; scangate CPU {:.2} µs/event; peak RSS {:.1} MB; duplicates {}", 1e6 / s, 1e6 * (d.proc.cpu() - cpu0) / 1e6, d.proc.hwm_kb() as f64 / 1024.0, ing.with(|s| s.duplicates));
     drop(d);
+}
+
+/// Drain `n` events from the spool to a receiver that adds `delay_ms` to every answer; the
+/// events/s.
+async fn link_drain(label: &str, n: u64, delay_ms: u64, up_extra: &str) -> f64 {
+    let dir = bench_dir();
+    let state = dir.path().join("state");
+    fill_spool(&state, n);
+    let src = empty_source(dir.path());
+    let ing = Ingest::start().await;
+    ing.with(|s| {
+        s.light = true;
+        s.delay = (delay_ms > 0).then(|| Duration::from_millis(delay_ms));
+    });
+    let d = start_daemon(dir.path(), &state, &src, &ing.base_url(), "", up_extra);
+    let t = Instant::now();
+    let cpu0 = d.proc.cpu();
+    let mut anon_peak = 0u64;
+    wait_for("drained", Duration::from_secs(900), || {
+        anon_peak = anon_peak.max(d.proc.anon_kb());
+        ing.with(|s| s.light_count) >= n
+    })
+    .await;
+    let s = t.elapsed().as_secs_f64();
+    let rate = n as f64 / s;
+    println!(
+        "{label:<44} {n:>9} events in {s:>6.2} s: {rate:>7.0} events/s; CPU {:.2} µs/event; peak private {:.1} MB; concurrency limit at the end {:?}, RTT {:?} µs; duplicates {}",
+        1e6 * (d.proc.cpu() - cpu0) / n as f64,
+        anon_peak as f64 / 1024.0,
+        metric(d.admin, "scangate_upstream_concurrency_limit").await,
+        metric(d.admin, "scangate_upstream_rtt_microseconds").await,
+        ing.with(|s| s.duplicates)
+    );
+    rate
+}
+
+/// Issue 15: draining over a link with a round trip (the receiver adds 50 ms to every answer),
+/// one batch at a time against adaptive concurrency, in the same run; then outages at
+/// 2,000 events/s on loopback and over the 50 ms link.
+async fn link() {
+    let env_or = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let delay: u64 = env_or("BENCH_DELAY_MS", 50);
+    let n: u64 = env_or("BENCH_EVENTS", 1_000_000);
+    println!(
+        "\n## drain over a link: every answer {delay} ms later (batch_max_events 500, the default)"
+    );
+    let one = link_drain(
+        "one batch at a time (max_in_flight = 1)",
+        n / 5,
+        delay,
+        "max_in_flight = 1",
+    )
+    .await;
+    let adaptive = link_drain("adaptive (max_in_flight = 8, the default)", n, delay, "").await;
+    let wide = link_drain(
+        "adaptive, max_in_flight = 32",
+        n,
+        delay,
+        "max_in_flight = 32",
+    )
+    .await;
+    println!(
+        "ratio to one at a time: default {:.2}×, max_in_flight = 32 {:.2}×",
+        adaptive / one,
+        wide / one
+    );
+    let big = link_drain(
+        "adaptive, batch_max_events = 1000",
+        n,
+        delay,
+        "batch_max_events = 1000",
+    )
+    .await;
+    println!(
+        "ratio to one at a time: batch_max_events = 1000 {:.2}×",
+        big / one
+    );
+    outage_at(2000, 0).await;
+    outage_at(2000, delay).await;
 }
 
 async fn idle() {
@@ -1072,6 +1165,9 @@ fn main() {
         }
         if want("drain") {
             drain().await;
+        }
+        if want("link") {
+            link().await;
         }
         if want("idle") {
             idle().await;

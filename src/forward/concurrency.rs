@@ -10,7 +10,9 @@
 //!   - back-pressure in it (429, 503, a timeout) halves the limit;
 //!   - otherwise a window mean RTT above the past mean plus a tolerance takes 10 % off (the
 //!     server queues our requests: more of them only adds latency);
-//!   - otherwise, if the limit was in full use during the window, it grows by one.
+//!   - otherwise, if the limit was in full use during the window, it grows by one; until the
+//!     first decrease it doubles instead (a slow start, as TCP's), so a far-away upstream
+//!     gets its concurrency within a few round trips.
 //! - Latency is judged against a base RTT: the mean of the last window with one request at a
 //!   time (which queues nothing of ours: the link's own RTT), or a lower window mean since.
 //!   A slower route is learned when the limit has eased down to 1. (Comparing with a moving
@@ -48,6 +50,8 @@ pub struct Limiter {
     win_n: usize,
     win_full: bool,
     win_backpressure: bool,
+    /// No decrease yet: grow by doubling.
+    slow_start: bool,
 }
 
 /// What the limiter did at the end of a window (for logs and tests).
@@ -73,6 +77,7 @@ impl Limiter {
             win_n: 0,
             win_full: false,
             win_backpressure: false,
+            slow_start: true,
         }
     }
 
@@ -128,12 +133,16 @@ impl Limiter {
                     Change::Eased
                 }
                 _ if self.win_full && self.limit < self.max => {
-                    self.limit += 1;
+                    let step = if self.slow_start { self.limit } else { 1 };
+                    self.limit = (self.limit + step).min(self.max);
                     Change::Up
                 }
                 _ => Change::Same,
             }
         };
+        if matches!(change, Change::Eased | Change::Halved) {
+            self.slow_start = false;
+        }
         if let Some(m) = mean {
             // One request at a time queues nothing of ours: that is the link's own RTT.
             self.base = if at_one { m } else { self.base.min(m) };
@@ -180,6 +189,23 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_start_doubles_per_round_trip_until_the_first_decrease() {
+        let mut l = Limiter::new(64);
+        let mut limits = vec![l.limit()];
+        // One window is `limit` answers: one round trip at full use.
+        for _ in 0..6 {
+            let n = l.limit();
+            run(&mut l, n, |_| ms(50));
+            limits.push(l.limit());
+        }
+        assert_eq!(limits, [1, 2, 4, 8, 16, 32, 64]);
+        l.on_answer(ms(50), 64, true);
+        assert_eq!(l.limit(), 32);
+        run(&mut l, 32, |_| ms(50));
+        assert_eq!(l.limit(), 33, "one at a time after a decrease");
+    }
+
+    #[test]
     fn does_not_grow_when_the_limit_is_not_used() {
         let mut l = Limiter::new(16);
         for _ in 0..1000 {
@@ -208,17 +234,20 @@ mod tests {
         // below 4 and never runs away.
         let mut l = Limiter::new(32);
         let mut over = 0;
+        let mut decreased = false;
         for _ in 0..5_000 {
             let n = l.limit();
             let throttled = n > 4;
             if throttled {
                 over += 1;
             }
-            l.on_answer(ms(50), n, throttled);
-            assert!(l.limit() <= 5);
+            decreased |= l.on_answer(ms(50), n, throttled) == Change::Halved;
+            // The slow start overshoots once (4 → 8), then it stays at or one above the limit.
+            assert!(l.limit() <= if decreased { 5 } else { 8 });
         }
-        // A probe above the limit every few round trips, not a storm of 429s.
-        assert!(over < 5_000 / 10, "{over} answers over the limit");
+        // A probe above the limit every few round trips (2 → 5 takes three, then the halving),
+        // not a storm of 429s: this server refuses every request while more than 4 are open.
+        assert!(over <= 5_000 / 8, "{over} answers over the limit");
     }
 
     #[test]

@@ -751,7 +751,9 @@ impl Forwarder {
                     self.on_answer(r, fl, shutdown).await?;
                 }
                 r = committed.changed() => {
-                    if r.is_err() && pending.is_empty() && fl.map.is_empty() {
+                    if r.is_err() {
+                        // The spool is gone (the daemon stops): what is in flight is
+                        // settled by `finish`; the rest stays in the spool.
                         return Err(());
                     }
                 }
@@ -1030,7 +1032,15 @@ impl Forwarder {
                 FlightState::Failed(o) => {
                     self.deliver(f.events, Some((f.key, o)), shutdown).await?
                 }
-                FlightState::InFlight | FlightState::Waiting(_) | FlightState::Lost => {
+                FlightState::Waiting(t) => {
+                    // The server asked this one to wait: it does, even now.
+                    let wait = t.saturating_duration_since(Instant::now());
+                    if let Wait::Shutdown = self.pause(wait, shutdown).await {
+                        return Err(());
+                    }
+                    self.deliver(f.events, None, shutdown).await?
+                }
+                FlightState::InFlight | FlightState::Lost => {
                     self.deliver(f.events, None, shutdown).await?
                 }
             }
