@@ -794,7 +794,7 @@ async fn link() {
         "max_in_flight = 1",
     )
     .await;
-    let adaptive = link_drain("adaptive (max_in_flight = 8, the default)", n, delay, "").await;
+    let adaptive = link_drain("adaptive (max_in_flight = 16, the default)", n, delay, "").await;
     let wide = link_drain(
         "adaptive, max_in_flight = 32",
         n,

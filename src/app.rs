@@ -613,11 +613,16 @@ pub async fn run(
         tracing::warn!("The ingest stage did not flush within the grace period");
     }
     forward_stop.cancel();
-    if tokio::time::timeout_at(deadline, forward_task)
+    let mut forward_task = forward_task;
+    if tokio::time::timeout_at(deadline, &mut forward_task)
         .await
         .is_err()
     {
-        tracing::warn!("The forwarder did not stop within the grace period (a request was in flight); it was abandoned, its events stay in the spool");
+        // Stopped, not left running: it holds the spool's handle, which the spool thread
+        // waits for before its last acknowledgements are written.
+        forward_task.abort();
+        let _ = forward_task.await;
+        tracing::warn!("The forwarder did not stop within the grace period (a request was in flight); it was stopped, its events stay in the spool");
     }
     if let Some(w) = watchdog {
         w.abort();

@@ -571,3 +571,29 @@ suppress = \"always\"\nwindow_ms = 0\nrssi_offset_db = 500\ngroup = \"\"\n\
     assert_eq!(cfg.sources[0].suppress.rssi_offset_db, -4.5);
     assert_eq!(cfg.suppress.max_tracked, 10);
 }
+
+/// Regression: `retry_min_ms` above the default `retry_max_ms` (or `retry_max_ms` below the
+/// default `retry_min_ms`) passed validation, and the waits then ignored `retry_min_ms`.
+#[test]
+fn retry_bounds_are_checked_against_the_default_of_the_one_not_set() {
+    for (extra, key) in [
+        ("retry_min_ms = 5000\n", "upstream.retry_min_ms"),
+        ("retry_max_ms = 50\n", "upstream.retry_max_ms"),
+        (
+            "retry_min_ms = 300\nretry_max_ms = 200\n",
+            "upstream.retry_min_ms",
+        ),
+    ] {
+        let errs = Config::parse(&with_upstream(extra), Path::new("/etc/scangate")).unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.key == key && e.line >= 12),
+            "{extra}: {errs:?}"
+        );
+    }
+    for ok in ["retry_min_ms = 1000\n", "retry_max_ms = 100\n", ""] {
+        assert!(
+            Config::parse(&with_upstream(ok), Path::new("/etc/scangate")).is_ok(),
+            "{ok}"
+        );
+    }
+}

@@ -293,3 +293,57 @@ fn demo_runs_the_whole_pipeline_and_delivers_everything() {
         );
     }
 }
+
+/// Regression (review): a SIGTERM while a request waited on a server that never answers took
+/// longer than the grace period and blamed the spool ("is it locked by another process?"):
+/// the abandoned forwarder still held the spool's handle. Now it is stopped at the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_request_that_never_ends_exits_within_the_grace_period() {
+    // Accepts connections and reads nothing, answers nothing.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = silent.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            keep.lock().unwrap().push(sock);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cap = dir.path().join("short.cap");
+    std::fs::write(&cap, capture(50, 0)).unwrap();
+    let state = dir.path().join("state");
+    let sources = format!("[[source]]\nname = \"r\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\nspeed = \"max\"\n", cap.display());
+    let cfg = write_config(
+        dir.path(),
+        &state,
+        &sources,
+        &url,
+        "timeout_ms = 60000",
+        None,
+    );
+    let mut d = Daemon::spawn_with(&cfg, &dir.path().join("log"), &["--grace-secs", "2"]);
+    wait_until("a request is in flight", T, || {
+        accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1
+    })
+    .await;
+    let t0 = tokio::time::Instant::now();
+    d.sigterm();
+    let status = d.wait_exit(Duration::from_secs(30)).await;
+    let took = t0.elapsed();
+    let log = d.log_text();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(
+        took < Duration::from_secs(4),
+        "took {took:?} with a 2 s grace\n{log}"
+    );
+    assert!(!log.contains("locked by another process"), "{log}");
+    assert!(log.contains("forwarder did not stop"), "{log}");
+    // Nothing lost: the 50 events are still in the spool.
+    let conn = scangate::spool::Spool::open_read_only(&state).unwrap();
+    assert_eq!(scangate::spool::stats_of(&conn).unwrap().backlog, 50);
+    drop(held);
+}

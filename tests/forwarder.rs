@@ -41,14 +41,14 @@ async fn ok_200_delivers_everything_once_with_contract_envelope_and_headers() {
             .envelopes
             .iter()
             .all(|e| e["source_system"] == "gw-test" && e["event_type"] == "scan"));
-        // fifo: commit order, as far as batches in flight at once allow (8 of 10 events).
+        // fifo: commit order, as far as batches in flight at once allow (16 of 10 events).
         let arrived: Vec<usize> = s
             .events
             .iter()
             .map(|e| e["bag_id"].as_str().unwrap()[4..].parse().unwrap())
             .collect();
         assert_eq!(arrived.len(), 35);
-        common::assert_order_within(&arrived, 8 * 10);
+        common::assert_order_within(&arrived, 16 * 10);
         let e = &s.events[0];
         assert_eq!(e["signal_strength"], -62, "peak RSSI in whole dBm");
         assert_eq!(e["scan_type"], "sortation");
@@ -469,7 +469,7 @@ async fn live_first_sends_fresh_events_before_the_backlog() {
         );
         wait_until("backlog drained too", T, || ingest.unique() == 620).await;
         // The backlog itself went in commit order, as far as batches in flight at once
-        // allow (the default `max_in_flight` of 8 batches of 50).
+        // allow (the default `max_in_flight` of 16 batches of 50).
         ingest.with(|s| {
             let old: Vec<usize> = s
                 .events
@@ -477,7 +477,7 @@ async fn live_first_sends_fresh_events_before_the_backlog() {
                 .filter_map(|e| e["bag_id"].as_str()?.strip_prefix("old-")?.parse().ok())
                 .collect();
             assert_eq!(old.len(), 600);
-            common::assert_order_within(&old, 8 * 50);
+            common::assert_order_within(&old, 16 * 50);
         });
         rig.shutdown().await;
     }
@@ -1456,5 +1456,155 @@ async fn retry_waits_stay_within_retry_max_and_the_return_is_noticed_in_time() {
             first_ok.at - back
         );
     });
+    rig.shutdown().await;
+}
+
+/// Regression (review): 503s without Retry-After to every request while several batches were
+/// in flight were retried every `retry_min_ms`, each batch on its own, with no outage shown
+/// (`upstream_down` stayed 0). Now a second throttle of a batch is an outage: one probe at a
+/// time, with backoff, shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttle_storm_beside_other_requests_becomes_an_outage_with_one_probe() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| s.delay = Some(Duration::from_millis(20)));
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| config(d, &url, "bag-events", "batch_max_events = 10")).await;
+    rig.commit("t", 3000, 3000).await;
+    wait_until("several batches in flight", T, || {
+        rig.metrics.upstream_concurrency_limit.get() >= 4
+    })
+    .await;
+    let at = ingest.with(|s| {
+        s.down = true;
+        s.requests.len()
+    });
+    wait_until("the outage is shown", T, || {
+        rig.metrics.upstream_down.get() == 1
+    })
+    .await;
+    let shown = ingest.with(|s| s.requests.len());
+    wait_until("8 more tries", T, || {
+        ingest.with(|s| s.requests.len()) >= shown + 8
+    })
+    .await;
+    ingest.with(|s| {
+        let after: Vec<_> = s.requests[shown..].iter().collect();
+        let keys: std::collections::HashSet<_> =
+            after.iter().map(|r| r.idempotency_key.clone()).collect();
+        assert_eq!(keys.len(), 1, "one probe while down, not every batch");
+        assert!(
+            shown - at <= 40,
+            "{} requests before the outage was shown",
+            shown - at
+        );
+        s.down = false;
+    });
+    wait_until("all delivered", T, || ingest.unique() == 3000).await;
+    assert_eq!(rig.metrics.dead_lettered.get(), 0);
+    rig.shutdown().await;
+}
+
+/// Regression (review): after an outage with several batches in flight, the other failed
+/// batches were sent one at a time, each after re-living its old failure (a backoff, a WARN,
+/// `upstream_down` flipping). Now they go again at once, beside each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_the_other_failed_batches_go_again_at_once() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| s.delay = Some(Duration::from_millis(50)));
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| {
+        config(
+            d,
+            &url,
+            "bag-events",
+            "batch_max_events = 10\nauth_retry_ms = 1000",
+        )
+    })
+    .await;
+    rig.commit("w", 4000, 4000).await;
+    wait_until("8 batches in flight", T, || {
+        rig.metrics.upstream_in_flight.get() >= 8
+    })
+    .await;
+    ingest.with(|s| s.html = true);
+    wait_until("the outage is shown", T, || {
+        rig.metrics.upstream_down.get() == 1
+    })
+    .await;
+    let failed_back = ingest.with(|s| {
+        s.html = false;
+        s.peak_active = 0;
+        s.requests.len()
+    });
+    wait_until("all delivered", T, || ingest.unique() == 4000).await;
+    ingest.with(|s| {
+        assert!(
+            s.peak_active >= 4,
+            "after the outage at most {} requests were in flight at once",
+            s.peak_active
+        );
+        // Nothing failed after the portal was gone: no batch re-lived its old failure.
+        assert!(s.requests[failed_back..].iter().all(|r| r.status == 200));
+    });
+    rig.shutdown().await;
+}
+
+/// Regression (review): once a single event had passed its 413 re-check, every later batch
+/// went one at a time for the rest of the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_resumes_after_a_lone_413_event_passes() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| {
+        s.delay = Some(Duration::from_millis(20));
+        // 10 → 5 → 2 → 1: three splits and the first lone try; the second passes.
+        s.fail_tag = Some(("g-3".into(), 413, 4));
+    });
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| config(d, &url, "bag-events", "batch_max_events = 10")).await;
+    rig.commit("g", 10, 10).await;
+    wait_until("the big one passed", T, || ingest.unique() == 10).await;
+    ingest.with(|s| s.peak_active = 0);
+    rig.commit("h", 3000, 3000).await;
+    wait_until("all delivered", T, || ingest.unique() == 3010).await;
+    assert!(
+        ingest.with(|s| s.peak_active) >= 2,
+        "one at a time after the lone 413"
+    );
+    assert_eq!(rig.metrics.dead_lettered.get(), 0);
+    rig.shutdown().await;
+}
+
+/// Regression (review): live-first sent a whole batch twice after every outage: read as live
+/// before the upstream came back, then again by the backlog cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_first_sends_nothing_twice_after_an_outage() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| s.down = true);
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| {
+        config(
+            d,
+            &url,
+            "bag-events",
+            "order = \"live-first\"\nbatch_max_events = 50\nbacklog_max_eps = 100000",
+        )
+    })
+    .await;
+    rig.commit("l", 2000, 100).await;
+    wait_until("the outage is shown", T, || {
+        rig.metrics.upstream_down.get() == 1
+    })
+    .await;
+    rig.commit("m", 300, 50).await;
+    ingest.with(|s| s.down = false);
+    for i in 0..20 {
+        rig.commit(&format!("n{i}"), 10, 10).await;
+    }
+    wait_until("all delivered", T, || ingest.unique() == 2500).await;
+    wait_until("all acknowledged", T, || {
+        rig.metrics.delivered.get() >= 2500
+    })
+    .await;
+    assert_eq!(ingest.with(|s| s.duplicates), 0);
     rig.shutdown().await;
 }

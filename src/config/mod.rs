@@ -337,7 +337,7 @@ pub struct FieldMapping {
 /// Largest accepted `upstream.max_in_flight`.
 pub const MAX_IN_FLIGHT: usize = 64;
 /// `upstream.max_in_flight` when not set.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
@@ -1407,13 +1407,29 @@ fn build_upstream(u: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<
         check_fields(u, profile, &fields, p);
     }
 
-    if let (Some(a), Some(b)) = (retry_min, retry_max) {
+    // Compared with the defaults of the one not set (100 and 1000).
+    if retry_min.is_some() || retry_max.is_some() {
+        let (a, b) = (retry_min.unwrap_or(100), retry_max.unwrap_or(1000));
         if a > b {
-            p.push(
-                u.span_of("retry_min_ms"),
-                "upstream.retry_min_ms",
-                format!("must not exceed retry_max_ms ({b})"),
-            );
+            let (key, msg) = if retry_min.is_some() {
+                (
+                    "retry_min_ms",
+                    format!(
+                        "must not exceed retry_max_ms ({b}{})",
+                        if retry_max.is_none() {
+                            ", the default"
+                        } else {
+                            ""
+                        }
+                    ),
+                )
+            } else {
+                (
+                    "retry_max_ms",
+                    format!("must not be below retry_min_ms ({a}, the default)"),
+                )
+            };
+            p.push(u.span_of(key), &format!("upstream.{key}"), msg);
         }
     }
     let endpoint = url.as_ref().and_then(|url| {

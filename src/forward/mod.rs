@@ -252,10 +252,8 @@ impl Sender {
 
 /// Where a batch sent beside others stands.
 enum FlightState {
-    /// Its request is in flight.
+    /// Its request is in flight (or waits on its task for a throttle's time to pass).
     InFlight,
-    /// Throttled while other requests were in flight: sent again at this time.
-    Waiting(Instant),
     /// Delivered, success recorded; acknowledged in the spool when its turn comes (`fifo`:
     /// after every earlier batch is settled).
     Done,
@@ -271,10 +269,13 @@ struct Flight {
     key: uuid::Uuid,
     body: bytes::Bytes,
     state: FlightState,
+    /// Times it was throttled beside other requests and sent again (see
+    /// [`Forwarder::record_answer`]).
+    throttled: u32,
 }
 
 /// An answer to a request in flight: the flight's id, the outcome, the round-trip time, and
-/// how many batches were unresolved when it was sent.
+/// how many requests were in flight when it was sent (itself included).
 type Answered = (u64, Outcome, Duration, usize);
 
 /// The batches sent and not yet settled, by dispatch order (ids increase).
@@ -286,18 +287,6 @@ struct Flights {
     /// The rest of batches cut to the size learned from a 413, not yet sent: they go before
     /// any new batch, cut to the size known when their turn comes (a probe may raise it).
     held: std::collections::VecDeque<Vec<SpooledEvent>>,
-}
-
-impl Flights {
-    fn next_retry(&self) -> Option<Instant> {
-        self.map
-            .values()
-            .filter_map(|f| match f.state {
-                FlightState::Waiting(t) => Some(t),
-                _ => None,
-            })
-            .min()
-    }
 }
 
 pub struct Forwarder {
@@ -327,6 +316,8 @@ pub struct Forwarder {
     last_error: Option<String>,
     /// live-first: chunks with id ≥ this are live.
     live_floor: i64,
+    /// `live_floor` moved (the upstream came back) from this floor.
+    floor_moved: Option<i64>,
     /// Wall and boot time, to place events stamped on boot time ([`Forwarder::with_clock`]).
     clock: Arc<dyn crate::clock::Clock>,
     boot_offsets: std::collections::HashMap<[u8; 16], i64>,
@@ -486,6 +477,7 @@ impl Forwarder {
             down_since: None,
             last_error: None,
             live_floor,
+            floor_moved: None,
             backoff,
             refused: Vec::new(),
             delivered_in_call: false,
@@ -609,6 +601,8 @@ impl Forwarder {
         // Events read but not yet sent: a batch fills up across several commits without
         // reading (and decompressing) the same chunks again.
         let mut pending: Vec<SpooledEvent> = Vec::new();
+        // live-first: ranges below `live_floor` that the live cursor took (see `floor_moved`).
+        let mut live_taken: Vec<(Loc, Loc)> = Vec::new();
         loop {
             if shutdown.is_cancelled() {
                 return Err(());
@@ -621,10 +615,18 @@ impl Forwarder {
                 next_fresh = None;
                 backlog_cursor = None;
                 pending.clear();
+                live_taken.clear();
                 self.refused.clear();
                 self.spool.want_fresh(None);
             }
-            self.resend_due(fl);
+            if let Some(old) = self.floor_moved.take() {
+                // live-first: what piled up during the outage is backlog now, except what the
+                // live cursor had already taken (sent, in flight, or pending): the backlog
+                // cursor skips that range, so nothing goes twice.
+                if let Some(c) = cursor.filter(|c| c.chunk >= old) {
+                    live_taken.push((Loc { chunk: old, idx: 0 }, c));
+                }
+            }
             if fl.map.len() < self.limiter.limit() {
                 if let Some(b) = fl.held.pop_front() {
                     self.dispatch(b, fl, shutdown).await?;
@@ -644,11 +646,13 @@ impl Forwarder {
             let fresh = next_fresh
                 .filter(|_| !nothing_new)
                 .and_then(|n| self.spool.take_fresh(n, room));
-            if let Some((more, after)) = fresh {
+            if let Some((mut more, after)) = fresh {
                 // Handed over by the spool thread: exactly the events that follow the cursor.
                 if let Some(last) = more.last().map(|e| e.loc) {
                     cursor = Some(last);
                 }
+                // live-first: below the floor is the backlog cursor's (as a read would skip).
+                more.retain(|e| e.loc.chunk >= floor);
                 next_fresh = Some(after);
                 self.metrics.forward_handoff.add(more.len() as u64);
                 if pending.is_empty() {
@@ -697,8 +701,10 @@ impl Forwarder {
                 last_refill = now;
             }
             // Another batch may go out while fewer than the concurrency limit are unresolved
-            // and no cut batch waits.
-            let slot = fl.map.len() < self.limiter.limit() && fl.held.is_empty();
+            // and no cut batch waits. live-first keeps one of them for fresh events.
+            let limit = self.limiter.limit();
+            let slot = fl.map.len() < limit && fl.held.is_empty();
+            let backlog_slot = slot && (fl.map.len() + 1 < limit || fl.map.is_empty());
             let live_ready = !pending.is_empty()
                 && (pending.len() >= max || aged || self.cfg.batch_max_delay.is_zero());
             // live-first: after a fresh batch the backlog gets its turn (within its budget), so
@@ -711,19 +717,33 @@ impl Forwarder {
                 continue;
             }
             // live-first: spend the backlog budget while live traffic is not ready to go.
-            if slot && live_first && tokens >= 1.0 {
+            if backlog_slot && live_first && tokens >= 1.0 {
                 backlog_turn = false;
                 let want = (tokens as usize).min(max);
                 match self.spool.read_after(backlog_cursor, 0, want).await {
                     Ok(b) => {
+                        // The last backlog event read, sent or skipped: the cursor moves past
+                        // skipped ranges too.
+                        let floor = self.live_floor;
+                        let last_below =
+                            b.iter().rev().find(|e| e.loc.chunk < floor).map(|e| e.loc);
                         let b: Vec<SpooledEvent> = b
                             .into_iter()
-                            .filter(|e| e.loc.chunk < self.live_floor)
+                            .filter(|e| {
+                                e.loc.chunk < floor
+                                    && !live_taken.iter().any(|(a, z)| *a <= e.loc && e.loc <= *z)
+                            })
                             .collect();
+                        if let Some(r) = last_below {
+                            live_taken.retain(|(_, z)| *z > r);
+                            backlog_cursor = Some(r);
+                        }
                         if !b.is_empty() {
                             tokens -= b.len() as f64;
-                            backlog_cursor = b.last().map(|e| e.loc);
                             self.dispatch(b, fl, shutdown).await?;
+                            continue;
+                        }
+                        if last_below.is_some() {
                             continue;
                         }
                         if live_ready {
@@ -741,9 +761,6 @@ impl Forwarder {
             }
             if live_first && slot {
                 wait = wait.min(Duration::from_millis(100));
-            }
-            if let Some(t) = fl.next_retry() {
-                wait = wait.min(t.saturating_duration_since(Instant::now()));
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return Err(()),
@@ -789,7 +806,7 @@ impl Forwarder {
                         let id = fl.next_id;
                         fl.next_id += 1;
                         fl.map.insert(id, f);
-                        self.launch(fl, id);
+                        self.launch(fl, id, None);
                     }
                     return Ok(());
                 }
@@ -854,6 +871,7 @@ impl Forwarder {
                 key,
                 body: bytes::Bytes::from(body.unwrap_or_default()),
                 state: FlightState::InFlight,
+                throttled: 0,
             });
         }
         if failed {
@@ -867,9 +885,9 @@ impl Forwarder {
         Ok(flights)
     }
 
-    /// Start (or restart) the request of flight `id`.
-    fn launch(&mut self, fl: &mut Flights, id: u64) {
-        let unresolved = fl.map.len();
+    /// Start (or restart) the request of flight `id`, not before `not_before` (a throttle's
+    /// wait, spent on the request's task).
+    fn launch(&mut self, fl: &mut Flights, id: u64, not_before: Option<Instant>) {
         let Some(f) = fl.map.get_mut(&id) else {
             return;
         };
@@ -877,33 +895,23 @@ impl Forwarder {
         let sender = self.sender.clone();
         let (body, key) = (f.body.clone(), f.key);
         let healthy = self.down_since.is_none();
+        let in_flight = fl.set.len() + 1;
         fl.set.spawn(async move {
+            if let Some(t) = not_before {
+                tokio::time::sleep_until(t).await;
+            }
             let t = Instant::now();
             let o = sender.send(body, key, healthy).await;
-            (id, o, t.elapsed(), unresolved)
+            (id, o, t.elapsed(), in_flight)
         });
         self.metrics.upstream_in_flight.set(fl.set.len() as u64);
     }
 
-    /// Send again the throttled flights whose wait is over.
-    fn resend_due(&mut self, fl: &mut Flights) {
-        let now = Instant::now();
-        let due: Vec<u64> = fl
-            .map
-            .iter()
-            .filter(|(_, f)| matches!(f.state, FlightState::Waiting(t) if t <= now))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in due {
-            self.launch(fl, id);
-        }
-    }
-
     /// Feed an answer to the concurrency limiter and record it on its flight. True when the
-    /// flight needs [`Forwarder::deliver`] (anything but a delivery or a throttle that more
-    /// concurrency may have caused).
+    /// flight needs settling (anything but a delivery, or a first short throttle that more
+    /// concurrency may have caused: that batch goes again after the wait, on its own task).
     async fn record_answer(&mut self, a: Answered, fl: &mut Flights) -> bool {
-        let (id, outcome, rtt, unresolved) = a;
+        let (id, outcome, rtt, in_flight) = a;
         self.metrics.upstream_in_flight.set(fl.set.len() as u64);
         let backpressure = match &outcome {
             Outcome::Throttled { .. } => true,
@@ -911,7 +919,7 @@ impl Forwarder {
             _ => false,
         };
         let before = self.limiter.limit();
-        let change = self.limiter.on_answer(rtt, unresolved, backpressure);
+        let change = self.limiter.on_answer(rtt, in_flight, backpressure);
         if change != concurrency::Change::Same {
             tracing::debug!(?change, from = before, to = self.limiter.limit(), rtt = ?self.limiter.rtt(), "Request concurrency");
         }
@@ -921,7 +929,7 @@ impl Forwarder {
         if let Some(r) = self.limiter.rtt() {
             self.metrics.upstream_rtt_us.set(r.as_micros() as u64);
         }
-        let Some(n) = fl.map.get(&id).map(|f| f.events.len()) else {
+        let Some((n, throttled)) = fl.map.get(&id).map(|f| (f.events.len(), f.throttled)) else {
             return false;
         };
         let state = match outcome {
@@ -929,18 +937,31 @@ impl Forwarder {
                 self.on_success(200, n, false).await;
                 FlightState::Done
             }
-            // Throttled beside other requests: fewer at once (the limiter halved), this one
-            // again after the server's wait, without an outage (never sooner than retry_min).
+            // Throttled beside other requests, for the first time and briefly: fewer at once
+            // (the limiter halved) and this one again after the server's wait (never sooner
+            // than retry_min), without an outage. A batch throttled again, or asked to wait
+            // longer than retry_max_ms, or alone, is an outage: settled one at a time, with
+            // backoff, logged and shown.
             Outcome::Throttled {
                 status,
                 retry_after,
-            } if unresolved > 1 && self.down_since.is_none() => {
-                self.metrics.response(status);
-                self.metrics.upstream_throttled.inc();
+            } if in_flight > 1 && throttled == 0 && self.down_since.is_none() => {
                 let wait = retry_after
                     .map_or(self.cfg.retry_min, |d| d.min(self.cfg.retry_after_max))
                     .max(self.cfg.retry_min);
-                FlightState::Waiting(Instant::now() + wait)
+                if wait <= self.cfg.retry_max {
+                    self.metrics.response(status);
+                    self.metrics.upstream_throttled.inc();
+                    if let Some(f) = fl.map.get_mut(&id) {
+                        f.throttled += 1;
+                    }
+                    self.launch(fl, id, Some(Instant::now() + wait));
+                    return false;
+                }
+                FlightState::Failed(Outcome::Throttled {
+                    status,
+                    retry_after,
+                })
             }
             other => FlightState::Failed(other),
         };
@@ -1008,41 +1029,58 @@ impl Forwarder {
         self.ack(&events).await;
     }
 
-    /// Wait for every request in flight, then settle every flight in dispatch order: a
-    /// delivered one is acknowledged, any other goes through [`Forwarder::deliver`] (the
-    /// first failed one is the probe while the upstream is down). Nothing is acknowledged
-    /// past an earlier batch that is not settled. Err on shutdown (the rest stays in the spool).
+    /// Settle every flight: wait for every request in flight, acknowledge the delivered ones
+    /// in turn, and send the first unsettled batch through [`Forwarder::deliver`] (while the
+    /// upstream is down, it is the probe, retried with backoff). Once it is settled the
+    /// upstream answers again, so the other unsettled batches are sent again at once, beside
+    /// each other (their old failures are stale), and the round repeats until none is left;
+    /// then the cut batches waiting in `held` go through [`Forwarder::deliver`]. Nothing is
+    /// acknowledged past an earlier batch that is not settled. Err on shutdown (the rest stays
+    /// in the spool).
     async fn settle(&mut self, fl: &mut Flights, shutdown: &CancellationToken) -> Result<(), ()> {
-        while !fl.set.is_empty() {
-            let r = tokio::select! {
-                _ = shutdown.cancelled() => return Err(()),
-                r = fl.set.join_next() => r,
-            };
-            match r {
-                Some(Ok(a)) => {
-                    self.record_answer(a, fl).await;
-                }
-                Some(Err(_)) | None => self.mark_lost(fl),
-            }
-        }
-        self.metrics.upstream_in_flight.set(0);
-        while let Some((_, f)) = fl.map.pop_first() {
-            match f.state {
-                FlightState::Done => self.ack(&f.events).await,
-                FlightState::Failed(o) => {
-                    self.deliver(f.events, Some((f.key, o)), shutdown).await?
-                }
-                FlightState::Waiting(t) => {
-                    // The server asked this one to wait: it does, even now.
-                    let wait = t.saturating_duration_since(Instant::now());
-                    if let Wait::Shutdown = self.pause(wait, shutdown).await {
-                        return Err(());
+        loop {
+            while !fl.set.is_empty() {
+                let r = tokio::select! {
+                    _ = shutdown.cancelled() => return Err(()),
+                    r = fl.set.join_next() => r,
+                };
+                match r {
+                    Some(Ok(a)) => {
+                        self.record_answer(a, fl).await;
                     }
-                    self.deliver(f.events, None, shutdown).await?
+                    Some(Err(_)) | None => self.mark_lost(fl),
                 }
-                FlightState::InFlight | FlightState::Lost => {
-                    self.deliver(f.events, None, shutdown).await?
+            }
+            self.mark_lost(fl);
+            self.metrics.upstream_in_flight.set(0);
+            self.ack_done(fl).await;
+            let first = fl
+                .map
+                .iter()
+                .find(|(_, f)| !matches!(f.state, FlightState::Done))
+                .map(|(id, _)| *id);
+            let Some(first) = first else {
+                break;
+            };
+            if let Some(f) = fl.map.remove(&first) {
+                let outcome = match f.state {
+                    FlightState::Failed(o) => Some((f.key, o)),
+                    _ => None,
+                };
+                self.deliver(f.events, outcome, shutdown).await?;
+            }
+            // The rest again, at once and beside each other.
+            let again: Vec<u64> = fl
+                .map
+                .iter()
+                .filter(|(_, f)| !matches!(f.state, FlightState::Done))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in again {
+                if let Some(f) = fl.map.get_mut(&id) {
+                    f.throttled = 0;
                 }
+                self.launch(fl, id, None);
             }
         }
         while let Some(b) = fl.held.pop_front() {
@@ -1131,7 +1169,10 @@ impl Forwarder {
                     Some((_, o)) => o,
                     None => {
                         let healthy = self.down_since.is_none();
-                        self.sender.send(body.clone(), key, healthy).await
+                        self.metrics.upstream_in_flight.set(1);
+                        let o = self.sender.send(body.clone(), key, healthy).await;
+                        self.metrics.upstream_in_flight.set(0);
+                        o
                     }
                 };
                 match outcome {
@@ -1201,17 +1242,28 @@ impl Forwarder {
                             }
                         } else {
                             let half = b.len().div_ceil(2);
+                            let news = self.max_ok.is_none();
                             self.max_ok = Some(self.max_ok.map_or(half, |m| m.min(half)));
                             self.ok_at_max = 0;
                             if std::mem::take(&mut self.probing) {
                                 // A probe met the limit again: probe less often.
                                 self.probe_wait = self.probe_wait.saturating_mul(2).min(1024);
                             }
-                            tracing::warn!(
-                                size = b.len(),
-                                next = half,
-                                "Upstream says the batch is too large (413); splitting"
-                            );
+                            if news {
+                                tracing::warn!(
+                                    size = b.len(),
+                                    next = half,
+                                    "Upstream says the batch is too large (413); splitting"
+                                );
+                            } else {
+                                // A limit known already (further halving, or a probe that
+                                // met it again): not news.
+                                tracing::debug!(
+                                    size = b.len(),
+                                    next = half,
+                                    "413 again; splitting"
+                                );
+                            }
                             push_halves(&mut stack, b, true);
                         }
                         break;
@@ -1391,6 +1443,9 @@ impl Forwarder {
 
     async fn on_success(&mut self, status: u16, n: usize, from_413: bool) {
         self.delivered_in_call = true;
+        // A single event that met a 413 passed when sent again (or other events passed
+        // after it was settled): nothing is being confirmed any more.
+        self.lone_413 = None;
         self.accepted_recently = true;
         self.refused_streak = 0;
         self.metrics.upstream_misconfigured.set(0);
@@ -1438,7 +1493,8 @@ impl Forwarder {
             self.last_error = None;
             self.spool.set_upstream_error(None).await;
             // What piled up during the outage is backlog now; what comes next is live.
-            self.live_floor = *self.spool.committed().borrow() + 1;
+            let old = std::mem::replace(&mut self.live_floor, *self.spool.committed().borrow() + 1);
+            self.floor_moved.get_or_insert(old);
         }
     }
 

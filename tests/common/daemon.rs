@@ -34,6 +34,11 @@ pub fn free_port() -> u16 {
 
 impl Daemon {
     pub fn spawn(config: &Path, log: &Path) -> Daemon {
+        Self::spawn_with(config, log, &[])
+    }
+
+    /// [`Daemon::spawn`] with more arguments to `scangate run`.
+    pub fn spawn_with(config: &Path, log: &Path, args: &[&str]) -> Daemon {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -43,6 +48,7 @@ impl Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_scangate"))
             .args(["run", "--config"])
             .arg(config)
+            .args(args)
             .env(
                 "SCANGATE_LOG",
                 std::env::var("TEST_SCANGATE_LOG").unwrap_or_else(|_| "info".into()),
