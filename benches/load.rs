@@ -502,14 +502,32 @@ async fn peer(peer: &str, repeat: usize) {
         ("5,000 frames/s", 100_000, 5000),
     ] {
         let mut ratios = Vec::new();
+        let mut speeds = Vec::new();
         for _ in 0..repeat {
             let p = peer_through(peer, &format!("peer, {what}"), n, rate).await;
-            let s = through(&format!("scangate, {what}"), n, rate, "", "").await;
+            // The peer's job forwards every frame: scangate without repeat suppression
+            // (every frame is a distinct barcode here; see BENCHMARKS.md, ninth round).
+            let s = through(
+                &format!("scangate, {what}"),
+                n,
+                rate,
+                "[suppress]\nmode = \"off\"",
+                "",
+            )
+            .await;
             let r = (s.cpu / s.frames as f64) / (p.cpu / p.frames as f64);
-            println!("  scangate / peer, CPU per frame: {r:.3}");
+            let speed = (s.frames as f64 / s.secs) / (p.frames as f64 / p.secs);
+            println!("  scangate / peer, CPU per frame: {r:.3}; frames/s: {speed:.2}×");
             ratios.push(r);
+            speeds.push(speed);
         }
         ratios.sort_by(f64::total_cmp);
+        speeds.sort_by(f64::total_cmp);
+        println!(
+            "{what}: median frames/s ratio scangate / peer {:.2}× (runs {:?})",
+            speeds[speeds.len() / 2],
+            speeds.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>()
+        );
         println!(
             "{what}: median CPU ratio scangate / peer {:.3} (runs {:?})",
             ratios[ratios.len() / 2],
@@ -626,11 +644,23 @@ async fn outage_at(rate: u64, delay_ms: u64) {
         .unwrap();
     ing.restart().await;
     let back = Instant::now();
+    let before = ing.with(|s| s.light_count);
+    let mut first: Option<Duration> = None;
     wait_for("backlog delivered", Duration::from_secs(120), || {
-        ing.with(|s| s.light_count) >= committed_at_restart
+        let n = ing.with(|s| s.light_count);
+        if first.is_none() && n > before {
+            first = Some(back.elapsed());
+        }
+        n >= committed_at_restart
     })
     .await;
     let took = back.elapsed();
+    let first = first.unwrap_or(took);
+    println!(
+        "  the first delivery (the probe noticing the return; retry_max_ms = 500 here) after {:.2} s, the rest {:.2} s later",
+        first.as_secs_f64(),
+        (took - first).as_secs_f64()
+    );
     println!("outage {:.1} s, backlog at recovery {backlog} events; all events committed before recovery delivered {:.2} s after the upstream came back ({:.0} events/s while live traffic continued); concurrency limit then {:?}", (back - down).as_secs_f64(), took.as_secs_f64(), backlog as f64 / took.as_secs_f64(), metric(d.admin, "scangate_upstream_concurrency_limit").await);
     // Keep the pty's master open until everything is delivered: closing it hangs up the
     // line, and the kernel discards whatever the daemon has not read yet (as on an unplug).
@@ -784,6 +814,11 @@ async fn link() {
     };
     let delay: u64 = env_or("BENCH_DELAY_MS", 50);
     let n: u64 = env_or("BENCH_EVENTS", 1_000_000);
+    if std::env::var_os("BENCH_OUTAGES_ONLY").is_some() {
+        outage_at(2000, 0).await;
+        outage_at(2000, delay).await;
+        return;
+    }
     println!(
         "\n## drain over a link: every answer {delay} ms later (batch_max_events 500, the default)"
     );
@@ -1128,8 +1163,12 @@ fn main() {
         }
         if want("full") {
             println!("\n## full speed (pty written as fast as it accepts)");
-            through("full speed, gzip 1", 300_000, 0, "", "").await;
-            through("full speed, zstd 1", 300_000, 0, "", "compression = \"zstd\"").await;
+            // BENCH_UPSTREAM: extra [upstream] lines (e.g. max_in_flight = 1).
+            let up = std::env::var("BENCH_UPSTREAM").unwrap_or_default();
+            // BENCH_SPOOL: extra lines after [spool] (e.g. a [suppress] table).
+            let sp = std::env::var("BENCH_SPOOL").unwrap_or_default();
+            through("full speed, gzip 1", 300_000, 0, &sp, &up).await;
+            through("full speed, zstd 1", 300_000, 0, &sp, &format!("compression = \"zstd\"\n{up}")).await;
         }
         // BENCH_PEER: a Fluent Bit binary (built beside the project, never committed).
         if let Ok(p) = std::env::var("BENCH_PEER") {

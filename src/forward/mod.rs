@@ -808,6 +808,10 @@ impl Forwarder {
                         fl.map.insert(id, f);
                         self.launch(fl, id, None);
                     }
+                    // Encoding and compressing a batch takes a millisecond or more: let the
+                    // ingest stage (same runtime worker) take its reads between batches, or
+                    // a burst of dispatches would hold it off while the ports fill up.
+                    tokio::task::yield_now().await;
                     return Ok(());
                 }
                 Err(batch) => batch,
