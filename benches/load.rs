@@ -169,7 +169,10 @@ fn start_daemon(
     let child = cmd
         .args(["run", "--config"])
         .arg(&p)
-        .env("SCANGATE_LOG", "warn")
+        .env(
+            "SCANGATE_LOG",
+            std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -674,6 +677,13 @@ async fn outage_at(rate: u64, delay_ms: u64) {
         "all {total} frames delivered; duplicates {}",
         ing.with(|s| s.duplicates)
     );
+    // BENCH_LOG (e.g. "scangate::forward=debug"): the daemon's log is kept beside the bench dir.
+    if std::env::var_os("BENCH_LOG").is_some() {
+        let _ = std::fs::copy(
+            dir.path().join("daemon.log"),
+            format!("/tmp/outage-{rate}-{delay_ms}.log"),
+        );
+    }
     drop(slave);
 }
 

@@ -1312,10 +1312,13 @@ async fn several_batches_in_flight_converge_below_a_server_limit_and_drain_faste
     });
     let (many, rig) = drain(&ingest, n, "batch_max_events = 100\nmax_in_flight = 32").await;
     let ratio = one.as_secs_f64() / many.as_secs_f64();
-    let (requests, throttled) = ingest.with(|s| {
+    let (requests, throttled, late_requests, late_throttled) = ingest.with(|s| {
+        let late = &s.requests[s.requests.len() / 2..];
         (
             s.requests.len(),
             s.requests.iter().filter(|r| r.status == 429).count(),
+            late.len(),
+            late.iter().filter(|r| r.status == 429).count(),
         )
     });
     eprintln!(
@@ -1330,10 +1333,16 @@ async fn several_batches_in_flight_converge_below_a_server_limit_and_drain_faste
         ratio >= 1.8,
         "adaptive concurrency drained only {ratio:.2}× faster"
     );
-    // Converged: a probe above the limit now and then, not a storm of 429s.
+    // The slow start overshoots once (1, 2, 4, 8 against a limit of 4); then it converges: a
+    // probe above the limit every few round trips (2, 3, 4, 5, halved: about one request in
+    // ten, two when a batch sent again meets the probe), not a storm of 429s.
     assert!(
-        throttled * 5 <= requests,
+        throttled * 3 <= requests,
         "{throttled} of {requests} requests answered 429"
+    );
+    assert!(
+        late_throttled * 4 <= late_requests,
+        "{late_throttled} of the last {late_requests} requests answered 429"
     );
     assert!(rig.metrics.upstream_concurrency_limit.get() <= 5);
     assert!(

@@ -12,7 +12,8 @@
 //!     server queues our requests: more of them only adds latency);
 //!   - otherwise, if the limit was in full use during the window, it grows by one; until the
 //!     first decrease it doubles instead (a slow start, as TCP's), so a far-away upstream
-//!     gets its concurrency within a few round trips.
+//!     gets its concurrency within a few round trips. The slow start begins again when the
+//!     upstream comes back after an outage ([`Limiter::after_outage`]).
 //! - Latency is judged against a base RTT: the mean of the last window with one request at a
 //!   time (which queues nothing of ours: the link's own RTT), or a lower window mean since.
 //!   A slower route is learned when the limit has eased down to 1. (Comparing with a moving
@@ -48,10 +49,14 @@ pub struct Limiter {
     base: f64,
     win_sum: f64,
     win_n: usize,
+    /// Answers of the window whose RTT counts.
+    win_timed: usize,
     win_full: bool,
     win_backpressure: bool,
     /// No decrease yet: grow by doubling.
     slow_start: bool,
+    /// The last window closed with back-pressure.
+    last_halved: bool,
 }
 
 /// What the limiter did at the end of a window (for logs and tests).
@@ -75,9 +80,21 @@ impl Limiter {
             base: f64::INFINITY,
             win_sum: 0.0,
             win_n: 0,
+            win_timed: 0,
             win_full: false,
             win_backpressure: false,
             slow_start: true,
+            last_halved: false,
+        }
+    }
+
+    /// The upstream came back after an outage: grow by doubling again (from the limit kept),
+    /// so the backlog gets its concurrency within a few round trips; the first decrease ends
+    /// it as at the start. Not after an outage of back-pressure (the last window was
+    /// throttled): doubling into a server that just said "too many" only repeats it.
+    pub fn after_outage(&mut self) {
+        if !self.last_halved {
+            self.slow_start = true;
         }
     }
 
@@ -94,10 +111,27 @@ impl Limiter {
     /// An answer that took `rtt`; `in_flight` requests (this one included) were unresolved
     /// when it was sent; `backpressure` for 429, 503 or a timeout.
     pub fn on_answer(&mut self, rtt: Duration, in_flight: usize, backpressure: bool) -> Change {
+        self.on_outcome(Some(rtt).filter(|_| !backpressure), in_flight, backpressure)
+    }
+
+    /// An answer whose time says nothing about the link (a refused connection, an error page:
+    /// answered at once): counted in its window, not in the RTT.
+    pub fn on_other(&mut self, in_flight: usize) -> Change {
+        self.on_outcome(None, in_flight, false)
+    }
+
+    fn on_outcome(
+        &mut self,
+        rtt: Option<Duration>,
+        in_flight: usize,
+        backpressure: bool,
+    ) -> Change {
         if backpressure {
             self.win_backpressure = true;
-        } else {
+        }
+        if let Some(rtt) = rtt {
             self.win_sum += rtt.as_secs_f64();
+            self.win_timed += 1;
         }
         self.win_n += 1;
         if in_flight >= self.limit {
@@ -113,8 +147,7 @@ impl Limiter {
     }
 
     fn close_window(&mut self) -> Change {
-        let ok = self.win_n - usize::from(self.win_backpressure).min(self.win_n);
-        let mean = (ok > 0).then(|| self.win_sum / ok as f64);
+        let mean = (self.win_timed > 0).then(|| self.win_sum / self.win_timed as f64);
         let at_one = self.limit == 1;
         let change = if self.win_backpressure {
             self.limit = (self.limit / 2).max(1);
@@ -143,6 +176,7 @@ impl Limiter {
         if matches!(change, Change::Eased | Change::Halved) {
             self.slow_start = false;
         }
+        self.last_halved = change == Change::Halved;
         if let Some(m) = mean {
             // One request at a time queues nothing of ours: that is the link's own RTT.
             self.base = if at_one { m } else { self.base.min(m) };
@@ -156,6 +190,7 @@ impl Limiter {
         }
         self.win_sum = 0.0;
         self.win_n = 0;
+        self.win_timed = 0;
         self.win_full = false;
         self.win_backpressure = false;
         change
@@ -203,6 +238,50 @@ mod tests {
         assert_eq!(l.limit(), 32);
         run(&mut l, 32, |_| ms(50));
         assert_eq!(l.limit(), 33, "one at a time after a decrease");
+    }
+
+    #[test]
+    fn after_an_outage_it_doubles_again() {
+        let mut l = Limiter::new(128);
+        run(&mut l, 400, |_| ms(50));
+        assert_eq!(l.limit(), 128);
+        // Latency grew once: eased, the slow start is over.
+        run(&mut l, 128, |_| ms(100));
+        assert_eq!(l.limit(), 115);
+        l.after_outage();
+        run(&mut l, 115, |_| ms(50));
+        assert_eq!(l.limit(), 128, "doubled (capped), not one more");
+    }
+
+    #[test]
+    fn no_slow_start_after_an_outage_of_back_pressure() {
+        let mut l = Limiter::new(64);
+        run(&mut l, 200, |_| ms(50));
+        l.on_answer(ms(50), 64, true);
+        assert_eq!(l.limit(), 32);
+        l.after_outage();
+        run(&mut l, 32, |_| ms(50));
+        assert_eq!(l.limit(), 33);
+    }
+
+    #[test]
+    fn refused_connections_do_not_teach_a_base_rtt() {
+        // Regression: connections refused in a millisecond at the start of an outage became
+        // the base RTT, and after the outage every 50 ms window looked like queueing.
+        let mut l = Limiter::new(16);
+        run(&mut l, 100, |_| ms(50));
+        for _ in 0..20 {
+            l.on_other(l.limit());
+        }
+        l.after_outage();
+        let before = l.limit();
+        let n = l.limit();
+        run(&mut l, n, |_| ms(50));
+        assert!(
+            l.limit() > before || l.limit() == 16,
+            "{before} → {}",
+            l.limit()
+        );
     }
 
     #[test]

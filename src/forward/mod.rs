@@ -261,6 +261,8 @@ enum FlightState {
     Failed(Outcome),
     /// Its request task ended without an answer (aborted): sent again.
     Lost,
+    /// Sent again when a slot is free (its failure went stale: the upstream answers again).
+    Queued,
 }
 
 /// A batch ready to send: its events, encoded and compressed once.
@@ -923,7 +925,14 @@ impl Forwarder {
             _ => false,
         };
         let before = self.limiter.limit();
-        let change = self.limiter.on_answer(rtt, in_flight, backpressure);
+        // Only a delivery's time is the link's: a refused connection or an error page comes
+        // back at once and would teach a base RTT no delivery can meet.
+        let change = if backpressure || matches!(outcome, Outcome::Delivered | Outcome::Partial(_))
+        {
+            self.limiter.on_answer(rtt, in_flight, backpressure)
+        } else {
+            self.limiter.on_other(in_flight)
+        };
         if change != concurrency::Change::Same {
             tracing::debug!(?change, from = before, to = self.limiter.limit(), rtt = ?self.limiter.rtt(), "Request concurrency");
         }
@@ -1043,7 +1052,19 @@ impl Forwarder {
     /// in the spool).
     async fn settle(&mut self, fl: &mut Flights, shutdown: &CancellationToken) -> Result<(), ()> {
         loop {
-            while !fl.set.is_empty() {
+            // Queued batches go again as slots free, within the concurrency limit.
+            while fl.set.len() < self.limiter.limit() {
+                let queued = fl
+                    .map
+                    .iter()
+                    .find(|(_, f)| matches!(f.state, FlightState::Queued))
+                    .map(|(id, _)| *id);
+                match queued {
+                    Some(id) => self.launch(fl, id, None),
+                    None => break,
+                }
+            }
+            if !fl.set.is_empty() {
                 let r = tokio::select! {
                     _ = shutdown.cancelled() => return Err(()),
                     r = fl.set.join_next() => r,
@@ -1054,6 +1075,7 @@ impl Forwarder {
                     }
                     Some(Err(_)) | None => self.mark_lost(fl),
                 }
+                continue;
             }
             self.mark_lost(fl);
             self.metrics.upstream_in_flight.set(0);
@@ -1073,18 +1095,13 @@ impl Forwarder {
                 };
                 self.deliver(f.events, outcome, shutdown).await?;
             }
-            // The rest again, at once and beside each other.
-            let again: Vec<u64> = fl
-                .map
-                .iter()
-                .filter(|(_, f)| !matches!(f.state, FlightState::Done))
-                .map(|(id, _)| *id)
-                .collect();
-            for id in again {
-                if let Some(f) = fl.map.get_mut(&id) {
+            // The upstream answers again: the other failures are stale. Those batches go
+            // again, beside each other, within the concurrency limit.
+            for f in fl.map.values_mut() {
+                if !matches!(f.state, FlightState::Done) {
+                    f.state = FlightState::Queued;
                     f.throttled = 0;
                 }
-                self.launch(fl, id, None);
             }
         }
         while let Some(b) = fl.held.pop_front() {
@@ -1491,6 +1508,7 @@ impl Forwarder {
         }
         self.backoff = Self::new_backoff(&self.cfg);
         if let Some(since) = self.down_since.take() {
+            self.limiter.after_outage();
             self.metrics.upstream_down.set(0);
             self.metrics.upstream_down_since_ms.set(0);
             tracing::info!(down_for = ?since.elapsed(), "Upstream is accepting events again; delivering the backlog");
