@@ -1617,3 +1617,78 @@ async fn live_first_sends_nothing_twice_after_an_outage() {
     assert_eq!(ingest.with(|s| s.duplicates), 0);
     rig.shutdown().await;
 }
+
+/// A server that accepts the connection, reads the request and never answers: every attempt
+/// is bounded by `timeout_ms`, and the batch goes again with the same `Idempotency-Key`;
+/// nothing is lost or dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_is_bounded_by_the_timeout_and_retried_with_the_same_key() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let keys = std::sync::Arc::new(std::sync::Mutex::new(
+        Vec::<(tokio::time::Instant, String)>::new(),
+    ));
+    {
+        let keys = keys.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let keys = keys.clone();
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                held.push(tx);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    if read_request_key(&mut sock, &mut buf, &keys).await.is_some() {
+                        // Keep the connection open, answer nothing.
+                        let _ = rx.await;
+                    }
+                });
+            }
+        });
+    }
+    let url = format!("http://{addr}");
+    let rig = Rig::new(|d| config(d, &url, "bag-events", "timeout_ms = 300")).await;
+    rig.commit("s", 5, 5).await;
+    wait_until("three attempts", T, || keys.lock().unwrap().len() >= 3).await;
+    let keys = keys.lock().unwrap().clone();
+    let distinct: std::collections::HashSet<_> = keys.iter().map(|(_, k)| k.clone()).collect();
+    assert_eq!(distinct.len(), 1, "one batch, one key: {keys:?}");
+    for w in keys.windows(2) {
+        let gap = w[1].0 - w[0].0;
+        // The timeout (300 ms) plus at most retry_max_ms (100 ms here) and scheduling.
+        assert!(gap <= Duration::from_millis(300 + 100 + 300), "{gap:?}");
+        assert!(
+            gap >= Duration::from_millis(290),
+            "sent again before the timeout: {gap:?}"
+        );
+    }
+    assert_eq!(rig.backlog().await, 5);
+    assert_eq!(rig.metrics.dead_lettered.get(), 0);
+    assert_eq!(rig.metrics.upstream_down.get(), 1);
+    rig.shutdown().await;
+}
+
+/// [`read_request`], recording the request's `Idempotency-Key` with its arrival time.
+async fn read_request_key(
+    sock: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+    keys: &std::sync::Mutex<Vec<(tokio::time::Instant, String)>>,
+) -> Option<()> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(buf).to_lowercase();
+    let key = head
+        .lines()
+        .find_map(|l| l.strip_prefix("idempotency-key:"))
+        .map(|v| v.trim().to_string())?;
+    keys.lock()
+        .unwrap()
+        .push((tokio::time::Instant::now(), key));
+    Some(())
+}
