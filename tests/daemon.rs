@@ -184,13 +184,18 @@ async fn sigterm_mid_stream_flushes_the_spool_and_loses_nothing() {
     assert!(committed < 20_000, "stopped mid-stream");
 }
 
+/// A replay source of 50 reads played at full speed, and the state dir beside it.
+fn short_replay(dir: &std::path::Path) -> (std::path::PathBuf, String) {
+    let cap = dir.join("short.cap");
+    std::fs::write(&cap, capture(50, 0)).unwrap();
+    let sources = format!("[[source]]\nname = \"r\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\nspeed = \"max\"\n", cap.display());
+    (dir.join("state"), sources)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_command_reports_backlog_and_last_upstream_error() {
     let dir = tempfile::tempdir().unwrap();
-    let cap = dir.path().join("short.cap");
-    std::fs::write(&cap, capture(50, 0)).unwrap();
-    let state = dir.path().join("state");
-    let sources = format!("[[source]]\nname = \"r\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\nspeed = \"max\"\n", cap.display());
+    let (state, sources) = short_replay(dir.path());
     // Nothing listens on this port: the upstream is down.
     let cfg = write_config(
         dir.path(),
@@ -313,10 +318,7 @@ async fn sigterm_with_a_request_that_never_ends_exits_within_the_grace_period() 
         }
     });
     let dir = tempfile::tempdir().unwrap();
-    let cap = dir.path().join("short.cap");
-    std::fs::write(&cap, capture(50, 0)).unwrap();
-    let state = dir.path().join("state");
-    let sources = format!("[[source]]\nname = \"r\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\nspeed = \"max\"\n", cap.display());
+    let (state, sources) = short_replay(dir.path());
     let cfg = write_config(
         dir.path(),
         &state,

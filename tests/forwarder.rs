@@ -191,28 +191,34 @@ async fn too_large_413_splits_remembers_the_size_and_dead_letters_a_lone_giant()
 /// The size learned from a 413 is a hint that probes back up: a proxy limited requests to one
 /// event for a while (so the forwarder learned "1"), then the limit went away. Before, every
 /// later batch stayed at the learned size for the rest of the run (200 events, 200 requests).
-/// Run at the default concurrency; [`the_size_learned_from_a_413_recovers_one_at_a_time`]
-/// counts the requests of the serial case.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_size_learned_from_a_413_recovers() {
+/// Returns (status, events) of the requests after the limit went away, for `n` events.
+async fn size_after_a_413_limit(upstream_extra: &str, n: usize) -> Vec<(u16, usize)> {
     let ingest = Ingest::start().await;
     ingest.with(|s| s.max_batch = Some(1));
     let url = ingest.base_url();
-    let rig = Rig::new(|d| config(d, &url, "bag-events", "batch_max_events = 500")).await;
+    let rig = Rig::new(|d| config(d, &url, "bag-events", upstream_extra)).await;
     rig.commit("a", 20, 20).await;
     wait_until("20 delivered one by one", T, || ingest.unique() == 20).await;
     let before = ingest.with(|s| {
         s.max_batch = None;
         s.requests.len()
     });
-    rig.commit("c", 2000, 2000).await;
-    wait_until("2,000 more delivered", T, || ingest.unique() == 2020).await;
-    let sizes = ingest.with(|s| {
+    rig.commit("c", n, n).await;
+    wait_until("the rest delivered", T, || ingest.unique() == 20 + n).await;
+    assert_eq!(rig.metrics.dead_lettered.get(), 0);
+    rig.shutdown().await;
+    ingest.with(|s| {
         s.requests[before..]
             .iter()
             .map(|r| (r.status, r.events))
-            .collect::<Vec<_>>()
-    });
+            .collect()
+    })
+}
+
+/// [`size_after_a_413_limit`] at the default concurrency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_size_learned_from_a_413_recovers() {
+    let sizes = size_after_a_413_limit("batch_max_events = 500", 2000).await;
     // With batches in flight at once, each size also goes out in the requests sent beside
     // its probe (up to `max_in_flight` of them), but the size climbs back within a few round
     // trips: before, 2,000 events took 2,000 requests.
@@ -221,47 +227,18 @@ async fn the_size_learned_from_a_413_recovers() {
         sizes.iter().any(|(_, n)| *n >= 64),
         "the size stayed low: {sizes:?}"
     );
-    assert_eq!(rig.metrics.dead_lettered.get(), 0);
-    rig.shutdown().await;
 }
 
-/// [`the_size_learned_from_a_413_recovers`], one batch at a time.
+/// [`size_after_a_413_limit`], one batch at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_size_learned_from_a_413_recovers_one_at_a_time() {
-    let ingest = Ingest::start().await;
-    ingest.with(|s| s.max_batch = Some(1));
-    let url = ingest.base_url();
-    let rig = Rig::new(|d| {
-        config(
-            d,
-            &url,
-            "bag-events",
-            "batch_max_events = 500\nmax_in_flight = 1",
-        )
-    })
-    .await;
-    rig.commit("a", 20, 20).await;
-    wait_until("20 delivered one by one", T, || ingest.unique() == 20).await;
-    let before = ingest.with(|s| {
-        s.max_batch = None;
-        s.requests.len()
-    });
-    rig.commit("c", 200, 200).await;
-    wait_until("200 more delivered", T, || ingest.unique() == 220).await;
-    let sizes = ingest.with(|s| {
-        s.requests[before..]
-            .iter()
-            .map(|r| (r.status, r.events))
-            .collect::<Vec<_>>()
-    });
+    let sizes = size_after_a_413_limit("batch_max_events = 500\nmax_in_flight = 1", 200).await;
     // 1, 1, 2, 2, 4, 4, … then the hint is dropped: about 15 requests.
     assert!(sizes.len() <= 30, "{} requests: {sizes:?}", sizes.len());
     assert!(
         sizes.iter().any(|(_, n)| *n >= 16),
         "the size stayed low: {sizes:?}"
     );
-    assert_eq!(rig.metrics.dead_lettered.get(), 0);
-    rig.shutdown().await;
 }
 
 async fn bisect_case(status: u16) {
