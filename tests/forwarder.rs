@@ -1669,3 +1669,77 @@ async fn read_request_key(
         .push((tokio::time::Instant::now(), key));
     Some(())
 }
+
+/// Events sent for `n` events in batches of 10 with a refused event in every other batch
+/// (422: bisected), at this concurrency; every good event delivered, the bad ones dead.
+async fn sent_with_refusals(max_in_flight: usize, n: usize) -> usize {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| {
+        s.delay = Some(Duration::from_millis(10));
+        s.poison = (0..n).step_by(20).map(|i| format!("r-{i}")).collect();
+    });
+    let url = ingest.base_url();
+    let extra = format!("batch_max_events = 10\nmax_in_flight = {max_in_flight}");
+    let rig = Rig::new(|d| config(d, &url, "bag-events", &extra)).await;
+    rig.commit("r", n, n).await;
+    let bad = n.div_ceil(20) as u64;
+    wait_until("settled", T, || {
+        rig.metrics.delivered.get() + rig.metrics.dead_lettered.get() == n as u64
+    })
+    .await;
+    assert_eq!(rig.metrics.dead_lettered.get(), bad);
+    assert_eq!(ingest.unique() as u64, n as u64 - bad);
+    rig.shutdown().await;
+    ingest.with(|s| s.requests.iter().map(|r| r.events).sum())
+}
+
+/// Regression (second review): answers about a batch itself (207, 422, 413) of batches sent
+/// beside others were thrown away after the first was settled, and those batches sent again
+/// whole: 3.2× the events of one at a time. Each is settled with its own answer now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_beside_other_requests_cost_no_more_than_one_at_a_time() {
+    let one = sent_with_refusals(1, 400).await;
+    let many = sent_with_refusals(16, 400).await;
+    assert!(
+        many * 10 <= one * 12,
+        "{many} events sent at 16 in flight, {one} one at a time"
+    );
+}
+
+/// Regression (second review): a body limit that appears while batches are in flight: each
+/// settle round sent every remaining old (too large) body again, and a probe of a larger size
+/// went out as a wave. Now the rest is cut to the learned size and a probe goes alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_413_limit_that_appears_mid_flight_costs_a_413_per_batch_in_flight() {
+    let ingest = Ingest::start().await;
+    ingest.with(|s| s.delay = Some(Duration::from_millis(50)));
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| config(d, &url, "bag-events", "batch_max_events = 100")).await;
+    rig.commit("z", 6000, 6000).await;
+    wait_until("8 batches in flight", T, || {
+        rig.metrics.upstream_in_flight.get() >= 8
+    })
+    .await;
+    let at = ingest.with(|s| {
+        s.max_batch = Some(30);
+        s.requests.len()
+    });
+    wait_until("all delivered", Duration::from_secs(60), || {
+        ingest.unique() == 6000
+    })
+    .await;
+    ingest.with(|s| {
+        let after = &s.requests[at..];
+        let refused = after.iter().filter(|r| r.status == 413).count();
+        let full = after
+            .iter()
+            .filter(|r| r.status == 413 && r.events == 100)
+            .count();
+        // About one refusal per full-size batch in flight (up to 16), then halves and
+        // probes, each alone.
+        assert!(full <= 20, "{full} full-size bodies refused");
+        assert!(refused <= 60, "{refused} refusals after the limit appeared");
+    });
+    assert_eq!(rig.metrics.dead_lettered.get(), 0);
+    rig.shutdown().await;
+}

@@ -263,6 +263,9 @@ enum FlightState {
     Lost,
     /// Sent again when a slot is free (its failure went stale: the upstream answers again).
     Queued,
+    /// Sent again through [`Forwarder::deliver`], cut to the size learned from a 413 since
+    /// its body was made.
+    Cut,
 }
 
 /// A batch ready to send: its events, encoded and compressed once.
@@ -793,7 +796,10 @@ impl Forwarder {
         if batch.is_empty() {
             return Ok(());
         }
+        // A probe of a larger size after a 413 goes alone: beside others, a limit still in
+        // place would refuse a whole wave of them.
         let serial = self.down_since.is_some()
+            || self.probing
             || self.rejecting_all
             || self.retry_refused
             || !self.refused.is_empty()
@@ -950,15 +956,15 @@ impl Forwarder {
                 self.on_success(200, n, false).await;
                 FlightState::Done
             }
-            // Throttled beside other requests, for the first time and briefly: fewer at once
-            // (the limiter halved) and this one again after the server's wait (never sooner
-            // than retry_min), without an outage. A batch throttled again, or asked to wait
-            // longer than retry_max_ms, or alone, is an outage: settled one at a time, with
+            // Throttled for the first time and briefly: fewer at once (the limiter halved)
+            // and this one again after the server's wait (never sooner than retry_min),
+            // without an outage (a sporadic 429 is not one). A batch throttled again, or asked
+            // to wait longer than retry_max_ms, is an outage: settled one at a time, with
             // backoff, logged and shown.
             Outcome::Throttled {
                 status,
                 retry_after,
-            } if in_flight > 1 && throttled == 0 && self.down_since.is_none() => {
+            } if throttled == 0 && self.down_since.is_none() => {
                 let wait = retry_after
                     .map_or(self.cfg.retry_min, |d| d.min(self.cfg.retry_after_max))
                     .max(self.cfg.retry_min);
@@ -1088,20 +1094,39 @@ impl Forwarder {
             let Some(first) = first else {
                 break;
             };
+            // A failure of the upstream as a whole (an error, a throttle, an error page) is
+            // stale when a later batch of the same round was delivered: that batch is sent
+            // again rather than waited out. An answer about the batch itself (207, 400/422,
+            // 413) is its own and settles it.
+            let delivered_after = fl
+                .map
+                .range(first + 1..)
+                .any(|(_, f)| matches!(f.state, FlightState::Done));
             if let Some(f) = fl.map.remove(&first) {
                 let outcome = match f.state {
-                    FlightState::Failed(o) => Some((f.key, o)),
+                    FlightState::Failed(o) if is_about_the_batch(&o) || !delivered_after => {
+                        Some((f.key, o))
+                    }
                     _ => None,
                 };
                 self.deliver(f.events, outcome, shutdown).await?;
             }
-            // The upstream answers again: the other failures are stale. Those batches go
-            // again, beside each other, within the concurrency limit.
+            // The upstream answers again: the other failures of the upstream as a whole are
+            // stale, and those batches go again, beside each other, within the concurrency
+            // limit; a batch larger than a size learned from a 413 since is cut first
+            // (through `deliver`), and answers about a batch itself settle it in its turn.
+            let cap = self.max_ok;
             for f in fl.map.values_mut() {
-                if !matches!(f.state, FlightState::Done) {
-                    f.state = FlightState::Queued;
-                    f.throttled = 0;
+                let about = matches!(&f.state, FlightState::Failed(o) if is_about_the_batch(o));
+                if matches!(f.state, FlightState::Done) || about {
+                    continue;
                 }
+                f.throttled = 0;
+                f.state = if cap.is_some_and(|m| f.events.len() > m) {
+                    FlightState::Cut
+                } else {
+                    FlightState::Queued
+                };
             }
         }
         while let Some(b) = fl.held.pop_front() {
@@ -1577,6 +1602,15 @@ fn cap_jittered(d: Duration, min: Duration, max: Duration) -> Duration {
         return d.max(min);
     }
     max.saturating_sub((d - max) / 2).clamp(min.min(max), max)
+}
+
+/// An answer about the batch itself (some of its events refused, or its size), not about the
+/// upstream as a whole: it settles that batch whatever other batches were answered.
+fn is_about_the_batch(o: &Outcome) -> bool {
+    matches!(
+        o,
+        Outcome::Partial(_) | Outcome::Rejected { .. } | Outcome::TooLarge
+    )
 }
 
 /// Split a batch into runs of one event type (one type per batch in the bag-events
