@@ -323,6 +323,8 @@ pub struct Forwarder {
     live_floor: i64,
     /// `live_floor` moved (the upstream came back) from this floor.
     floor_moved: Option<i64>,
+    /// Shutting down: a throttled batch is not sent again.
+    stopping: bool,
     /// Wall and boot time, to place events stamped on boot time ([`Forwarder::with_clock`]).
     clock: Arc<dyn crate::clock::Clock>,
     boot_offsets: std::collections::HashMap<[u8; 16], i64>,
@@ -483,6 +485,7 @@ impl Forwarder {
             last_error: None,
             live_floor,
             floor_moved: None,
+            stopping: false,
             backoff,
             refused: Vec::new(),
             delivered_in_call: false,
@@ -964,7 +967,7 @@ impl Forwarder {
             Outcome::Throttled {
                 status,
                 retry_after,
-            } if throttled == 0 && self.down_since.is_none() => {
+            } if throttled == 0 && self.down_since.is_none() && !self.stopping => {
                 let wait = retry_after
                     .map_or(self.cfg.retry_min, |d| d.min(self.cfg.retry_after_max))
                     .max(self.cfg.retry_min);
@@ -1138,6 +1141,7 @@ impl Forwarder {
     /// On shutdown: wait for the requests in flight (each bounded by `timeout_ms`; the daemon's
     /// grace period bounds the whole) and acknowledge what they delivered, in turn.
     async fn finish(&mut self, fl: &mut Flights) {
+        self.stopping = true;
         while let Some(r) = fl.set.join_next().await {
             if let Ok(a) = r {
                 self.record_answer(a, fl).await;
