@@ -259,13 +259,12 @@ enum FlightState {
     Done,
     /// Answered with something other than a delivery: settled by [`Forwarder::deliver`].
     Failed(Outcome),
-    /// Its request task ended without an answer (aborted): sent again.
-    Lost,
     /// Sent again when a slot is free (its failure went stale: the upstream answers again).
     Queued,
-    /// Sent again through [`Forwarder::deliver`], cut to the size learned from a 413 since
-    /// its body was made.
-    Cut,
+    /// Sent again through [`Forwarder::deliver`] in its turn: its request task ended without
+    /// an answer, or it is larger than a size learned from a 413 since its body was made
+    /// (`deliver` cuts it).
+    Resend,
 }
 
 /// A batch ready to send: its events, encoded and compressed once.
@@ -1024,7 +1023,7 @@ impl Forwarder {
         if fl.set.is_empty() {
             for f in fl.map.values_mut() {
                 if matches!(f.state, FlightState::InFlight) {
-                    f.state = FlightState::Lost;
+                    f.state = FlightState::Resend;
                 }
             }
         }
@@ -1126,7 +1125,7 @@ impl Forwarder {
                 }
                 f.throttled = 0;
                 f.state = if cap.is_some_and(|m| f.events.len() > m) {
-                    FlightState::Cut
+                    FlightState::Resend
                 } else {
                     FlightState::Queued
                 };
