@@ -1716,8 +1716,8 @@ async fn a_413_limit_that_appears_mid_flight_costs_a_413_per_batch_in_flight() {
     let url = ingest.base_url();
     let rig = Rig::new(|d| config(d, &url, "bag-events", "batch_max_events = 100")).await;
     rig.commit("z", 6000, 6000).await;
-    wait_until("8 batches in flight", T, || {
-        rig.metrics.upstream_in_flight.get() >= 8
+    wait_until("4 batches in flight", T, || {
+        rig.metrics.upstream_in_flight.get() >= 4
     })
     .await;
     let at = ingest.with(|s| {
@@ -1741,5 +1741,59 @@ async fn a_413_limit_that_appears_mid_flight_costs_a_413_per_batch_in_flight() {
         assert!(refused <= 60, "{refused} refusals after the limit appeared");
     });
     assert_eq!(rig.metrics.dead_lettered.get(), 0);
+    rig.shutdown().await;
+}
+
+/// Regression (third review): a 207 was counted twice in `scangate_upstream_responses_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_207_is_counted_once() {
+    let ingest = Ingest::start().await;
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| config(d, &url, "bag-events", "")).await;
+    ingest.with(|s| s.script.push_back(Reply::PartialByIndex(vec![0])));
+    rig.commit("c", 5, 5).await;
+    wait_until("settled", T, || {
+        rig.metrics.delivered.get() + rig.metrics.dead_lettered.get() == 5
+    })
+    .await;
+    let text = rig.metrics.render();
+    assert!(
+        text.contains("scangate_upstream_responses_total{status=\"207\"} 1\n"),
+        "{text}"
+    );
+    rig.shutdown().await;
+}
+
+/// Regression (third review): `Retry-After` with a date already past, on every answer, kept
+/// the retries at `retry_min_ms` (10 a second with the defaults) instead of backing off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_in_the_past_does_not_stop_the_backoff_from_growing() {
+    let ingest = Ingest::start().await;
+    for _ in 0..12 {
+        ingest.with(|s| {
+            s.script.push_back(Reply::Raw(
+                503,
+                "application/json",
+                vec![("retry-after", "Thu, 01 Jan 1970 00:00:00 GMT".to_string())],
+                "{}".into(),
+            ))
+        });
+    }
+    let url = ingest.base_url();
+    let rig = Rig::new(|d| {
+        let mut c = config(d, &url, "bag-events", "");
+        c.upstream.retry_min = Duration::from_millis(10);
+        c.upstream.retry_max = Duration::from_millis(400);
+        c
+    })
+    .await;
+    rig.commit("p", 3, 3).await;
+    wait_until("delivered after the 503s", T, || ingest.unique() == 3).await;
+    ingest.with(|s| {
+        let at: Vec<_> = s.requests.iter().map(|r| r.at).collect();
+        // The last waits reach the cap's range (at least half of 400 ms), not retry_min.
+        let last = at[at.len() - 1] - at[at.len() - 2];
+        assert!(last >= Duration::from_millis(190), "last wait {last:?}");
+    });
     rig.shutdown().await;
 }

@@ -324,6 +324,8 @@ pub struct Forwarder {
     floor_moved: Option<i64>,
     /// Shutting down: a throttled batch is not sent again.
     stopping: bool,
+    /// The last failure was a throttle (429/503): no slow start when it ends.
+    throttle_outage: bool,
     /// Wall and boot time, to place events stamped on boot time ([`Forwarder::with_clock`]).
     clock: Arc<dyn crate::clock::Clock>,
     boot_offsets: std::collections::HashMap<[u8; 16], i64>,
@@ -485,6 +487,7 @@ impl Forwarder {
             live_floor,
             floor_moved: None,
             stopping: false,
+            throttle_outage: false,
             backoff,
             refused: Vec::new(),
             delivered_in_call: false,
@@ -1232,7 +1235,6 @@ impl Forwarder {
                         break;
                     }
                     Outcome::Partial(partial) => {
-                        self.metrics.response(207);
                         let ids: Vec<uuid::Uuid> = b.iter().map(|e| e.event_id).collect();
                         match partial.matches(&ids) {
                             Some(rejected) => {
@@ -1252,12 +1254,14 @@ impl Forwarder {
                                 self.requeue_refused(&mut stack);
                             }
                             None if b.len() > 1 => {
+                                self.metrics.response(207);
                                 // Never acknowledged blindly: the halves are sent again and
                                 // the idempotent upstream settles each event.
                                 tracing::warn!(size = b.len(), "Upstream answered 207 in a shape that cannot be matched to the batch; sending it again in halves");
                                 push_halves(&mut stack, b, from_413);
                             }
                             None => {
+                                self.metrics.response(207);
                                 let wait = self.next_wait();
                                 self.on_failure("HTTP 207 for a single event that cannot be matched to it; keeping it and retrying", true).await;
                                 if let Wait::Shutdown = self.pause(wait, shutdown).await {
@@ -1361,14 +1365,17 @@ impl Forwarder {
                         retry_after,
                     } => {
                         self.metrics.response(status);
-                        // Never below retry_min_ms: `Retry-After: 0` or a date already past
-                        // must not turn into a tight loop.
+                        // Never below the backoff: `Retry-After: 0` or a date already past
+                        // must not turn into a loop at retry_min_ms; a longer Retry-After is
+                        // obeyed (up to retry_after_max_ms).
+                        let backoff = self.next_wait();
                         let wait = match retry_after {
-                            Some(d) => d.min(self.cfg.retry_after_max),
-                            None => self.next_wait(),
+                            Some(d) => d.min(self.cfg.retry_after_max).max(backoff),
+                            None => backoff,
                         }
                         .max(self.cfg.retry_min);
                         tracing::debug!(status, wait = ?wait, "Upstream asks to wait");
+                        self.throttle_outage = true;
                         // The reason without the (jittered) wait: logged and recorded once
                         // per change of state, not per retry.
                         let reason = if retry_after.is_some() {
@@ -1386,6 +1393,7 @@ impl Forwarder {
                             self.metrics.response(s);
                         }
                         let wait = self.next_wait();
+                        self.throttle_outage = false;
                         // A clock problem is the operator's to fix: an ERROR, once per state.
                         let loud = reason.starts_with(CLOCK_SUSPECT);
                         self.on_failure(&reason, loud).await;
@@ -1536,7 +1544,9 @@ impl Forwarder {
         }
         self.backoff = Self::new_backoff(&self.cfg);
         if let Some(since) = self.down_since.take() {
-            self.limiter.after_outage();
+            if !std::mem::take(&mut self.throttle_outage) {
+                self.limiter.after_outage();
+            }
             self.metrics.upstream_down.set(0);
             self.metrics.upstream_down_since_ms.set(0);
             tracing::info!(down_for = ?since.elapsed(), "Upstream is accepting events again; delivering the backlog");
