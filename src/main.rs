@@ -471,6 +471,18 @@ fn status(cfg: &Config) -> anyhow::Result<()> {
     let s = spool::stats_of(&conn)?;
     let now = scangate::event::wall_now_ms();
     println!("gateway:         {}", cfg.gateway.id);
+    match &cfg.upstream.sink {
+        scangate::config::Sink::Http => println!("upstream:        http {}", cfg.upstream.endpoint),
+        scangate::config::Sink::RedisStreams(r) => println!(
+            "upstream:        redis-streams {} stream {}{}",
+            r.url,
+            r.stream,
+            r.dlq_stream
+                .as_deref()
+                .map(|d| format!(", dead letters also in {d}"))
+                .unwrap_or_default()
+        ),
+    }
     println!(
         "spool:           {}",
         spool::Spool::path_in(&cfg.gateway.state_dir).display()

@@ -122,6 +122,17 @@ pub struct Metrics {
     pub delivery_held_for_clock: Gauge,
     dropped: Mutex<BTreeMap<&'static str, u64>>,
     responses: Mutex<BTreeMap<u16, u64>>,
+    /// Redis sink: error replies and failures by code (`io`, `timeout`, `auth`, `OOM`, …).
+    redis_errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// Redis sink: events its idempotency keys showed to be in the stream already.
+    pub upstream_duplicates: Counter,
+    /// Redis sink: connections made.
+    pub redis_connects: Counter,
+    /// Redis sink: times the script was loaded again after `NOSCRIPT`.
+    pub redis_script_loads: Counter,
+    /// Redis sink: dead letters recorded in / not recorded in `dlq_stream`.
+    pub redis_dlq_recorded: Counter,
+    pub redis_dlq_failed: Counter,
     sources: Mutex<Vec<(String, std::sync::Arc<SourceHealth>)>>,
 }
 
@@ -268,6 +279,13 @@ impl Metrics {
 
     pub fn dropped_total(&self) -> u64 {
         self.dropped.lock().map(|m| m.values().sum()).unwrap_or(0)
+    }
+
+    /// Count a Redis sink failure by `code`.
+    pub fn redis_error(&self, code: &'static str) {
+        if let Ok(mut m) = self.redis_errors.lock() {
+            *m.entry(code).or_default() += 1;
+        }
     }
 
     pub fn response(&self, status: u16) {
@@ -506,6 +524,36 @@ impl Metrics {
             "Bytes this process caused to be written to storage (/proc/self/io).",
             proc_write_bytes().unwrap_or(0),
         );
+        line(
+            "upstream_duplicates_total",
+            "counter",
+            "Events the upstream already had (Redis sink: idempotency key present), not added again.",
+            self.upstream_duplicates.get(),
+        );
+        line(
+            "redis_connects_total",
+            "counter",
+            "Connections made to Redis (Redis sink).",
+            self.redis_connects.get(),
+        );
+        line(
+            "redis_script_loads_total",
+            "counter",
+            "Times the delivery script was loaded again after NOSCRIPT (Redis sink).",
+            self.redis_script_loads.get(),
+        );
+        line(
+            "redis_dlq_recorded_total",
+            "counter",
+            "Dead letters recorded in the dead-letter stream (Redis sink).",
+            self.redis_dlq_recorded.get(),
+        );
+        line(
+            "redis_dlq_failed_total",
+            "counter",
+            "Dead letters that could not be recorded in the dead-letter stream (kept in the spool).",
+            self.redis_dlq_failed.get(),
+        );
         s.push_str("# HELP scangate_dropped_total Reads or events dropped, by reason.\n# TYPE scangate_dropped_total counter\n");
         if let Ok(m) = self.dropped.lock() {
             for (reason, v) in m.iter() {
@@ -592,6 +640,14 @@ impl Metrics {
                         label(n)
                     ));
                 }
+            }
+        }
+        s.push_str("# HELP scangate_redis_errors_total Redis sink failures by code (io, timeout, auth, or the server's error code).\n# TYPE scangate_redis_errors_total counter\n");
+        if let Ok(m) = self.redis_errors.lock() {
+            for (code, v) in m.iter() {
+                s.push_str(&format!(
+                    "scangate_redis_errors_total{{code=\"{code}\"}} {v}\n"
+                ));
             }
         }
         s.push_str("# HELP scangate_upstream_responses_total Upstream answers by HTTP status.\n# TYPE scangate_upstream_responses_total counter\n");

@@ -18,6 +18,22 @@ struct Ctx {
     gateway: String,
     admin: crate::config::AdminConfig,
     token: Option<Result<String, String>>,
+    /// `{"kind", "target", …}` of the upstream, for `/status`.
+    upstream: serde_json::Value,
+}
+
+/// What `/status` says the upstream is: its kind and where events go (no credentials: the
+/// config keeps them in files).
+pub fn upstream_json(u: &crate::config::UpstreamConfig) -> serde_json::Value {
+    match &u.sink {
+        crate::config::Sink::Http => serde_json::json!({"kind": "http", "target": u.endpoint}),
+        crate::config::Sink::RedisStreams(r) => serde_json::json!({
+            "kind": "redis-streams",
+            "target": r.url,
+            "stream": r.stream,
+            "dlq_stream": r.dlq_stream,
+        }),
+    }
 }
 
 /// The token a request must carry, read from `[admin] token_file` at start (None: no token
@@ -190,6 +206,7 @@ async fn require_token(
 
 pub async fn serve(listener: tokio::net::TcpListener, running: Running, cfg: Config) {
     let ctx = Ctx {
+        upstream: upstream_json(&cfg.upstream),
         running,
         sources: cfg
             .sources
@@ -252,7 +269,7 @@ async fn health(State(c): State<Ctx>) -> impl IntoResponse {
         reasons.push("disk full: new reads are refused".into());
     }
     if m.upstream_misconfigured.get() == 1 {
-        reasons.push("upstream misconfigured (redirect, HTML page, 401/403 or 404/405): see `scangate status`".into());
+        reasons.push("upstream misconfigured (redirect, HTML page, 401/403 or 404/405; Redis: credentials refused or a Cluster node): see `scangate status`".into());
     }
     if m.upstream_rejecting_all.get() == 1 {
         reasons.push("upstream refuses every event with the same answer (misconfiguration)".into());
@@ -311,6 +328,7 @@ async fn status(State(c): State<Ctx>) -> impl IntoResponse {
     let m = &c.running.metrics;
     Json(serde_json::json!({
         "gateway_id": c.gateway,
+        "upstream": c.upstream,
         "sources": c.sources.iter().map(|(n, l)| {
             let mut v = m.source(n).json(n);
             v["location"] = l.as_str().into();
@@ -320,6 +338,7 @@ async fn status(State(c): State<Ctx>) -> impl IntoResponse {
         "reads": m.reads_in.get(),
         "committed": m.spool_committed.get(),
         "delivered": m.delivered.get(),
+        "duplicates_skipped": m.upstream_duplicates.get(),
         "backlog": s.as_ref().map(|s| s.backlog),
         "oldest_committed_ms": s.as_ref().and_then(|s| s.oldest_committed_ms),
         "dead_letters": s.as_ref().map(|s| s.dead_letters),

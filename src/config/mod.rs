@@ -339,10 +339,65 @@ pub const MAX_IN_FLIGHT: usize = 64;
 /// `upstream.max_in_flight` when not set.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 16;
 
+/// Where committed events go (`upstream.kind`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sink {
+    /// `"http"` (the default): batches are POSTed to the ingest API at `endpoint`.
+    Http,
+    /// `"redis-streams"`: events are added to a Redis Stream directly (see
+    /// `crate::forward::redis`).
+    RedisStreams(Box<RedisConfig>),
+}
+
+/// How one event becomes a stream entry (`upstream.entry`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryShape {
+    /// `"json"` (the default): fields `event_id`, `event_type` (`scan` or `sensor`) and
+    /// `data`, the event's bag-events JSON object.
+    Json,
+    /// `"fields"`: every top-level field of the event's bag-events JSON object is a field of
+    /// the entry (strings as they are, numbers as decimal text, nulls left out).
+    Fields,
+}
+
+/// `[upstream]` with `kind = "redis-streams"`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisConfig {
+    /// `redis://host[:port][/db]` or `rediss://…` (TLS), without credentials (they come from
+    /// `username` and `password_file`).
+    pub url: String,
+    /// ACL user name (Redis 6+); None: the `default` user.
+    pub username: Option<String>,
+    /// File holding the password (or `credential:NAME`); re-read after an authentication
+    /// failure.
+    pub password_file: Option<PathBuf>,
+    /// PEM client certificate and key for TLS client authentication (`rediss://` only).
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    /// The stream key (`stream`, default `baggage_events`, as in contract 000).
+    pub stream: String,
+    /// Approximate trimming (`XADD … MAXLEN ~ n`); 0: never trimmed. Default 100,000
+    /// (contract 000).
+    pub maxlen: u64,
+    /// Stream that receives a record of every dead letter (`dlq_stream`, default
+    /// `<stream>:dlq`); None when set to "" (dead letters stay in the spool only).
+    pub dlq_stream: Option<String>,
+    pub entry: EntryShape,
+    /// Lifetime of an event's idempotency key (`idempotency_ttl_s`, default 86,400 s as
+    /// contract 002 keeps them; contract 000's API keeps 300 s). A copy of an event sent again
+    /// after its key expired is added again.
+    pub idempotency_ttl: Duration,
+    /// Idempotency key of an event: this prefix + its `event_id` (`idempotency_prefix`,
+    /// default `{<stream>}:seen:`: the hash tag keeps the keys in the stream's cluster slot).
+    pub idempotency_prefix: String,
+}
+
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
-    /// Full endpoint URL: base url + profile path (or the `path` override).
+    /// HTTP: the full endpoint URL, base url + profile path (or the `path` override). Redis:
+    /// the `url` as configured (without credentials). Shown in logs and `status`.
     pub endpoint: String,
+    pub sink: Sink,
     pub profile: Profile,
     pub compression: Compression,
     pub token_file: Option<PathBuf>,
@@ -1046,7 +1101,7 @@ fn check_credential(s: &Section<'_>, p: &mut Problems, key: &str, value: &str) {
     if let Some(name) = value.strip_prefix("credential:") {
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {
             p.push(
-                s.span_of("token_file"),
+                s.span_of(key.rsplit('.').next().unwrap_or(key)),
                 key,
                 format!("\"{name}\" is not a credential name (one file name, as in LoadCredential=NAME:…)"),
             );
@@ -1359,16 +1414,205 @@ fn profile_name(profile: Profile) -> &'static str {
     }
 }
 
-fn build_upstream(u: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<UpstreamConfig> {
-    let url = u.required_string(p, "url");
-    let profile = u.choice(p, "profile", &["bag-events", "collect"]);
-    if u.table.get("profile").is_none() {
+/// Keys of `[upstream]` that only one `kind` reads.
+const HTTP_ONLY: &[&str] = &[
+    "path",
+    "compression",
+    "compression_level",
+    "token_file",
+    "pool_idle_ms",
+    "event_type",
+];
+const REDIS_ONLY: &[&str] = &[
+    "username",
+    "password_file",
+    "client_cert_file",
+    "client_key_file",
+    "stream",
+    "maxlen",
+    "dlq_stream",
+    "entry",
+    "idempotency_ttl_s",
+    "idempotency_prefix",
+];
+
+/// A Redis stream or key name: not empty, no control characters (they are shown in logs).
+fn check_key_name(u: &Section<'_>, p: &mut Problems, key: &'static str, v: &str) {
+    if v.is_empty() || v.len() > 1024 || v.chars().any(|c| c.is_control()) {
         p.push(
-            u.own_span(),
-            "upstream.profile",
-            "is required: \"bag-events\" or \"collect\"",
+            u.span_of(key),
+            &format!("upstream.{key}"),
+            "must be 1 to 1024 characters without control characters",
         );
     }
+}
+
+/// The `redis-streams` keys of `[upstream]`.
+fn build_redis(
+    u: &mut Section<'_>,
+    base: &Path,
+    p: &mut Problems,
+    url: Option<&str>,
+) -> Option<RedisConfig> {
+    let username = u.string(p, "username");
+    let password_file = u.string(p, "password_file");
+    let client_cert = u.string(p, "client_cert_file");
+    let client_key = u.string(p, "client_key_file");
+    let stream = u.string(p, "stream");
+    let maxlen = u.integer(p, "maxlen", 0, i64::MAX);
+    let dlq = u.string(p, "dlq_stream");
+    let entry = u.choice(p, "entry", &["json", "fields"]);
+    let ttl = u.integer(p, "idempotency_ttl_s", 1, 365 * 86_400);
+    let prefix = u.string(p, "idempotency_prefix");
+    let url = url?;
+    let tls = url.starts_with("rediss://");
+    match reqwest::Url::parse(url) {
+        Ok(parsed)
+            if (parsed.scheme() == "redis" || parsed.scheme() == "rediss")
+                && parsed.host_str().is_some_and(|h| !h.is_empty()) =>
+        {
+            if parsed.password().is_some() || !parsed.username().is_empty() {
+                p.push(u.span_of("url"), "upstream.url", "must not carry a user name or password: put the password in a file named by password_file (and the ACL user in username), so the config can be shared without the secret");
+            }
+            let path = parsed.path().trim_start_matches('/');
+            if !path.is_empty() && path.parse::<u16>().is_err() {
+                p.push(
+                    u.span_of("url"),
+                    "upstream.url",
+                    format!("\"/{path}\" is not a database number (redis://host:6379/0)"),
+                );
+            }
+        }
+        _ => {
+            p.push(
+                u.span_of("url"),
+                "upstream.url",
+                format!(
+                    "\"{url}\" is not a redis:// or rediss:// URL (e.g. redis://bus.example:6379)"
+                ),
+            );
+        }
+    }
+    if !tls && (client_cert.is_some() || client_key.is_some() || u.table.get("ca_file").is_some()) {
+        let key = if client_cert.is_some() {
+            "client_cert_file"
+        } else if client_key.is_some() {
+            "client_key_file"
+        } else {
+            "ca_file"
+        };
+        p.push(
+            u.span_of(key),
+            &format!("upstream.{key}"),
+            "is used with TLS only: the url must start with rediss://",
+        );
+    }
+    if client_cert.is_some() != client_key.is_some() {
+        let key = if client_cert.is_some() {
+            "client_key_file"
+        } else {
+            "client_cert_file"
+        };
+        p.push(
+            u.own_span(),
+            &format!("upstream.{key}"),
+            "client_cert_file and client_key_file go together (TLS client authentication)",
+        );
+    }
+    let stream = stream.unwrap_or_else(|| "baggage_events".into());
+    check_key_name(u, p, "stream", &stream);
+    let dlq_stream = match dlq {
+        None => Some(format!("{stream}:dlq")),
+        Some(d) if d.is_empty() => None,
+        Some(d) => {
+            check_key_name(u, p, "dlq_stream", &d);
+            if d == stream {
+                p.push(
+                    u.span_of("dlq_stream"),
+                    "upstream.dlq_stream",
+                    "must differ from stream (dead letters would reach the consumers as events)",
+                );
+            }
+            Some(d)
+        }
+    };
+    let prefix = prefix.unwrap_or_else(|| format!("{{{stream}}}:seen:"));
+    check_key_name(u, p, "idempotency_prefix", &prefix);
+    if let Some(pw) = &password_file {
+        check_credential(u, p, "upstream.password_file", pw);
+    }
+    Some(RedisConfig {
+        url: url.to_string(),
+        username,
+        password_file: password_file.map(|f| secret_path(base, &f)),
+        client_cert_file: client_cert.map(|f| resolve(base, &f)),
+        client_key_file: client_key.map(|f| secret_path(base, &f)),
+        stream,
+        maxlen: maxlen.unwrap_or(100_000) as u64,
+        dlq_stream,
+        entry: if entry == Some("fields") {
+            EntryShape::Fields
+        } else {
+            EntryShape::Json
+        },
+        idempotency_ttl: Duration::from_secs(ttl.unwrap_or(86_400) as u64),
+        idempotency_prefix: prefix,
+    })
+}
+
+fn build_upstream(u: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<UpstreamConfig> {
+    let kind = u.choice(p, "kind", &["http", "redis-streams"]);
+    let redis = kind == Some("redis-streams");
+    let url = u.required_string(p, "url");
+    let profile = u.choice(p, "profile", &["bag-events", "collect"]);
+    if redis {
+        if profile == Some("collect") {
+            p.push(u.span_of("profile"), "upstream.profile", "a Redis Stream takes bag-events entries (contract 000): leave profile out or set \"bag-events\"");
+        }
+        for key in HTTP_ONLY {
+            if u.item(key).is_some() {
+                p.push(
+                    u.span_of(key),
+                    &format!("upstream.{key}"),
+                    format!(
+                        "applies to kind = \"http\" only; this upstream is a Redis Stream{}",
+                        if *key == "token_file" {
+                            " (its password goes in password_file)"
+                        } else {
+                            ""
+                        }
+                    ),
+                );
+            }
+        }
+    } else {
+        if u.table.get("profile").is_none() {
+            p.push(
+                u.own_span(),
+                "upstream.profile",
+                "is required: \"bag-events\" or \"collect\"",
+            );
+        }
+        for key in REDIS_ONLY {
+            if u.item(key).is_some() {
+                p.push(
+                    u.span_of(key),
+                    &format!("upstream.{key}"),
+                    "applies to kind = \"redis-streams\" only (set kind, or remove this key)",
+                );
+            }
+        }
+    }
+    let profile = if redis {
+        Some(profile.unwrap_or("bag-events"))
+    } else {
+        profile
+    };
+    let sink = if redis {
+        build_redis(u, base, p, url.as_deref()).map(|r| Sink::RedisStreams(Box::new(r)))
+    } else {
+        Some(Sink::Http)
+    };
     let path = u.string(p, "path");
     let compression = u.choice(p, "compression", &["gzip", "zstd", "none"]);
     let level = u.integer(p, "compression_level", 1, 19);
@@ -1433,6 +1677,9 @@ fn build_upstream(u: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<
         }
     }
     let endpoint = url.as_ref().and_then(|url| {
+        if redis {
+            return Some(url.clone());
+        }
         let ok = (url.starts_with("http://") || url.starts_with("https://")) && reqwest::Url::parse(url).is_ok();
         if !ok {
             p.push(u.span_of("url"), "upstream.url", format!("\"{url}\" is not an http:// or https:// URL (the ingest API's base, e.g. http://ingest.example:8000)"));
@@ -1463,6 +1710,7 @@ fn build_upstream(u: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<
     };
     Some(UpstreamConfig {
         endpoint: endpoint?,
+        sink: sink?,
         profile: if profile? == "collect" {
             Profile::Collect
         } else {

@@ -27,6 +27,7 @@
 pub mod concurrency;
 pub mod outcome;
 pub mod profile;
+pub mod redis;
 
 use crate::config::{Compression, Order, UpstreamConfig};
 use crate::event::{Loc, SpooledEvent};
@@ -56,6 +57,8 @@ pub enum ForwardError {
     },
     #[error("cannot build the HTTP client: {0}")]
     Client(reqwest::Error),
+    #[error("Redis sink: {0}")]
+    Redis(#[from] redis::SetupError),
 }
 
 /// Compresses request bodies, keeping the compressor's state (deflate window and hash
@@ -141,8 +144,35 @@ pub fn compress(body: &[u8], c: Compression) -> std::io::Result<Vec<u8>> {
 /// stay below this.
 pub const REFUSE_ALL_AFTER: usize = 5;
 
-/// Sends one request and classifies its answer; shared by the requests in flight.
-struct Sender {
+/// What a batch is sent as: a compressed request body, or a Redis script call.
+#[derive(Clone)]
+enum Payload {
+    Http(bytes::Bytes),
+    Redis(Arc<redis::Batch>),
+}
+
+/// Sends one batch and classifies the answer; shared by the requests in flight.
+enum Sender {
+    Http(HttpSender),
+    Redis(Box<redis::RedisSender>),
+}
+
+impl Sender {
+    async fn send(&self, body: Payload, key: uuid::Uuid, healthy: bool) -> Outcome {
+        match (self, body) {
+            (Sender::Http(h), Payload::Http(b)) => h.send(b, key, healthy).await,
+            (Sender::Redis(r), Payload::Redis(b)) => r.send(&b).await,
+            // Never: a forwarder makes payloads for its own sink only.
+            _ => Outcome::Retry {
+                status: None,
+                reason: "internal: a payload for the other sink".into(),
+            },
+        }
+    }
+}
+
+/// Sends one HTTP request and classifies its answer.
+struct HttpSender {
     client: reqwest::Client,
     /// The same client without a connection pool: a request that failed on a reused
     /// keep-alive connection is sent again at once on a new one.
@@ -155,7 +185,7 @@ struct Sender {
     metrics: Arc<Metrics>,
 }
 
-impl Sender {
+impl HttpSender {
     /// Send one batch body; `healthy`: the upstream is believed up (a request that fails on a
     /// reused connection is then sent again at once on a new one).
     async fn send(&self, body: bytes::Bytes, key: uuid::Uuid, healthy: bool) -> Outcome {
@@ -271,7 +301,7 @@ enum FlightState {
 struct Flight {
     events: Vec<SpooledEvent>,
     key: uuid::Uuid,
-    body: bytes::Bytes,
+    body: Payload,
     state: FlightState,
     /// Times it was throttled beside other requests and sent again (see
     /// [`Forwarder::record_answer`]).
@@ -298,6 +328,8 @@ pub struct Forwarder {
     sender: Arc<Sender>,
     limiter: concurrency::Limiter,
     encoder: Encoder,
+    /// Redis sink: turns events into script calls.
+    redis_enc: Option<redis::BatchEncoder>,
     compressor: BodyCompressor,
     /// The JSON body, reused across batches (its capacity is kept).
     json: Vec<u8>,
@@ -445,16 +477,31 @@ impl Forwarder {
         };
         let client = builder(true)?;
         let fresh = builder(false)?;
-        let token = cfg.token_file.as_deref().and_then(read_token);
-        let sender = Arc::new(Sender {
-            client,
-            fresh,
-            endpoint: cfg.endpoint.clone(),
-            content_encoding: cfg.compression.content_encoding(),
-            gateway_id: gateway_id.clone(),
-            token: RwLock::new(token),
-            metrics: metrics.clone(),
-        });
+        let (sender, redis_enc) = match &cfg.sink {
+            crate::config::Sink::Http => {
+                let token = cfg.token_file.as_deref().and_then(read_token);
+                let s = Sender::Http(HttpSender {
+                    client,
+                    fresh,
+                    endpoint: cfg.endpoint.clone(),
+                    content_encoding: cfg.compression.content_encoding(),
+                    gateway_id: gateway_id.clone(),
+                    token: RwLock::new(token),
+                    metrics: metrics.clone(),
+                });
+                (s, None)
+            }
+            crate::config::Sink::RedisStreams(r) => (
+                Sender::Redis(Box::new(redis::RedisSender::new(
+                    &cfg,
+                    r,
+                    gateway_id.clone(),
+                    metrics.clone(),
+                )?)),
+                Some(redis::BatchEncoder::new(r)),
+            ),
+        };
+        let sender = Arc::new(sender);
         let limiter = concurrency::Limiter::new(cfg.max_in_flight);
         metrics.upstream_concurrency_limit.set(1);
         let encoder = Encoder::new(
@@ -473,6 +520,7 @@ impl Forwarder {
             sender,
             limiter,
             encoder,
+            redis_enc,
             compressor,
             json: Vec::new(),
             spool,
@@ -559,6 +607,51 @@ impl Forwarder {
             }
         }
         true
+    }
+
+    /// What `events` are sent as. Ok(None): larger than `batch_max_bytes` and more than one
+    /// event (to be split). Err: the body could not be compressed.
+    fn payload(
+        &mut self,
+        events: &[SpooledEvent],
+        key: uuid::Uuid,
+    ) -> std::io::Result<Option<Payload>> {
+        if let Some(r) = &mut self.redis_enc {
+            let batch = r.encode(&mut self.encoder, events);
+            if batch.bytes > self.cfg.batch_max_bytes && events.len() > 1 {
+                return Ok(None);
+            }
+            return Ok(Some(Payload::Redis(Arc::new(batch))));
+        }
+        self.encoder.encode_into(events, key, &mut self.json);
+        if self.json.len() > self.cfg.batch_max_bytes && events.len() > 1 {
+            return Ok(None);
+        }
+        let z = self.compressor.compress(&self.json)?;
+        Ok(Some(Payload::Http(bytes::Bytes::from(z))))
+    }
+
+    /// Count an HTTP answer by status (the Redis sink counts its own replies by code).
+    fn count_response(&self, status: u16) {
+        if matches!(*self.sender, Sender::Http(_)) {
+            self.metrics.response(status);
+        }
+    }
+
+    /// How an answer is named in messages: "HTTP 400", or "Redis" for the Redis sink.
+    fn answer_name(&self, status: u16) -> String {
+        match *self.sender {
+            Sender::Http(_) => format!("HTTP {status}"),
+            Sender::Redis(_) => "Redis refusing".into(),
+        }
+    }
+
+    /// The status recorded with a dead letter: the HTTP status, none for the Redis sink.
+    fn dead_status(&self, status: u16) -> Option<u16> {
+        match *self.sender {
+            Sender::Http(_) => Some(status),
+            Sender::Redis(_) => None,
+        }
     }
 
     fn new_backoff(cfg: &UpstreamConfig) -> backon::ExponentialBackoff {
@@ -875,18 +968,13 @@ impl Forwarder {
             let body = if failed {
                 None
             } else {
-                self.encoder.encode_into(&events, key, &mut self.json);
-                if self.json.len() > self.cfg.batch_max_bytes && events.len() > 1 {
-                    None
-                } else {
-                    self.compressor.compress(&self.json).ok()
-                }
+                self.payload(&events, key).ok().flatten()
             };
             failed |= body.is_none();
             flights.push(Flight {
                 events,
                 key,
-                body: bytes::Bytes::from(body.unwrap_or_default()),
+                body: body.unwrap_or(Payload::Http(bytes::Bytes::new())),
                 state: FlightState::InFlight,
                 throttled: 0,
             });
@@ -974,7 +1062,7 @@ impl Forwarder {
                     .map_or(self.cfg.retry_min, |d| d.min(self.cfg.retry_after_max))
                     .max(self.cfg.retry_min);
                 if wait <= self.cfg.retry_max {
-                    self.metrics.response(status);
+                    self.count_response(status);
                     self.metrics.upstream_throttled.inc();
                     if let Some(f) = fl.map.get_mut(&id) {
                         f.throttled += 1;
@@ -1198,13 +1286,12 @@ impl Forwarder {
                 }
             }
             let key = batch_key(&b);
-            self.encoder.encode_into(&b, key, &mut self.json);
-            if self.json.len() > self.cfg.batch_max_bytes && b.len() > 1 {
-                push_halves(&mut stack, b, from_413);
-                continue;
-            }
-            let body = match self.compressor.compress(&self.json) {
-                Ok(z) => bytes::Bytes::from(z),
+            let body = match self.payload(&b, key) {
+                Ok(Some(p)) => p,
+                Ok(None) => {
+                    push_halves(&mut stack, b, from_413);
+                    continue;
+                }
                 Err(e) => {
                     // Never an empty body: keep the batch and try again later.
                     tracing::error!(error = %e, "Cannot compress a batch; keeping it and retrying");
@@ -1254,14 +1341,14 @@ impl Forwarder {
                                 self.requeue_refused(&mut stack);
                             }
                             None if b.len() > 1 => {
-                                self.metrics.response(207);
+                                self.count_response(207);
                                 // Never acknowledged blindly: the halves are sent again and
                                 // the idempotent upstream settles each event.
                                 tracing::warn!(size = b.len(), "Upstream answered 207 in a shape that cannot be matched to the batch; sending it again in halves");
                                 push_halves(&mut stack, b, from_413);
                             }
                             None => {
-                                self.metrics.response(207);
+                                self.count_response(207);
                                 let wait = self.next_wait();
                                 self.on_failure("HTTP 207 for a single event that cannot be matched to it; keeping it and retrying", true).await;
                                 if let Wait::Shutdown = self.pause(wait, shutdown).await {
@@ -1273,7 +1360,7 @@ impl Forwarder {
                         break;
                     }
                     Outcome::TooLarge => {
-                        self.metrics.response(413);
+                        self.count_response(413);
                         if b.len() == 1 && self.lone_413 != Some(b[0].event_id) {
                             // Confirmed before it is dead-lettered: the 413 may have been a
                             // proxy's passing limit.
@@ -1322,7 +1409,7 @@ impl Forwarder {
                         break;
                     }
                     Outcome::Rejected { status, reason } => {
-                        self.metrics.response(status);
+                        self.count_response(status);
                         if b.len() == 1 {
                             if self
                                 .refuse_alone(b, status, reason, shutdown)
@@ -1339,24 +1426,35 @@ impl Forwarder {
                     }
                     Outcome::Unauthorized { status, reason }
                     | Outcome::Misconfigured { status, reason } => {
-                        self.metrics.response(status);
+                        self.count_response(status);
                         self.metrics.upstream_misconfigured.set(1);
                         if matches!(status, 401 | 403) {
                             self.metrics.upstream_auth_failures.inc();
                         }
-                        let msg = if matches!(status, 401 | 403) {
-                            format!("{reason} — check token_file; nothing is deleted, retrying every {:?}", self.cfg.auth_retry)
-                        } else {
-                            format!("{reason} — check upstream url/path/profile; nothing is deleted, retrying every {:?}", self.cfg.auth_retry)
+                        let redis = matches!(*self.sender, Sender::Redis(_));
+                        let msg = match (matches!(status, 401 | 403), redis) {
+                            (true, false) => format!("{reason} — check token_file; nothing is deleted, retrying every {:?}", self.cfg.auth_retry),
+                            (true, true) => format!("{reason} — check username and password_file; nothing is deleted, retrying every {:?}", self.cfg.auth_retry),
+                            (false, false) => format!("{reason} — check upstream url/path/profile; nothing is deleted, retrying every {:?}", self.cfg.auth_retry),
+                            (false, true) => format!("{reason}; nothing is deleted, retrying every {:?}", self.cfg.auth_retry),
                         };
                         self.on_failure(&msg, true).await;
                         if let Wait::Shutdown = self.pause(self.cfg.auth_retry, shutdown).await {
                             return Err(());
                         }
-                        if let Some(p) = &self.cfg.token_file {
-                            let t = read_token(p);
-                            if let Ok(mut w) = self.sender.token.write() {
-                                *w = t;
+                        match &*self.sender {
+                            Sender::Http(h) => {
+                                if let Some(p) = &self.cfg.token_file {
+                                    let t = read_token(p);
+                                    if let Ok(mut w) = h.token.write() {
+                                        *w = t;
+                                    }
+                                }
+                            }
+                            Sender::Redis(r) => {
+                                if let Err(e) = r.reload_credentials() {
+                                    tracing::error!(error = %e, "Cannot set up the Redis client again");
+                                }
                             }
                         }
                     }
@@ -1364,7 +1462,7 @@ impl Forwarder {
                         status,
                         retry_after,
                     } => {
-                        self.metrics.response(status);
+                        self.count_response(status);
                         // Never below the backoff: `Retry-After: 0` or a date already past
                         // must not turn into a loop at retry_min_ms; a longer Retry-After is
                         // obeyed (up to retry_after_max_ms).
@@ -1390,7 +1488,7 @@ impl Forwarder {
                     }
                     Outcome::Retry { status, reason } => {
                         if let Some(s) = status {
-                            self.metrics.response(s);
+                            self.count_response(s);
                         }
                         let wait = self.next_wait();
                         self.throttle_outage = false;
@@ -1452,7 +1550,7 @@ impl Forwarder {
             .into_iter()
             .map(|(e, s, r, _)| {
                 tracing::warn!(event_id = %e.event_id, status = s, reason = %r, "Upstream rejects an event; moved to dead letters");
-                (e, Some(s), r)
+                (e, self.dead_status(s), r)
             })
             .collect();
         if !items.is_empty() {
@@ -1485,7 +1583,7 @@ impl Forwarder {
         {
             self.rejecting_all = true;
             self.metrics.upstream_rejecting_all.set(1);
-            let msg = format!("HTTP {status} for every event, each refused alone ({reason}); this is a misconfiguration (upstream url, profile, schema or a body limit), not bad events: nothing is dead-lettered, retrying every {:?}", self.cfg.auth_retry);
+            let msg = format!("{} for every event, each refused alone ({reason}); this is a misconfiguration (upstream url, profile, schema or a body limit; for Redis the stream's type or the user's ACL), not bad events: nothing is dead-lettered, retrying every {:?}", self.answer_name(status), self.cfg.auth_retry);
             self.on_failure(&msg, true).await;
         }
         if self.rejecting_all {
@@ -1515,7 +1613,7 @@ impl Forwarder {
             self.settle_refused().await;
         }
         self.metrics.batches_ok.inc();
-        self.metrics.response(status);
+        self.count_response(status);
         if let Some(m) = self.max_ok {
             if from_413 && n > m {
                 self.max_ok = Some(n);
@@ -1600,10 +1698,21 @@ impl Forwarder {
         if items.is_empty() {
             return;
         }
+        let record: Vec<(SpooledEvent, String)> = match &*self.sender {
+            Sender::Redis(_) => items
+                .iter()
+                .map(|(e, _, r)| (e.clone(), r.clone()))
+                .collect(),
+            Sender::Http(_) => Vec::new(),
+        };
         if let Err(e) = self.spool.dead_letter(items).await {
             // They are still in the spool: read from the start again and send them again.
             tracing::error!(error = %e, "Cannot move events to dead letters; they will be retried");
             self.rewind = true;
+            return;
+        }
+        if let Sender::Redis(r) = &*self.sender {
+            r.record_dead_letters(&record, &mut self.encoder).await;
         }
     }
 }

@@ -454,6 +454,12 @@ impl Encoder {
         }
     }
 
+    /// One event's JSON object as the bag-events profile writes it inside `events`
+    /// (`[upstream.fields]` applied), appended to `out`: a stream entry's `data`.
+    pub fn encode_event(&mut self, e: &SpooledEvent, out: &mut Vec<u8>) {
+        self.bag_event(out, e);
+    }
+
     /// `"2025-11-16T10:30:00.123Z"` with its quotes; the date and time to the second are
     /// formatted once per second of events.
     fn time(second: &mut (i64, [u8; 24]), ms: i64) -> [u8; 26] {

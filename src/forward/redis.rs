@@ -1,0 +1,593 @@
+//! The Redis Streams sink (`[upstream] kind = "redis-streams"`): each batch is one call of a
+//! server-side Lua script that adds to the stream only the events whose idempotency key is
+//! not set yet, and sets the key (with a TTL) for each event it adds. A batch sent again
+//! (after a timeout, a lost answer, a `kill -9` before the spool recorded the delivery) adds
+//! nothing twice while the keys live. The spool acknowledges a batch only after the script
+//! returned for it.
+//!
+//! The stream and entry shape follow contract 000 (`baggage_events`, approximate trimming at
+//! 100,000 entries, a dead-letter stream `baggage_events:dlq`); idempotency keys live 24 h by
+//! default as contract 002 keeps them.
+//!
+//! Outcomes follow the HTTP forwarder's rules (the forwarder drives both, see
+//! `crate::forward`): a connection that fails or times out, `LOADING`, `BUSY`, `OOM`,
+//! `READONLY` (a failover in progress: the connection is dropped and made again, to reach the
+//! new primary behind the same address), `MASTERDOWN`, `TRYAGAIN`, `MISCONF` keep everything
+//! and retry with backoff; `NOSCRIPT` (a restarted server or `SCRIPT FLUSH`) loads the script
+//! again at once; a refused password (`WRONGPASS`, `NOAUTH`) keeps everything, raises the
+//! misconfiguration alarm and retries at `auth_retry_ms`, re-reading `password_file`; a Redis
+//! Cluster redirection (`MOVED`, `ASK`, `CROSSSLOT`) is a misconfiguration (one server or a
+//! proxy in front of a cluster is supported, see README); any other error refuses the batch:
+//! it is bisected, an event refused alone while others pass is dead-lettered with the
+//! server's reason (and recorded in `dlq_stream`), and everything refused is an alarm, not
+//! dead letters.
+
+use super::outcome::Outcome;
+use crate::config::{EntryShape, RedisConfig, UpstreamConfig};
+use crate::event::SpooledEvent;
+use crate::metrics::Metrics;
+use redis::aio::MultiplexedConnection;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// The script run for every batch.
+///
+/// `KEYS[1]` is the stream, `KEYS[2..]` one idempotency key per event (declared, so ACLs and
+/// cluster slot checks see every key the script touches). `ARGV[1]` is the `MAXLEN ~` bound
+/// (0: no trimming), `ARGV[2]` the keys' TTL in seconds, then for each event the number of its
+/// field/value pairs followed by the pairs. Returns the number of entries added (the others
+/// were already there). An error stops the script with that error: the entries added before
+/// it keep their keys, so the batch sent again skips them. A key is set only after its entry
+/// is added, and the entry is removed again if the key cannot be set: no event is ever marked
+/// seen without its entry.
+pub const SCRIPT: &str = r#"-- scangate: idempotent XADD of one batch
+local maxlen = tonumber(ARGV[1])
+local ttl = ARGV[2]
+local added = 0
+local a = 3
+for i = 2, #KEYS do
+  local n = tonumber(ARGV[a])
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    local args
+    if maxlen > 0 then
+      args = {KEYS[1], 'MAXLEN', '~', ARGV[1], '*'}
+    else
+      args = {KEYS[1], '*'}
+    end
+    for j = a + 1, a + 2 * n do
+      args[#args + 1] = ARGV[j]
+    end
+    local id = redis.pcall('XADD', unpack(args))
+    if type(id) == 'table' and id.err then
+      return redis.error_reply(id.err)
+    end
+    local ok = redis.pcall('SET', KEYS[i], id, 'EX', ttl)
+    if type(ok) == 'table' and ok.err then
+      redis.call('XDEL', KEYS[1], id)
+      return redis.error_reply(ok.err)
+    end
+    added = added + 1
+  end
+  a = a + 1 + 2 * n
+end
+return added
+"#;
+
+/// One batch, ready to send: the `EVALSHA` command with every key and argument, and the
+/// number of events in it.
+pub struct Batch {
+    cmd: redis::Cmd,
+    events: usize,
+    /// Bytes of entry data (what `batch_max_bytes` bounds).
+    pub bytes: usize,
+}
+
+/// Turns events into [`Batch`]es: entry fields per [`EntryShape`], from the bag-events JSON
+/// object of each event (the same object the HTTP sink sends, `[upstream.fields]` applied).
+pub struct BatchEncoder {
+    cfg: RedisConfig,
+    sha: String,
+    maxlen: String,
+    ttl: String,
+    json: Vec<u8>,
+}
+
+impl BatchEncoder {
+    pub fn new(cfg: &RedisConfig) -> Self {
+        BatchEncoder {
+            sha: redis::Script::new(SCRIPT).get_hash().to_string(),
+            maxlen: cfg.maxlen.to_string(),
+            ttl: cfg.idempotency_ttl.as_secs().max(1).to_string(),
+            cfg: cfg.clone(),
+            json: Vec::with_capacity(512),
+        }
+    }
+
+    /// The batch for `events`, encoded by `enc` (a bag-events encoder).
+    pub fn encode(&mut self, enc: &mut super::profile::Encoder, events: &[SpooledEvent]) -> Batch {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.sha)
+            .arg(events.len() + 1)
+            .arg(&self.cfg.stream);
+        let mut key = String::with_capacity(self.cfg.idempotency_prefix.len() + 36);
+        for e in events {
+            key.clear();
+            key.push_str(&self.cfg.idempotency_prefix);
+            key.push_str(
+                e.event_id
+                    .as_hyphenated()
+                    .encode_lower(&mut uuid::Uuid::encode_buffer()),
+            );
+            cmd.arg(key.as_str());
+        }
+        cmd.arg(&self.maxlen).arg(&self.ttl);
+        let mut bytes = 0;
+        let mut id = uuid::Uuid::encode_buffer();
+        for e in events {
+            self.json.clear();
+            enc.encode_event(e, &mut self.json);
+            bytes += self.json.len();
+            match self.cfg.entry {
+                EntryShape::Json => {
+                    let kind = match super::profile::batch_type(e) {
+                        super::profile::BatchType::Sensor => "sensor",
+                        super::profile::BatchType::Scan => "scan",
+                    };
+                    cmd.arg(3)
+                        .arg("event_id")
+                        .arg(&*e.event_id.as_hyphenated().encode_lower(&mut id))
+                        .arg("event_type")
+                        .arg(kind)
+                        .arg("data")
+                        .arg(self.json.as_slice());
+                }
+                EntryShape::Fields => {
+                    // The encoder writes a JSON object of scalars: its fields become the
+                    // entry's. Parsed back rather than written twice: one source of truth
+                    // for the field names, renames and constants.
+                    let fields: Vec<(String, String)> = match serde_json::from_slice::<
+                        serde_json::Map<String, serde_json::Value>,
+                    >(&self.json)
+                    {
+                        Ok(m) => m
+                            .into_iter()
+                            .filter_map(|(k, v)| match v {
+                                serde_json::Value::Null => None,
+                                serde_json::Value::String(s) => Some((k, s)),
+                                v => Some((k, v.to_string())),
+                            })
+                            .collect(),
+                        // Never happens (the encoder writes valid JSON); the event still
+                        // goes, whole, as `data`.
+                        Err(_) => vec![(
+                            "data".into(),
+                            String::from_utf8_lossy(&self.json).into_owned(),
+                        )],
+                    };
+                    cmd.arg(fields.len());
+                    for (k, v) in fields {
+                        cmd.arg(k).arg(v);
+                    }
+                }
+            }
+        }
+        Batch {
+            cmd,
+            events: events.len(),
+            bytes,
+        }
+    }
+}
+
+/// Sends batches to Redis on one multiplexed connection (requests in flight are pipelined on
+/// it), made again after a connection error, a timeout or `READONLY`.
+pub struct RedisSender {
+    client: RwLock<redis::Client>,
+    info: redis::ConnectionInfo,
+    tls: Option<redis::TlsCertificates>,
+    cfg: RedisConfig,
+    conn_config: redis::AsyncConnectionConfig,
+    /// The current connection and its generation (to drop only the one that failed).
+    conn: tokio::sync::Mutex<Option<(u64, MultiplexedConnection)>>,
+    generation: AtomicU64,
+    metrics: Arc<Metrics>,
+    gateway_id: String,
+}
+
+/// Why the sink cannot be set up (a file named by the config cannot be read).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot read {what} {path}: {source}")]
+    File {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("upstream.url: {0}")]
+    Url(redis::RedisError),
+}
+
+fn read_secret(path: &std::path::Path) -> Option<String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Some(t.trim_end_matches(['\r', '\n']).to_string()),
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "Cannot read the Redis password file; connecting without a password");
+            None
+        }
+    }
+}
+
+impl RedisSender {
+    pub fn new(
+        up: &UpstreamConfig,
+        cfg: &RedisConfig,
+        gateway_id: String,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, SetupError> {
+        use redis::IntoConnectionInfo;
+        let info = cfg
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(SetupError::Url)?;
+        let read = |what: &'static str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|source| SetupError::File {
+                what,
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        let tls = if cfg.url.starts_with("rediss://") {
+            let client_tls = match (&cfg.client_cert_file, &cfg.client_key_file) {
+                (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+                    client_cert: read("client certificate", c)?,
+                    client_key: read("client key", k)?,
+                }),
+                _ => None,
+            };
+            let root_cert = match &up.ca_file {
+                Some(ca) => Some(read("CA file", ca)?),
+                None => None,
+            };
+            Some(redis::TlsCertificates {
+                client_tls,
+                root_cert,
+            })
+        } else {
+            None
+        };
+        let conn_config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(up.timeout.min(Duration::from_secs(5))))
+            .set_response_timeout(Some(up.timeout));
+        let sender = RedisSender {
+            client: RwLock::new(redis::Client::open("redis://127.0.0.1").map_err(SetupError::Url)?),
+            info,
+            tls,
+            cfg: cfg.clone(),
+            conn_config,
+            conn: tokio::sync::Mutex::new(None),
+            generation: AtomicU64::new(0),
+            metrics,
+            gateway_id,
+        };
+        sender.reload_credentials()?;
+        Ok(sender)
+    }
+
+    /// Build the client again with the password file's current content (after a refused
+    /// password, and at start). The next request connects anew.
+    pub fn reload_credentials(&self) -> Result<(), SetupError> {
+        let mut settings = self.info.redis_settings().clone();
+        if let Some(u) = &self.cfg.username {
+            settings = settings.set_username(u);
+        }
+        if let Some(pw) = self.cfg.password_file.as_deref().and_then(read_secret) {
+            settings = settings.set_password(pw);
+        }
+        let info = self.info.clone().set_redis_settings(settings);
+        let client = match &self.tls {
+            Some(t) => redis::Client::build_with_tls(info, t.clone()),
+            None => redis::Client::open(info),
+        }
+        .map_err(SetupError::Url)?;
+        if let Ok(mut c) = self.client.write() {
+            *c = client;
+        }
+        if let Ok(mut c) = self.conn.try_lock() {
+            *c = None;
+        }
+        Ok(())
+    }
+
+    /// The connection, made if there is none. Err: the outcome of failing to connect.
+    async fn connection(&self) -> Result<(u64, MultiplexedConnection), Outcome> {
+        let mut slot = self.conn.lock().await;
+        if let Some((g, c)) = slot.as_ref() {
+            return Ok((*g, c.clone()));
+        }
+        let client = match self.client.read() {
+            Ok(c) => c.clone(),
+            Err(_) => {
+                return Err(Outcome::Retry {
+                    status: None,
+                    reason: "internal: the Redis client lock is poisoned".into(),
+                })
+            }
+        };
+        match client
+            .get_multiplexed_async_connection_with_config(&self.conn_config)
+            .await
+        {
+            Ok(c) => {
+                let g = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                self.metrics.redis_connects.inc();
+                *slot = Some((g, c.clone()));
+                Ok((g, c))
+            }
+            Err(e) => {
+                let (o, _) = self.classify(&e);
+                Err(o)
+            }
+        }
+    }
+
+    /// Forget connection `generation` (a newer one is kept).
+    async fn drop_connection(&self, generation: u64) {
+        let mut slot = self.conn.lock().await;
+        if slot.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *slot = None;
+        }
+    }
+
+    /// Send one batch; every failure is an [`Outcome`] (see the module's docs).
+    pub async fn send(&self, batch: &Batch) -> Outcome {
+        let (generation, mut conn) = match self.connection().await {
+            Ok(c) => c,
+            Err(o) => return o,
+        };
+        let mut loaded = false;
+        loop {
+            let r: redis::RedisResult<redis::Value> = batch.cmd.query_async(&mut conn).await;
+            match r {
+                Ok(v) => {
+                    self.metrics.upstream_bytes_sent.add(batch.bytes as u64);
+                    let added = match v {
+                        redis::Value::Int(n) => n,
+                        other => {
+                            self.metrics.redis_error("unexpected_reply");
+                            return Outcome::Retry {
+                                status: None,
+                                reason: format!("Redis: the script answered {other:?}, not a count of entries added: is this a Redis 5+ server?"),
+                            };
+                        }
+                    };
+                    let dup = (batch.events as i64 - added).max(0) as u64;
+                    self.metrics.upstream_duplicates.add(dup);
+                    return Outcome::Delivered;
+                }
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+                        && !loaded =>
+                {
+                    // A restarted server, a failover or SCRIPT FLUSH: load it and send again.
+                    loaded = true;
+                    self.metrics.redis_script_loads.inc();
+                    let load: redis::RedisResult<String> = redis::cmd("SCRIPT")
+                        .arg("LOAD")
+                        .arg(SCRIPT)
+                        .query_async(&mut conn)
+                        .await;
+                    if let Err(e) = load {
+                        let (o, drop) = self.classify(&e);
+                        if drop {
+                            self.drop_connection(generation).await;
+                        }
+                        return o;
+                    }
+                }
+                Err(e) => {
+                    let (o, drop) = self.classify(&e);
+                    if drop {
+                        self.drop_connection(generation).await;
+                    }
+                    return o;
+                }
+            }
+        }
+    }
+
+    /// The outcome of an error, and whether the connection must be made again.
+    fn classify(&self, e: &redis::RedisError) -> (Outcome, bool) {
+        classify(e, &self.metrics)
+    }
+
+    /// Record dead letters in `dlq_stream` (best effort: they are in the spool's dead-letter
+    /// table already). Each entry: `event_id`, `reason`, `gateway_id`, and `data`, the event's
+    /// JSON (left out if the server refuses the entry with it).
+    pub async fn record_dead_letters(
+        &self,
+        items: &[(SpooledEvent, String)],
+        enc: &mut super::profile::Encoder,
+    ) {
+        let Some(dlq) = &self.cfg.dlq_stream else {
+            return;
+        };
+        let Ok((generation, mut conn)) = self.connection().await else {
+            tracing::warn!(stream = %dlq, n = items.len(), "Cannot reach Redis to record dead letters in the dead-letter stream; they are kept in the spool (`scangate spool dead-letters`)");
+            self.metrics.redis_dlq_failed.add(items.len() as u64);
+            return;
+        };
+        let mut json = Vec::new();
+        for (e, reason) in items {
+            json.clear();
+            enc.encode_event(e, &mut json);
+            let id = e.event_id.to_string();
+            let entry = |with_data: bool| {
+                let mut c = redis::cmd("XADD");
+                c.arg(dlq);
+                if self.cfg.maxlen > 0 {
+                    c.arg("MAXLEN").arg("~").arg(self.cfg.maxlen);
+                }
+                c.arg("*")
+                    .arg("event_id")
+                    .arg(&id)
+                    .arg("reason")
+                    .arg(reason)
+                    .arg("gateway_id")
+                    .arg(&self.gateway_id);
+                if with_data {
+                    c.arg("data").arg(json.as_slice());
+                }
+                c
+            };
+            let r: redis::RedisResult<redis::Value> = entry(true).query_async(&mut conn).await;
+            let r = match r {
+                Err(e) if !e.is_io_error() && !e.is_timeout() => {
+                    entry(false).query_async::<redis::Value>(&mut conn).await
+                }
+                r => r,
+            };
+            if let Err(err) = r {
+                tracing::warn!(stream = %dlq, event_id = %e.event_id, error = %err, "Cannot record a dead letter in the dead-letter stream; it is kept in the spool");
+                self.metrics.redis_dlq_failed.inc();
+                if err.is_io_error() || err.is_timeout() {
+                    self.drop_connection(generation).await;
+                    return;
+                }
+            } else {
+                self.metrics.redis_dlq_recorded.inc();
+            }
+        }
+    }
+}
+
+/// The outcome of a Redis error, and whether the connection must be made again (it failed,
+/// timed out, or reached a replica). Counts the error by code in `metrics`.
+pub fn classify(e: &redis::RedisError, metrics: &Metrics) -> (Outcome, bool) {
+    use redis::{ErrorKind as K, ServerErrorKind as S};
+    let code = e.code().unwrap_or("").to_string();
+    // The server's own words ("NOPERM this user has no permissions …"), as redis-cli shows
+    // them; the client's rendering otherwise.
+    let text = match (e.code(), e.detail()) {
+        (Some(c), Some(d)) => format!("{c} {d}"),
+        _ => e.to_string(),
+    };
+    if e.is_timeout() {
+        metrics.redis_error("timeout");
+        return (
+            Outcome::Retry {
+                status: None,
+                reason: format!("{}: Redis did not answer in time ({text})", super::TIMEOUT),
+            },
+            true,
+        );
+    }
+    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+        metrics.redis_error("io");
+        return (
+            Outcome::Retry {
+                status: None,
+                reason: format!("connection failed: Redis: {text}"),
+            },
+            true,
+        );
+    }
+    let auth = e.kind() == K::AuthenticationFailed
+        || matches!(code.as_str(), "WRONGPASS" | "NOAUTH")
+        || text.contains("WRONGPASS")
+        || text.contains("NOAUTH");
+    if auth {
+        metrics.redis_error("auth");
+        return (
+            Outcome::Unauthorized {
+                status: 401,
+                reason: format!("Redis refused the credentials ({text})"),
+            },
+            true,
+        );
+    }
+    metrics.redis_error(match e.kind() {
+        K::Server(k) => match k {
+            S::BusyLoading => "LOADING",
+            S::ReadOnly => "READONLY",
+            S::NoPerm => "NOPERM",
+            S::Moved | S::Ask | S::CrossSlot | S::ClusterDown => "cluster",
+            S::TryAgain => "TRYAGAIN",
+            S::MasterDown => "MASTERDOWN",
+            S::ExecAbort => "EXECABORT",
+            S::NoScript => "NOSCRIPT",
+            _ => "ERR",
+        },
+        K::Extension => match code.as_str() {
+            "OOM" => "OOM",
+            "BUSY" => "BUSY",
+            "MISCONF" => "MISCONF",
+            "WRONGTYPE" => "WRONGTYPE",
+            _ => "other",
+        },
+        _ => "other",
+    });
+    match e.kind() {
+        // Load: wait, and fewer requests at once.
+        K::Server(S::BusyLoading | S::TryAgain) => (
+            Outcome::Throttled {
+                status: 503,
+                retry_after: None,
+            },
+            false,
+        ),
+        K::Extension if matches!(code.as_str(), "OOM" | "BUSY") => (
+            Outcome::Throttled {
+                status: 503,
+                retry_after: None,
+            },
+            false,
+        ),
+        // A failover: reach the new primary on a new connection.
+        K::Server(S::ReadOnly | S::MasterDown) => (
+            Outcome::Retry {
+                status: None,
+                reason: format!("Redis is read-only or has no primary (a failover in progress?): {text}"),
+            },
+            true,
+        ),
+        K::Extension if code == "MISCONF" => (
+            Outcome::Retry {
+                status: None,
+                reason: format!("Redis cannot persist and refuses writes: {text}"),
+            },
+            false,
+        ),
+        K::Server(S::NoScript | S::ExecAbort) | K::Io | K::Parse | K::UnexpectedReturnType
+        | K::Client => (
+            Outcome::Retry {
+                status: None,
+                reason: format!("Redis: {text}"),
+            },
+            true,
+        ),
+        K::Server(S::Moved | S::Ask | S::CrossSlot | S::ClusterDown) => (
+            Outcome::Misconfigured {
+                status: 421,
+                reason: format!("Redis answers as a Cluster node ({text}): scangate writes to one Redis server (or a proxy in front of a cluster); point url at the primary or the proxy"),
+            },
+            false,
+        ),
+        K::InvalidClientConfig => (
+            Outcome::Misconfigured {
+                status: 421,
+                reason: format!("Redis client configuration: {text}"),
+            },
+            false,
+        ),
+        // ERR, WRONGTYPE, NOPERM, anything else the server says about this batch.
+        _ => (
+            Outcome::Rejected {
+                status: 400,
+                reason: format!("Redis refused: {text}"),
+            },
+            false,
+        ),
+    }
+}

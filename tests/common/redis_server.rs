@@ -1,0 +1,160 @@
+//! A real `redis-server` (Debian's, installed by `.ci/run`) on a free loopback port, with its
+//! own config and data directory, started and stopped by the test.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tokio::time::Instant;
+
+pub struct RedisServer {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    conf: PathBuf,
+    child: Option<Child>,
+    /// Password of the `default` user, when the config sets one.
+    pub password: Option<String>,
+}
+
+impl RedisServer {
+    /// Start a server; `extra`: more config lines (`requirepass`, `user …`, `maxmemory`).
+    pub fn start(extra: &str) -> RedisServer {
+        let port = super::daemon::free_port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("redis.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\nsave \"\"\nappendonly no\ndir {}\nlogfile {}\nenable-debug-command yes\n{extra}\n",
+                dir.path().display(),
+                dir.path().join("redis.log").display()
+            ),
+        )
+        .expect("write redis.conf");
+        let password = extra
+            .lines()
+            .find_map(|l| l.strip_prefix("requirepass "))
+            .map(|p| p.trim().to_string());
+        let mut s = RedisServer {
+            port,
+            dir,
+            conf,
+            child: None,
+            password,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .arg(&self.conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (apt-get install redis-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut c) = self.try_conn() {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer on port {} within 20 s (log: {})",
+                self.port,
+                std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+            );
+            // Polled (with a deadline) until it answers: it starts in milliseconds.
+            std::thread::yield_now();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn try_conn(&self) -> redis::RedisResult<redis::Connection> {
+        let mut url = format!("redis://127.0.0.1:{}", self.port);
+        if let Some(p) = &self.password {
+            url = format!("redis://:{p}@127.0.0.1:{}", self.port);
+        }
+        redis::Client::open(url)?.get_connection_with_timeout(Duration::from_secs(2))
+    }
+
+    /// A connection as the `default` user (with its password).
+    pub fn conn(&self) -> redis::Connection {
+        self.try_conn().expect("connect to the test redis-server")
+    }
+
+    /// Stop the server (SIGKILL: data not kept, as `save ""`), and wait for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start it again on the same port with the same config.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn xlen(&self, stream: &str) -> u64 {
+        redis::cmd("XLEN")
+            .arg(stream)
+            .query(&mut self.conn())
+            .expect("XLEN")
+    }
+
+    /// Every entry of `stream`, in order: its fields as (name, value) strings.
+    pub fn entries(&self, stream: &str) -> Vec<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        let mut c = self.conn();
+        let mut start = "-".to_string();
+        loop {
+            let page: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                .arg(stream)
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(10_000)
+                .query(&mut c)
+                .expect("XRANGE");
+            let n = page.len();
+            if let Some((last, _)) = page.last() {
+                start = format!("({last}");
+            }
+            out.extend(page.into_iter().map(|(_, f)| f));
+            if n < 10_000 {
+                return out;
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The value of field `name` of an entry.
+pub fn field<'a>(entry: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    entry
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}

@@ -1,0 +1,497 @@
+//! The Redis Streams sink against a real `redis-server` on loopback (started and stopped by
+//! each test): the contract's entry fields, a consumer group seeing each event once,
+//! idempotent resends, an outage with a restart on the same port, a refused password, failover
+//! (`READONLY`), `OOM`, `NOSCRIPT`, a stream of the wrong type, and events refused alone.
+
+mod common;
+
+use common::ingest::wait_until;
+use common::redis_server::{field, RedisServer};
+use common::Rig;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+const STREAM: &str = "baggage_events";
+
+/// A stream entry as XREADGROUP gives it: id and fields.
+type Entry = (String, Vec<(String, String)>);
+
+fn redis_rig_config(dir: &std::path::Path, url: &str, extra: &str) -> scangate::config::Config {
+    common::config(
+        dir,
+        url,
+        "bag-events",
+        &format!("kind = \"redis-streams\"\nbatch_max_events = 100\nauth_retry_ms = 200\n{extra}"),
+    )
+}
+
+/// event_id → how many entries carry it.
+fn ids_in(entries: &[Vec<(String, String)>]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for e in entries {
+        *m.entry(field(e, "event_id").expect("event_id field").to_string())
+            .or_default() += 1;
+    }
+    m
+}
+
+async fn drained(rig: &Rig, what: &str, deadline: Duration) {
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if rig.backlog().await == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "timed out after {deadline:?} waiting for: {what} (backlog {})",
+            rig.backlog().await
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_arrive_with_the_contract_fields_and_a_consumer_group_sees_each_once() {
+    let redis = RedisServer::start("");
+    // The consumers' group exists before the gateway writes (as contract 000 sets it up).
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(STREAM)
+        .arg("baggage_processors")
+        .arg("$")
+        .arg("MKSTREAM")
+        .query(&mut redis.conn())
+        .unwrap();
+    let url = redis.url();
+    let rig = Rig::new(|d| redis_rig_config(d, &url, "")).await;
+    rig.commit("BAG", 2_000, 250).await;
+    drained(&rig, "2,000 events in the stream", Duration::from_secs(30)).await;
+
+    let entries = redis.entries(STREAM);
+    assert_eq!(entries.len(), 2_000, "one entry per event");
+    let ids = ids_in(&entries);
+    assert_eq!(ids.len(), 2_000);
+    let mut tags = HashSet::new();
+    for e in &entries {
+        assert_eq!(field(e, "event_type"), Some("scan"));
+        let data: serde_json::Value =
+            serde_json::from_str(field(e, "data").expect("data field")).expect("data is JSON");
+        assert_eq!(data["event_id"].as_str(), field(e, "event_id"));
+        assert_eq!(data["location"], "PTY_SORT_3");
+        assert_eq!(data["device_id"], "SCANNER_3");
+        assert_eq!(data["scan_type"], "sortation");
+        // -61.50 dBm, rounded to the contract's integer.
+        assert_eq!(data["signal_strength"], -62);
+        assert_eq!(data["read_count"], 1);
+        assert!(data["timestamp"].as_str().unwrap().ends_with('Z'));
+        tags.insert(data["bag_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(tags.len(), 2_000, "every tag once");
+
+    // A consumer of the group reads each event once.
+    let mut c = redis.conn();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    loop {
+        let reply: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("baggage_processors")
+            .arg("worker-1")
+            .arg("COUNT")
+            .arg(500)
+            .arg("STREAMS")
+            .arg(STREAM)
+            .arg(">")
+            .query(&mut c)
+            .unwrap();
+        let batch: Vec<(String, Vec<Entry>)> = match reply {
+            redis::Value::Nil => Vec::new(),
+            v => redis::from_redis_value(v).unwrap(),
+        };
+        let Some((_, msgs)) = batch.into_iter().next() else {
+            break;
+        };
+        if msgs.is_empty() {
+            break;
+        }
+        for (id, fields) in msgs {
+            *seen
+                .entry(field(&fields, "event_id").unwrap().to_string())
+                .or_default() += 1;
+            let _: i64 = redis::cmd("XACK")
+                .arg(STREAM)
+                .arg("baggage_processors")
+                .arg(&id)
+                .query(&mut c)
+                .unwrap();
+        }
+    }
+    assert_eq!(seen.len(), 2_000);
+    assert!(
+        seen.values().all(|&n| n == 1),
+        "a consumer saw an event twice"
+    );
+    assert_eq!(rig.metrics.delivered.get(), 2_000);
+    assert_eq!(rig.metrics.upstream_duplicates.get(), 0);
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fields_shape_writes_each_event_field_as_an_entry_field() {
+    let redis = RedisServer::start("");
+    let url = redis.url();
+    let rig = Rig::new(|d| {
+        redis_rig_config(
+            d,
+            &url,
+            "entry = \"fields\"\nstream = \"bags\"\nmaxlen = 0\n[upstream.fields.constant]\nhandler_id = \"AGT_123\"\n",
+        )
+    })
+    .await;
+    rig.commit("BAG", 300, 100).await;
+    drained(&rig, "300 events in the stream", Duration::from_secs(30)).await;
+    let entries = redis.entries("bags");
+    assert_eq!(entries.len(), 300);
+    for e in &entries {
+        assert!(field(e, "bag_id").unwrap().starts_with("BAG-"));
+        assert_eq!(field(e, "location"), Some("PTY_SORT_3"));
+        assert_eq!(field(e, "signal_strength"), Some("-62"));
+        assert_eq!(field(e, "read_count"), Some("1"));
+        assert_eq!(field(e, "handler_id"), Some("AGT_123"));
+        assert!(field(e, "data").is_none());
+        // A null (no symbology) is left out, not written as "null".
+        assert!(e.iter().all(|(_, v)| v != "null"), "{e:?}");
+    }
+    rig.shutdown().await;
+}
+
+/// The same batch sent again (a lost answer, a timeout, a kill before the spool recorded the
+/// delivery) adds nothing: the idempotency keys skip every event already in the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_sent_again_adds_nothing_twice() {
+    use scangate::forward::redis::{BatchEncoder, RedisSender};
+    let redis = RedisServer::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = redis_rig_config(dir.path(), &redis.url(), "idempotency_ttl_s = 300");
+    let scangate::config::Sink::RedisStreams(rc) = &cfg.upstream.sink else {
+        panic!("not a redis sink")
+    };
+    let metrics = std::sync::Arc::new(scangate::metrics::Metrics::default());
+    let sender = RedisSender::new(&cfg.upstream, rc, "gw-test".into(), metrics.clone()).unwrap();
+    let mut enc = scangate::forward::profile::Encoder::new(
+        scangate::config::Profile::BagEvents,
+        "gw-test".into(),
+        "SITE1".into(),
+        "interaction".into(),
+        Default::default(),
+    );
+    let mut benc = BatchEncoder::new(rc);
+    let events: Vec<_> = (0..200u64)
+        .map(|i| {
+            let ms = 1_763_289_000_000 + i as i64;
+            scangate::event::SpooledEvent {
+                loc: scangate::event::Loc {
+                    chunk: 1,
+                    idx: i as u32,
+                },
+                seq: i + 1,
+                committed_ms: ms,
+                event_id: scangate::event::event_id(42, i + 1, ms),
+                boot_id: uuid::Uuid::nil(),
+                body: common::body(&format!("T{i}"), ms),
+            }
+        })
+        .collect();
+    let first = benc.encode(&mut enc, &events[..100]);
+    assert_eq!(
+        sender.send(&first).await,
+        scangate::forward::outcome::Outcome::Delivered
+    );
+    assert_eq!(redis.xlen(STREAM), 100);
+    // Again: nothing added, every event counted as a duplicate.
+    assert_eq!(
+        sender.send(&first).await,
+        scangate::forward::outcome::Outcome::Delivered
+    );
+    assert_eq!(redis.xlen(STREAM), 100);
+    assert_eq!(metrics.upstream_duplicates.get(), 100);
+    // Half old, half new: only the new half is added.
+    let overlap = benc.encode(&mut enc, &events[50..150]);
+    sender.send(&overlap).await;
+    assert_eq!(redis.xlen(STREAM), 150);
+    assert_eq!(metrics.upstream_duplicates.get(), 150);
+    assert_eq!(ids_in(&redis.entries(STREAM)).len(), 150);
+    // Each key lives idempotency_ttl_s.
+    let key = format!("{{{STREAM}}}:seen:{}", events[0].event_id);
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&key)
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!((290..=300).contains(&ttl), "TTL of {key}: {ttl}");
+    // The stream is trimmed approximately (MAXLEN ~ 100000 by default): the argument is sent.
+    let info: redis::Value = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(STREAM)
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!(format!("{info:?}").contains("length"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_for_a_while_keeps_the_backlog_and_delivers_it_after_a_restart() {
+    let mut redis = RedisServer::start("");
+    let url = redis.url();
+    let rig = Rig::new(|d| redis_rig_config(d, &url, "")).await;
+    rig.commit("A", 200, 100).await;
+    drained(&rig, "the first events delivered", Duration::from_secs(30)).await;
+    let before = ids_in(&redis.entries(STREAM));
+    assert_eq!(before.len(), 200);
+
+    redis.stop();
+    rig.commit("B", 1_000, 100).await;
+    wait_until(
+        "the sink notices the outage",
+        Duration::from_secs(30),
+        || rig.metrics.upstream_down.get() == 1,
+    )
+    .await;
+    assert_eq!(
+        rig.backlog().await,
+        1_000,
+        "everything kept while Redis is down"
+    );
+
+    // Back on the same port (empty: this test server keeps no data across restarts).
+    redis.restart();
+    drained(
+        &rig,
+        "the backlog delivered after the restart",
+        Duration::from_secs(60),
+    )
+    .await;
+    let after = ids_in(&redis.entries(STREAM));
+    assert_eq!(after.len(), 1_000);
+    assert!(after.values().all(|&n| n == 1));
+    assert!(after.keys().all(|k| !before.contains_key(k)));
+    assert_eq!(rig.metrics.upstream_down.get(), 0);
+    assert!(rig
+        .metrics
+        .render()
+        .contains("scangate_redis_errors_total{code=\"io\"}"));
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_keeps_everything_raises_the_alarm_and_a_corrected_file_delivers() {
+    let redis = RedisServer::start("requirepass s3cret-pw");
+    let url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("redis-password");
+    std::fs::write(&pw, "wrong\n").unwrap();
+    let pw_toml = format!("password_file = \"{}\"", pw.display());
+    let rig = Rig::new(|d| redis_rig_config(d, &url, &pw_toml)).await;
+    rig.commit("BAG", 300, 100).await;
+    wait_until(
+        "the misconfiguration alarm",
+        Duration::from_secs(30),
+        || rig.metrics.upstream_misconfigured.get() == 1,
+    )
+    .await;
+    assert_eq!(rig.backlog().await, 300, "nothing deleted");
+    assert_eq!(redis.xlen(STREAM), 0);
+    assert!(rig
+        .metrics
+        .render()
+        .contains("scangate_redis_errors_total{code=\"auth\"}"));
+    let stats = rig.spool.stats().await.unwrap();
+    assert_eq!(stats.dead_letters, 0);
+    assert!(
+        stats
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("password_file"),
+        "the error names what to fix: {:?}",
+        stats.last_error
+    );
+
+    // The technician fixes the file: the next attempt (auth_retry_ms) re-reads it.
+    std::fs::write(&pw, "s3cret-pw\n").unwrap();
+    drained(
+        &rig,
+        "delivery with the corrected password",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(redis.xlen(STREAM), 300);
+    assert_eq!(rig.metrics.upstream_misconfigured.get(), 0);
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readonly_during_a_failover_and_oom_keep_everything_until_redis_accepts_again() {
+    let redis = RedisServer::start("");
+    let url = redis.url();
+    let rig = Rig::new(|d| redis_rig_config(d, &url, "")).await;
+    rig.commit("A", 100, 100).await;
+    drained(&rig, "first events", Duration::from_secs(30)).await;
+
+    // The server becomes a replica (of a primary that does not answer): writes are READONLY.
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(common::daemon::free_port())
+        .query(&mut redis.conn())
+        .unwrap();
+    rig.commit("B", 300, 100).await;
+    wait_until(
+        "READONLY counted, an outage",
+        Duration::from_secs(30),
+        || {
+            rig.metrics
+                .render()
+                .contains("scangate_redis_errors_total{code=\"READONLY\"}")
+                && rig.metrics.upstream_down.get() == 1
+        },
+    )
+    .await;
+    assert_eq!(rig.backlog().await, 300);
+    // Promoted again (the failover is over).
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query(&mut redis.conn())
+        .unwrap();
+    drained(&rig, "delivery after the failover", Duration::from_secs(30)).await;
+    assert_eq!(redis.xlen(STREAM), 400);
+
+    // Out of memory (maxmemory below what is used, no eviction): kept, backed off.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query(&mut redis.conn())
+        .unwrap();
+    rig.commit("C", 300, 100).await;
+    wait_until("OOM counted", Duration::from_secs(30), || {
+        rig.metrics
+            .render()
+            .contains("scangate_redis_errors_total{code=\"OOM\"}")
+    })
+    .await;
+    assert_eq!(rig.backlog().await, 300);
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query(&mut redis.conn())
+        .unwrap();
+    drained(
+        &rig,
+        "delivery once memory is free",
+        Duration::from_secs(30),
+    )
+    .await;
+    let ids = ids_in(&redis.entries(STREAM));
+    assert_eq!(ids.len(), 700);
+    assert!(ids.values().all(|&n| n == 1));
+    assert_eq!(rig.spool.stats().await.unwrap().dead_letters, 0);
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn noscript_after_a_script_flush_loads_the_script_again() {
+    let redis = RedisServer::start("");
+    let url = redis.url();
+    let rig = Rig::new(|d| redis_rig_config(d, &url, "")).await;
+    rig.commit("A", 100, 100).await;
+    drained(&rig, "first events", Duration::from_secs(30)).await;
+    let loads = rig.metrics.redis_script_loads.get();
+    assert!(loads >= 1, "a fresh server has no script: loaded once");
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut redis.conn())
+        .unwrap();
+    rig.commit("B", 100, 100).await;
+    drained(&rig, "events after SCRIPT FLUSH", Duration::from_secs(30)).await;
+    assert_eq!(rig.metrics.redis_script_loads.get(), loads + 1);
+    assert_eq!(redis.xlen(STREAM), 200);
+    assert_eq!(rig.metrics.upstream_down.get(), 0, "not an outage");
+    rig.shutdown().await;
+}
+
+/// A key of the wrong type where the stream should be refuses every event: a
+/// misconfiguration (alarm, nothing dead-lettered), delivered once the key is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_key_of_the_wrong_type_is_an_alarm_not_dead_letters() {
+    let redis = RedisServer::start("");
+    let _: () = redis::cmd("SET")
+        .arg(STREAM)
+        .arg("not a stream")
+        .query(&mut redis.conn())
+        .unwrap();
+    let url = redis.url();
+    let rig = Rig::new(|d| redis_rig_config(d, &url, "")).await;
+    rig.commit("A", 50, 50).await;
+    wait_until("rejecting-all alarm", Duration::from_secs(30), || {
+        rig.metrics.upstream_rejecting_all.get() == 1
+    })
+    .await;
+    let stats = rig.spool.stats().await.unwrap();
+    assert_eq!(stats.dead_letters, 0);
+    assert_eq!(stats.backlog, 50);
+    assert!(
+        stats
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("WRONGTYPE"),
+        "{:?}",
+        stats.last_error
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(STREAM)
+        .query(&mut redis.conn())
+        .unwrap();
+    drained(
+        &rig,
+        "delivery once the key is a stream",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(redis.xlen(STREAM), 50);
+    assert_eq!(rig.spool.stats().await.unwrap().dead_letters, 0);
+    rig.shutdown().await;
+}
+
+/// Events the server refuses alone while it accepts others are dead-lettered with its reason,
+/// and recorded in the dead-letter stream; the others arrive once. (Here an ACL lets the
+/// gateway's user write the idempotency keys of event ids ending in 0–e only.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_refused_alone_are_dead_lettered_and_recorded_in_the_dlq_stream() {
+    let redis = RedisServer::start(
+        "user gw on >gw-pw ~baggage_events ~baggage_events:dlq ~{baggage_events}:seen:*[0-9a-e] +@all",
+    );
+    let url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "gw-pw").unwrap();
+    let extra = format!("username = \"gw\"\npassword_file = \"{}\"", pw.display());
+    let rig = Rig::new(|d| redis_rig_config(d, &url, &extra)).await;
+    rig.commit("A", 400, 100).await;
+    drained(&rig, "every event settled", Duration::from_secs(60)).await;
+    let stats = rig.spool.stats().await.unwrap();
+    let in_stream = ids_in(&redis.entries(STREAM));
+    assert!(in_stream.values().all(|&n| n == 1));
+    assert!(in_stream.keys().all(|k| !k.ends_with('f')));
+    let refused = 400 - in_stream.len() as u64;
+    assert!(refused > 0, "some ids end in f (1 in 16)");
+    assert_eq!(stats.dead_letters, refused);
+    let dlq = redis.entries("baggage_events:dlq");
+    assert_eq!(dlq.len() as u64, refused, "one record per dead letter");
+    for e in &dlq {
+        assert!(field(e, "event_id").unwrap().ends_with('f'));
+        assert!(field(e, "reason").unwrap().contains("NOPERM"), "{e:?}");
+        assert_eq!(field(e, "gateway_id"), Some("gw-test"));
+        assert!(field(e, "data").unwrap().contains("\"bag_id\""));
+    }
+    rig.shutdown().await;
+}
