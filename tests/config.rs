@@ -597,3 +597,123 @@ fn retry_bounds_are_checked_against_the_default_of_the_one_not_set() {
         );
     }
 }
+
+fn with_redis(upstream: &str) -> String {
+    format!("[gateway]\nid = \"gw\"\nstate_dir = \"/tmp/x\"\n[[source]]\nname = \"belt\"\nkind = \"serial\"\nprotocol = \"lines\"\npath = \"ttyUSB0\"\n[upstream]\nkind = \"redis-streams\"\n{upstream}")
+}
+
+#[test]
+fn a_redis_streams_upstream_takes_its_defaults_from_the_contracts() {
+    use scangate::config::{EntryShape, Sink};
+    let cfg = Config::parse(
+        &with_redis("url = \"redis://bus.example:6379\"\n"),
+        Path::new("/etc/scangate"),
+    )
+    .unwrap();
+    let Sink::RedisStreams(r) = &cfg.upstream.sink else {
+        panic!("not a redis sink");
+    };
+    assert_eq!(r.stream, "baggage_events");
+    assert_eq!(r.maxlen, 100_000);
+    assert_eq!(r.dlq_stream.as_deref(), Some("baggage_events:dlq"));
+    assert_eq!(r.entry, EntryShape::Json);
+    assert_eq!(r.idempotency_ttl, std::time::Duration::from_secs(86_400));
+    assert_eq!(r.idempotency_prefix, "{baggage_events}:seen:");
+    assert_eq!(cfg.upstream.profile, scangate::config::Profile::BagEvents);
+
+    let cfg = Config::parse(
+        &with_redis("url = \"rediss://bus.example:6380/2\"\nusername = \"gw\"\npassword_file = \"redis.pw\"\nstream = \"bags\"\ndlq_stream = \"\"\nentry = \"fields\"\nmaxlen = 0\nidempotency_ttl_s = 300\nca_file = \"ca.pem\"\n"),
+        Path::new("/etc/scangate"),
+    )
+    .unwrap();
+    let Sink::RedisStreams(r) = &cfg.upstream.sink else {
+        panic!("not a redis sink");
+    };
+    assert_eq!(r.dlq_stream, None);
+    assert_eq!(r.entry, EntryShape::Fields);
+    assert_eq!(r.maxlen, 0);
+    assert_eq!(r.idempotency_prefix, "{bags}:seen:");
+    assert_eq!(
+        r.password_file.as_deref(),
+        Some(Path::new("/etc/scangate/redis.pw"))
+    );
+    // The default stays HTTP.
+    let cfg = Config::parse(&with_upstream(""), Path::new("/etc/scangate")).unwrap();
+    assert_eq!(cfg.upstream.sink, Sink::Http);
+}
+
+#[test]
+fn redis_streams_mistakes_are_named_with_their_key() {
+    for (upstream, key, says) in [
+        ("url = \"http://bus:6379\"\n", "upstream.url", "redis://"),
+        (
+            "url = \"redis://:secret@bus:6379\"\n",
+            "upstream.url",
+            "password_file",
+        ),
+        ("url = \"redis://bus:6379/x\"\n", "upstream.url", "database"),
+        (
+            "url = \"redis://bus\"\ntoken_file = \"t\"\n",
+            "upstream.token_file",
+            "password_file",
+        ),
+        (
+            "url = \"redis://bus\"\ncompression = \"gzip\"\n",
+            "upstream.compression",
+            "http",
+        ),
+        (
+            "url = \"redis://bus\"\nprofile = \"collect\"\n",
+            "upstream.profile",
+            "bag-events",
+        ),
+        (
+            "url = \"redis://bus\"\nca_file = \"ca.pem\"\n",
+            "upstream.ca_file",
+            "rediss://",
+        ),
+        (
+            "url = \"rediss://bus\"\nclient_cert_file = \"c.pem\"\n",
+            "upstream.client_cert_file",
+            "client_key_file",
+        ),
+        (
+            "url = \"redis://bus\"\ndlq_stream = \"baggage_events\"\n",
+            "upstream.dlq_stream",
+            "differ",
+        ),
+        (
+            "url = \"redis://bus\"\nstream = \"a\\nb\"\n",
+            "upstream.stream",
+            "control",
+        ),
+        (
+            "url = \"redis://bus\"\nentry = \"xml\"\n",
+            "upstream.entry",
+            "",
+        ),
+        (
+            "url = \"redis://bus\"\nidempotency_ttl_s = 0\n",
+            "upstream.idempotency_ttl_s",
+            "",
+        ),
+    ] {
+        let errs = Config::parse(&with_redis(upstream), Path::new("/etc/scangate")).unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.key == key && e.message.contains(says) && e.line >= 10),
+            "{upstream}: {errs:?}"
+        );
+    }
+    // And the other way round: a Redis key under an HTTP upstream.
+    let errs = Config::parse(
+        &with_upstream("stream = \"bags\"\n"),
+        Path::new("/etc/scangate"),
+    )
+    .unwrap_err();
+    assert!(
+        errs.iter()
+            .any(|e| e.key == "upstream.stream" && e.message.contains("redis-streams")),
+        "{errs:?}"
+    );
+}

@@ -495,3 +495,179 @@ async fn events_refused_alone_are_dead_lettered_and_recorded_in_the_dlq_stream()
     }
     rig.shutdown().await;
 }
+
+/// A xorshift generator seeded from the clock (printed, so a failing run can be reproduced).
+fn random_moments() -> impl FnMut() -> u64 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("redis kill -9 test seed {seed}");
+    let mut rng = seed | 1;
+    move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    }
+}
+
+/// `kill -9` of the real binary at random moments while it delivers into Redis, 20 rounds,
+/// restarting on the same spool: every event it accepted (every seq below the spool's
+/// next_seq) is in the stream exactly once. Batches sent again after a kill (delivered, not
+/// yet acknowledged in the spool) are skipped by their idempotency keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_delivery_every_accepted_event_is_in_the_stream_exactly_once() {
+    use common::daemon::{write_config, Daemon};
+    const ROUNDS: usize = 20;
+    let redis = RedisServer::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let cap = dir.path().join("feed.cap");
+    let mut text = String::from("scangate-capture v1 serial\n");
+    for i in 0..4000u64 {
+        text.push_str(&format!("{} text BAG{:07}\\r\\n\n", i / 4, i));
+    }
+    std::fs::write(&cap, text).unwrap();
+    let state = dir.path().join("state");
+    let sources = format!("[[source]]\nname = \"r\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\nspeed = \"recorded\"\nrepeat = 1000\n", cap.display());
+    // Several batches in flight: a kill lands between a script's return and the spool's
+    // acknowledgement often.
+    let extra = "kind = \"redis-streams\"\nmax_in_flight = 8";
+    let cfg = write_config(dir.path(), &state, &sources, &redis.url(), extra, None);
+    let log = dir.path().join("log");
+    let mut next = random_moments();
+    for round in 0..ROUNDS {
+        let d = Daemon::spawn(&cfg, &log);
+        let before = redis.xlen(STREAM);
+        wait_until(
+            "the daemon delivers in this round",
+            Duration::from_secs(30),
+            || redis.xlen(STREAM) > before,
+        )
+        .await;
+        // A random moment of its commit/deliver cycle.
+        let delay = Duration::from_micros(next() % 300_000);
+        tokio::time::sleep(delay).await;
+        d.kill9();
+        eprintln!(
+            "round {round}: killed after +{delay:?}, stream has {}",
+            redis.xlen(STREAM)
+        );
+    }
+
+    // Final incarnation: no new input, drain, stop cleanly.
+    let empty = dir.path().join("empty.cap");
+    std::fs::write(&empty, "scangate-capture v1 serial\n").unwrap();
+    let sources = format!(
+        "[[source]]\nname = \"r\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"{}\"\n",
+        empty.display()
+    );
+    let admin = common::daemon::free_port();
+    let cfg = write_config(
+        dir.path(),
+        &state,
+        &sources,
+        &redis.url(),
+        extra,
+        Some(admin),
+    );
+    let mut d = Daemon::spawn(&cfg, &log);
+    // Drained: no pass left open (passes restored from the suppression log close and become
+    // events), the spool empty, and the stream holding every event it ever accepted.
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let open = common::daemon::metric(admin, "scangate_suppress_tracked_passes").await;
+        let spool = scangate::spool::Spool::open_read_only(&state)
+            .ok()
+            .and_then(|c| scangate::spool::stats_of(&c).ok());
+        if open == Some(0)
+            && spool
+                .as_ref()
+                .is_some_and(|s| s.backlog == 0 && redis.xlen(STREAM) >= s.next_seq - 1)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "not drained within 60 s: open passes {open:?}, spool {spool:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    d.sigterm();
+    let status = d.wait_exit(Duration::from_secs(15)).await;
+    if !status.success() {
+        let log = d.log_text();
+        panic!(
+            "the last incarnation exited with {status:?}; log tail:\n{}",
+            &log[log.len().saturating_sub(3000)..]
+        );
+    }
+
+    // Everything ever accepted, the last incarnation's own events included (passes restored
+    // from the suppression log are emitted at start).
+    let conn = scangate::spool::Spool::open_read_only(&state).unwrap();
+    let stats = scangate::spool::stats_of(&conn).unwrap();
+    assert_eq!(stats.backlog, 0);
+    let accepted = stats.next_seq - 1;
+    drop(conn);
+    let entries = redis.entries(STREAM);
+    let mut by_seq: HashMap<u64, usize> = HashMap::new();
+    for e in &entries {
+        let data: serde_json::Value = serde_json::from_str(field(e, "data").unwrap()).unwrap();
+        *by_seq.entry(data["seq"].as_u64().unwrap()).or_default() += 1;
+    }
+    let missing: Vec<u64> = (1..=accepted).filter(|s| !by_seq.contains_key(s)).collect();
+    assert!(
+        missing.is_empty(),
+        "lost {} accepted events, first: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    let twice: Vec<(&u64, &usize)> = by_seq.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "{} events in the stream more than once, e.g. {:?}",
+        twice.len(),
+        &twice[..twice.len().min(10)]
+    );
+    assert_eq!(entries.len() as u64, accepted);
+    // Resends did happen (the keys skipped them): the keys outnumber nothing, one per event.
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{{STREAM}}}:seen:*"))
+        .query(&mut redis.conn())
+        .unwrap();
+    assert_eq!(keys.len() as u64, accepted);
+    eprintln!("accepted {accepted} events over {ROUNDS} kill -9 rounds; each once in the stream");
+}
+
+/// A server that stops answering (paused clients) makes requests time out; the batch goes
+/// again with the same idempotency keys, so whatever the first attempt added is not added
+/// twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_times_out_and_the_resend_adds_nothing_twice() {
+    let redis = RedisServer::start("");
+    let url = redis.url();
+    let rig = Rig::new(|d| redis_rig_config(d, &url, "timeout_ms = 300")).await;
+    rig.commit("A", 100, 100).await;
+    drained(&rig, "first events", Duration::from_secs(30)).await;
+    // Every client paused for 1.5 s: the script calls wait and time out at 300 ms.
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("WRITE")
+        .query(&mut redis.conn())
+        .unwrap();
+    rig.commit("B", 500, 100).await;
+    wait_until("a timeout counted", Duration::from_secs(30), || {
+        rig.metrics
+            .render()
+            .contains("scangate_redis_errors_total{code=\"timeout\"}")
+    })
+    .await;
+    drained(&rig, "delivery after the pause", Duration::from_secs(30)).await;
+    let ids = ids_in(&redis.entries(STREAM));
+    assert_eq!(ids.len(), 600);
+    assert!(ids.values().all(|&n| n == 1), "an event added twice");
+    assert_eq!(redis.xlen(STREAM), 600);
+    rig.shutdown().await;
+}

@@ -1508,15 +1508,15 @@ fn build_redis(
         );
     }
     if client_cert.is_some() != client_key.is_some() {
-        let key = if client_cert.is_some() {
-            "client_key_file"
+        let (key, missing) = if client_cert.is_some() {
+            ("client_cert_file", "client_key_file")
         } else {
-            "client_cert_file"
+            ("client_key_file", "client_cert_file")
         };
         p.push(
-            u.own_span(),
+            u.span_of(key),
             &format!("upstream.{key}"),
-            "client_cert_file and client_key_file go together (TLS client authentication)",
+            format!("needs {missing} too: the certificate and its key go together (TLS client authentication)"),
         );
     }
     let stream = stream.unwrap_or_else(|| "baggage_events".into());
