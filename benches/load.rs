@@ -9,7 +9,9 @@
 //! Scenarios: commit (spool commit rate), rate (5,000 frames/s at several commit intervals:
 //! CPU, bytes written per event, RSS), full (full speed), outage (20 s upstream outage at
 //! 5,000 frames/s, then recovery time), drain (1,000,000 events backlog: startup time, RSS,
-//! drain rate), idle (idle RSS), protocols (each binary reader protocol at full speed).
+//! drain rate), idle (idle RSS), protocols (each binary reader protocol at full speed), redis
+//! (draining a backlog into a loopback redis-server through the Redis Streams sink, against a
+//! plain pipelined XADD loop).
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)] // wall-clock measurement of real processes
 
 #[path = "../tests/common/daemon.rs"]
@@ -18,6 +20,8 @@ mod daemon;
 mod frames;
 #[path = "../tests/common/ingest.rs"]
 mod ingest;
+#[path = "../tests/common/redis_server.rs"]
+mod redis_server;
 
 use daemon::{free_port, metric};
 use ingest::Ingest;
@@ -812,6 +816,180 @@ async fn link_drain(label: &str, n: u64, delay_ms: u64, up_extra: &str) -> f64 {
     rate
 }
 
+/// Microseconds the server spent in `command` since the last `CONFIG RESETSTAT` (its own
+/// account, `INFO commandstats`).
+fn server_usec(conn: &mut redis::Connection, command: &str) -> f64 {
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(conn)
+        .unwrap_or_default();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:")))
+        .and_then(|l| l.split(',').find_map(|kv| kv.strip_prefix("usec=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// One plain pipelined XADD loop: `entries` (event_id, data) into `stream`, `batch` per
+/// pipeline, one pipeline at a time, `MAXLEN ~ 100000` as the sink trims. Events/s.
+async fn plain_xadd(url: &str, stream: &str, entries: &[(String, Vec<u8>)], batch: usize) -> f64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let t = Instant::now();
+    for chunk in entries.chunks(batch) {
+        let mut p = redis::pipe();
+        for (id, data) in chunk {
+            p.cmd("XADD")
+                .arg(stream)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(100_000)
+                .arg("*")
+                .arg("event_id")
+                .arg(id)
+                .arg("event_type")
+                .arg("scan")
+                .arg("data")
+                .arg(data.as_slice())
+                .ignore();
+        }
+        let _: () = p.query_async(&mut c).await.unwrap();
+    }
+    entries.len() as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Issue 14: a backlog drained into a loopback redis-server by the Redis Streams sink
+/// (idempotency on: one script call per batch), against a plain pipelined XADD loop of the
+/// same entries in the same run (before and after); CPU of both processes per event and the
+/// server memory each idempotency key costs.
+async fn redis_sink() {
+    let n: u64 = std::env::var("BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let batch: usize = std::env::var("BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    println!("\n## issue 14: {n} events into a loopback redis-server ({batch} per batch)");
+    let server = redis_server::RedisServer::start("");
+    let url = server.url();
+    // The same entries the sink writes (the bag-events JSON of each event), made up front.
+    let mut enc = scangate::forward::profile::Encoder::new(
+        scangate::config::Profile::BagEvents,
+        "bench-gw".into(),
+        "SITE".into(),
+        "interaction".into(),
+        Default::default(),
+    );
+    let entries: Vec<(String, Vec<u8>)> = bodies(n as usize, 0)
+        .into_iter()
+        .enumerate()
+        .map(|(i, body)| {
+            let e = scangate::event::SpooledEvent {
+                loc: scangate::event::Loc { chunk: 1, idx: 0 },
+                seq: i as u64 + 1,
+                committed_ms: 1_763_289_000_000,
+                event_id: scangate::event::event_id(7, i as u64 + 1, 1_763_289_000_000),
+                boot_id: uuid::Uuid::nil(),
+                body,
+            };
+            let mut data = Vec::new();
+            enc.encode_event(&e, &mut data);
+            (e.event_id.to_string(), data)
+        })
+        .collect();
+    let mean_bytes = entries.iter().map(|(_, d)| d.len()).sum::<usize>() / entries.len().max(1);
+    let mut conn = server.conn();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut conn)
+        .unwrap();
+    let plain1 = plain_xadd(&url, "plain", &entries, batch).await;
+    let plain_server = server_usec(&mut conn, "xadd");
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut conn)
+        .unwrap();
+    drop(entries);
+    let _: () = redis::cmd("DEL").arg("plain").query(&mut conn).unwrap();
+    let mem0: u64 = {
+        let info: String = redis::cmd("INFO").arg("memory").query(&mut conn).unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+
+    let dir = bench_dir();
+    let state = dir.path().join("state");
+    fill_spool(&state, n);
+    let src = empty_source(dir.path());
+    let d = start_daemon(
+        dir.path(),
+        &state,
+        &src,
+        &url,
+        "",
+        &format!(
+            "kind = \"redis-streams\"\nbatch_max_events = {batch}\nbatch_max_bytes = \"16 MiB\""
+        ),
+    );
+    let t = Instant::now();
+    let cpu_d = d.proc.cpu();
+    let mut anon_peak = 0u64;
+    // Every event has its idempotency key once it is in the stream (the stream itself is
+    // trimmed to ~100,000 entries): DBSIZE − 1.
+    wait_for("drained into redis", Duration::from_secs(900), || {
+        anon_peak = anon_peak.max(d.proc.anon_kb());
+        redis::cmd("DBSIZE")
+            .query::<u64>(&mut conn)
+            .is_ok_and(|k| k > n)
+    })
+    .await;
+    let s = t.elapsed().as_secs_f64();
+    let rate = n as f64 / s;
+    let sink_cpu = d.proc.cpu() - cpu_d;
+    let server_cpu = server_usec(&mut conn, "evalsha") / 1e6;
+    let mem1: u64 = {
+        let info: String = redis::cmd("INFO").arg("memory").query(&mut conn).unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let stream_mem: u64 = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg("baggage_events")
+        .query(&mut conn)
+        .unwrap_or(0);
+    let limit = metric(d.admin, "scangate_upstream_concurrency_limit").await;
+    let rtt = metric(d.admin, "scangate_upstream_rtt_microseconds").await;
+    drop(d);
+    // The plain loop again, after (the machine's state may have moved during the run).
+    let entries: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|_| (uuid::Uuid::new_v4().to_string(), vec![b'x'; mean_bytes]))
+        .collect();
+    let plain2 = plain_xadd(&url, "plain2", &entries, batch).await;
+    let plain = (plain1 + plain2) / 2.0;
+    println!("plain pipelined XADD loop (no idempotency): {plain1:>8.0} and {plain2:>8.0} events/s; redis-server time in XADD {:.2} µs/event", plain_server / n as f64);
+    println!(
+        "scangate redis-streams sink (idempotent):   {rate:>8.0} events/s = {:.2}× the plain loop; scangate CPU {:.2} µs/event, peak private {:.1} MB; redis-server time in the script {:.2} µs/event (it is the bottleneck when near the wall time); {} B per event entry on average; concurrency limit at the end {limit:?}, RTT {rtt:?} µs",
+        rate / plain,
+        1e6 * sink_cpu / n as f64,
+        anon_peak as f64 / 1024.0,
+        1e6 * server_cpu / n as f64,
+        mean_bytes
+    );
+    println!(
+        "redis-server memory for {n} idempotency keys: {:.0} B per key ({:.1} MB in all; the trimmed stream holds {:.1} MB)",
+        (mem1.saturating_sub(mem0).saturating_sub(stream_mem)) as f64 / n as f64,
+        mem1.saturating_sub(mem0) as f64 / 1e6,
+        stream_mem as f64 / 1e6
+    );
+}
+
 /// Issue 15: draining over a link with a round trip (the receiver adds 50 ms to every answer),
 /// one batch at a time against adaptive concurrency, in the same run; then outages at
 /// 2,000 events/s on loopback and over the 50 ms link.
@@ -1220,6 +1398,9 @@ fn main() {
         }
         if want("idle") {
             idle().await;
+        }
+        if want("redis") {
+            redis_sink().await;
         }
     });
     let _ = std::fs::remove_dir_all(Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-tmp"));

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //!  sources ──reads──► ingest (group commit) ──groups──► spool thread ◄──► forwarder ──HTTP──► upstream
+//!                                                                                  └─Redis (XADD)─► stream
 //!  serial, replay     suppression stage:      SQLite    (one owner)    batches, gzip, clock,
 //!  (+ decoder each)   passes, zones, floor;   events +                 outcome → ack / dead letter
 //!                     pass log, timer         pass log
@@ -72,7 +73,8 @@
 //! - [`protocol`]: one decoder per reader protocol.
 //! - [`source`]: serial and replay sources, port journals, capture format.
 //! - [`spool`]: SQLite spool (chunks, acks, dead letters) and its owner thread.
-//! - [`forward`]: batching, wire profiles, compression, response handling, backoff.
+//! - [`forward`]: batching, wire profiles, compression, response handling, backoff; the
+//!   Redis Streams sink ([`forward::redis`]: one idempotent script call per batch).
 //! - [`app`]: wiring and the shutdown sequence. [`admin`]: local HTTP. [`service`]: systemd,
 //!   logging, signals. [`demo`]: the no-hardware demonstration.
 

@@ -593,6 +593,26 @@ async fn kill_9_during_delivery_every_accepted_event_is_in_the_stream_exactly_on
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // /status and /metrics show the sink like the HTTP forwarder.
+    let status: serde_json::Value = serde_json::from_str(
+        &reqwest::get(format!("http://127.0.0.1:{admin}/status"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(status["upstream"]["kind"], "redis-streams");
+    assert_eq!(status["upstream"]["stream"], STREAM);
+    assert_eq!(status["upstream"]["target"], redis.url());
+    assert_eq!(status["upstream_down"], false);
+    assert_eq!(status["backlog"], 0);
+    assert!(
+        common::daemon::metric(admin, "scangate_redis_connects_total")
+            .await
+            .is_some_and(|n| n >= 1)
+    );
     d.sigterm();
     let status = d.wait_exit(Duration::from_secs(15)).await;
     if !status.success() {
@@ -637,6 +657,21 @@ async fn kill_9_during_delivery_every_accepted_event_is_in_the_stream_exactly_on
         .query(&mut redis.conn())
         .unwrap();
     assert_eq!(keys.len() as u64, accepted);
+    // `scangate status` (the daemon stopped: read from the spool) names the sink.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_scangate"))
+        .args(["status", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "upstream:        redis-streams {} stream {STREAM}, dead letters also in {STREAM}:dlq",
+            redis.url()
+        )),
+        "{text}"
+    );
+    assert!(text.contains("backlog:         0 events"), "{text}");
     eprintln!("accepted {accepted} events over {ROUNDS} kill -9 rounds; each once in the stream");
 }
 

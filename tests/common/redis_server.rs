@@ -73,6 +73,11 @@ impl RedisServer {
         }
     }
 
+    /// The server's process id (for CPU readings), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
