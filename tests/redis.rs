@@ -706,3 +706,132 @@ async fn a_silent_server_times_out_and_the_resend_adds_nothing_twice() {
     assert_eq!(redis.xlen(STREAM), 600);
     rig.shutdown().await;
 }
+
+/// `rediss://` with a private CA (`ca_file`) and a client certificate the server requires;
+/// without the CA the server's certificate is not trusted: kept, retried, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca_and_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let client = rcgen::generate_simple_self_signed(vec!["gw-test".to_string()]).unwrap();
+    let w = |name: &str, text: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let cert = w("server.pem", server.cert.pem());
+    let key = w("server.key", server.signing_key.serialize_pem());
+    // The server checks clients against the client's certificate.
+    let clients = w("clients.pem", client.cert.pem());
+    let ccert = w("client.pem", client.cert.pem());
+    let ckey = w("client.key", client.signing_key.serialize_pem());
+    let redis = RedisServer::start_tls(
+        "",
+        (&cert, &key, &clients),
+        redis::TlsCertificates {
+            client_tls: Some(redis::ClientTlsConfig {
+                client_cert: client.cert.pem().into_bytes(),
+                client_key: client.signing_key.serialize_pem().into_bytes(),
+            }),
+            root_cert: Some(server.cert.pem().into_bytes()),
+        },
+    );
+    let url = redis.url();
+    assert!(url.starts_with("rediss://"));
+    let tls = format!(
+        "ca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"",
+        cert.display(),
+        ccert.display(),
+        ckey.display()
+    );
+    let rig = Rig::new(|d| redis_rig_config(d, &url, &tls)).await;
+    rig.commit("A", 300, 100).await;
+    drained(&rig, "delivery over TLS", Duration::from_secs(30)).await;
+    assert_eq!(redis.xlen(STREAM), 300);
+    rig.shutdown().await;
+
+    // The same without the private CA: the certificate is not trusted, nothing is lost.
+    let no_ca = format!(
+        "client_cert_file = \"{}\"\nclient_key_file = \"{}\"",
+        ccert.display(),
+        ckey.display()
+    );
+    let rig = Rig::new(|d| redis_rig_config(d, &url, &no_ca)).await;
+    rig.commit("B", 100, 100).await;
+    wait_until(
+        "the TLS failure is an outage",
+        Duration::from_secs(30),
+        || rig.metrics.upstream_down.get() == 1,
+    )
+    .await;
+    let stats = rig.spool.stats().await.unwrap();
+    assert_eq!(stats.backlog, 100);
+    assert_eq!(stats.dead_letters, 0);
+    assert_eq!(redis.xlen(STREAM), 300);
+    eprintln!("without the CA: {:?}", stats.last_error);
+    assert!(
+        stats
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("certificate"),
+        "the error says the certificate is the problem: {:?}",
+        stats.last_error
+    );
+    rig.shutdown().await;
+}
+
+/// A box without an RTC (or before NTP) sees every certificate as not valid yet: the error
+/// blames the gateway's clock, as for HTTP, and keeps everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_not_valid_yet_blames_the_gateways_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2099, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let server = params.self_signed(&key).unwrap();
+    let client = rcgen::generate_simple_self_signed(vec!["gw-test".to_string()]).unwrap();
+    let w = |name: &str, text: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let cert = w("server.pem", server.pem());
+    let skey = w("server.key", key.serialize_pem());
+    let clients = w("clients.pem", client.cert.pem());
+    let ccert = w("client.pem", client.cert.pem());
+    let ckey = w("client.key", client.signing_key.serialize_pem());
+    let redis = RedisServer::start_tls(
+        "",
+        (&cert, &skey, &clients),
+        redis::TlsCertificates {
+            client_tls: Some(redis::ClientTlsConfig {
+                client_cert: client.cert.pem().into_bytes(),
+                client_key: client.signing_key.serialize_pem().into_bytes(),
+            }),
+            root_cert: Some(server.pem().into_bytes()),
+        },
+    );
+    let url = redis.url();
+    let tls = format!(
+        "ca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"",
+        cert.display(),
+        ccert.display(),
+        ckey.display()
+    );
+    let rig = Rig::new(|d| redis_rig_config(d, &url, &tls)).await;
+    rig.commit("A", 50, 50).await;
+    wait_until("an outage", Duration::from_secs(30), || {
+        rig.metrics.upstream_down.get() == 1
+    })
+    .await;
+    let stats = rig.spool.stats().await.unwrap();
+    assert_eq!(stats.backlog, 50);
+    let err = stats.last_error.unwrap_or_default();
+    assert!(
+        err.starts_with("TLS: the server's certificate is not valid yet by this gateway's clock"),
+        "{err}"
+    );
+    rig.shutdown().await;
+}

@@ -398,20 +398,29 @@ const CLOCK_SUSPECT: &str = "TLS: the server's certificate is not valid yet";
 /// How the reason of a request that timed out begins (a back-pressure signal).
 const TIMEOUT: &str = "timeout";
 
+/// A TLS failure because the server's certificate starts in the future (by this gateway's
+/// clock): an outcome that says the clock is the likely culprit. None for other errors.
+fn clock_suspect(error_text: &str) -> Option<Outcome> {
+    if !(error_text.contains("NotValidYet") || error_text.contains("not valid yet")) {
+        return None;
+    }
+    // A box without an RTC boots in 1970 until NTP syncs: every certificate looks like it
+    // starts in the future. Said once (the reason stays the same until the date changes).
+    let now = crate::event::rfc3339_ms(crate::event::wall_now_ms());
+    let day = now.get(..10).unwrap_or(&now);
+    Some(Outcome::Retry {
+        status: None,
+        // Without the error's own text: it names the current second, and a reason that
+        // changes on every attempt would be logged on every attempt.
+        reason: format!("{CLOCK_SUSPECT} by this gateway's clock (today is {day} here): the gateway's clock is probably wrong (no NTP sync yet, no RTC?); events are kept and sent once the clock is right"),
+    })
+}
+
 /// The outcome of a request that got no answer.
 fn request_error(e: &reqwest::Error) -> Outcome {
     let chain = error_chain(e);
-    if chain.contains("NotValidYet") || chain.contains("not valid yet") {
-        // A box without an RTC boots in 1970 until NTP syncs: every certificate looks like it
-        // starts in the future. Said once (the reason stays the same until the date changes).
-        let now = crate::event::rfc3339_ms(crate::event::wall_now_ms());
-        let day = now.get(..10).unwrap_or(&now);
-        return Outcome::Retry {
-            status: None,
-            // Without the error's own text: it names the current second, and a reason that
-            // changes on every attempt would be logged on every attempt.
-            reason: format!("{CLOCK_SUSPECT} by this gateway's clock (today is {day} here): the gateway's clock is probably wrong (no NTP sync yet, no RTC?); events are kept and sent once the clock is right"),
-        };
+    if let Some(o) = clock_suspect(&chain) {
+        return o;
     }
     let what = if e.is_timeout() {
         TIMEOUT

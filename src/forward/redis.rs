@@ -493,6 +493,9 @@ pub fn classify(e: &redis::RedisError, metrics: &Metrics) -> (Outcome, bool) {
     }
     if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
         metrics.redis_error("io");
+        if let Some(o) = super::clock_suspect(&text) {
+            return (o, true);
+        }
         return (
             Outcome::Retry {
                 status: None,

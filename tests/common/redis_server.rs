@@ -14,18 +14,48 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Password of the `default` user, when the config sets one.
     pub password: Option<String>,
+    /// TLS only (`tls-port`): the CA and client certificate the tests connect with.
+    tls: Option<redis::TlsCertificates>,
 }
 
 impl RedisServer {
     /// Start a server; `extra`: more config lines (`requirepass`, `user …`, `maxmemory`).
     pub fn start(extra: &str) -> RedisServer {
+        Self::start_with(extra, None)
+    }
+
+    /// A server that speaks TLS only, on its port: `files` are the PEM files of its
+    /// certificate, key and the CA bundle it checks client certificates against (client
+    /// certificates required); `client` what the tests connect with.
+    pub fn start_tls(
+        extra: &str,
+        files: (&Path, &Path, &Path),
+        client: redis::TlsCertificates,
+    ) -> RedisServer {
+        let (cert, key, ca) = files;
+        let conf = format!(
+            "tls-port {{port}}\nport 0\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\ntls-auth-clients yes\n{extra}",
+            cert.display(),
+            key.display(),
+            ca.display()
+        );
+        Self::start_with(&conf, Some(client))
+    }
+
+    fn start_with(extra: &str, tls: Option<redis::TlsCertificates>) -> RedisServer {
         let port = super::daemon::free_port();
+        let extra = extra.replace("{port}", &port.to_string());
+        let port_line = if tls.is_some() {
+            String::new()
+        } else {
+            format!("port {port}\n")
+        };
         let dir = tempfile::tempdir().expect("tempdir");
         let conf = dir.path().join("redis.conf");
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\nsave \"\"\nappendonly no\ndir {}\nlogfile {}\nenable-debug-command yes\n{extra}\n",
+                "{port_line}bind 127.0.0.1\nprotected-mode no\ndaemonize no\nsave \"\"\nappendonly no\ndir {}\nlogfile {}\nenable-debug-command yes\n{extra}\n",
                 dir.path().display(),
                 dir.path().join("redis.log").display()
             ),
@@ -41,6 +71,7 @@ impl RedisServer {
             conf,
             child: None,
             password,
+            tls,
         };
         s.spawn();
         s
@@ -57,10 +88,20 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(mut c) = self.try_conn() {
-                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                    return;
+            match self.try_conn() {
+                Ok(mut c) => {
+                    if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                        return;
+                    }
                 }
+                // Up, with a certificate a test made unacceptable on purpose.
+                Err(e)
+                    if e.to_string().contains("NotValidYet")
+                        || e.to_string().contains("certificate") =>
+                {
+                    return
+                }
+                Err(_) => {}
             }
             assert!(
                 Instant::now() < deadline,
@@ -79,15 +120,29 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     fn try_conn(&self) -> redis::RedisResult<redis::Connection> {
-        let mut url = format!("redis://127.0.0.1:{}", self.port);
-        if let Some(p) = &self.password {
-            url = format!("redis://:{p}@127.0.0.1:{}", self.port);
-        }
-        redis::Client::open(url)?.get_connection_with_timeout(Duration::from_secs(2))
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        let url = match &self.password {
+            Some(p) => format!("{scheme}://:{p}@127.0.0.1:{}", self.port),
+            None => self.url(),
+        };
+        let client = match &self.tls {
+            Some(t) => redis::Client::build_with_tls(url, t.clone())?,
+            None => redis::Client::open(url)?,
+        };
+        client.get_connection_with_timeout(Duration::from_secs(2))
     }
 
     /// A connection as the `default` user (with its password).
