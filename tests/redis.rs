@@ -371,13 +371,25 @@ async fn readonly_during_a_failover_and_oom_keep_everything_until_redis_accepts_
         .query(&mut redis.conn())
         .unwrap();
     rig.commit("C", 300, 100).await;
-    wait_until("OOM counted", Duration::from_secs(30), || {
+    wait_until("OOM counted, an outage", Duration::from_secs(30), || {
         rig.metrics
             .render()
             .contains("scangate_redis_errors_total{code=\"OOM\"}")
+            && rig.metrics.upstream_down.get() == 1
     })
     .await;
     assert_eq!(rig.backlog().await, 300);
+    let err = rig
+        .spool
+        .stats()
+        .await
+        .unwrap()
+        .last_error
+        .unwrap_or_default();
+    assert!(
+        err.contains("out of memory") && err.contains("OOM"),
+        "{err}"
+    );
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
         .arg("maxmemory")
@@ -834,4 +846,44 @@ async fn a_certificate_not_valid_yet_blames_the_gateways_clock() {
         "{err}"
     );
     rig.shutdown().await;
+}
+
+/// Settings the server refuses while connecting (a password for a server that has none, a
+/// database it does not have) are a misconfiguration, not refused events: nothing is
+/// bisected or dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_refused_while_connecting_are_a_misconfiguration() {
+    let redis = RedisServer::start("databases 4");
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "not-needed").unwrap();
+    for (url, extra, says) in [
+        (
+            redis.url(),
+            format!("password_file = \"{}\"", pw.display()),
+            "check username and password_file",
+        ),
+        (
+            format!("{}/9", redis.url()),
+            String::new(),
+            "DB index is out of range (while connecting",
+        ),
+    ] {
+        let rig = Rig::new(|d| redis_rig_config(d, &url, &extra)).await;
+        rig.commit("A", 30, 30).await;
+        wait_until(
+            "the misconfiguration alarm",
+            Duration::from_secs(30),
+            || rig.metrics.upstream_misconfigured.get() == 1,
+        )
+        .await;
+        let stats = rig.spool.stats().await.unwrap();
+        assert_eq!(stats.backlog, 30);
+        assert_eq!(stats.dead_letters, 0);
+        assert_eq!(rig.metrics.upstream_rejecting_all.get(), 0);
+        let err = stats.last_error.unwrap_or_default();
+        assert!(err.contains(says), "{url}: {err}");
+        rig.shutdown().await;
+    }
+    assert_eq!(redis.xlen(STREAM), 0);
 }

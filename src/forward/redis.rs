@@ -335,7 +335,18 @@ impl RedisSender {
             }
             Err(e) => {
                 let (o, _) = self.classify(&e);
-                Err(o)
+                // Refused while connecting (AUTH, HELLO, SELECT): never about a batch, so not
+                // a refusal to bisect; the settings are wrong (a password for a server without
+                // one, a database number it does not have).
+                Err(match o {
+                    Outcome::Rejected { reason, .. } => Outcome::Misconfigured {
+                        status: 421,
+                        reason: format!(
+                            "{reason} (while connecting: check url, username and password_file)"
+                        ),
+                    },
+                    o => o,
+                })
             }
         }
     }
@@ -540,18 +551,34 @@ pub fn classify(e: &redis::RedisError, metrics: &Metrics) -> (Outcome, bool) {
         _ => "other",
     });
     match e.kind() {
-        // Load: wait, and fewer requests at once.
-        K::Server(S::BusyLoading | S::TryAgain) => (
-            Outcome::Throttled {
-                status: 503,
-                retry_after: None,
+        // The server cannot take writes for now: an outage, with the server's words (not a
+        // throttle: none of these passes in milliseconds, and the reason is what an operator
+        // needs to see).
+        K::Server(S::BusyLoading) => (
+            Outcome::Retry {
+                status: None,
+                reason: format!("Redis is loading its dataset (restarted): {text}"),
             },
             false,
         ),
-        K::Extension if matches!(code.as_str(), "OOM" | "BUSY") => (
-            Outcome::Throttled {
-                status: 503,
-                retry_after: None,
+        K::Server(S::TryAgain) => (
+            Outcome::Retry {
+                status: None,
+                reason: format!("Redis asks to try again: {text}"),
+            },
+            false,
+        ),
+        K::Extension if code == "OOM" => (
+            Outcome::Retry {
+                status: None,
+                reason: format!("Redis is out of memory (maxmemory; consumers behind, maxlen or idempotency_ttl_s too large?): {text}"),
+            },
+            false,
+        ),
+        K::Extension if code == "BUSY" => (
+            Outcome::Retry {
+                status: None,
+                reason: format!("Redis is busy running another script: {text}"),
             },
             false,
         ),
@@ -600,5 +627,85 @@ pub fn classify(e: &redis::RedisError, metrics: &Metrics) -> (Outcome, bool) {
             },
             false,
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error a server reply line gives (as the client parses it).
+    fn err(reply: &str) -> redis::RedisError {
+        redis::parse_redis_value(format!("-{reply}\r\n").as_bytes())
+            .and_then(|v| v.extract_error())
+            .expect_err("an error reply")
+    }
+
+    #[test]
+    fn every_server_error_class_has_its_outcome() {
+        let m = Metrics::default();
+        let retry = |o: &Outcome| matches!(o, Outcome::Retry { .. });
+        for (reply, want, reconnect, code) in [
+            ("LOADING Redis is loading the dataset in memory", retry as fn(&Outcome) -> bool, false, "LOADING"),
+            ("BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.", retry, false, "BUSY"),
+            ("OOM command not allowed when used memory > 'maxmemory'.", retry, false, "OOM"),
+            ("TRYAGAIN Multiple keys request during rehashing of slot", retry, false, "TRYAGAIN"),
+            ("READONLY You can't write against a read only replica.", retry, true, "READONLY"),
+            ("MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.", retry, true, "MASTERDOWN"),
+            ("MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.", retry, false, "MISCONF"),
+            ("NOSCRIPT No matching script. Please use EVAL.", retry, true, "NOSCRIPT"),
+            ("WRONGPASS invalid username-password pair or user is disabled.", |o: &Outcome| matches!(o, Outcome::Unauthorized { .. }), true, "auth"),
+            ("NOAUTH Authentication required.", |o: &Outcome| matches!(o, Outcome::Unauthorized { .. }), true, "auth"),
+            ("MOVED 3999 127.0.0.1:6381", |o: &Outcome| matches!(o, Outcome::Misconfigured { .. }), false, "cluster"),
+            ("CROSSSLOT Keys in request don't hash to the same slot", |o: &Outcome| matches!(o, Outcome::Misconfigured { .. }), false, "cluster"),
+            ("WRONGTYPE Operation against a key holding the wrong kind of value", |o: &Outcome| matches!(o, Outcome::Rejected { .. }), false, "WRONGTYPE"),
+            ("NOPERM this user has no permissions to access one of the keys used as arguments", |o: &Outcome| matches!(o, Outcome::Rejected { .. }), false, "NOPERM"),
+            ("ERR Error running script (call to f_x): @user_script:1: some refusal", |o: &Outcome| matches!(o, Outcome::Rejected { .. }), false, "ERR"),
+            ("SOMETHINGNEW a code this client does not know", |o: &Outcome| matches!(o, Outcome::Rejected { .. }), false, "other"),
+        ] {
+            let (o, drop) = classify(&err(reply), &m);
+            assert!(want(&o), "{reply}: {o:?}");
+            assert_eq!(drop, reconnect, "{reply}: reconnect");
+            assert!(
+                m.render()
+                    .contains(&format!("scangate_redis_errors_total{{code=\"{code}\"}}")),
+                "{reply}: counted as {code}"
+            );
+            // The server's own words reach the reason (and so the log and `status`).
+            if let Outcome::Retry { reason, .. }
+            | Outcome::Rejected { reason, .. }
+            | Outcome::Unauthorized { reason, .. }
+            | Outcome::Misconfigured { reason, .. } = &o
+            {
+                let word = reply.split_whitespace().nth(1).unwrap_or_default();
+                assert!(reason.contains(word), "{reply}: {reason}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_script_is_what_the_batches_call() {
+        let cfg = RedisConfig {
+            url: "redis://127.0.0.1".into(),
+            username: None,
+            password_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            stream: "s".into(),
+            maxlen: 7,
+            dlq_stream: None,
+            entry: EntryShape::Json,
+            idempotency_ttl: Duration::from_secs(300),
+            idempotency_prefix: "{s}:seen:".into(),
+        };
+        let enc = BatchEncoder::new(&cfg);
+        // EVALSHA names the script by its SHA-1 (lower-case hex), as SCRIPT LOAD returns it.
+        assert_eq!(enc.sha.len(), 40);
+        assert!(enc
+            .sha
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_eq!(enc.maxlen, "7");
+        assert_eq!(enc.ttl, "300");
     }
 }
