@@ -133,6 +133,9 @@ pub struct Metrics {
     /// Redis sink: dead letters recorded in / not recorded in `dlq_stream`.
     pub redis_dlq_recorded: Counter,
     pub redis_dlq_failed: Counter,
+    /// Redis sink: settings of the server that put delivered events at risk (eviction, no
+    /// persistence), as last found at connect; logged as WARN when they change.
+    pub redis_server_risks: Gauge,
     sources: Mutex<Vec<(String, std::sync::Arc<SourceHealth>)>>,
 }
 
@@ -547,6 +550,12 @@ impl Metrics {
             "counter",
             "Dead letters recorded in the dead-letter stream (Redis sink).",
             self.redis_dlq_recorded.get(),
+        );
+        line(
+            "redis_server_risks",
+            "gauge",
+            "Settings of the Redis server that put delivered events at risk (eviction policy, no persistence), found at connect; see the log.",
+            self.redis_server_risks.get(),
         );
         line(
             "redis_dlq_failed_total",

@@ -132,6 +132,8 @@ async fn events_arrive_with_the_contract_fields_and_a_consumer_group_sees_each_o
     );
     assert_eq!(rig.metrics.delivered.get(), 2_000);
     assert_eq!(rig.metrics.upstream_duplicates.get(), 0);
+    // This test server persists nothing (save "", no AOF): said at connect.
+    assert_eq!(rig.metrics.redis_server_risks.get(), 1);
     rig.shutdown().await;
 }
 
@@ -886,4 +888,32 @@ async fn settings_refused_while_connecting_are_a_misconfiguration() {
         rig.shutdown().await;
     }
     assert_eq!(redis.xlen(STREAM), 0);
+}
+
+/// A server that may evict keys when full (contract 000's own example sets allkeys-lru) or
+/// persists nothing puts delivered events at risk: counted (and logged) at connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn risky_server_settings_are_named_at_connect() {
+    let redis = RedisServer::start("maxmemory-policy allkeys-lru\nappendonly yes");
+    let url = redis.url();
+    let rig = Rig::new(|d| redis_rig_config(d, &url, "")).await;
+    rig.commit("A", 10, 10).await;
+    drained(&rig, "delivered", Duration::from_secs(30)).await;
+    assert_eq!(
+        rig.metrics.redis_server_risks.get(),
+        1,
+        "eviction only (AOF on)"
+    );
+    rig.shutdown().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query(&mut redis.conn())
+        .unwrap();
+    let rig = Rig::new(|d| redis_rig_config(d, &url, "")).await;
+    rig.commit("B", 10, 10).await;
+    drained(&rig, "delivered", Duration::from_secs(30)).await;
+    assert_eq!(rig.metrics.redis_server_risks.get(), 0);
+    rig.shutdown().await;
 }

@@ -201,6 +201,31 @@ pub struct RedisSender {
     generation: AtomicU64,
     metrics: Arc<Metrics>,
     gateway_id: String,
+    /// What [`server_risks`] last found (warned when it changes).
+    risks: std::sync::Mutex<Vec<String>>,
+}
+
+/// Settings of a Redis server that put delivered events at risk, from its `INFO` text and its
+/// `save` setting (`CONFIG GET save`; None when the server does not say): eviction
+/// (`allkeys-*` may evict the stream itself; `volatile-*` the idempotency keys, which lets a
+/// resend through twice) and no persistence at all (a restart loses the stream).
+pub fn server_risks(info: &str, save: Option<&str>) -> Vec<String> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let mut out = Vec::new();
+    match field("maxmemory_policy") {
+        Some(p) if p.starts_with("allkeys-") => out.push(format!("maxmemory-policy is {p}: when Redis is full it may evict the stream itself, losing events scangate has delivered; use noeviction (scangate keeps events while Redis answers OOM)")),
+        Some(p) if p.starts_with("volatile-") => out.push(format!("maxmemory-policy is {p}: when Redis is full it evicts idempotency keys, and a batch sent again can then add events twice; use noeviction")),
+        _ => {}
+    }
+    let aof = field("aof_enabled") == Some("1");
+    if field("aof_enabled").is_some() && !aof && save.is_some_and(|s| s.trim().is_empty()) {
+        out.push("Redis persists nothing (no AOF, no snapshot rules): if it restarts, the stream and every event scangate delivered into it are gone; contract 000 asks for appendonly yes".into());
+    }
+    out
 }
 
 /// Why the sink cannot be set up (a file named by the config cannot be read).
@@ -278,6 +303,7 @@ impl RedisSender {
             generation: AtomicU64::new(0),
             metrics,
             gateway_id,
+            risks: std::sync::Mutex::new(Vec::new()),
         };
         sender.reload_credentials()?;
         Ok(sender)
@@ -327,9 +353,10 @@ impl RedisSender {
             .get_multiplexed_async_connection_with_config(&self.conn_config)
             .await
         {
-            Ok(c) => {
+            Ok(mut c) => {
                 let g = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
                 self.metrics.redis_connects.inc();
+                self.check_server(&mut c).await;
                 *slot = Some((g, c.clone()));
                 Ok((g, c))
             }
@@ -348,6 +375,38 @@ impl RedisSender {
                     o => o,
                 })
             }
+        }
+    }
+
+    /// Warn (once per change) about server settings that put delivered events at risk. An
+    /// `INFO` the server refuses (an ACL, a managed service) is skipped.
+    async fn check_server(&self, c: &mut MultiplexedConnection) {
+        let info: redis::RedisResult<String> = redis::cmd("INFO")
+            .arg("memory")
+            .arg("persistence")
+            .query_async(c)
+            .await;
+        let Ok(info) = info else {
+            return;
+        };
+        // ["save", "<rules>"]; refused on managed services (then not judged).
+        let save: Option<Vec<String>> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("save")
+            .query_async(c)
+            .await
+            .ok();
+        let save = save.and_then(|v| v.get(1).cloned());
+        let risks = server_risks(&info, save.as_deref());
+        self.metrics.redis_server_risks.set(risks.len() as u64);
+        let Ok(mut last) = self.risks.lock() else {
+            return;
+        };
+        if *last != risks {
+            for r in &risks {
+                tracing::warn!(url = %self.cfg.url, "Redis: {r}");
+            }
+            *last = risks;
         }
     }
 
@@ -681,6 +740,25 @@ mod tests {
                 assert!(reason.contains(word), "{reply}: {reason}");
             }
         }
+    }
+
+    #[test]
+    fn eviction_and_no_persistence_are_named() {
+        let info = "# Memory\r\nused_memory:100\r\nmaxmemory_policy:allkeys-lru\r\n# Persistence\r\nloading:0\r\nrdb_saves:0\r\nrdb_last_save_time:1764567000\r\nrdb_last_bgsave_time_sec:-1\r\naof_enabled:0\r\n";
+        let r = server_risks(info, Some(""));
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert!(r[0].contains("allkeys-lru") && r[0].contains("noeviction"));
+        assert!(r[1].contains("appendonly"));
+        let r = server_risks(&info.replace("allkeys-lru", "volatile-ttl"), None);
+        assert_eq!(r.len(), 1, "no save setting known: persistence not judged");
+        assert!(r[0].contains("idempotency keys"));
+        let safe = info.replace("allkeys-lru", "noeviction");
+        assert!(server_risks(&safe, Some("3600 1 300 100")).is_empty());
+        assert!(server_risks(&safe.replace("aof_enabled:0", "aof_enabled:1"), Some("")).is_empty());
+        assert!(
+            server_risks("", Some("")).is_empty(),
+            "an INFO without the fields says nothing"
+        );
     }
 
     #[test]
