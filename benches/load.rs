@@ -816,6 +816,15 @@ async fn link_drain(label: &str, n: u64, delay_ms: u64, up_extra: &str) -> f64 {
     rate
 }
 
+/// Bytes the server uses (`INFO memory`, `used_memory`).
+fn used_memory(conn: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("memory").query(conn).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Microseconds the server spent in `command` since the last `CONFIG RESETSTAT` (its own
 /// account, `INFO commandstats`).
 fn server_usec(conn: &mut redis::Connection, command: &str) -> f64 {
@@ -914,13 +923,7 @@ async fn redis_sink() {
         .unwrap();
     drop(entries);
     let _: () = redis::cmd("DEL").arg("plain").query(&mut conn).unwrap();
-    let mem0: u64 = {
-        let info: String = redis::cmd("INFO").arg("memory").query(&mut conn).unwrap();
-        info.lines()
-            .find_map(|l| l.strip_prefix("used_memory:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let mem0 = used_memory(&mut conn);
 
     let dir = bench_dir();
     let state = dir.path().join("state");
@@ -952,13 +955,7 @@ async fn redis_sink() {
     let rate = n as f64 / s;
     let sink_cpu = d.proc.cpu() - cpu_d;
     let server_cpu = server_usec(&mut conn, "evalsha") / 1e6;
-    let mem1: u64 = {
-        let info: String = redis::cmd("INFO").arg("memory").query(&mut conn).unwrap();
-        info.lines()
-            .find_map(|l| l.strip_prefix("used_memory:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let mem1 = used_memory(&mut conn);
     let stream_mem: u64 = redis::cmd("MEMORY")
         .arg("USAGE")
         .arg("baggage_events")

@@ -12,23 +12,6 @@ use std::time::Duration;
 
 const ROUNDS: usize = 24;
 
-/// A xorshift generator seeded from the clock (printed, so a failing run can be reproduced):
-/// a fixed seed would try the same moments every run.
-fn random_moments(what: &str) -> impl FnMut() -> u64 {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("{what} seed {seed}");
-    let mut rng = seed | 1;
-    move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_never_loses_an_accepted_event() {
     let ingest = Ingest::start().await;
@@ -45,7 +28,7 @@ async fn kill_9_at_random_moments_never_loses_an_accepted_event() {
     let log = dir.path().join("log");
 
     // A fixed seed per run would hide nothing here; vary it and print it for reproduction.
-    let mut next = random_moments("crash test");
+    let mut next = common::random_moments("crash test");
     for round in 0..ROUNDS {
         let d = Daemon::spawn(&cfg, &log);
         // Wait until this incarnation is really working (new events arrive upstream) ...
@@ -217,7 +200,7 @@ async fn serial_crash(
         })
     };
 
-    let mut next = random_moments("serial crash test");
+    let mut next = common::random_moments("serial crash test");
     let committed = || {
         scangate::spool::Spool::open_read_only(&state)
             .ok()
@@ -366,7 +349,7 @@ async fn kill_9_during_passes_emits_every_pass_once_with_every_read() {
             master
         })
     };
-    let mut next = random_moments("pass crash test");
+    let mut next = common::random_moments("pass crash test");
     let passes_committed = || {
         scangate::spool::Spool::open_read_only(&state)
             .ok()

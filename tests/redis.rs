@@ -54,14 +54,14 @@ async fn drained(rig: &Rig, what: &str, deadline: Duration) {
 async fn events_arrive_with_the_contract_fields_and_a_consumer_group_sees_each_once() {
     let redis = RedisServer::start("");
     // The consumers' group exists before the gateway writes (as contract 000 sets it up).
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(STREAM)
-        .arg("baggage_processors")
-        .arg("$")
-        .arg("MKSTREAM")
-        .query(&mut redis.conn())
-        .unwrap();
+    redis.run(&[
+        "XGROUP",
+        "CREATE",
+        STREAM,
+        "baggage_processors",
+        "$",
+        "MKSTREAM",
+    ]);
     let url = redis.url();
     let rig = Rig::new(|d| redis_rig_config(d, &url, "")).await;
     rig.commit("BAG", 2_000, 250).await;
@@ -338,11 +338,11 @@ async fn readonly_during_a_failover_and_oom_keep_everything_until_redis_accepts_
     drained(&rig, "first events", Duration::from_secs(30)).await;
 
     // The server becomes a replica (of a primary that does not answer): writes are READONLY.
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("127.0.0.1")
-        .arg(common::daemon::free_port())
-        .query(&mut redis.conn())
-        .unwrap();
+    redis.run(&[
+        "REPLICAOF",
+        "127.0.0.1",
+        &common::daemon::free_port().to_string(),
+    ]);
     rig.commit("B", 300, 100).await;
     wait_until(
         "READONLY counted, an outage",
@@ -357,21 +357,12 @@ async fn readonly_during_a_failover_and_oom_keep_everything_until_redis_accepts_
     .await;
     assert_eq!(rig.backlog().await, 300);
     // Promoted again (the failover is over).
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("NO")
-        .arg("ONE")
-        .query(&mut redis.conn())
-        .unwrap();
+    redis.run(&["REPLICAOF", "NO", "ONE"]);
     drained(&rig, "delivery after the failover", Duration::from_secs(30)).await;
     assert_eq!(redis.xlen(STREAM), 400);
 
     // Out of memory (maxmemory below what is used, no eviction): kept, backed off.
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("1")
-        .query(&mut redis.conn())
-        .unwrap();
+    redis.run(&["CONFIG", "SET", "maxmemory", "1"]);
     rig.commit("C", 300, 100).await;
     wait_until("OOM counted, an outage", Duration::from_secs(30), || {
         rig.metrics
@@ -392,12 +383,7 @@ async fn readonly_during_a_failover_and_oom_keep_everything_until_redis_accepts_
         err.contains("out of memory") && err.contains("OOM"),
         "{err}"
     );
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("0")
-        .query(&mut redis.conn())
-        .unwrap();
+    redis.run(&["CONFIG", "SET", "maxmemory", "0"]);
     drained(
         &rig,
         "delivery once memory is free",
@@ -420,10 +406,7 @@ async fn noscript_after_a_script_flush_loads_the_script_again() {
     drained(&rig, "first events", Duration::from_secs(30)).await;
     let loads = rig.metrics.redis_script_loads.get();
     assert!(loads >= 1, "a fresh server has no script: loaded once");
-    let _: () = redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query(&mut redis.conn())
-        .unwrap();
+    redis.run(&["SCRIPT", "FLUSH"]);
     rig.commit("B", 100, 100).await;
     drained(&rig, "events after SCRIPT FLUSH", Duration::from_secs(30)).await;
     assert_eq!(rig.metrics.redis_script_loads.get(), loads + 1);
@@ -437,11 +420,7 @@ async fn noscript_after_a_script_flush_loads_the_script_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_key_of_the_wrong_type_is_an_alarm_not_dead_letters() {
     let redis = RedisServer::start("");
-    let _: () = redis::cmd("SET")
-        .arg(STREAM)
-        .arg("not a stream")
-        .query(&mut redis.conn())
-        .unwrap();
+    redis.run(&["SET", STREAM, "not a stream"]);
     let url = redis.url();
     let rig = Rig::new(|d| redis_rig_config(d, &url, "")).await;
     rig.commit("A", 50, 50).await;
@@ -461,10 +440,7 @@ async fn a_stream_key_of_the_wrong_type_is_an_alarm_not_dead_letters() {
         "{:?}",
         stats.last_error
     );
-    let _: () = redis::cmd("DEL")
-        .arg(STREAM)
-        .query(&mut redis.conn())
-        .unwrap();
+    redis.run(&["DEL", STREAM]);
     drained(
         &rig,
         "delivery once the key is a stream",
@@ -510,22 +486,6 @@ async fn events_refused_alone_are_dead_lettered_and_recorded_in_the_dlq_stream()
     rig.shutdown().await;
 }
 
-/// A xorshift generator seeded from the clock (printed, so a failing run can be reproduced).
-fn random_moments() -> impl FnMut() -> u64 {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("redis kill -9 test seed {seed}");
-    let mut rng = seed | 1;
-    move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    }
-}
-
 /// `kill -9` of the real binary at random moments while it delivers into Redis, 20 rounds,
 /// restarting on the same spool: every event it accepted (every seq below the spool's
 /// next_seq) is in the stream exactly once. Batches sent again after a kill (delivered, not
@@ -549,7 +509,7 @@ async fn kill_9_during_delivery_every_accepted_event_is_in_the_stream_exactly_on
     let extra = "kind = \"redis-streams\"\nmax_in_flight = 8";
     let cfg = write_config(dir.path(), &state, &sources, &redis.url(), extra, None);
     let log = dir.path().join("log");
-    let mut next = random_moments();
+    let mut next = common::random_moments("redis kill -9 test");
     for round in 0..ROUNDS {
         let d = Daemon::spawn(&cfg, &log);
         let before = redis.xlen(STREAM);
@@ -700,12 +660,7 @@ async fn a_silent_server_times_out_and_the_resend_adds_nothing_twice() {
     rig.commit("A", 100, 100).await;
     drained(&rig, "first events", Duration::from_secs(30)).await;
     // Every client paused for 1.5 s: the script calls wait and time out at 300 ms.
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(1500)
-        .arg("WRITE")
-        .query(&mut redis.conn())
-        .unwrap();
+    redis.run(&["CLIENT", "PAUSE", "1500", "WRITE"]);
     rig.commit("B", 500, 100).await;
     wait_until("a timeout counted", Duration::from_secs(30), || {
         rig.metrics
@@ -721,56 +676,81 @@ async fn a_silent_server_times_out_and_the_resend_adds_nothing_twice() {
     rig.shutdown().await;
 }
 
+/// A TLS-only redis-server with `server_pem`/`server_key` as its certificate, requiring a
+/// client certificate (made here); the `[upstream]` lines for a gateway to reach it: the
+/// client certificate and key, and `ca_file` (the server's certificate) when `with_ca`.
+struct TlsRedis {
+    redis: RedisServer,
+    _dir: tempfile::TempDir,
+    cert: std::path::PathBuf,
+    ccert: std::path::PathBuf,
+    ckey: std::path::PathBuf,
+}
+
+impl TlsRedis {
+    fn start(server_pem: String, server_key: String) -> TlsRedis {
+        let dir = tempfile::tempdir().unwrap();
+        let client = rcgen::generate_simple_self_signed(vec!["gw-test".to_string()]).unwrap();
+        let w = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let cert = w("server.pem", &server_pem);
+        let key = w("server.key", &server_key);
+        // The server checks clients against the client's (self-signed) certificate.
+        let ccert = w("client.pem", &client.cert.pem());
+        let ckey = w("client.key", &client.signing_key.serialize_pem());
+        let redis = RedisServer::start_tls(
+            "",
+            (&cert, &key, &ccert),
+            redis::TlsCertificates {
+                client_tls: Some(redis::ClientTlsConfig {
+                    client_cert: client.cert.pem().into_bytes(),
+                    client_key: client.signing_key.serialize_pem().into_bytes(),
+                }),
+                root_cert: Some(server_pem.into_bytes()),
+            },
+        );
+        TlsRedis {
+            redis,
+            _dir: dir,
+            cert,
+            ccert,
+            ckey,
+        }
+    }
+
+    fn upstream(&self, with_ca: bool) -> String {
+        let ca = if with_ca {
+            format!("ca_file = \"{}\"\n", self.cert.display())
+        } else {
+            String::new()
+        };
+        format!(
+            "{ca}client_cert_file = \"{}\"\nclient_key_file = \"{}\"",
+            self.ccert.display(),
+            self.ckey.display()
+        )
+    }
+}
+
 /// `rediss://` with a private CA (`ca_file`) and a client certificate the server requires;
 /// without the CA the server's certificate is not trusted: kept, retried, nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_with_a_private_ca_and_a_client_certificate() {
-    let dir = tempfile::tempdir().unwrap();
     let server = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
-    let client = rcgen::generate_simple_self_signed(vec!["gw-test".to_string()]).unwrap();
-    let w = |name: &str, text: String| {
-        let p = dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    };
-    let cert = w("server.pem", server.cert.pem());
-    let key = w("server.key", server.signing_key.serialize_pem());
-    // The server checks clients against the client's certificate.
-    let clients = w("clients.pem", client.cert.pem());
-    let ccert = w("client.pem", client.cert.pem());
-    let ckey = w("client.key", client.signing_key.serialize_pem());
-    let redis = RedisServer::start_tls(
-        "",
-        (&cert, &key, &clients),
-        redis::TlsCertificates {
-            client_tls: Some(redis::ClientTlsConfig {
-                client_cert: client.cert.pem().into_bytes(),
-                client_key: client.signing_key.serialize_pem().into_bytes(),
-            }),
-            root_cert: Some(server.cert.pem().into_bytes()),
-        },
-    );
-    let url = redis.url();
+    let tls = TlsRedis::start(server.cert.pem(), server.signing_key.serialize_pem());
+    let url = tls.redis.url();
     assert!(url.starts_with("rediss://"));
-    let tls = format!(
-        "ca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"",
-        cert.display(),
-        ccert.display(),
-        ckey.display()
-    );
-    let rig = Rig::new(|d| redis_rig_config(d, &url, &tls)).await;
+    let rig = Rig::new(|d| redis_rig_config(d, &url, &tls.upstream(true))).await;
     rig.commit("A", 300, 100).await;
     drained(&rig, "delivery over TLS", Duration::from_secs(30)).await;
-    assert_eq!(redis.xlen(STREAM), 300);
+    assert_eq!(tls.redis.xlen(STREAM), 300);
     rig.shutdown().await;
 
     // The same without the private CA: the certificate is not trusted, nothing is lost.
-    let no_ca = format!(
-        "client_cert_file = \"{}\"\nclient_key_file = \"{}\"",
-        ccert.display(),
-        ckey.display()
-    );
-    let rig = Rig::new(|d| redis_rig_config(d, &url, &no_ca)).await;
+    let rig = Rig::new(|d| redis_rig_config(d, &url, &tls.upstream(false))).await;
     rig.commit("B", 100, 100).await;
     wait_until(
         "the TLS failure is an outage",
@@ -781,16 +761,11 @@ async fn rediss_with_a_private_ca_and_a_client_certificate() {
     let stats = rig.spool.stats().await.unwrap();
     assert_eq!(stats.backlog, 100);
     assert_eq!(stats.dead_letters, 0);
-    assert_eq!(redis.xlen(STREAM), 300);
-    eprintln!("without the CA: {:?}", stats.last_error);
+    assert_eq!(tls.redis.xlen(STREAM), 300);
+    let err = stats.last_error.unwrap_or_default();
     assert!(
-        stats
-            .last_error
-            .as_deref()
-            .unwrap_or("")
-            .contains("certificate"),
-        "the error says the certificate is the problem: {:?}",
-        stats.last_error
+        err.contains("certificate"),
+        "the error names the certificate: {err}"
     );
     rig.shutdown().await;
 }
@@ -799,42 +774,14 @@ async fn rediss_with_a_private_ca_and_a_client_certificate() {
 /// blames the gateway's clock, as for HTTP, and keeps everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_not_valid_yet_blames_the_gateways_clock() {
-    let dir = tempfile::tempdir().unwrap();
     let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
     params.not_before = rcgen::date_time_ymd(2099, 1, 1);
     params.not_after = rcgen::date_time_ymd(2100, 1, 1);
     let key = rcgen::KeyPair::generate().unwrap();
     let server = params.self_signed(&key).unwrap();
-    let client = rcgen::generate_simple_self_signed(vec!["gw-test".to_string()]).unwrap();
-    let w = |name: &str, text: String| {
-        let p = dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    };
-    let cert = w("server.pem", server.pem());
-    let skey = w("server.key", key.serialize_pem());
-    let clients = w("clients.pem", client.cert.pem());
-    let ccert = w("client.pem", client.cert.pem());
-    let ckey = w("client.key", client.signing_key.serialize_pem());
-    let redis = RedisServer::start_tls(
-        "",
-        (&cert, &skey, &clients),
-        redis::TlsCertificates {
-            client_tls: Some(redis::ClientTlsConfig {
-                client_cert: client.cert.pem().into_bytes(),
-                client_key: client.signing_key.serialize_pem().into_bytes(),
-            }),
-            root_cert: Some(server.pem().into_bytes()),
-        },
-    );
-    let url = redis.url();
-    let tls = format!(
-        "ca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"",
-        cert.display(),
-        ccert.display(),
-        ckey.display()
-    );
-    let rig = Rig::new(|d| redis_rig_config(d, &url, &tls)).await;
+    let tls = TlsRedis::start(server.pem(), key.serialize_pem());
+    let url = tls.redis.url();
+    let rig = Rig::new(|d| redis_rig_config(d, &url, &tls.upstream(true))).await;
     rig.commit("A", 50, 50).await;
     wait_until("an outage", Duration::from_secs(30), || {
         rig.metrics.upstream_down.get() == 1
@@ -905,12 +852,7 @@ async fn risky_server_settings_are_named_at_connect() {
         "eviction only (AOF on)"
     );
     rig.shutdown().await;
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory-policy")
-        .arg("noeviction")
-        .query(&mut redis.conn())
-        .unwrap();
+    redis.run(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
     let rig = Rig::new(|d| redis_rig_config(d, &url, "")).await;
     rig.commit("B", 10, 10).await;
     drained(&rig, "delivered", Duration::from_secs(30)).await;

@@ -166,3 +166,20 @@ pub fn assert_order_within(arrived: &[usize], window: usize) {
         }
     }
 }
+
+/// A xorshift generator seeded from the clock (the seed is printed, so a failing run can be
+/// reproduced): a fixed seed would try the same moments every run.
+pub fn random_moments(what: &str) -> impl FnMut() -> u64 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("{what} seed {seed}");
+    let mut rng = seed | 1;
+    move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    }
+}

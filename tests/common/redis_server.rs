@@ -164,6 +164,17 @@ impl RedisServer {
         self.spawn();
     }
 
+    /// Run one command (its reply ignored); panics on an error reply.
+    pub fn run(&self, args: &[&str]) {
+        let mut c = redis::cmd(args[0]);
+        for a in &args[1..] {
+            c.arg(*a);
+        }
+        let _: redis::Value = c
+            .query(&mut self.conn())
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    }
+
     pub fn xlen(&self, stream: &str) -> u64 {
         redis::cmd("XLEN")
             .arg(stream)
