@@ -688,6 +688,11 @@ fn redis_streams_mistakes_are_named_with_their_key() {
             "control",
         ),
         (
+            "url = \"redis://bus\"\nusername = \"gw\"\n",
+            "upstream.username",
+            "password_file",
+        ),
+        (
             "url = \"redis://bus\"\nentry = \"xml\"\n",
             "upstream.entry",
             "",

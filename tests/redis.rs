@@ -21,7 +21,14 @@ fn redis_rig_config(dir: &std::path::Path, url: &str, extra: &str) -> scangate::
         dir,
         url,
         "bag-events",
-        &format!("kind = \"redis-streams\"\nbatch_max_events = 100\nauth_retry_ms = 200\n{extra}"),
+        &format!(
+            "kind = \"redis-streams\"\n{}auth_retry_ms = 200\n{extra}",
+            if extra.contains("batch_max_events") {
+                ""
+            } else {
+                "batch_max_events = 100\n"
+            }
+        ),
     )
 }
 
@@ -205,20 +212,20 @@ async fn a_batch_sent_again_adds_nothing_twice() {
         .collect();
     let first = benc.encode(&mut enc, &events[..100]);
     assert_eq!(
-        sender.send(&first).await,
+        sender.send(&first, true).await,
         scangate::forward::outcome::Outcome::Delivered
     );
     assert_eq!(redis.xlen(STREAM), 100);
     // Again: nothing added, every event counted as a duplicate.
     assert_eq!(
-        sender.send(&first).await,
+        sender.send(&first, true).await,
         scangate::forward::outcome::Outcome::Delivered
     );
     assert_eq!(redis.xlen(STREAM), 100);
     assert_eq!(metrics.upstream_duplicates.get(), 100);
     // Half old, half new: only the new half is added.
     let overlap = benc.encode(&mut enc, &events[50..150]);
-    sender.send(&overlap).await;
+    sender.send(&overlap, true).await;
     assert_eq!(redis.xlen(STREAM), 150);
     assert_eq!(metrics.upstream_duplicates.get(), 150);
     assert_eq!(ids_in(&redis.entries(STREAM)).len(), 150);
@@ -857,5 +864,222 @@ async fn risky_server_settings_are_named_at_connect() {
     rig.commit("B", 10, 10).await;
     drained(&rig, "delivered", Duration::from_secs(30)).await;
     assert_eq!(rig.metrics.redis_server_risks.get(), 0);
+    rig.shutdown().await;
+}
+
+/// A write refusal of the server as a whole (too few replicas) right after deliveries keeps
+/// every event: nothing is dead-lettered (the HTTP rule that one event refused just after
+/// a success is a bad event does not hold for Redis, whose refusals are hardly ever about an
+/// event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_of_the_whole_server_after_deliveries_dead_letters_nothing() {
+    let redis = RedisServer::start("");
+    let url = redis.url();
+    let rig = Rig::new(|d| redis_rig_config(d, &url, "batch_max_events = 10")).await;
+    rig.commit("A", 50, 10).await;
+    drained(&rig, "first events", Duration::from_secs(30)).await;
+    redis.run(&["CONFIG", "SET", "min-replicas-to-write", "1"]);
+    rig.commit("B", 50, 10).await;
+    wait_until(
+        "NOREPLICAS counted, an outage",
+        Duration::from_secs(30),
+        || {
+            rig.metrics
+                .render()
+                .contains("scangate_redis_errors_total{code=\"NOREPLICAS\"}")
+                && rig.metrics.upstream_down.get() == 1
+        },
+    )
+    .await;
+    let stats = rig.spool.stats().await.unwrap();
+    assert_eq!(stats.dead_letters, 0);
+    assert_eq!(stats.backlog, 50);
+    assert!(stats.last_error.unwrap_or_default().contains("replicas"));
+    redis.run(&["CONFIG", "SET", "min-replicas-to-write", "0"]);
+    drained(
+        &rig,
+        "delivery once writes are accepted",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(ids_in(&redis.entries(STREAM)).len(), 100);
+    assert_eq!(rig.spool.stats().await.unwrap().dead_letters, 0);
+    rig.shutdown().await;
+}
+
+/// A password file that is missing while Redis requires a password: the credentials alarm,
+/// nothing bisected; the file written later is read at the next attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_password_file_is_the_credentials_alarm_until_it_appears() {
+    let redis = RedisServer::start("requirepass s3cret");
+    let url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("not-yet");
+    let extra = format!("password_file = \"{}\"", pw.display());
+    let rig = Rig::new(|d| redis_rig_config(d, &url, &extra)).await;
+    rig.commit("A", 100, 100).await;
+    wait_until("the credentials alarm", Duration::from_secs(30), || {
+        rig.metrics.upstream_misconfigured.get() == 1
+    })
+    .await;
+    assert_eq!(rig.metrics.upstream_rejecting_all.get(), 0);
+    assert_eq!(rig.backlog().await, 100);
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    drained(
+        &rig,
+        "delivery once the file exists",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(redis.xlen(STREAM), 100);
+    rig.shutdown().await;
+}
+
+/// A connection the server closed while idle (its `timeout`, a NAT) is replaced and the batch
+/// sent again at once: not an outage, no warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_while_idle_is_replaced_quietly() {
+    let redis = RedisServer::start("");
+    let url = redis.url();
+    let rig = Rig::new(|d| redis_rig_config(d, &url, "")).await;
+    for round in 0..5 {
+        rig.commit(&format!("R{round}"), 20, 20).await;
+        drained(&rig, "delivered", Duration::from_secs(30)).await;
+        // What an idle timeout does to the gateway's connection.
+        redis.run(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]);
+    }
+    assert_eq!(redis.xlen(STREAM), 100);
+    assert_eq!(rig.metrics.batches_failed.get(), 0, "no failure recorded");
+    assert_eq!(rig.spool.stats().await.unwrap().last_error, None);
+    assert!(rig.metrics.upstream_fresh_retries.get() >= 4);
+    rig.shutdown().await;
+}
+
+/// With trimming on, a drained backlog never pushes entries a consumer group has not read
+/// out of the stream: batches wait (in the spool) while the group is behind, and its
+/// consumer sees every event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimming_never_drops_what_a_consumer_group_has_not_read() {
+    let redis = RedisServer::start("");
+    redis.run(&[
+        "XGROUP",
+        "CREATE",
+        STREAM,
+        "baggage_processors",
+        "$",
+        "MKSTREAM",
+    ]);
+    let url = redis.url();
+    let rig = Rig::new(|d| redis_rig_config(d, &url, "maxlen = 500")).await;
+    rig.commit("A", 3_000, 500).await;
+    wait_until(
+        "the sink waits for the consumers",
+        Duration::from_secs(30),
+        || {
+            rig.metrics
+                .render()
+                .contains("scangate_redis_errors_total{code=\"TRYAGAIN\"}")
+        },
+    )
+    .await;
+    assert!(rig.backlog().await > 0);
+    assert!(redis.xlen(STREAM) <= 700, "{}", redis.xlen(STREAM));
+    let err = rig
+        .spool
+        .stats()
+        .await
+        .unwrap()
+        .last_error
+        .unwrap_or_default();
+    assert!(
+        err.contains("consumers are behind") && err.contains("baggage_processors"),
+        "{err}"
+    );
+    // A consumer reads and acknowledges: the gateway goes on as it catches up.
+    let mut c = redis.conn();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < 3_000 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the consumer saw {} of 3000",
+            seen.len()
+        );
+        let reply: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("baggage_processors")
+            .arg("w1")
+            .arg("COUNT")
+            .arg(200)
+            .arg("STREAMS")
+            .arg(STREAM)
+            .arg(">")
+            .query(&mut c)
+            .unwrap();
+        let batch: Vec<(String, Vec<Entry>)> = match reply {
+            redis::Value::Nil => Vec::new(),
+            v => redis::from_redis_value(v).unwrap(),
+        };
+        let msgs = batch.into_iter().next().map(|(_, m)| m).unwrap_or_default();
+        if msgs.is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        for (id, fields) in msgs {
+            *seen
+                .entry(field(&fields, "event_id").unwrap().to_string())
+                .or_default() += 1;
+            let _: i64 = redis::cmd("XACK")
+                .arg(STREAM)
+                .arg("baggage_processors")
+                .arg(&id)
+                .query(&mut c)
+                .unwrap();
+        }
+    }
+    assert_eq!(seen.len(), 3_000);
+    assert!(seen.values().all(|&n| n == 1));
+    drained(&rig, "all delivered", Duration::from_secs(30)).await;
+    assert_eq!(rig.spool.stats().await.unwrap().dead_letters, 0);
+    rig.shutdown().await;
+}
+
+/// A user whose ACL lets it call the script but not load it: once the script is gone from
+/// the server, a misconfiguration (nothing dead-lettered), not refused events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_without_script_load_is_a_misconfiguration() {
+    let redis = RedisServer::start("user gw on >gw-pw ~* &* +@all -script");
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "gw-pw").unwrap();
+    // Loaded by an administrator: the gateway can call it.
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(scangate::forward::redis::SCRIPT)
+        .query(&mut redis.conn())
+        .unwrap();
+    assert_eq!(sha.len(), 40);
+    let url = redis.url();
+    let extra = format!("username = \"gw\"\npassword_file = \"{}\"", pw.display());
+    let rig = Rig::new(|d| redis_rig_config(d, &url, &extra)).await;
+    rig.commit("A", 50, 50).await;
+    drained(
+        &rig,
+        "delivered with the loaded script",
+        Duration::from_secs(30),
+    )
+    .await;
+    redis.run(&["SCRIPT", "FLUSH"]);
+    rig.commit("B", 50, 50).await;
+    wait_until(
+        "the misconfiguration alarm",
+        Duration::from_secs(30),
+        || rig.metrics.upstream_misconfigured.get() == 1,
+    )
+    .await;
+    let stats = rig.spool.stats().await.unwrap();
+    assert_eq!(stats.dead_letters, 0);
+    assert_eq!(stats.backlog, 50);
+    assert!(stats.last_error.unwrap_or_default().contains("SCRIPT LOAD"));
     rig.shutdown().await;
 }

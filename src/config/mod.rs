@@ -1541,6 +1541,13 @@ fn build_redis(
     if let Some(pw) = &password_file {
         check_credential(u, p, "upstream.password_file", pw);
     }
+    if username.is_some() && password_file.is_none() {
+        p.push(
+            u.span_of("username"),
+            "upstream.username",
+            "needs password_file: a Redis ACL user signs in with a password (without it scangate would connect as the default user)",
+        );
+    }
     Some(RedisConfig {
         url: url.to_string(),
         username,

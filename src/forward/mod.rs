@@ -161,7 +161,7 @@ impl Sender {
     async fn send(&self, body: Payload, key: uuid::Uuid, healthy: bool) -> Outcome {
         match (self, body) {
             (Sender::Http(h), Payload::Http(b)) => h.send(b, key, healthy).await,
-            (Sender::Redis(r), Payload::Redis(b)) => r.send(&b).await,
+            (Sender::Redis(r), Payload::Redis(b)) => r.send(&b, healthy).await,
             // Never: a forwarder makes payloads for its own sink only.
             _ => Outcome::Retry {
                 status: None,
@@ -1519,7 +1519,11 @@ impl Forwarder {
             self.refused.clear();
             self.rewind = true;
         } else if self.delivered_in_call
-            || (self.accepted_recently && self.refused_streak < REFUSE_ALL_AFTER)
+            || (self.accepted_recently
+                && self.refused_streak < REFUSE_ALL_AFTER
+                // Redis: hardly any refusal is about one event; an event is a dead letter
+                // only once others pass beside it.
+                && matches!(*self.sender, Sender::Http(_)))
         {
             // The upstream accepts other events (in this batch, or just before it, with no
             // failure since): these are refused for what they are. Waiting for another
@@ -1558,8 +1562,9 @@ impl Forwarder {
         let items: Vec<(SpooledEvent, Option<u16>, String)> = confirmed
             .into_iter()
             .map(|(e, s, r, _)| {
-                tracing::warn!(event_id = %e.event_id, status = s, reason = %r, "Upstream rejects an event; moved to dead letters");
-                (e, self.dead_status(s), r)
+                let status = self.dead_status(s);
+                tracing::warn!(event_id = %e.event_id, status = ?status, reason = %r, "Upstream rejects an event; moved to dead letters");
+                (e, status, r)
             })
             .collect();
         if !items.is_empty() {

@@ -41,13 +41,35 @@ use std::time::Duration;
 /// not there yet is set, and the entry added; if the entry cannot be added, the key is
 /// deleted again, so no event is ever marked seen without its entry. An error stops the script
 /// with that error: the entries added before it keep their keys, so the batch sent again
-/// skips them. (Two calls per event: checking with EXISTS and setting the key after the XADD
+/// skips them. With trimming on, the batch is refused (`TRYAGAIN scangate: …`, kept and
+/// retried) while a consumer group has so many entries unread or pending (its `lag` +
+/// `pending`, Redis 7) that adding it would trim some of them: a drained backlog never
+/// pushes unread events out of the stream. (Two calls per event: checking with EXISTS and setting the key after the XADD
 /// was three, and drained a backlog about a third slower.)
 pub const SCRIPT: &str = r#"-- scangate: idempotent XADD of one batch
 local maxlen = tonumber(ARGV[1])
 local ttl = ARGV[2]
 local added = 0
 local a = 3
+if maxlen > 0 then
+  local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])
+  if type(groups) == 'table' and not groups.err then
+    for _, g in ipairs(groups) do
+      local name, pending, lag = '?', 0, nil
+      for k = 1, #g - 1, 2 do
+        if g[k] == 'name' then name = g[k + 1]
+        elseif g[k] == 'pending' then pending = tonumber(g[k + 1]) or 0
+        elseif g[k] == 'lag' then lag = tonumber(g[k + 1]) end
+      end
+      local unread = pending + (lag or 0)
+      if unread > 0 and unread + #KEYS - 1 > maxlen then
+        return redis.error_reply('TRYAGAIN scangate: consumer group ' .. name .. ' has ' ..
+          unread .. ' entries unread or pending; adding ' .. (#KEYS - 1) ..
+          ' would trim unread ones (maxlen ' .. maxlen .. '): waiting for its consumers')
+      end
+    end
+  end
+end
 for i = 2, #KEYS do
   local n = tonumber(ARGV[a])
   local new = redis.pcall('SET', KEYS[i], '1', 'NX', 'EX', ttl)
@@ -228,6 +250,21 @@ pub fn server_risks(info: &str, save: Option<&str>) -> Vec<String> {
     out
 }
 
+/// A failed script call: the call itself, or loading the script for it.
+enum Failure {
+    Call(redis::RedisError),
+    Load(redis::RedisError),
+}
+
+/// `text` on one line (a server's error may span several; a log line must not).
+fn one_line(text: &str) -> String {
+    text.split(['\r', '\n'])
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Why the sink cannot be set up (a file named by the config cannot be read).
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -243,7 +280,8 @@ pub enum SetupError {
 
 fn read_secret(path: &std::path::Path) -> Option<String> {
     match std::fs::read_to_string(path) {
-        Ok(t) => Some(t.trim_end_matches(['\r', '\n']).to_string()),
+        // Trimmed like every secret file scangate reads (an editor's newline, a stray space).
+        Ok(t) => Some(t.trim().to_string()),
         Err(e) => {
             tracing::error!(path = %path.display(), error = %e, "Cannot read the Redis password file; connecting without a password");
             None
@@ -334,11 +372,12 @@ impl RedisSender {
         Ok(())
     }
 
-    /// The connection, made if there is none. Err: the outcome of failing to connect.
-    async fn connection(&self) -> Result<(u64, MultiplexedConnection), Outcome> {
+    /// The connection (its generation, itself, and whether it was made just now), made if
+    /// there is none. Err: the outcome of failing to connect.
+    async fn connection(&self) -> Result<(u64, MultiplexedConnection, bool), Outcome> {
         let mut slot = self.conn.lock().await;
         if let Some((g, c)) = slot.as_ref() {
-            return Ok((*g, c.clone()));
+            return Ok((*g, c.clone(), false));
         }
         let client = match self.client.read() {
             Ok(c) => c.clone(),
@@ -356,12 +395,28 @@ impl RedisSender {
             Ok(mut c) => {
                 let g = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
                 self.metrics.redis_connects.inc();
-                self.check_server(&mut c).await;
+                if let Err(e) = self.check_server(&mut c).await {
+                    // A server that wants a password scangate does not have (a password
+                    // file missing or empty) answers the first command with NOAUTH.
+                    return Err(self.classify(&e).0);
+                }
                 *slot = Some((g, c.clone()));
-                Ok((g, c))
+                Ok((g, c, true))
             }
             Err(e) => {
                 let (o, _) = self.classify(&e);
+                let o = match o {
+                    Outcome::Retry { status, reason }
+                        if reason.starts_with(super::TIMEOUT)
+                            && self.cfg.url.starts_with("rediss://") =>
+                    {
+                        Outcome::Retry {
+                            status,
+                            reason: format!("{reason} (rediss:// needs the server's TLS port: is this a plain Redis port?)"),
+                        }
+                    }
+                    o => o,
+                };
                 // Refused while connecting (AUTH, HELLO, SELECT): never about a batch, so not
                 // a refusal to bisect; the settings are wrong (a password for a server without
                 // one, a database number it does not have).
@@ -379,15 +434,18 @@ impl RedisSender {
     }
 
     /// Warn (once per change) about server settings that put delivered events at risk. An
-    /// `INFO` the server refuses (an ACL, a managed service) is skipped.
-    async fn check_server(&self, c: &mut MultiplexedConnection) {
+    /// `INFO` the server refuses (an ACL, a managed service) is skipped; Err only when the
+    /// server asks for credentials.
+    async fn check_server(&self, c: &mut MultiplexedConnection) -> redis::RedisResult<()> {
         let info: redis::RedisResult<String> = redis::cmd("INFO")
             .arg("memory")
             .arg("persistence")
             .query_async(c)
             .await;
-        let Ok(info) = info else {
-            return;
+        let info = match info {
+            Ok(i) => i,
+            Err(e) if is_auth(&e) => return Err(e),
+            Err(_) => return Ok(()),
         };
         // ["save", "<rules>"]; refused on managed services (then not judged).
         let save: Option<Vec<String>> = redis::cmd("CONFIG")
@@ -400,7 +458,7 @@ impl RedisSender {
         let risks = server_risks(&info, save.as_deref());
         self.metrics.redis_server_risks.set(risks.len() as u64);
         let Ok(mut last) = self.risks.lock() else {
-            return;
+            return Ok(());
         };
         if *last != risks {
             for r in &risks {
@@ -408,6 +466,7 @@ impl RedisSender {
             }
             *last = risks;
         }
+        Ok(())
     }
 
     /// Forget connection `generation` (a newer one is kept).
@@ -418,15 +477,62 @@ impl RedisSender {
         }
     }
 
-    /// Send one batch; every failure is an [`Outcome`] (see the module's docs).
-    pub async fn send(&self, batch: &Batch) -> Outcome {
-        let (generation, mut conn) = match self.connection().await {
-            Ok(c) => c,
-            Err(o) => return o,
-        };
+    /// Send one batch; every failure is an [`Outcome`] (see the module's docs). `healthy`:
+    /// the upstream is believed up, so a reused connection that turns out closed (an idle
+    /// timeout of the server or a NAT) is replaced and the batch sent again at once, quietly.
+    pub async fn send(&self, batch: &Batch, healthy: bool) -> Outcome {
+        let mut again = healthy;
+        loop {
+            let (generation, mut conn, fresh) = match self.connection().await {
+                Ok(c) => c,
+                Err(o) => return o,
+            };
+            let e = match self.call(batch, &mut conn).await {
+                Ok(o) => return o,
+                Err(e) => e,
+            };
+            let (o, drop) = match &e {
+                Failure::Call(e) => self.classify(e),
+                Failure::Load(e) => match self.classify(e) {
+                    // Loading the script is not about the batch: an ACL without SCRIPT LOAD.
+                    (Outcome::Rejected { reason, .. }, d) => (
+                        Outcome::Misconfigured {
+                            status: 421,
+                            reason: format!("cannot load the delivery script: {reason} (the user needs EVALSHA and SCRIPT LOAD)"),
+                        },
+                        d,
+                    ),
+                    o => o,
+                },
+            };
+            if drop {
+                self.drop_connection(generation).await;
+            }
+            let closed = match &e {
+                Failure::Call(e) | Failure::Load(e) => {
+                    (e.is_io_error() || e.is_connection_dropped()) && !e.is_timeout()
+                }
+            };
+            if closed && !fresh && std::mem::take(&mut again) {
+                tracing::debug!(
+                    "Redis connection was closed while idle; sending again on a new one"
+                );
+                self.metrics.upstream_fresh_retries.inc();
+                continue;
+            }
+            return o;
+        }
+    }
+
+    /// The script call for `batch` (loading the script once if the server lacks it).
+    async fn call(
+        &self,
+        batch: &Batch,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<Outcome, Failure> {
         let mut loaded = false;
         loop {
-            let r: redis::RedisResult<redis::Value> = batch.cmd.query_async(&mut conn).await;
+            let r: redis::RedisResult<redis::Value> = batch.cmd.query_async(conn).await;
             match r {
                 Ok(v) => {
                     self.metrics.upstream_bytes_sent.add(batch.bytes as u64);
@@ -434,15 +540,15 @@ impl RedisSender {
                         redis::Value::Int(n) => n,
                         other => {
                             self.metrics.redis_error("unexpected_reply");
-                            return Outcome::Retry {
+                            return Ok(Outcome::Retry {
                                 status: None,
-                                reason: format!("Redis: the script answered {other:?}, not a count of entries added: is this a Redis 5+ server?"),
-                            };
+                                reason: one_line(&format!("Redis: the script answered {other:?}, not a count of entries added: is this a Redis 5+ server?")),
+                            });
                         }
                     };
                     let dup = (batch.events as i64 - added).max(0) as u64;
                     self.metrics.upstream_duplicates.add(dup);
-                    return Outcome::Delivered;
+                    return Ok(Outcome::Delivered);
                 }
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
@@ -454,23 +560,11 @@ impl RedisSender {
                     let load: redis::RedisResult<String> = redis::cmd("SCRIPT")
                         .arg("LOAD")
                         .arg(SCRIPT)
-                        .query_async(&mut conn)
+                        .query_async(conn)
                         .await;
-                    if let Err(e) = load {
-                        let (o, drop) = self.classify(&e);
-                        if drop {
-                            self.drop_connection(generation).await;
-                        }
-                        return o;
-                    }
+                    load.map_err(Failure::Load)?;
                 }
-                Err(e) => {
-                    let (o, drop) = self.classify(&e);
-                    if drop {
-                        self.drop_connection(generation).await;
-                    }
-                    return o;
-                }
+                Err(e) => return Err(Failure::Call(e)),
             }
         }
     }
@@ -491,7 +585,7 @@ impl RedisSender {
         let Some(dlq) = &self.cfg.dlq_stream else {
             return;
         };
-        let Ok((generation, mut conn)) = self.connection().await else {
+        let Ok((generation, mut conn, _)) = self.connection().await else {
             tracing::warn!(stream = %dlq, n = items.len(), "Cannot reach Redis to record dead letters in the dead-letter stream; they are kept in the spool (`scangate spool dead-letters`)");
             self.metrics.redis_dlq_failed.add(items.len() as u64);
             return;
@@ -540,45 +634,67 @@ impl RedisSender {
     }
 }
 
+/// The server asks for (other) credentials.
+fn is_auth(e: &redis::RedisError) -> bool {
+    let text = e.to_string();
+    e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
+        || text.contains("WRONGPASS")
+        || text.contains("NOAUTH")
+        // Redis closes a connection that sends a large command before AUTH with this.
+        || text.contains("unauthenticated")
+}
+
+/// Error codes counted by name in `scangate_redis_errors_total` (others as `other`: a server
+/// must not grow the label set without bound).
+const CODES: &[&str] = &[
+    "ERR",
+    "WRONGTYPE",
+    "NOPERM",
+    "OOM",
+    "BUSY",
+    "MISCONF",
+    "NOREPLICAS",
+    "LOADING",
+    "READONLY",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "NOSCRIPT",
+    "EXECABORT",
+    "DENIED",
+];
+
 /// The outcome of a Redis error, and whether the connection must be made again (it failed,
 /// timed out, or reached a replica). Counts the error by code in `metrics`.
+///
+/// Only `ERR`, `WRONGTYPE` and `NOPERM` refuse a batch (it is bisected, see the module's
+/// docs); every other error keeps it and retries: hardly any Redis error is about one event.
 pub fn classify(e: &redis::RedisError, metrics: &Metrics) -> (Outcome, bool) {
     use redis::{ErrorKind as K, ServerErrorKind as S};
     let code = e.code().unwrap_or("").to_string();
     // The server's own words ("NOPERM this user has no permissions …"), as redis-cli shows
-    // them; the client's rendering otherwise.
-    let text = match (e.code(), e.detail()) {
+    // them; the client's rendering otherwise; on one line.
+    let text = one_line(&match (e.code(), e.detail()) {
         (Some(c), Some(d)) => format!("{c} {d}"),
         _ => e.to_string(),
+    });
+    let retry = |reason: String, drop: bool| {
+        (
+            Outcome::Retry {
+                status: None,
+                reason,
+            },
+            drop,
+        )
     };
     if e.is_timeout() {
         metrics.redis_error("timeout");
-        return (
-            Outcome::Retry {
-                status: None,
-                reason: format!("{}: Redis did not answer in time ({text})", super::TIMEOUT),
-            },
+        return retry(
+            format!("{}: Redis did not answer in time ({text})", super::TIMEOUT),
             true,
         );
     }
-    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
-        metrics.redis_error("io");
-        if let Some(o) = super::clock_suspect(&text) {
-            return (o, true);
-        }
-        return (
-            Outcome::Retry {
-                status: None,
-                reason: format!("connection failed: Redis: {text}"),
-            },
-            true,
-        );
-    }
-    let auth = e.kind() == K::AuthenticationFailed
-        || matches!(code.as_str(), "WRONGPASS" | "NOAUTH")
-        || text.contains("WRONGPASS")
-        || text.contains("NOAUTH");
-    if auth {
+    if is_auth(e) {
         metrics.redis_error("auth");
         return (
             Outcome::Unauthorized {
@@ -588,82 +704,48 @@ pub fn classify(e: &redis::RedisError, metrics: &Metrics) -> (Outcome, bool) {
             true,
         );
     }
-    metrics.redis_error(match e.kind() {
-        K::Server(k) => match k {
-            S::BusyLoading => "LOADING",
-            S::ReadOnly => "READONLY",
-            S::NoPerm => "NOPERM",
-            S::Moved | S::Ask | S::CrossSlot | S::ClusterDown => "cluster",
-            S::TryAgain => "TRYAGAIN",
-            S::MasterDown => "MASTERDOWN",
-            S::ExecAbort => "EXECABORT",
-            S::NoScript => "NOSCRIPT",
-            _ => "ERR",
-        },
-        K::Extension => match code.as_str() {
-            "OOM" => "OOM",
-            "BUSY" => "BUSY",
-            "MISCONF" => "MISCONF",
-            "WRONGTYPE" => "WRONGTYPE",
-            _ => "other",
-        },
-        _ => "other",
-    });
+    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+        metrics.redis_error("io");
+        if let Some(o) = super::clock_suspect(&text) {
+            return (o, true);
+        }
+        return retry(format!("connection failed: Redis: {text}"), true);
+    }
+    if matches!(e.kind(), K::Parse | K::UnexpectedReturnType) {
+        metrics.redis_error("not_redis");
+        return (
+            Outcome::Misconfigured {
+                status: 421,
+                reason: format!("the server at url does not answer as Redis does (an HTTP or TLS port? rediss:// for a TLS port): {text}"),
+            },
+            true,
+        );
+    }
+    metrics.redis_error(
+        CODES
+            .iter()
+            .find(|c| **c == code)
+            .copied()
+            .unwrap_or(match e.kind() {
+                K::Server(S::Moved | S::Ask | S::CrossSlot | S::ClusterDown) => "cluster",
+                _ => "other",
+            }),
+    );
     match e.kind() {
-        // The server cannot take writes for now: an outage, with the server's words (not a
-        // throttle: none of these passes in milliseconds, and the reason is what an operator
-        // needs to see).
-        K::Server(S::BusyLoading) => (
-            Outcome::Retry {
-                status: None,
-                reason: format!("Redis is loading its dataset (restarted): {text}"),
-            },
+        K::Server(S::BusyLoading) => retry(format!("Redis is loading its dataset (restarted): {text}"), false),
+        K::Server(S::TryAgain) if text.contains("scangate:") => retry(
+            format!("consumers are behind; events wait in the spool: {text}"),
             false,
         ),
-        K::Server(S::TryAgain) => (
-            Outcome::Retry {
-                status: None,
-                reason: format!("Redis asks to try again: {text}"),
-            },
-            false,
-        ),
-        K::Extension if code == "OOM" => (
-            Outcome::Retry {
-                status: None,
-                reason: format!("Redis is out of memory (maxmemory; consumers behind, maxlen or idempotency_ttl_s too large?): {text}"),
-            },
-            false,
-        ),
-        K::Extension if code == "BUSY" => (
-            Outcome::Retry {
-                status: None,
-                reason: format!("Redis is busy running another script: {text}"),
-            },
-            false,
-        ),
+        K::Server(S::TryAgain) => retry(format!("Redis asks to try again: {text}"), false),
         // A failover: reach the new primary on a new connection.
-        K::Server(S::ReadOnly | S::MasterDown) => (
-            Outcome::Retry {
-                status: None,
-                reason: format!("Redis is read-only or has no primary (a failover in progress?): {text}"),
-            },
+        K::Server(S::ReadOnly | S::MasterDown) => retry(
+            format!("Redis is read-only or has no primary (a failover in progress?): {text}"),
             true,
         ),
-        K::Extension if code == "MISCONF" => (
-            Outcome::Retry {
-                status: None,
-                reason: format!("Redis cannot persist and refuses writes: {text}"),
-            },
-            false,
-        ),
-        K::Server(S::NoScript | S::ExecAbort) | K::Io | K::Parse | K::UnexpectedReturnType
-        | K::Client => (
-            Outcome::Retry {
-                status: None,
-                reason: format!("Redis: {text}"),
-            },
-            true,
-        ),
+        K::Server(S::NoScript | S::ExecAbort) | K::Io | K::Client => {
+            retry(format!("Redis: {text}"), true)
+        }
         K::Server(S::Moved | S::Ask | S::CrossSlot | S::ClusterDown) => (
             Outcome::Misconfigured {
                 status: 421,
@@ -678,14 +760,43 @@ pub fn classify(e: &redis::RedisError, metrics: &Metrics) -> (Outcome, bool) {
             },
             false,
         ),
-        // ERR, WRONGTYPE, NOPERM, anything else the server says about this batch.
-        _ => (
+        K::Server(S::ResponseError) if text.contains("max number of clients") => retry(
+            format!("Redis has no room for another client (maxclients): {text}"),
+            true,
+        ),
+        // What may be about the batch's content: bisected, and an event refused alone while
+        // others pass is a dead letter.
+        K::Server(S::ResponseError | S::NoPerm) => (
             Outcome::Rejected {
                 status: 400,
                 reason: format!("Redis refused: {text}"),
             },
             false,
         ),
+        K::Extension if code == "WRONGTYPE" => (
+            Outcome::Rejected {
+                status: 400,
+                reason: format!("Redis refused: {text}"),
+            },
+            false,
+        ),
+        K::Extension if code == "OOM" => retry(
+            format!("Redis is out of memory (maxmemory; consumers behind, maxlen or idempotency_ttl_s too large?): {text}"),
+            false,
+        ),
+        K::Extension if code == "BUSY" => {
+            retry(format!("Redis is busy running another script: {text}"), false)
+        }
+        K::Extension if code == "MISCONF" => retry(
+            format!("Redis cannot persist and refuses writes: {text}"),
+            false,
+        ),
+        K::Extension if code == "NOREPLICAS" => retry(
+            format!("Redis has too few replicas to accept writes (min-replicas-to-write): {text}"),
+            false,
+        ),
+        // Anything else (a code this build does not know): keep, back off, retry.
+        _ => retry(format!("Redis: {text}"), false),
     }
 }
 
@@ -720,7 +831,11 @@ mod tests {
             ("WRONGTYPE Operation against a key holding the wrong kind of value", |o: &Outcome| matches!(o, Outcome::Rejected { .. }), false, "WRONGTYPE"),
             ("NOPERM this user has no permissions to access one of the keys used as arguments", |o: &Outcome| matches!(o, Outcome::Rejected { .. }), false, "NOPERM"),
             ("ERR Error running script (call to f_x): @user_script:1: some refusal", |o: &Outcome| matches!(o, Outcome::Rejected { .. }), false, "ERR"),
-            ("SOMETHINGNEW a code this client does not know", |o: &Outcome| matches!(o, Outcome::Rejected { .. }), false, "other"),
+            ("SOMETHINGNEW a code this client does not know", retry, false, "other"),
+            ("NOREPLICAS Not enough good replicas to write.", retry, false, "NOREPLICAS"),
+            ("ERR max number of clients reached", retry, true, "ERR"),
+            ("ERR Protocol error: unauthenticated multibulk length", |o: &Outcome| matches!(o, Outcome::Unauthorized { .. }), true, "auth"),
+            ("TRYAGAIN scangate: consumer group g has 990 entries unread or pending; adding 100 would trim unread ones (maxlen 1000): waiting for its consumers", retry, false, "TRYAGAIN"),
         ] {
             let (o, drop) = classify(&err(reply), &m);
             assert!(want(&o), "{reply}: {o:?}");
