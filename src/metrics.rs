@@ -136,6 +136,9 @@ pub struct Metrics {
     /// Redis sink: settings of the server that put delivered events at risk (eviction, no
     /// persistence), as last found at connect; logged as WARN when they change.
     pub redis_server_risks: Gauge,
+    /// Redis sink: how far the slowest consumer group of the stream is behind (lag + pending
+    /// entries, as Redis reports them), after the last batch; 0 without trimming.
+    pub redis_consumers_behind: Gauge,
     sources: Mutex<Vec<(String, std::sync::Arc<SourceHealth>)>>,
 }
 
@@ -550,6 +553,12 @@ impl Metrics {
             "counter",
             "Dead letters recorded in the dead-letter stream (Redis sink).",
             self.redis_dlq_recorded.get(),
+        );
+        line(
+            "redis_consumers_behind",
+            "gauge",
+            "Entries the slowest consumer group of the stream has not read or acknowledged (lag + pending, as Redis reports them), after the last batch.",
+            self.redis_consumers_behind.get(),
         );
         line(
             "redis_server_risks",

@@ -688,6 +688,11 @@ fn redis_streams_mistakes_are_named_with_their_key() {
             "control",
         ),
         (
+            "url = \"redis://bus\"\nmaxlen = 1000\n",
+            "upstream.maxlen",
+            "batch_max_events × max_in_flight = 8000",
+        ),
+        (
             "url = \"redis://bus\"\nusername = \"gw\"\n",
             "upstream.username",
             "password_file",

@@ -1715,6 +1715,17 @@ fn build_upstream(u: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<
             Compression::Gzip(level.unwrap_or(1) as u32)
         }
     };
+    if let Some(Sink::RedisStreams(r)) = &sink {
+        let batch = max_events.unwrap_or(500) as u64;
+        let flight = max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT as i64) as u64;
+        if r.maxlen > 0 && r.maxlen < batch * flight {
+            p.push(
+                u.span_of("maxlen"),
+                "upstream.maxlen",
+                format!("{} would trim the gateway's own batches before any consumer reads them: use 0 (no trimming) or at least batch_max_events × max_in_flight = {}", r.maxlen, batch * flight),
+            );
+        }
+    }
     Some(UpstreamConfig {
         endpoint: endpoint?,
         sink: sink?,

@@ -41,35 +41,17 @@ use std::time::Duration;
 /// not there yet is set, and the entry added; if the entry cannot be added, the key is
 /// deleted again, so no event is ever marked seen without its entry. An error stops the script
 /// with that error: the entries added before it keep their keys, so the batch sent again
-/// skips them. With trimming on, the batch is refused (`TRYAGAIN scangate: …`, kept and
-/// retried) while a consumer group has so many entries unread or pending (its `lag` +
-/// `pending`, Redis 7) that adding it would trim some of them: a drained backlog never
-/// pushes unread events out of the stream. (Two calls per event: checking with EXISTS and setting the key after the XADD
+/// skips them. With trimming on, it also returns how far the slowest consumer group is
+/// behind (`{added, lag + pending}`): trimming is the stream's retention and does not wait
+/// for consumers (Redis cannot tell reliably what a group has not read once entries were
+/// trimmed or deleted: its `lag` goes unknown or stale), so scangate warns when a batch is
+/// about to push unread entries out (see the README). (Two calls per event: checking with EXISTS and setting the key after the XADD
 /// was three, and drained a backlog about a third slower.)
 pub const SCRIPT: &str = r#"-- scangate: idempotent XADD of one batch
 local maxlen = tonumber(ARGV[1])
 local ttl = ARGV[2]
 local added = 0
 local a = 3
-if maxlen > 0 then
-  local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])
-  if type(groups) == 'table' and not groups.err then
-    for _, g in ipairs(groups) do
-      local name, pending, lag = '?', 0, nil
-      for k = 1, #g - 1, 2 do
-        if g[k] == 'name' then name = g[k + 1]
-        elseif g[k] == 'pending' then pending = tonumber(g[k + 1]) or 0
-        elseif g[k] == 'lag' then lag = tonumber(g[k + 1]) end
-      end
-      local unread = pending + (lag or 0)
-      if unread > 0 and unread + #KEYS - 1 > maxlen then
-        return redis.error_reply('TRYAGAIN scangate: consumer group ' .. name .. ' has ' ..
-          unread .. ' entries unread or pending; adding ' .. (#KEYS - 1) ..
-          ' would trim unread ones (maxlen ' .. maxlen .. '): waiting for its consumers')
-      end
-    end
-  end
-end
 for i = 2, #KEYS do
   local n = tonumber(ARGV[a])
   local new = redis.pcall('SET', KEYS[i], '1', 'NX', 'EX', ttl)
@@ -100,6 +82,23 @@ for i = 2, #KEYS do
     added = added + 1
   end
   a = a + 1 + 2 * n
+end
+if maxlen > 0 then
+  -- How far the slowest consumer group is behind (lag + pending, as Redis 7 reports them;
+  -- 0 where it cannot say): a warning, not a gate (see the docs above).
+  local behind = 0
+  local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])
+  if type(groups) == 'table' and not groups.err then
+    for _, g in ipairs(groups) do
+      local pending, lag = 0, 0
+      for k = 1, #g - 1, 2 do
+        if g[k] == 'pending' then pending = tonumber(g[k + 1]) or 0
+        elseif g[k] == 'lag' then lag = tonumber(g[k + 1]) or 0 end
+      end
+      if pending + lag > behind then behind = pending + lag end
+    end
+  end
+  return {added, behind}
 end
 return added
 "#;
@@ -225,6 +224,8 @@ pub struct RedisSender {
     gateway_id: String,
     /// What [`server_risks`] last found (warned when it changes).
     risks: std::sync::Mutex<Vec<String>>,
+    /// A consumer group was last seen so far behind that trimming removes unread entries.
+    trimming_unread: std::sync::atomic::AtomicBool,
 }
 
 /// Settings of a Redis server that put delivered events at risk, from its `INFO` text and its
@@ -281,6 +282,10 @@ pub enum SetupError {
 fn read_secret(path: &std::path::Path) -> Option<String> {
     match std::fs::read_to_string(path) {
         // Trimmed like every secret file scangate reads (an editor's newline, a stray space).
+        Ok(t) if t.trim().is_empty() => {
+            tracing::error!(path = %path.display(), "The Redis password file is empty; connecting without a password");
+            None
+        }
         Ok(t) => Some(t.trim().to_string()),
         Err(e) => {
             tracing::error!(path = %path.display(), error = %e, "Cannot read the Redis password file; connecting without a password");
@@ -342,6 +347,7 @@ impl RedisSender {
             metrics,
             gateway_id,
             risks: std::sync::Mutex::new(Vec::new()),
+            trimming_unread: std::sync::atomic::AtomicBool::new(false),
         };
         sender.reload_credentials()?;
         Ok(sender)
@@ -418,18 +424,37 @@ impl RedisSender {
                     o => o,
                 };
                 // Refused while connecting (AUTH, HELLO, SELECT): never about a batch, so not
-                // a refusal to bisect; the settings are wrong (a password for a server without
-                // one, a database number it does not have).
+                // a refusal to bisect; an ERR there means the settings are wrong (a password
+                // for a server without one, a database number it does not have).
+                let settings =
+                    e.code() == Some("ERR") && !e.to_string().contains("max number of clients");
                 Err(match o {
-                    Outcome::Rejected { reason, .. } => Outcome::Misconfigured {
-                        status: 421,
-                        reason: format!(
-                            "{reason} (while connecting: check url, username and password_file)"
-                        ),
-                    },
+                    Outcome::Rejected { reason, .. } | Outcome::Retry { reason, .. }
+                        if settings =>
+                    {
+                        Outcome::Misconfigured {
+                            status: 421,
+                            reason: format!(
+                                "{reason} (while connecting: check url, username and password_file)"
+                            ),
+                        }
+                    }
                     o => o,
                 })
             }
+        }
+    }
+
+    /// Record how far the slowest consumer group is behind, and warn (once per change of
+    /// state) when adding batches of `n` pushes entries it has not read out of the stream.
+    fn consumers_behind(&self, behind: u64, n: u64) {
+        self.metrics.redis_consumers_behind.set(behind);
+        let trimming = behind + n > self.cfg.maxlen;
+        let was = self.trimming_unread.swap(trimming, Ordering::Relaxed);
+        if trimming && !was {
+            tracing::warn!(stream = %self.cfg.stream, behind, maxlen = self.cfg.maxlen, "Redis: a consumer group is so far behind that trimming (maxlen) removes entries it has not read; raise maxlen, speed the consumers up, or set maxlen = 0 and trim after XACK");
+        } else if !trimming && was {
+            tracing::info!(stream = %self.cfg.stream, behind, "Redis: the consumer groups are within maxlen again");
         }
     }
 
@@ -538,6 +563,19 @@ impl RedisSender {
                     self.metrics.upstream_bytes_sent.add(batch.bytes as u64);
                     let added = match v {
                         redis::Value::Int(n) => n,
+                        redis::Value::Array(ref a)
+                            if matches!(
+                                a.as_slice(),
+                                [redis::Value::Int(_), redis::Value::Int(_)]
+                            ) =>
+                        {
+                            let (added, behind) = match a.as_slice() {
+                                [redis::Value::Int(x), redis::Value::Int(b)] => (*x, *b),
+                                _ => (0, 0),
+                            };
+                            self.consumers_behind(behind.max(0) as u64, batch.events as u64);
+                            added
+                        }
                         other => {
                             self.metrics.redis_error("unexpected_reply");
                             return Ok(Outcome::Retry {
@@ -645,6 +683,15 @@ fn is_auth(e: &redis::RedisError) -> bool {
         || text.contains("unauthenticated")
 }
 
+/// An `ERR` about the size of a command or value (so about the events in it).
+fn is_about_size(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    t.contains("exceeds maximum")
+        || t.contains("invalid bulk length")
+        || t.contains("too large")
+        || t.contains("too big")
+}
+
 /// Error codes counted by name in `scangate_redis_errors_total` (others as `other`: a server
 /// must not grow the label set without bound).
 const CODES: &[&str] = &[
@@ -733,10 +780,6 @@ pub fn classify(e: &redis::RedisError, metrics: &Metrics) -> (Outcome, bool) {
     );
     match e.kind() {
         K::Server(S::BusyLoading) => retry(format!("Redis is loading its dataset (restarted): {text}"), false),
-        K::Server(S::TryAgain) if text.contains("scangate:") => retry(
-            format!("consumers are behind; events wait in the spool: {text}"),
-            false,
-        ),
         K::Server(S::TryAgain) => retry(format!("Redis asks to try again: {text}"), false),
         // A failover: reach the new primary on a new connection.
         K::Server(S::ReadOnly | S::MasterDown) => retry(
@@ -764,9 +807,20 @@ pub fn classify(e: &redis::RedisError, metrics: &Metrics) -> (Outcome, bool) {
             format!("Redis has no room for another client (maxclients): {text}"),
             true,
         ),
-        // What may be about the batch's content: bisected, and an event refused alone while
-        // others pass is a dead letter.
-        K::Server(S::ResponseError | S::NoPerm) => (
+        // An ERR about the size of what was sent (an event larger than the server takes):
+        // bisected, and an event refused alone while others pass is a dead letter.
+        K::Server(S::ResponseError) if is_about_size(&text) => (
+            Outcome::Rejected {
+                status: 400,
+                reason: format!("Redis refused: {text}"),
+            },
+            false,
+        ),
+        // Any other ERR (a proxy's "ERR Connection timed out", a script error of a
+        // Redis-compatible server): keep and retry; the reason shows it.
+        K::Server(S::ResponseError) => retry(format!("Redis: {text}"), false),
+        // A key the ACL does not allow: maybe only some events' keys (bisected).
+        K::Server(S::NoPerm) => (
             Outcome::Rejected {
                 status: 400,
                 reason: format!("Redis refused: {text}"),
@@ -830,12 +884,14 @@ mod tests {
             ("CROSSSLOT Keys in request don't hash to the same slot", |o: &Outcome| matches!(o, Outcome::Misconfigured { .. }), false, "cluster"),
             ("WRONGTYPE Operation against a key holding the wrong kind of value", |o: &Outcome| matches!(o, Outcome::Rejected { .. }), false, "WRONGTYPE"),
             ("NOPERM this user has no permissions to access one of the keys used as arguments", |o: &Outcome| matches!(o, Outcome::Rejected { .. }), false, "NOPERM"),
-            ("ERR Error running script (call to f_x): @user_script:1: some refusal", |o: &Outcome| matches!(o, Outcome::Rejected { .. }), false, "ERR"),
+            ("ERR Error running script (call to f_x): @user_script:1: some refusal", retry, false, "ERR"),
+            ("ERR Connection timed out", retry, false, "ERR"),
+            ("ERR string exceeds maximum allowed size (proto-max-bulk-len)", |o: &Outcome| matches!(o, Outcome::Rejected { .. }), false, "ERR"),
+            ("ERR Protocol error: invalid bulk length", |o: &Outcome| matches!(o, Outcome::Rejected { .. }), false, "ERR"),
             ("SOMETHINGNEW a code this client does not know", retry, false, "other"),
             ("NOREPLICAS Not enough good replicas to write.", retry, false, "NOREPLICAS"),
             ("ERR max number of clients reached", retry, true, "ERR"),
             ("ERR Protocol error: unauthenticated multibulk length", |o: &Outcome| matches!(o, Outcome::Unauthorized { .. }), true, "auth"),
-            ("TRYAGAIN scangate: consumer group g has 990 entries unread or pending; adding 100 would trim unread ones (maxlen 1000): waiting for its consumers", retry, false, "TRYAGAIN"),
         ] {
             let (o, drop) = classify(&err(reply), &m);
             assert!(want(&o), "{reply}: {o:?}");
