@@ -44,6 +44,10 @@ impl Gauge {
 
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// Woken when a source keeps a read for the status page (its live view).
+    pub reads_shown: tokio::sync::Notify,
+    /// Status pages connected to `/events` now.
+    pub admin_live_clients: Gauge,
     pub frames_in: Counter,
     pub bytes_in: Counter,
     pub reads_in: Counter,
@@ -176,9 +180,90 @@ pub struct SourceHealth {
     other: Mutex<BTreeMap<&'static str, u64>>,
     /// The last reason the port closed or could not be opened.
     last_error: Mutex<Option<String>>,
+    /// Reads by antenna port (index = port; 0: no port reported; ports above
+    /// [`ANTENNA_SLOTS`] − 1 are counted in the last slot).
+    antenna_reads: [Counter; ANTENNA_SLOTS],
+    /// The last few reads, sampled (see [`SourceHealth::record_read`]), for the status page.
+    recent: Mutex<std::collections::VecDeque<RecentRead>>,
+    /// Wall time of the last sampled read.
+    last_sample_ms: std::sync::atomic::AtomicI64,
 }
 
+/// Antenna ports counted one by one on the status page (0 to 15; readers have 1 to 8, a few
+/// 16 with hubs).
+pub const ANTENNA_SLOTS: usize = 17;
+
+/// Reads kept per source for the status page.
+pub const RECENT_READS: usize = 8;
+
+/// Least time between two reads kept for the status page, ms: at most 20 a second per
+/// source (a technician aiming an antenna watches reads one by one; at thousands a second
+/// every one would cost the hot path and show nothing more).
+pub const SAMPLE_MS: i64 = 50;
+
+/// A read as the status page shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecentRead {
+    pub kind: &'static str,
+    /// The tag, at most [`SHOWN_TAG_CHARS`] characters.
+    pub tag: String,
+    pub rssi_dbm: Option<f32>,
+    pub antenna: Option<u16>,
+    /// When it was read, wall clock, unix ms.
+    pub at_ms: i64,
+}
+
+/// Longest tag shown on the status page, characters.
+pub const SHOWN_TAG_CHARS: usize = 64;
+
 impl SourceHealth {
+    /// Count `read` (read at `wall_ms`) by antenna port and keep it for the status page if
+    /// [`SAMPLE_MS`] passed since the last one kept. True when it was kept.
+    pub fn record_read(&self, read: &crate::event::Read, wall_ms: i64) -> bool {
+        let slot = read
+            .antenna
+            .map_or(0, |a| (a as usize).min(ANTENNA_SLOTS - 1));
+        self.antenna_reads[slot].inc();
+        let last = self.last_sample_ms.load(Ordering::Relaxed);
+        if wall_ms >= last && wall_ms - last < SAMPLE_MS {
+            return false;
+        }
+        self.last_sample_ms.store(wall_ms, Ordering::Relaxed);
+        let r = RecentRead {
+            kind: read.kind.as_str(),
+            tag: read.tag.chars().take(SHOWN_TAG_CHARS).collect(),
+            rssi_dbm: read.rssi_dbm,
+            antenna: read.antenna,
+            at_ms: wall_ms,
+        };
+        if let Ok(mut q) = self.recent.lock() {
+            if q.len() == RECENT_READS {
+                q.pop_front();
+            }
+            q.push_back(r);
+        }
+        true
+    }
+
+    /// The reads kept for the status page, oldest first.
+    pub fn recent_reads(&self) -> Vec<RecentRead> {
+        self.recent
+            .lock()
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Reads by antenna port: (port, reads) for every port that has reads (port 0: none
+    /// reported).
+    pub fn antenna_reads(&self) -> Vec<(usize, u64)> {
+        self.antenna_reads
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i, c.get()))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
     pub fn bad_frame(&self, reason: &'static str) {
         if let Ok(mut m) = self.bad.lock() {
             *m.entry(reason).or_default() += 1;
@@ -230,6 +315,8 @@ impl SourceHealth {
             "bad_frames": self.bad_frames(),
             "other_frames": self.other_frames(),
             "last_error": self.last_error(),
+            "antennas": self.antenna_reads().into_iter().map(|(port, reads)| serde_json::json!({"port": port, "reads": reads})).collect::<Vec<_>>(),
+            "recent_reads": self.recent_reads(),
         })
     }
 }
@@ -555,6 +642,12 @@ impl Metrics {
             self.redis_dlq_recorded.get(),
         );
         line(
+            "admin_live_clients",
+            "gauge",
+            "Status pages connected to the live view (/events) now.",
+            self.admin_live_clients.get(),
+        );
+        line(
             "redis_consumers_behind",
             "gauge",
             "Entries the slowest consumer group of the stream has not read or acknowledged (lag + pending, as Redis reports them), after the last batch.",
@@ -691,4 +784,50 @@ pub fn proc_io_field(pid: &str, field: &str) -> Option<u64> {
         l.strip_prefix(field)
             .and_then(|r| r.trim_start_matches(':').trim().parse().ok())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Read, ReadKind};
+
+    fn read(tag: &str, antenna: Option<u16>) -> Read {
+        Read {
+            kind: ReadKind::Epc,
+            tag: tag.into(),
+            antenna,
+            rssi_dbm: Some(-61.5),
+            rssi_raw: None,
+            symbology: None,
+            value: None,
+        }
+    }
+
+    #[test]
+    fn reads_kept_for_the_status_page_are_sampled_bounded_and_counted_by_antenna() {
+        let h = SourceHealth::default();
+        // 1,000 reads 1 ms apart: one kept per SAMPLE_MS, the last RECENT_READS of them.
+        let mut kept = 0;
+        for i in 0..1000i64 {
+            kept += h.record_read(
+                &read(&format!("T{i}"), Some((i % 3) as u16 + 1)),
+                10_000 + i,
+            ) as i64;
+        }
+        assert_eq!(kept, 1000 / SAMPLE_MS);
+        let recent = h.recent_reads();
+        assert_eq!(recent.len(), RECENT_READS);
+        assert_eq!(recent.last().unwrap().tag, "T950");
+        assert_eq!(h.antenna_reads(), vec![(1, 334), (2, 333), (3, 333)]);
+        // No port, a port beyond the slots, a clock that stepped back, a long tag.
+        h.record_read(&read("x", None), 20_000);
+        h.record_read(&read("y", Some(400)), 20_100);
+        assert!(h.record_read(&read(&"Z".repeat(500), Some(1)), 5_000));
+        let a = h.antenna_reads();
+        assert!(a.contains(&(0, 1)) && a.contains(&(ANTENNA_SLOTS - 1, 1)));
+        assert_eq!(
+            h.recent_reads().last().unwrap().tag.chars().count(),
+            SHOWN_TAG_CHARS
+        );
+    }
 }

@@ -1,5 +1,6 @@
-//! Local HTTP for operators and technicians: `/health`, `/metrics` (Prometheus text),
-//! `/status` (JSON). Loopback by default; read-only.
+//! Local HTTP for operators and technicians: `/` (the status page), `/events` (its live
+//! view, server-sent events), `/health`, `/metrics` (Prometheus text), `/status` (JSON).
+//! Loopback by default; read-only.
 
 use crate::app::Running;
 use crate::config::Config;
@@ -182,6 +183,16 @@ async fn require_token(
         )
             .into_response(),
         Some(Ok(token)) => {
+            // The status page cannot set a header on its live view (EventSource), so the
+            // token may also come as `?token=` (the page passes on its own).
+            let query =
+                axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(
+                    req.uri(),
+                )
+                .ok()
+                .and_then(|q| q.0.get("token").cloned())
+                .unwrap_or_default();
+            let query = query.as_str();
             let given = req
                 .headers()
                 .get(axum::http::header::AUTHORIZATION)
@@ -189,7 +200,7 @@ async fn require_token(
                 // The scheme is case-insensitive (RFC 9110).
                 .and_then(|v| v.split_once(' '))
                 .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-                .map_or("", |(_, t)| t.trim());
+                .map_or(query, |(_, t)| t.trim());
             if same(given.as_bytes(), token.as_bytes()) {
                 next.run(req).await
             } else {
@@ -226,6 +237,8 @@ pub async fn serve(listener: tokio::net::TcpListener, running: Running, cfg: Con
         }),
     };
     let app = Router::new()
+        .route("/", get(page))
+        .route("/events", get(events))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
@@ -324,9 +337,87 @@ async fn metrics(State(c): State<Ctx>) -> impl IntoResponse {
 }
 
 async fn status(State(c): State<Ctx>) -> impl IntoResponse {
+    Json(snapshot(&c).await)
+}
+
+/// Status pages connected to `/events` at most at once (each costs a spool query per update).
+pub const MAX_LIVE_CLIENTS: u64 = 8;
+
+/// Least time between two updates of one live view, ms.
+const LIVE_MIN_MS: u64 = 100;
+
+/// The status page: everything it needs is in this one document (no CDN: the gateway may be
+/// offline), with the current state embedded so it shows at once; it then follows
+/// `/events`.
+async fn page(State(c): State<Ctx>) -> impl IntoResponse {
+    let snap = snapshot(&c).await.to_string();
+    // Inside a <script> element: no "</script>" or "<!--" can come out of a tag's text.
+    let snap = snap
+        .replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026");
+    let html = include_str!("status.html").replace("/*SNAPSHOT*/null", &snap);
+    (
+        [
+            ("content-type", "text/html; charset=utf-8"),
+            ("cache-control", "no-store"),
+            (
+                "content-security-policy",
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:",
+            ),
+        ],
+        html,
+    )
+}
+
+/// The live view: a `status` event with the page's data (as `/status`) at once, then again
+/// whenever a source shows a new read (at most every [`LIVE_MIN_MS`]) and at least every
+/// second. Pushed by the gateway: pages do not poll.
+async fn events(State(c): State<Ctx>) -> axum::response::Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let m = c.running.metrics.clone();
+    if m.admin_live_clients.get() >= MAX_LIVE_CLIENTS {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many status pages open; close one",
+        )
+            .into_response();
+    }
+    m.admin_live_clients.set(m.admin_live_clients.get() + 1);
+    struct Leave(std::sync::Arc<crate::metrics::Metrics>);
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            let n = self.0.admin_live_clients.get();
+            self.0.admin_live_clients.set(n.saturating_sub(1));
+        }
+    }
+    let leave = Leave(m.clone());
+    let stream = futures_util::stream::unfold((c, leave, true), |(c, leave, first)| async move {
+        if !first {
+            let m = c.running.metrics.clone();
+            let shown = m.reads_shown.notified();
+            tokio::select! {
+                _ = shown => {}
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(LIVE_MIN_MS)).await;
+        }
+        let data = snapshot(&c).await.to_string();
+        let ev: Result<Event, std::convert::Infallible> =
+            Ok(Event::default().event("status").data(data));
+        Some((ev, (c, leave, false)))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// What `/status`, the status page and its live view show.
+async fn snapshot(c: &Ctx) -> serde_json::Value {
     let s = c.running.spool.stats().await.ok();
     let m = &c.running.metrics;
-    Json(serde_json::json!({
+    serde_json::json!({
+        "now_ms": crate::event::wall_now_ms(),
         "gateway_id": c.gateway,
         "upstream": c.upstream,
         "sources": c.sources.iter().map(|(n, l)| {
@@ -360,5 +451,5 @@ async fn status(State(c): State<Ctx>) -> impl IntoResponse {
         },
         "clock_unsynced": m.clock_unsynced.get() == 1,
         "delivery_held_for_clock": m.delivery_held_for_clock.get() == 1,
-    }))
+    })
 }

@@ -159,6 +159,9 @@ impl Feed {
                 self.health.frames.inc();
                 self.health.reads.inc();
                 self.health.last_frame_ms.set(wall_ms.max(0) as u64);
+                if self.health.record_read(&read, wall_ms) {
+                    self.metrics.reads_shown.notify_waiters();
+                }
                 // Reads recovered from a journal carry the wall time of their read: their boot
                 // time is as far back as that (exact while the wall clock did not step). A
                 // read stamped by an unsynced clock and recovered after it synced (or the
