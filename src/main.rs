@@ -549,6 +549,38 @@ fn status(cfg: &Config) -> anyhow::Result<()> {
                     src["bad_frames"],
                     src["other_frames"]
                 );
+                let antennas: Vec<String> = src["antennas"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|a| match a["port"].as_u64() {
+                        Some(0) | None => format!("no port {}", a["reads"]),
+                        Some(p) => format!("{p}: {}", a["reads"]),
+                    })
+                    .collect();
+                if !antennas.is_empty() {
+                    println!("  reads by antenna: {}", antennas.join(", "));
+                }
+                let now = v["now_ms"].as_i64().unwrap_or(0);
+                for r in src["recent_reads"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .rev()
+                    .take(3)
+                {
+                    println!(
+                        "  read {:<24} {:>8} antenna {:<3} {} ms ago",
+                        r["tag"].as_str().unwrap_or("?"),
+                        r["rssi_dbm"]
+                            .as_f64()
+                            .map_or("–".to_string(), |d| format!("{d:.1} dBm")),
+                        r["antenna"]
+                            .as_u64()
+                            .map_or("–".to_string(), |a| a.to_string()),
+                        (now - r["at_ms"].as_i64().unwrap_or(now)).max(0)
+                    );
+                }
             }
         }
         Some(Err(e)) => println!(

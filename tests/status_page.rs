@@ -222,6 +222,16 @@ async fn the_status_page_shows_a_read_from_a_pty_within_a_second_and_a_screensho
         true
     );
 
+    // `scangate status` asks the running daemon for the same data.
+    let out = Command::new(env!("CARGO_BIN_EXE_scangate"))
+        .args(["status", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("  read 0125123456"), "{text}");
+    assert!(text.contains("reads by antenna: no port 1"), "{text}");
+
     let png = b.screenshot().await;
     assert!(png.len() > 2_000, "a screenshot of {} bytes", png.len());
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
