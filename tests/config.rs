@@ -727,3 +727,36 @@ fn redis_streams_mistakes_are_named_with_their_key() {
         "{errs:?}"
     );
 }
+
+/// What a technician's editor does to a file is named as such: a byte-order mark in the
+/// middle (two files joined) at its line and column, a key set twice with both lines. A BOM
+/// at the very start is accepted.
+#[test]
+fn editor_mistakes_are_named_as_such() {
+    let good = with_upstream("");
+    assert!(Config::parse(&format!("\u{feff}{good}"), Path::new("/etc/scangate")).is_ok());
+
+    let joined = format!("{good}\u{feff}[admin]\nlisten = \"off\"\n");
+    let errs = Config::parse(&joined, Path::new("/etc/scangate")).unwrap_err();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].message.contains("byte-order mark"), "{errs:?}");
+    assert_eq!(
+        (errs[0].line, errs[0].column),
+        (good.lines().count() + 1, 1)
+    );
+
+    let twice = with_upstream("batch_max_events = 10\nretry_min_ms = 50\nbatch_max_events = 20\n");
+    let errs = Config::parse(&twice, Path::new("/etc/scangate")).unwrap_err();
+    let first = twice
+        .lines()
+        .position(|l| l.starts_with("batch_max_events"))
+        .unwrap()
+        + 1;
+    assert!(
+        errs[0]
+            .message
+            .contains(&format!("first set at line {first}")),
+        "{errs:?}"
+    );
+    assert_eq!(errs[0].line, first + 2, "{errs:?}");
+}

@@ -461,6 +461,25 @@ pub struct LocatedError {
     pub message: String,
 }
 
+/// For the parser's "duplicate key `k` …" reported at line `again`: the line where `k` was
+/// first set in the same table (searching back to the table's header), if it is found.
+fn first_of_duplicate(text: &str, message: &str, again: usize) -> Option<usize> {
+    let key = message.strip_prefix("duplicate key `")?.split('`').next()?;
+    let lines: Vec<&str> = text.lines().collect();
+    let mut first = None;
+    for n in (1..again).rev() {
+        let l = lines.get(n - 1)?.trim_start();
+        if l.starts_with('[') {
+            break;
+        }
+        let k = l.split('=').next().unwrap_or("").trim().trim_matches('"');
+        if l.contains('=') && k == key {
+            first = Some(n);
+        }
+    }
+    first
+}
+
 fn render_invalid(path: &Path, errors: &[LocatedError]) -> String {
     let mut s = format!("{} has {} error(s):", path.display(), errors.len());
     for e in errors {
@@ -509,11 +528,34 @@ impl Config {
 
     /// Validate config text; relative paths are resolved against `base_dir`.
     pub fn parse(text: &str, base_dir: &Path) -> Result<Config, Vec<LocatedError>> {
+        // A byte-order mark at the very start is an editor's habit (Windows Notepad): fine.
+        // One further in is two files joined: named as such, at its place, rather than left
+        // to the TOML parser's "invalid key".
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let boms: Vec<LocatedError> = text
+            .match_indices('\u{feff}')
+            .map(|(at, _)| {
+                let (line, column) = line_col(text, at);
+                LocatedError {
+                    line,
+                    column,
+                    key: "(syntax)".into(),
+                    message: "a byte-order mark (U+FEFF, an invisible character) in the middle of the file: were two files joined? Delete it (it belongs at most at the very start)".into(),
+                }
+            })
+            .collect();
+        if !boms.is_empty() {
+            return Err(boms);
+        }
         let doc = match ImDocument::parse(text) {
             Ok(d) => d,
             Err(e) => {
                 let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-                let message = e.message().trim().to_string();
+                let mut message = e.message().trim().to_string();
+                if let Some(first) = first_of_duplicate(text, &message, line) {
+                    message =
+                        format!("{message}: first set at line {first}, again here (keep one)");
+                }
                 return Err(vec![LocatedError {
                     line,
                     column,
