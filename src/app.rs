@@ -490,7 +490,7 @@ pub async fn run(
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| AppError::Admin { addr, source })?;
-            tracing::info!(addr = %addr, "Admin HTTP listening (/health, /metrics, /status)");
+            tracing::info!(addr = %addr, "Admin HTTP listening (/ status page, /events, /health, /metrics, /status)");
             Some(tokio::spawn(crate::admin::serve(
                 listener,
                 Running {

@@ -145,6 +145,23 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Cmd::Validate { config } => match load(&config) {
+            // The admin token is read at start: one that cannot be read refuses every admin
+            // request (even /health), so it is checked here too (ExecStartPre runs this). A
+            // systemd credential exists only inside the service: not checked outside it.
+            Ok(cfg)
+                if cfg.admin.listen.is_some()
+                    && !cfg
+                        .admin
+                        .token_file
+                        .as_ref()
+                        .is_some_and(|p| p.starts_with("$CREDENTIALS_DIRECTORY"))
+                    && matches!(scangate::admin::admin_token(&cfg), Some(Err(_))) =>
+            {
+                if let Some(Err(e)) = scangate::admin::admin_token(&cfg) {
+                    eprintln!("{}: admin.token_file: {e}", config.display());
+                }
+                ExitCode::from(EXIT_CONFIG)
+            }
             Ok(cfg) => {
                 println!(
                     "{}: valid ({} source(s), upstream {})",
@@ -554,7 +571,8 @@ fn status(cfg: &Config) -> anyhow::Result<()> {
                     .into_iter()
                     .flatten()
                     .map(|a| match a["port"].as_u64() {
-                        Some(0) | None => format!("no port {}", a["reads"]),
+                        None => format!("no port {}", a["reads"]),
+                        Some(p) if a["and_above"] == true => format!("{p}+: {}", a["reads"]),
                         Some(p) => format!("{p}: {}", a["reads"]),
                     })
                     .collect();

@@ -40,6 +40,14 @@ impl Gauge {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+    /// Add one unless the value is already `max` or more (atomically); true when added.
+    pub fn inc_below(&self, max: u64) -> bool {
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                (v < max).then_some(v + 1)
+            })
+            .is_ok()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -180,25 +188,33 @@ pub struct SourceHealth {
     other: Mutex<BTreeMap<&'static str, u64>>,
     /// The last reason the port closed or could not be opened.
     last_error: Mutex<Option<String>>,
-    /// Reads by antenna port (index = port; 0: no port reported; ports above
-    /// [`ANTENNA_SLOTS`] − 1 are counted in the last slot).
-    antenna_reads: [Counter; ANTENNA_SLOTS],
+    /// Reads by antenna port: slot 0 no port reported, slot p + 1 port p, the last slot every
+    /// port from [`ANTENNA_PORTS`] up.
+    antenna_reads: [Counter; ANTENNA_PORTS + 2],
     /// The last few reads, sampled (see [`SourceHealth::record_read`]), for the status page.
     recent: Mutex<std::collections::VecDeque<RecentRead>>,
-    /// Wall time of the last sampled read.
-    last_sample_ms: std::sync::atomic::AtomicI64,
+    /// Start of the current sampling window (wall ms), reads kept in it, and a hash of the
+    /// last tag kept.
+    window_ms: std::sync::atomic::AtomicI64,
+    kept_in_window: AtomicU64,
+    last_tag_hash: AtomicU64,
 }
 
-/// Antenna ports counted one by one on the status page (0 to 15; readers have 1 to 8, a few
-/// 16 with hubs).
-pub const ANTENNA_SLOTS: usize = 17;
+/// Antenna ports counted one by one on the status page (0 to 15: readers have 1 to 8, a few
+/// 16 with hubs); higher ports share one count.
+pub const ANTENNA_PORTS: usize = 16;
+
+/// Reads kept for the status page per sampling window ([`SAMPLE_MS`]) and source: several
+/// tags read together (a pair on a belt, a multi-tag inventory) each show.
+pub const KEPT_PER_WINDOW: u64 = 4;
 
 /// Reads kept per source for the status page.
 pub const RECENT_READS: usize = 8;
 
-/// Least time between two reads kept for the status page, ms: at most 20 a second per
-/// source (a technician aiming an antenna watches reads one by one; at thousands a second
-/// every one would cost the hot path and show nothing more).
+/// Sampling window of the reads kept for the status page, ms: at most [`KEPT_PER_WINDOW`]
+/// reads of different tags per window and source, 80 a second (a technician aiming an antenna
+/// watches reads one by one; at thousands a second every one would cost the hot path and
+/// show nothing more).
 pub const SAMPLE_MS: i64 = 50;
 
 /// A read as the status page shows it.
@@ -217,21 +233,37 @@ pub struct RecentRead {
 pub const SHOWN_TAG_CHARS: usize = 64;
 
 impl SourceHealth {
-    /// Count `read` (read at `wall_ms`) by antenna port and keep it for the status page if
-    /// [`SAMPLE_MS`] passed since the last one kept. True when it was kept.
+    /// Count `read` (read at `wall_ms`) by antenna port and keep it for the status page: the
+    /// first read of each [`SAMPLE_MS`] window, then up to [`KEPT_PER_WINDOW`] in all when
+    /// their tag differs from the last one kept. True when it was kept.
     pub fn record_read(&self, read: &crate::event::Read, wall_ms: i64) -> bool {
         let slot = read
             .antenna
-            .map_or(0, |a| (a as usize).min(ANTENNA_SLOTS - 1));
+            .map_or(0, |a| (a as usize).min(ANTENNA_PORTS) + 1);
         self.antenna_reads[slot].inc();
-        let last = self.last_sample_ms.load(Ordering::Relaxed);
-        if wall_ms >= last && wall_ms - last < SAMPLE_MS {
+        let start = self.window_ms.load(Ordering::Relaxed);
+        // A new window after SAMPLE_MS, or when the clock stepped back.
+        if wall_ms < start || wall_ms - start >= SAMPLE_MS {
+            self.window_ms.store(wall_ms, Ordering::Relaxed);
+            self.kept_in_window.store(0, Ordering::Relaxed);
+        }
+        let kept = self.kept_in_window.load(Ordering::Relaxed);
+        if kept >= KEPT_PER_WINDOW {
             return false;
         }
-        self.last_sample_ms.store(wall_ms, Ordering::Relaxed);
+        let hash = xxhash_rust::xxh3::xxh3_64(read.tag.as_bytes());
+        if kept > 0 && hash == self.last_tag_hash.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.kept_in_window.store(kept + 1, Ordering::Relaxed);
+        self.last_tag_hash.store(hash, Ordering::Relaxed);
+        let mut tag: String = read.tag.chars().take(SHOWN_TAG_CHARS).collect();
+        if tag.len() < read.tag.len() {
+            tag.push('…');
+        }
         let r = RecentRead {
             kind: read.kind.as_str(),
-            tag: read.tag.chars().take(SHOWN_TAG_CHARS).collect(),
+            tag,
             rssi_dbm: read.rssi_dbm,
             antenna: read.antenna,
             at_ms: wall_ms,
@@ -253,13 +285,14 @@ impl SourceHealth {
             .unwrap_or_default()
     }
 
-    /// Reads by antenna port: (port, reads) for every port that has reads (port 0: none
-    /// reported).
-    pub fn antenna_reads(&self) -> Vec<(usize, u64)> {
+    /// Reads by antenna port, for every port that has reads: (None, n) for reads without a
+    /// port, (Some(p), n) for port p, and (Some([`ANTENNA_PORTS`]), n) for that port and
+    /// every higher one together.
+    pub fn antenna_reads(&self) -> Vec<(Option<usize>, u64)> {
         self.antenna_reads
             .iter()
             .enumerate()
-            .map(|(i, c)| (i, c.get()))
+            .map(|(i, c)| (i.checked_sub(1), c.get()))
             .filter(|(_, n)| *n > 0)
             .collect()
     }
@@ -315,7 +348,7 @@ impl SourceHealth {
             "bad_frames": self.bad_frames(),
             "other_frames": self.other_frames(),
             "last_error": self.last_error(),
-            "antennas": self.antenna_reads().into_iter().map(|(port, reads)| serde_json::json!({"port": port, "reads": reads})).collect::<Vec<_>>(),
+            "antennas": self.antenna_reads().into_iter().map(|(port, reads)| serde_json::json!({"port": port, "and_above": port == Some(ANTENNA_PORTS), "reads": reads})).collect::<Vec<_>>(),
             "recent_reads": self.recent_reads(),
         })
     }
@@ -806,28 +839,42 @@ mod tests {
     #[test]
     fn reads_kept_for_the_status_page_are_sampled_bounded_and_counted_by_antenna() {
         let h = SourceHealth::default();
-        // 1,000 reads 1 ms apart: one kept per SAMPLE_MS, the last RECENT_READS of them.
+        // 1,000 reads of one tag 1 ms apart: one kept per SAMPLE_MS window, the last
+        // RECENT_READS of them.
         let mut kept = 0;
         for i in 0..1000i64 {
-            kept += h.record_read(
-                &read(&format!("T{i}"), Some((i % 3) as u16 + 1)),
-                10_000 + i,
-            ) as i64;
+            kept += h.record_read(&read("SAME", Some((i % 3) as u16 + 1)), 10_000 + i) as i64;
         }
         assert_eq!(kept, 1000 / SAMPLE_MS);
-        let recent = h.recent_reads();
-        assert_eq!(recent.len(), RECENT_READS);
-        assert_eq!(recent.last().unwrap().tag, "T950");
-        assert_eq!(h.antenna_reads(), vec![(1, 334), (2, 333), (3, 333)]);
-        // No port, a port beyond the slots, a clock that stepped back, a long tag.
-        h.record_read(&read("x", None), 20_000);
-        h.record_read(&read("y", Some(400)), 20_100);
-        assert!(h.record_read(&read(&"Z".repeat(500), Some(1)), 5_000));
-        let a = h.antenna_reads();
-        assert!(a.contains(&(0, 1)) && a.contains(&(ANTENNA_SLOTS - 1, 1)));
+        assert_eq!(h.recent_reads().len(), RECENT_READS);
+        assert_eq!(h.recent_reads().last().unwrap().at_ms, 10_950);
         assert_eq!(
-            h.recent_reads().last().unwrap().tag.chars().count(),
-            SHOWN_TAG_CHARS
+            h.antenna_reads(),
+            vec![(Some(1), 334), (Some(2), 333), (Some(3), 333)]
         );
+        // Two tags read together every 25 ms: both show (up to KEPT_PER_WINDOW a window).
+        let h = SourceHealth::default();
+        let mut n = 0;
+        for i in 0..40i64 {
+            n += h.record_read(&read("AAAA", Some(1)), 20_000 + 25 * i) as u64;
+            n += h.record_read(&read("BBBB", Some(1)), 20_000 + 25 * i) as u64;
+        }
+        assert_eq!(n, 80, "pairs 25 ms apart: 4 a window, all kept");
+        let tags: Vec<String> = h.recent_reads().into_iter().map(|r| r.tag).collect();
+        assert!(tags.contains(&"AAAA".into()) && tags.contains(&"BBBB".into()));
+        // Port 0 is a port; no port, and ports from ANTENNA_PORTS up, have their own counts.
+        let h = SourceHealth::default();
+        for (a, t) in [(Some(0), 1), (None, 2), (Some(16), 3), (Some(400), 4)] {
+            h.record_read(&read("x", a), 30_000 + 100 * t);
+        }
+        assert_eq!(
+            h.antenna_reads(),
+            vec![(None, 1), (Some(0), 1), (Some(ANTENNA_PORTS), 2)]
+        );
+        // A long tag is cut, with a mark; a clock that stepped back starts a new window.
+        assert!(h.record_read(&read(&"Z".repeat(500), Some(1)), 5_000));
+        let t = h.recent_reads().last().unwrap().tag.clone();
+        assert_eq!(t.chars().count(), SHOWN_TAG_CHARS + 1);
+        assert!(t.ends_with('…'));
     }
 }

@@ -759,4 +759,54 @@ fn editor_mistakes_are_named_as_such() {
         "{errs:?}"
     );
     assert_eq!(errs[0].line, first + 2, "{errs:?}");
+
+    // A BOM inside a value or a comment is not a joined file.
+    let inside = good.replace("name = \"belt\"", "name = \"be\u{feff}lt\" # \u{feff}");
+    let errs = Config::parse(&inside, Path::new("/etc/scangate"))
+        .err()
+        .unwrap_or_default();
+    assert!(
+        errs.iter().all(|e| !e.message.contains("byte-order")),
+        "{errs:?}"
+    );
+    // A duplicate inside an inline table names no unrelated line.
+    let inline = with_upstream("a = 5\n[upstream.fields.constant]\nx = \"1\"\nx = \"2\"\n");
+    let errs = Config::parse(&inline, Path::new("/etc/scangate")).unwrap_err();
+    assert!(errs[0].message.contains("first set at line"), "{errs:?}");
+    let inline = with_upstream("event_type = \"x\"\nt = { event_type = 1, event_type = 2 }\n");
+    let errs = Config::parse(&inline, Path::new("/etc/scangate")).unwrap_err();
+    assert!(!errs[0].message.contains("first set at line"), "{errs:?}");
+}
+
+/// An admin token file that cannot be used (missing, empty) refuses every admin request once
+/// the daemon runs, /health included: `validate` (the unit's ExecStartPre) says so first.
+#[test]
+fn validate_refuses_an_admin_token_file_that_cannot_be_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin-token");
+    let cfg = dir.path().join("gw.toml");
+    let text = with_upstream("").replace(
+        "[upstream]",
+        &format!(
+            "[admin]\nlisten = \"0.0.0.0:9898\"\ntoken_file = \"{}\"\n[upstream]",
+            token.display()
+        ),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let run = || {
+        bin()
+            .args(["validate", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    assert_eq!(out.status.code(), Some(78), "missing");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("admin.token_file"));
+    std::fs::write(&token, "\n\n").unwrap();
+    let out = run();
+    assert_eq!(out.status.code(), Some(78), "empty");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is empty"));
+    std::fs::write(&token, "s3cret-admin\n").unwrap();
+    assert_eq!(run().status.code(), Some(0));
 }

@@ -301,3 +301,117 @@ async fn a_tag_made_of_markup_is_shown_as_text() {
     drop(b);
     drop(d);
 }
+
+/// A spool locked by another process does not hang the page or `/status`: they answer
+/// within the time `/health` waits, and say the spool is not responding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_spool_does_not_hang_the_page() {
+    let ingest = Ingest::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut master, slave) = pty_pair();
+    let slave_path = slave.name().expect("pty name");
+    let admin = free_port();
+    let state = dir.path().join("state");
+    let sources = format!("[[source]]\nname = \"belt\"\nkind = \"serial\"\nprotocol = \"lines\"\npath = \"{slave_path}\"\nbaud = 115200\n");
+    let cfg = write_config(
+        dir.path(),
+        &state,
+        &sources,
+        &ingest.base_url(),
+        "",
+        Some(admin),
+    );
+    let mut d = Daemon::spawn(&cfg, &dir.path().join("log"));
+    assert!(wait_metric(admin, "scangate_sources_connected", 1, T).await);
+    // Another process holds the spool's write lock; a read makes the gateway want it.
+    let c = rusqlite::Connection::open(state.join("spool.db")).unwrap();
+    c.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    master.write_all(b"0125000001\r\n").unwrap();
+    assert!(wait_metric(admin, "scangate_spool_blocked", 1, T).await);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(8))
+        .build()
+        .unwrap();
+    for path in ["status", ""] {
+        let t = tokio::time::Instant::now();
+        let body = client
+            .get(format!("http://127.0.0.1:{admin}/{path}"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("/{path} did not answer: {e}"))
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "/{path} took {:?}",
+            t.elapsed()
+        );
+        assert!(
+            body.contains("\"spool_not_responding\":true"),
+            "/{path}: {}",
+            &body[..body.len().min(400)]
+        );
+    }
+    c.execute_batch("COMMIT").unwrap();
+    drop(c);
+    assert!(wait_metric(admin, "scangate_spool_blocked", 0, T).await);
+    d.sigterm();
+    assert!(d.wait_exit(T).await.success());
+}
+
+/// A page refused its live view (8 pages already open) tries again by itself and goes live
+/// once a slot is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_refused_for_too_many_pages_goes_live_once_one_closes() {
+    let ingest = Ingest::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_master, slave) = pty_pair();
+    let slave_path = slave.name().expect("pty name");
+    let admin = free_port();
+    let sources = format!("[[source]]\nname = \"belt\"\nkind = \"serial\"\nprotocol = \"lines\"\npath = \"{slave_path}\"\nbaud = 115200\n");
+    let cfg = write_config(
+        dir.path(),
+        &dir.path().join("state"),
+        &sources,
+        &ingest.base_url(),
+        "",
+        Some(admin),
+    );
+    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
+    assert!(wait_metric(admin, "scangate_sources_connected", 1, T).await);
+    // Eight live views held open by this test.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let r = reqwest::get(format!("http://127.0.0.1:{admin}/events"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        held.push(r);
+    }
+    assert!(wait_metric(admin, "scangate_admin_live_clients", 8, T).await);
+    let r = reqwest::get(format!("http://127.0.0.1:{admin}/events"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "a ninth is refused");
+    let mut b = Browser::open(
+        &format!("http://127.0.0.1:{admin}/"),
+        &dir.path().join("chromium"),
+        800,
+        600,
+    )
+    .await;
+    b.wait_for(
+        "the page says it is not live",
+        "document.getElementById('live').textContent === 'reconnecting…'",
+    )
+    .await;
+    drop(held);
+    b.wait_for(
+        "the page live once slots are free",
+        "document.getElementById('live').textContent === 'live'",
+    )
+    .await;
+    drop(b);
+    drop(d);
+}

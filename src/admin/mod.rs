@@ -40,7 +40,7 @@ pub fn upstream_json(u: &crate::config::UpstreamConfig) -> serde_json::Value {
 /// The token a request must carry, read from `[admin] token_file` at start (None: no token
 /// asked; a new token takes a restart). A file that cannot be read refuses every request
 /// rather than opening the listener.
-fn admin_token(cfg: &Config) -> Option<Result<String, String>> {
+pub fn admin_token(cfg: &Config) -> Option<Result<String, String>> {
     let path = cfg.admin.token_file.as_ref()?;
     Some(match std::fs::read_to_string(path) {
         Ok(t) if !t.trim().is_empty() && t.trim().bytes().all(|b| b.is_ascii_graphic()) => {
@@ -107,7 +107,9 @@ impl axum::serve::Listener for Bounded {
     }
 }
 
-/// An admin connection holding its slot, closed after [`IDLE_CLOSE`] without a byte.
+/// An admin connection holding its slot, closed after [`IDLE_CLOSE`] without a byte in either
+/// direction (a client that opens a connection and sends nothing is dropped; a status page's
+/// live view, which the gateway writes to every second, stays).
 struct Guarded {
     stream: tokio::net::TcpStream,
     _permit: tokio::sync::OwnedSemaphorePermit,
@@ -147,7 +149,12 @@ impl tokio::io::AsyncWrite for Guarded {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+        let r = std::pin::Pin::new(&mut self.stream).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            let next = tokio::time::Instant::now() + IDLE_CLOSE;
+            self.idle.as_mut().reset(next);
+        }
+        r
     }
 
     fn poll_flush(
@@ -376,19 +383,18 @@ async fn page(State(c): State<Ctx>) -> impl IntoResponse {
 async fn events(State(c): State<Ctx>) -> axum::response::Response {
     use axum::response::sse::{Event, KeepAlive, Sse};
     let m = c.running.metrics.clone();
-    if m.admin_live_clients.get() >= MAX_LIVE_CLIENTS {
+    if !m.admin_live_clients.inc_below(MAX_LIVE_CLIENTS) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "too many status pages open; close one",
         )
             .into_response();
     }
-    m.admin_live_clients.set(m.admin_live_clients.get() + 1);
+    // The slot is given back when the stream ends (the page closed, the connection lost).
     struct Leave(std::sync::Arc<crate::metrics::Metrics>);
     impl Drop for Leave {
         fn drop(&mut self) {
-            let n = self.0.admin_live_clients.get();
-            self.0.admin_live_clients.set(n.saturating_sub(1));
+            self.0.admin_live_clients.sub(1);
         }
     }
     let leave = Leave(m.clone());
@@ -414,7 +420,12 @@ async fn events(State(c): State<Ctx>) -> axum::response::Response {
 
 /// What `/status`, the status page and its live view show.
 async fn snapshot(c: &Ctx) -> serde_json::Value {
-    let s = c.running.spool.stats().await.ok();
+    // Never longer than /health waits: a spool locked by another process must not hang the
+    // page (it then says so).
+    let s = tokio::time::timeout(std::time::Duration::from_secs(2), c.running.spool.stats())
+        .await
+        .ok()
+        .and_then(|r| r.ok());
     let m = &c.running.metrics;
     serde_json::json!({
         "now_ms": crate::event::wall_now_ms(),
@@ -439,6 +450,7 @@ async fn snapshot(c: &Ctx) -> serde_json::Value {
         "upstream_rejecting_all": m.upstream_rejecting_all.get() == 1,
         "spool_quarantined": m.spool_quarantined.get() == 1,
         "spool_blocked": m.spool_blocked.get() == 1,
+        "spool_not_responding": s.is_none(),
         "dropped": m.dropped_total(),
         "suppression": {
             "reads": m.suppress_reads.get(),
@@ -452,4 +464,44 @@ async fn snapshot(c: &Ctx) -> serde_json::Value {
         "clock_unsynced": m.clock_unsynced.get() == 1,
         "delivery_held_for_clock": m.delivery_held_for_clock.get() == 1,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A status page's live view only receives: the gateway's writes keep its connection
+    /// open; a connection silent both ways is closed after IDLE_CLOSE.
+    #[tokio::test(start_paused = true)]
+    async fn writes_keep_a_connection_open_silence_closes_it() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let permit = std::sync::Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .unwrap();
+        let mut g = Guarded {
+            stream: server,
+            _permit: permit,
+            idle: Box::pin(tokio::time::sleep(IDLE_CLOSE)),
+        };
+        // 30 s of the gateway writing every 3 s, the client silent: still open.
+        for _ in 0..10 {
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+            g.write_all(b"data: x\n\n").await.unwrap();
+        }
+        let mut buf = [0u8; 64];
+        let n = client.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        let r = tokio::time::timeout(std::time::Duration::from_secs(1), g.read(&mut buf)).await;
+        assert!(
+            r.is_err(),
+            "no read error while writes keep it alive: {r:?}"
+        );
+        // Then silence both ways: closed after IDLE_CLOSE.
+        let e = g.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+    }
 }

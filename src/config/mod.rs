@@ -466,14 +466,29 @@ pub struct LocatedError {
 fn first_of_duplicate(text: &str, message: &str, again: usize) -> Option<usize> {
     let key = message.strip_prefix("duplicate key `")?.split('`').next()?;
     let lines: Vec<&str> = text.lines().collect();
+    let key_of = |l: &str| {
+        let l = l.trim_start();
+        l.contains('=').then(|| {
+            l.split('=')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_matches(['"', '\''])
+                .to_string()
+        })
+    };
+    // Only a key set at the start of a line is looked for: a duplicate inside an inline table
+    // (`t = { a = 1, a = 2 }`) or a dotted key is on the reported line itself.
+    if key_of(lines.get(again.checked_sub(1)?)?).as_deref() != Some(key) {
+        return None;
+    }
     let mut first = None;
     for n in (1..again).rev() {
         let l = lines.get(n - 1)?.trim_start();
         if l.starts_with('[') {
             break;
         }
-        let k = l.split('=').next().unwrap_or("").trim().trim_matches('"');
-        if l.contains('=') && k == key {
+        if key_of(l).as_deref() == Some(key) {
             first = Some(n);
         }
     }
@@ -532,15 +547,21 @@ impl Config {
         // One further in is two files joined: named as such, at its place, rather than left
         // to the TOML parser's "invalid key".
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        // Only a BOM that starts a line (after blanks) is the start of a joined file; one
+        // inside a value or a comment is that value's business.
         let boms: Vec<LocatedError> = text
             .match_indices('\u{feff}')
+            .filter(|(at, _)| {
+                let line_start = text[..*at].rfind('\n').map_or(0, |n| n + 1);
+                text[line_start..*at].trim().is_empty()
+            })
             .map(|(at, _)| {
                 let (line, column) = line_col(text, at);
                 LocatedError {
                     line,
                     column,
                     key: "(syntax)".into(),
-                    message: "a byte-order mark (U+FEFF, an invisible character) in the middle of the file: were two files joined? Delete it (it belongs at most at the very start)".into(),
+                    message: "a byte-order mark (U+FEFF, an invisible character) starts this line: were two files joined? Delete it (it belongs at most at the very start of the file)".into(),
                 }
             })
             .collect();
