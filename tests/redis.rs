@@ -65,6 +65,36 @@ async fn error_containing(rig: &Rig, needle: &str) -> String {
     }
 }
 
+/// Wait until the sink has counted an error with `code` (and, with `outage`, the forwarder
+/// has declared the upstream down).
+async fn counted(rig: &Rig, code: &str, outage: bool) {
+    let label = format!("scangate_redis_errors_total{{code=\"{code}\"}}");
+    wait_until(&format!("{code} counted"), Duration::from_secs(30), || {
+        rig.metrics.render().contains(&label) && (!outage || rig.metrics.upstream_down.get() == 1)
+    })
+    .await;
+}
+
+/// Read up to `count` new entries as consumer `consumer` of group `baggage_processors`.
+fn read_group(c: &mut redis::Connection, consumer: &str, count: usize) -> Vec<Entry> {
+    let reply: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("baggage_processors")
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count)
+        .arg("STREAMS")
+        .arg(STREAM)
+        .arg(">")
+        .query(c)
+        .unwrap();
+    let batch: Vec<(String, Vec<Entry>)> = match reply {
+        redis::Value::Nil => Vec::new(),
+        v => redis::from_redis_value(v).unwrap(),
+    };
+    batch.into_iter().next().map(|(_, m)| m).unwrap_or_default()
+}
+
 async fn drained(rig: &Rig, what: &str, deadline: Duration) {
     let end = tokio::time::Instant::now() + deadline;
     loop {
@@ -122,24 +152,7 @@ async fn events_arrive_with_the_contract_fields_and_a_consumer_group_sees_each_o
     let mut c = redis.conn();
     let mut seen: HashMap<String, usize> = HashMap::new();
     loop {
-        let reply: redis::Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg("baggage_processors")
-            .arg("worker-1")
-            .arg("COUNT")
-            .arg(500)
-            .arg("STREAMS")
-            .arg(STREAM)
-            .arg(">")
-            .query(&mut c)
-            .unwrap();
-        let batch: Vec<(String, Vec<Entry>)> = match reply {
-            redis::Value::Nil => Vec::new(),
-            v => redis::from_redis_value(v).unwrap(),
-        };
-        let Some((_, msgs)) = batch.into_iter().next() else {
-            break;
-        };
+        let msgs = read_group(&mut c, "worker-1", 500);
         if msgs.is_empty() {
             break;
         }
@@ -366,17 +379,7 @@ async fn readonly_during_a_failover_and_oom_keep_everything_until_redis_accepts_
         &common::daemon::free_port().to_string(),
     ]);
     rig.commit("B", 300, 100).await;
-    wait_until(
-        "READONLY counted, an outage",
-        Duration::from_secs(30),
-        || {
-            rig.metrics
-                .render()
-                .contains("scangate_redis_errors_total{code=\"READONLY\"}")
-                && rig.metrics.upstream_down.get() == 1
-        },
-    )
-    .await;
+    counted(&rig, "READONLY", true).await;
     assert_eq!(rig.backlog().await, 300);
     // Promoted again (the failover is over).
     redis.run(&["REPLICAOF", "NO", "ONE"]);
@@ -386,13 +389,7 @@ async fn readonly_during_a_failover_and_oom_keep_everything_until_redis_accepts_
     // Out of memory (maxmemory below what is used, no eviction): kept, backed off.
     redis.run(&["CONFIG", "SET", "maxmemory", "1"]);
     rig.commit("C", 300, 100).await;
-    wait_until("OOM counted, an outage", Duration::from_secs(30), || {
-        rig.metrics
-            .render()
-            .contains("scangate_redis_errors_total{code=\"OOM\"}")
-            && rig.metrics.upstream_down.get() == 1
-    })
-    .await;
+    counted(&rig, "OOM", true).await;
     assert_eq!(rig.backlog().await, 300);
     let err = error_containing(&rig, "out of memory").await;
     assert!(err.contains("OOM"), "{err}");
@@ -683,12 +680,7 @@ async fn a_silent_server_times_out_and_the_resend_adds_nothing_twice() {
     // Every client paused for 1.5 s: the script calls wait and time out at 300 ms.
     redis.run(&["CLIENT", "PAUSE", "1500", "WRITE"]);
     rig.commit("B", 500, 100).await;
-    wait_until("a timeout counted", Duration::from_secs(30), || {
-        rig.metrics
-            .render()
-            .contains("scangate_redis_errors_total{code=\"timeout\"}")
-    })
-    .await;
+    counted(&rig, "timeout", false).await;
     drained(&rig, "delivery after the pause", Duration::from_secs(30)).await;
     let ids = ids_in(&redis.entries(STREAM));
     assert_eq!(ids.len(), 600);
@@ -890,17 +882,7 @@ async fn a_refusal_of_the_whole_server_after_deliveries_dead_letters_nothing() {
     drained(&rig, "first events", Duration::from_secs(30)).await;
     redis.run(&["CONFIG", "SET", "min-replicas-to-write", "1"]);
     rig.commit("B", 50, 10).await;
-    wait_until(
-        "NOREPLICAS counted, an outage",
-        Duration::from_secs(30),
-        || {
-            rig.metrics
-                .render()
-                .contains("scangate_redis_errors_total{code=\"NOREPLICAS\"}")
-                && rig.metrics.upstream_down.get() == 1
-        },
-    )
-    .await;
+    counted(&rig, "NOREPLICAS", true).await;
     let stats = rig.spool.stats().await.unwrap();
     assert_eq!(stats.dead_letters, 0);
     assert_eq!(stats.backlog, 50);
@@ -996,24 +978,9 @@ async fn how_far_the_consumer_groups_are_behind_is_reported() {
         "nothing read yet"
     );
     // A consumer reads 1,000 and acknowledges 600 of them.
-    let reply: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("baggage_processors")
-        .arg("w1")
-        .arg("COUNT")
-        .arg(1_000)
-        .arg("STREAMS")
-        .arg(STREAM)
-        .arg(">")
-        .query(&mut redis.conn())
-        .unwrap();
-    let batch: Vec<(String, Vec<Entry>)> = redis::from_redis_value(reply).unwrap();
-    let ids: Vec<String> = batch[0]
-        .1
-        .iter()
-        .map(|(id, _)| id.clone())
-        .take(600)
-        .collect();
+    let read = read_group(&mut redis.conn(), "w1", 1_000);
+    assert_eq!(read.len(), 1_000);
+    let ids: Vec<String> = read.iter().map(|(id, _)| id.clone()).take(600).collect();
     let mut ack = redis::cmd("XACK");
     ack.arg(STREAM).arg("baggage_processors").arg(&ids);
     let _: i64 = ack.query(&mut redis.conn()).unwrap();

@@ -156,31 +156,65 @@ impl Drop for Browser {
     }
 }
 
+/// A gateway (the real binary) reading a pty with the lines protocol, its admin listener on
+/// a free port, delivering to a loopback ingest server; started and its port open.
+struct Gateway {
+    d: Daemon,
+    master: serialport::TTYPort,
+    admin: u16,
+    cfg: std::path::PathBuf,
+    state: std::path::PathBuf,
+    dir: tempfile::TempDir,
+    _slave: serialport::TTYPort,
+    _ingest: Ingest,
+}
+
+impl Gateway {
+    async fn start() -> Gateway {
+        let ingest = Ingest::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (master, slave) = pty_pair();
+        let slave_path = slave.name().expect("pty name");
+        let admin = free_port();
+        let state = dir.path().join("state");
+        let sources = format!("[[source]]\nname = \"belt\"\nkind = \"serial\"\nprotocol = \"lines\"\npath = \"{slave_path}\"\nbaud = 115200\nlocation = \"PTY_BELT_1\"\n");
+        let cfg = write_config(
+            dir.path(),
+            &state,
+            &sources,
+            &ingest.base_url(),
+            "",
+            Some(admin),
+        );
+        let d = Daemon::spawn(&cfg, &dir.path().join("log"));
+        assert!(
+            wait_metric(admin, "scangate_sources_connected", 1, T).await,
+            "daemon never opened the pty; log:\n{}",
+            d.log_text()
+        );
+        Gateway {
+            d,
+            master,
+            admin,
+            cfg,
+            state,
+            dir,
+            _slave: slave,
+            _ingest: ingest,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}/{path}", self.admin)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_a_read_from_a_pty_within_a_second_and_a_screenshot_is_saved() {
-    let ingest = Ingest::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (mut master, slave) = pty_pair();
-    let slave_path = slave.name().expect("pty name");
-    let admin = free_port();
-    let sources = format!("[[source]]\nname = \"belt\"\nkind = \"serial\"\nprotocol = \"lines\"\npath = \"{slave_path}\"\nbaud = 115200\nlocation = \"PTY_BELT_1\"\n");
-    let cfg = write_config(
-        dir.path(),
-        &dir.path().join("state"),
-        &sources,
-        &ingest.base_url(),
-        "",
-        Some(admin),
-    );
-    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
-    assert!(
-        wait_metric(admin, "scangate_sources_connected", 1, T).await,
-        "daemon never opened the pty; log:\n{}",
-        d.log_text()
-    );
+    let mut g = Gateway::start().await;
     // A phone on the gateway's Wi-Fi.
-    let url = format!("http://127.0.0.1:{admin}/");
-    let mut b = Browser::open(&url, &dir.path().join("chromium"), 412, 915).await;
+    let url = g.url("");
+    let mut b = Browser::open(&url, &g.dir.path().join("chromium"), 412, 915).await;
     b.wait_for(
         "the page follows the live view",
         "document.getElementById('live').textContent === 'live'",
@@ -200,7 +234,7 @@ async fn the_status_page_shows_a_read_from_a_pty_within_a_second_and_a_screensho
     );
 
     // A bag tag read at the pty appears on the open page, without a reload.
-    master.write_all(b"0125123456\r\n").unwrap();
+    g.master.write_all(b"0125123456\r\n").unwrap();
     b.wait_for(
         "the read on the page",
         "document.querySelector('tr.read[data-tag=\"0125123456\"]') !== null",
@@ -225,7 +259,7 @@ async fn the_status_page_shows_a_read_from_a_pty_within_a_second_and_a_screensho
     // `scangate status` asks the running daemon for the same data.
     let out = Command::new(env!("CARGO_BIN_EXE_scangate"))
         .args(["status", "--config"])
-        .arg(&cfg)
+        .arg(&g.cfg)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -240,31 +274,19 @@ async fn the_status_page_shows_a_read_from_a_pty_within_a_second_and_a_screensho
     std::fs::write(&keep, &png).unwrap();
     assert!(std::fs::metadata(&keep).unwrap().len() > 2_000);
     drop(b);
-    drop(d);
+    drop(g);
 }
 
 /// The page embeds what a reader sent without ever interpreting it as markup: a tag made of
 /// HTML and script is shown as text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tag_made_of_markup_is_shown_as_text() {
-    let ingest = Ingest::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (mut master, slave) = pty_pair();
-    let slave_path = slave.name().expect("pty name");
-    let admin = free_port();
-    let sources = format!("[[source]]\nname = \"belt\"\nkind = \"serial\"\nprotocol = \"lines\"\npath = \"{slave_path}\"\nbaud = 115200\n");
-    let cfg = write_config(
-        dir.path(),
-        &dir.path().join("state"),
-        &sources,
-        &ingest.base_url(),
-        "",
-        Some(admin),
-    );
-    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
-    assert!(wait_metric(admin, "scangate_sources_connected", 1, T).await);
+    let mut g = Gateway::start().await;
+    let admin = g.admin;
     let evil = "</script><img src=x onerror=alert(1)>";
-    master.write_all(format!("{evil}\r\n").as_bytes()).unwrap();
+    g.master
+        .write_all(format!("{evil}\r\n").as_bytes())
+        .unwrap();
     assert!(wait_metric(admin, "scangate_reads_total", 1, T).await);
     let html = reqwest::get(format!("http://127.0.0.1:{admin}/"))
         .await
@@ -275,13 +297,7 @@ async fn a_tag_made_of_markup_is_shown_as_text() {
     // The embedded state carries it escaped; the document has exactly its own two scripts.
     assert!(!html.contains(evil));
     assert_eq!(html.matches("</script>").count(), 2);
-    let mut b = Browser::open(
-        &format!("http://127.0.0.1:{admin}/"),
-        &dir.path().join("chromium"),
-        800,
-        600,
-    )
-    .await;
+    let mut b = Browser::open(&g.url(""), &g.dir.path().join("chromium"), 800, 600).await;
     b.wait_for(
         "the read on the page",
         "document.querySelectorAll('tr.read').length > 0",
@@ -299,34 +315,19 @@ async fn a_tag_made_of_markup_is_shown_as_text() {
         "no element made from the tag"
     );
     drop(b);
-    drop(d);
+    drop(g);
 }
 
 /// A spool locked by another process does not hang the page or `/status`: they answer
 /// within the time `/health` waits, and say the spool is not responding.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_spool_does_not_hang_the_page() {
-    let ingest = Ingest::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (mut master, slave) = pty_pair();
-    let slave_path = slave.name().expect("pty name");
-    let admin = free_port();
-    let state = dir.path().join("state");
-    let sources = format!("[[source]]\nname = \"belt\"\nkind = \"serial\"\nprotocol = \"lines\"\npath = \"{slave_path}\"\nbaud = 115200\n");
-    let cfg = write_config(
-        dir.path(),
-        &state,
-        &sources,
-        &ingest.base_url(),
-        "",
-        Some(admin),
-    );
-    let mut d = Daemon::spawn(&cfg, &dir.path().join("log"));
-    assert!(wait_metric(admin, "scangate_sources_connected", 1, T).await);
+    let mut g = Gateway::start().await;
+    let admin = g.admin;
     // Another process holds the spool's write lock; a read makes the gateway want it.
-    let c = rusqlite::Connection::open(state.join("spool.db")).unwrap();
+    let c = rusqlite::Connection::open(g.state.join("spool.db")).unwrap();
     c.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    master.write_all(b"0125000001\r\n").unwrap();
+    g.master.write_all(b"0125000001\r\n").unwrap();
     assert!(wait_metric(admin, "scangate_spool_blocked", 1, T).await);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(8))
@@ -356,30 +357,16 @@ async fn a_locked_spool_does_not_hang_the_page() {
     c.execute_batch("COMMIT").unwrap();
     drop(c);
     assert!(wait_metric(admin, "scangate_spool_blocked", 0, T).await);
-    d.sigterm();
-    assert!(d.wait_exit(T).await.success());
+    g.d.sigterm();
+    assert!(g.d.wait_exit(T).await.success());
 }
 
 /// A page refused its live view (8 pages already open) tries again by itself and goes live
 /// once a slot is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_refused_for_too_many_pages_goes_live_once_one_closes() {
-    let ingest = Ingest::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (_master, slave) = pty_pair();
-    let slave_path = slave.name().expect("pty name");
-    let admin = free_port();
-    let sources = format!("[[source]]\nname = \"belt\"\nkind = \"serial\"\nprotocol = \"lines\"\npath = \"{slave_path}\"\nbaud = 115200\n");
-    let cfg = write_config(
-        dir.path(),
-        &dir.path().join("state"),
-        &sources,
-        &ingest.base_url(),
-        "",
-        Some(admin),
-    );
-    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
-    assert!(wait_metric(admin, "scangate_sources_connected", 1, T).await);
+    let g = Gateway::start().await;
+    let admin = g.admin;
     // Eight live views held open by this test.
     let mut held = Vec::new();
     for _ in 0..8 {
@@ -394,13 +381,7 @@ async fn a_page_refused_for_too_many_pages_goes_live_once_one_closes() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503, "a ninth is refused");
-    let mut b = Browser::open(
-        &format!("http://127.0.0.1:{admin}/"),
-        &dir.path().join("chromium"),
-        800,
-        600,
-    )
-    .await;
+    let mut b = Browser::open(&g.url(""), &g.dir.path().join("chromium"), 800, 600).await;
     b.wait_for(
         "the page says it is not live",
         "document.getElementById('live').textContent === 'reconnecting…'",
@@ -413,5 +394,5 @@ async fn a_page_refused_for_too_many_pages_goes_live_once_one_closes() {
     )
     .await;
     drop(b);
-    drop(d);
+    drop(g);
 }
