@@ -121,6 +121,11 @@ pub fn parse_retry_after(v: &str, now: SystemTime) -> Option<Duration> {
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
+    // delay-seconds too large for 64 bits (RFC 9110 puts no bound on the digits): a very
+    // long wait, capped by the caller at retry_after_max_ms, not "no Retry-After".
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(u64::MAX));
+    }
     httpdate::parse_http_date(v)
         .ok()
         .map(|t| t.duration_since(now).unwrap_or(Duration::ZERO))
@@ -472,6 +477,21 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_retry_after_too_large_for_64_bits_is_a_long_wait_not_none() {
+        let now = SystemTime::now();
+        assert_eq!(
+            parse_retry_after("99999999999999999999999", now),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_retry_after("-5", now), None);
+        assert_eq!(parse_retry_after("", now), None);
     }
 
     #[test]
