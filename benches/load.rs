@@ -816,6 +816,14 @@ async fn link_drain(label: &str, n: u64, delay_ms: u64, up_extra: &str) -> f64 {
     rate
 }
 
+/// The number in environment variable `k`, or `d`.
+fn env_or(k: &str, d: u64) -> u64 {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
 /// Bytes the server uses (`INFO memory`, `used_memory`).
 fn used_memory(conn: &mut redis::Connection) -> u64 {
     let info: String = redis::cmd("INFO").arg("memory").query(conn).unwrap();
@@ -873,14 +881,8 @@ async fn plain_xadd(url: &str, stream: &str, entries: &[(String, Vec<u8>)], batc
 /// same entries in the same run (before and after); CPU of both processes per event and the
 /// server memory each idempotency key costs.
 async fn redis_sink() {
-    let n: u64 = std::env::var("BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
-    let batch: usize = std::env::var("BENCH_BATCH")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
+    let n = env_or("BENCH_EVENTS", 1_000_000);
+    let batch = env_or("BENCH_BATCH", 1000) as usize;
     println!("\n## issue 14: {n} events into a loopback redis-server ({batch} per batch)");
     let server = redis_server::RedisServer::start("");
     let url = server.url();
@@ -991,12 +993,6 @@ async fn redis_sink() {
 /// one batch at a time against adaptive concurrency, in the same run; then outages at
 /// 2,000 events/s on loopback and over the 50 ms link.
 async fn link() {
-    let env_or = |k: &str, d: u64| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
     let delay: u64 = env_or("BENCH_DELAY_MS", 50);
     let n: u64 = env_or("BENCH_EVENTS", 1_000_000);
     if std::env::var_os("BENCH_OUTAGES_ONLY").is_some() {
@@ -1332,7 +1328,6 @@ fn main() {
             let repeat: usize = std::env::var("BENCH_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
             // BENCH_RATE / BENCH_FRAMES: another rate (under a profiler, BENCH_WRAP, the daemon
             // cannot keep up with 5,000 frames/s).
-            let env_or = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
             let (rate, frames) = (env_or("BENCH_RATE", 5000), env_or("BENCH_FRAMES", 100_000));
             for ms in intervals {
                 let label = format!("commit_interval_ms = {ms} {spool_extra} {up_extra}");

@@ -436,10 +436,17 @@ fn request_error(e: &reqwest::Error) -> Outcome {
 }
 
 fn read_token(path: &std::path::Path) -> Option<String> {
+    read_secret(path, "the upstream token file", "sending without a token")
+}
+
+/// The content of a secret file (a token, a password), trimmed like every secret file
+/// scangate reads (an editor's newline, a stray space). None when it cannot be read: logged
+/// as an error naming `what` and what happens `instead`.
+fn read_secret(path: &std::path::Path, what: &str, instead: &str) -> Option<String> {
     match std::fs::read_to_string(path) {
         Ok(t) => Some(t.trim().to_string()),
         Err(e) => {
-            tracing::error!(path = %path.display(), error = %e, "Cannot read the upstream token file; sending without a token");
+            tracing::error!(path = %path.display(), error = %e, "Cannot read {what}; {instead}");
             None
         }
     }

@@ -279,19 +279,19 @@ pub enum SetupError {
     Url(redis::RedisError),
 }
 
-fn read_secret(path: &std::path::Path) -> Option<String> {
-    match std::fs::read_to_string(path) {
-        // Trimmed like every secret file scangate reads (an editor's newline, a stray space).
-        Ok(t) if t.trim().is_empty() => {
-            tracing::error!(path = %path.display(), "The Redis password file is empty; connecting without a password");
-            None
-        }
-        Ok(t) => Some(t.trim().to_string()),
-        Err(e) => {
-            tracing::error!(path = %path.display(), error = %e, "Cannot read the Redis password file; connecting without a password");
-            None
-        }
+/// The Redis password, from `password_file`; an empty file is no password, like a missing
+/// one.
+fn read_password(path: &std::path::Path) -> Option<String> {
+    let pw = super::read_secret(
+        path,
+        "the Redis password file",
+        "connecting without a password",
+    )?;
+    if pw.is_empty() {
+        tracing::error!(path = %path.display(), "The Redis password file is empty; connecting without a password");
+        return None;
     }
+    Some(pw)
 }
 
 impl RedisSender {
@@ -360,7 +360,7 @@ impl RedisSender {
         if let Some(u) = &self.cfg.username {
             settings = settings.set_username(u);
         }
-        if let Some(pw) = self.cfg.password_file.as_deref().and_then(read_secret) {
+        if let Some(pw) = self.cfg.password_file.as_deref().and_then(read_password) {
             settings = settings.set_password(pw);
         }
         let info = self.info.clone().set_redis_settings(settings);
