@@ -127,6 +127,7 @@ impl TickGate {
 async fn ingest(
     mut rx: mpsc::Receiver<SourceRead>,
     wake: Arc<tokio::sync::Notify>,
+    commit_now: Arc<std::sync::atomic::AtomicBool>,
     budget: Arc<source::Budget>,
     spool: SpoolHandle,
     cfg: Config,
@@ -274,7 +275,8 @@ async fn ingest(
                 let full = taken >= max
                     || size >= GROUP_MAX_BYTES
                     || Instant::now() >= deadline
-                    || stage.take_urgent();
+                    || stage.take_urgent()
+                    || commit_now.swap(false, std::sync::atomic::Ordering::AcqRel);
                 if !full && !closed {
                     tokio::select! {
                         _ = sleep_until(deadline) => {}
@@ -439,7 +441,24 @@ pub async fn run(
         tracing::error!(error = %e, "Cannot read the journal positions from the spool; port journals are replayed from their start (duplicates, never loss)");
         Vec::new()
     });
-    let journal_marks = Arc::new(JournalMarks::new(&serial_names, &committed_marks));
+    // MQTT sources keep positions in the same marks, and are told of every settled group.
+    let mut marked_names = serial_names.clone();
+    let mut settled_tx = Vec::new();
+    let mut settled_rx = Vec::new();
+    for (i, s) in cfg.sources.iter().enumerate() {
+        if matches!(s.kind, crate::config::SourceKind::Mqtt(_)) {
+            let name: Arc<str> = Arc::from(s.name.as_str());
+            let (tx, rx) = mpsc::unbounded_channel();
+            marked_names.push(name.clone());
+            settled_tx.push((name, tx));
+            settled_rx.push((i, rx));
+        }
+    }
+    let journal_marks = Arc::new(JournalMarks::with_settled(
+        &marked_names,
+        &committed_marks,
+        settled_tx,
+    ));
     // One folder per spool identity: journals left by another spool (a wiped state dir, a
     // journal directory shared by mistake) are never replayed into this one.
     let journal_dir = cfg
@@ -519,6 +538,9 @@ pub async fn run(
             .sources
             .iter()
             .all(|s| matches!(s.kind, crate::config::SourceKind::Replay { .. })),
+        settled: Arc::new(std::sync::Mutex::new(settled_rx)),
+        commit_now: Arc::default(),
+        gateway_id: Arc::from(cfg.gateway.id.as_str()),
         replay_sync: Some(Arc::new(crate::source::replay::ReplaySync::new(
             &cfg.sources
                 .iter()
@@ -531,6 +553,7 @@ pub async fn run(
     let ingest_inner = tokio::spawn(ingest(
         rx,
         pipe.wake.clone(),
+        pipe.commit_now.clone(),
         pipe.budget.clone(),
         handle.clone(),
         cfg.clone(),

@@ -54,6 +54,7 @@ impl ReadKind {
     pub fn default_scan_type(self) -> &'static str {
         match self {
             ReadKind::Epc | ReadKind::Em4100 => "rfid",
+            ReadKind::Sensor => "sensor",
             _ => "barcode",
         }
     }
@@ -77,6 +78,21 @@ pub struct Read {
     pub symbology: Option<String>,
     /// Sensor value (kind = Sensor).
     pub value: Option<f64>,
+    /// What a sensor reading is (kind = Sensor): its type, unit and the device that sent it.
+    /// Boxed: tag reads, the hot path, carry one null pointer.
+    pub sensor: Option<Box<SensorMeta>>,
+}
+
+/// The context of a sensor reading, from its payload (see `protocol::json_map`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SensorMeta {
+    /// The bag-events contract's `sensor_type` (`temperature`, `humidity` …).
+    pub sensor_type: Option<String>,
+    /// The value's unit as the sensor names it (`C`, `%RH` …); forwarded as `unit`.
+    pub unit: Option<String>,
+    /// The device that sent the reading, when the payload names it (else the source's
+    /// `device`).
+    pub device: Option<String>,
 }
 
 /// What the spool stores for one event: everything but the identifiers, which the spool
@@ -93,6 +109,7 @@ pub struct EventBody {
     pub location: Arc<str>,
     #[serde(deserialize_with = "de_name")]
     pub device: Arc<str>,
+    /// A scan's `scan_type`; for a sensor event, its `sensor_type`.
     #[serde(deserialize_with = "de_opt_name")]
     pub scan_type: Option<Arc<str>>,
     pub antenna: Option<u16>,
@@ -102,6 +119,7 @@ pub struct EventBody {
     /// Wall clock, unix milliseconds.
     pub first_seen_ms: i64,
     pub last_seen_ms: i64,
+    /// A barcode's AIM symbology identifier; for a sensor event, the value's unit.
     pub symbology: Option<String>,
     pub value: Option<f64>,
     /// How `first_seen_ms`/`last_seen_ms` were obtained (see `crate::clock`); `Mono`: they

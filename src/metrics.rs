@@ -151,7 +151,56 @@ pub struct Metrics {
     /// Redis sink: how far the slowest consumer group of the stream is behind (lag + pending
     /// entries, as Redis reports them), after the last batch; 0 without trimming.
     pub redis_consumers_behind: Gauge,
+    /// MQTT sources: messages received, acknowledged to the broker after their commit,
+    /// received again (the broker's redelivery flag), handed over again after the spool
+    /// refused them, waiting for their commit now; connections made.
+    pub mqtt_messages: Counter,
+    pub mqtt_acked: Counter,
+    pub mqtt_redelivered: Counter,
+    pub mqtt_resent: Counter,
+    pub mqtt_unacked: Gauge,
+    pub mqtt_connects: Counter,
+    /// Sensor readings within the deadband of the last one emitted (no event of their own).
+    pub suppress_deadband: Counter,
+    /// Reads whose reader timestamp was not used (`reader_clock = "reader"`) because it was
+    /// implausible (unsynced reader, or ahead of the gateway).
+    pub reader_clock_rejected: Counter,
     sources: Mutex<Vec<(String, std::sync::Arc<SourceHealth>)>>,
+}
+
+/// A repeated warning said at most once per interval, with how many were held back since:
+/// a broker sending garbage ten times a second gives one log line every ten seconds, not a
+/// journal flooded (the counters have every one).
+#[derive(Debug)]
+pub struct LogThrottle {
+    every: std::time::Duration,
+    last: Option<tokio::time::Instant>,
+    held: u64,
+}
+
+impl LogThrottle {
+    pub fn new(every: std::time::Duration) -> Self {
+        LogThrottle {
+            every,
+            last: None,
+            held: 0,
+        }
+    }
+
+    /// Some(number held back since the last one said) when this one is to be said.
+    pub fn allow(&mut self) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        match self.last {
+            Some(t) if now.duration_since(t) < self.every => {
+                self.held += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.held))
+            }
+        }
+    }
 }
 
 /// Milliseconds on a clock that only moves forward (since this process first asked): for
@@ -454,6 +503,14 @@ impl Metrics {
             ("suppress_restored_total", "counter", "Open passes put back from the spool at start.", self.suppress_restored.get()),
             ("suppress_recovered_emitted_total", "counter", "Open passes found in the spool at start that were emitted at once (another boot, or their source or zone left the config).", self.suppress_recovered_emitted.get()),
             ("delivery_held_for_clock", "gauge", "1 while the forwarder holds events stamped on boot time because the wall clock is not synced (they are sent with true times once it is).", self.delivery_held_for_clock.get()),
+            ("suppress_deadband_total", "counter", "Sensor readings within the deadband of the last one emitted (no event of their own).", self.suppress_deadband.get()),
+            ("mqtt_messages_total", "counter", "MQTT messages received.", self.mqtt_messages.get()),
+            ("mqtt_acked_total", "counter", "MQTT messages acknowledged to the broker after what they produced was committed.", self.mqtt_acked.get()),
+            ("mqtt_redelivered_total", "counter", "MQTT messages the broker sent again (DUP flag): their reads may repeat.", self.mqtt_redelivered.get()),
+            ("mqtt_resent_total", "counter", "MQTT messages handed over again because the spool refused them (kept unacknowledged meanwhile).", self.mqtt_resent.get()),
+            ("mqtt_unacked", "gauge", "MQTT messages received and not yet acknowledged (waiting for their commit).", self.mqtt_unacked.get()),
+            ("mqtt_connects_total", "counter", "MQTT connections made.", self.mqtt_connects.get()),
+            ("reader_clock_rejected_total", "counter", "Reads whose reader timestamp was implausible and not used (reader_clock = \"reader\").", self.reader_clock_rejected.get()),
             ("clock_unsynced", "gauge", "1 while the wall clock is before the build time (not synced): delivery is held, reads are stamped on boot time.", self.clock_unsynced.get()),
         ] {
             line(name, kind, help, v);
@@ -833,6 +890,7 @@ mod tests {
             rssi_raw: None,
             symbology: None,
             value: None,
+            sensor: None,
         }
     }
 

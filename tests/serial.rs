@@ -567,7 +567,7 @@ async fn health_reports_a_reader_down_and_a_long_outage() {
     let end = tokio::time::Instant::now() + T;
     let text = loop {
         if let Some((503, t)) = health().await {
-            if t.contains("reader portal disconnected") {
+            if t.contains("source portal disconnected") {
                 break t;
             }
         }

@@ -14,7 +14,7 @@ use axum::{Json, Router};
 struct Ctx {
     running: Running,
     sources: Vec<(String, String)>,
-    /// Sources with a port that can be disconnected.
+    /// Sources with a connection (serial ports, MQTT brokers): /health reports them down.
     serial: Vec<String>,
     gateway: String,
     admin: crate::config::AdminConfig,
@@ -234,7 +234,12 @@ pub async fn serve(listener: tokio::net::TcpListener, running: Running, cfg: Con
         serial: cfg
             .sources
             .iter()
-            .filter(|s| matches!(s.kind, crate::config::SourceKind::Serial { .. }))
+            .filter(|s| {
+                matches!(
+                    s.kind,
+                    crate::config::SourceKind::Serial { .. } | crate::config::SourceKind::Mqtt(_)
+                )
+            })
             .map(|s| s.name.clone())
             .collect(),
         gateway: cfg.gateway.id.clone(),
@@ -320,7 +325,7 @@ async fn health(State(c): State<Ctx>) -> impl IntoResponse {
         let down = now.saturating_sub(since);
         if since > 0 && down >= c.admin.source_down_after.as_millis() as u64 {
             reasons.push(format!(
-                "reader {name} disconnected for {} s ({})",
+                "source {name} disconnected for {} s ({})",
                 down / 1000,
                 h.last_error().unwrap_or_else(|| "not opened yet".into())
             ));

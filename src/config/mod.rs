@@ -268,6 +268,69 @@ pub enum SourceKind {
         speed: ReplaySpeed,
         repeat: u32,
     },
+    /// Subscribe to an MQTT broker (see `source::mqtt`).
+    Mqtt(Box<MqttSource>),
+}
+
+/// `kind = "mqtt"`: a broker, topic filters each with a payload protocol, and the session.
+#[derive(Debug, Clone)]
+pub struct MqttSource {
+    /// Broker host (name or address) and port (`mqtt://host:1883`, `mqtts://host:8883`).
+    pub host: String,
+    pub port: u16,
+    /// `mqtts://`: TLS, verified against `ca_file` (else the system's roots).
+    pub tls: bool,
+    /// The MQTT client id. Unset: `scangate-<gateway id>-<source name>`, the same at every
+    /// start, so the broker keeps the persistent session (and its queued messages) for it.
+    pub client_id: Option<String>,
+    pub topics: Vec<MqttTopic>,
+    /// Subscription QoS: 1 (at least once, acknowledged after commit) or 0.
+    pub qos: u8,
+    pub username: Option<String>,
+    /// File holding the password (or `credential:NAME`); read at every connect.
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    /// MQTT keep-alive (the broker drops the session's connection after 1.5× this silent).
+    pub keep_alive: Duration,
+    /// Payloads longer than this are counted, logged and acknowledged without decoding.
+    pub max_payload_bytes: usize,
+    /// The broker's window of unacknowledged messages to this client (mosquitto's
+    /// `max_inflight_messages`, 20 by default): the ingest stage commits early when half of
+    /// it waits, so the broker is never stalled for a whole commit interval.
+    pub broker_max_inflight: usize,
+    /// Reconnect backoff bounds (jittered, doubling).
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Whose clock stamps a read: `gateway` (default: when scangate received the message) or
+    /// `reader` (the payload's timestamp when plausible, else the gateway's).
+    pub reader_clock: bool,
+}
+
+/// One subscription: a topic filter and how its payloads are decoded.
+#[derive(Debug, Clone)]
+pub struct MqttTopic {
+    pub filter: String,
+    pub payload: PayloadProtocol,
+}
+
+/// How one MQTT payload is decoded.
+#[derive(Debug, Clone)]
+pub enum PayloadProtocol {
+    /// `impinj-iot` (`protocol::impinj_iot`).
+    ImpinjIot,
+    /// `zebra-iotc` (`protocol::zebra_iotc`).
+    ZebraIotc,
+    /// `json` with the source's `[source.json]` mapping.
+    Json(Box<crate::protocol::json_map::JsonMapping>),
+    /// A byte-stream protocol (`lines` …), each payload decoded as a whole.
+    Stream(ProtocolConfig),
+}
+
+impl PayloadProtocol {
+    /// The payload-only protocols' config names.
+    pub const NAMES: [&'static str; 3] = ["impinj-iot", "zebra-iotc", "json"];
 }
 
 #[derive(Debug, Clone)]
@@ -288,6 +351,11 @@ pub struct SourceConfig {
     /// This source's suppression overrides.
     pub suppress: SourceSuppress,
     pub scan_type: Option<String>,
+    /// Sensor readings: one is emitted when its value moved by more than this since the last
+    /// one emitted (in the value's own unit; 0: any change)…
+    pub deadband: f64,
+    /// … or when this long passed since the last one emitted.
+    pub heartbeat: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -923,7 +991,23 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
             "is required: \"serial\", \"mqtt\" or \"replay\"",
         );
     }
-    let protocol = protocol_config(s, p);
+    // An MQTT source may name a payload protocol (impinj-iot …) instead of a stream one.
+    let payload_name = s
+        .table
+        .get("protocol")
+        .and_then(|i| i.as_str())
+        .filter(|n| kind == Some("mqtt") && PayloadProtocol::NAMES.contains(n))
+        .map(str::to_string);
+    let mqtt_without_protocol = kind == Some("mqtt") && s.table.get("protocol").is_none();
+    let protocol = match &payload_name {
+        Some(_) => {
+            let _ = s.item("protocol");
+            Some(ProtocolConfig::from(ProtocolKind::Lines))
+        }
+        // Every topic names its own protocol (checked with the topics).
+        None if mqtt_without_protocol => Some(ProtocolConfig::from(ProtocolKind::Lines)),
+        None => protocol_config(s, p),
+    };
     let mut location = s.string(p, "location");
     let mut device = s.string(p, "device");
     for (key, v) in [("location", &mut location), ("device", &mut device)] {
@@ -1011,8 +1095,17 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
     let file = s.string(p, "file");
     let speed_item = s.item("speed");
     let repeat = s.integer(p, "repeat", 1, 1_000_000);
-    let broker = s.string(p, "broker");
-    let topics = s.string_array(p, "topics");
+    let deadband = s.float(p, "deadband", 0.0, 1e12).unwrap_or(0.0);
+    let heartbeat = Duration::from_millis(
+        s.integer(p, "heartbeat_ms", 1000, 86_400_000)
+            .unwrap_or(60_000) as u64,
+    );
+    let mqtt = if kind == Some("mqtt") {
+        let stream = protocol.as_ref().filter(|_| !mqtt_without_protocol);
+        mqtt_source(s, base, p, payload_name.as_deref(), stream)
+    } else {
+        None
+    };
 
     let speed = match speed_item {
         None => ReplaySpeed::Recorded,
@@ -1066,9 +1159,13 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
         "reopen_after_idle_ms",
     ];
     let replay_only = ["file", "speed", "repeat"];
+    let serial_replay: Vec<&str> = serial_only.iter().chain(&replay_only).copied().collect();
+    let not_serial: Vec<&str> = replay_only.iter().chain(&MQTT_KEYS).copied().collect();
+    let not_replay: Vec<&str> = serial_only.iter().chain(&MQTT_KEYS).copied().collect();
     let misplaced: &[&str] = match kind {
-        Some("serial") => &replay_only,
-        Some("replay") => &serial_only,
+        Some("serial") => &not_serial,
+        Some("replay") => &not_replay,
+        Some("mqtt") => &serial_replay,
         _ => &[],
     };
     for key in misplaced {
@@ -1120,11 +1217,7 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
                 repeat: repeat.unwrap_or(1) as u32,
             }
         }
-        _ => {
-            let _ = (broker, topics);
-            p.push(s.span_of("kind"), &s.key_path("kind"), "kind = \"mqtt\" is not available in this version yet; use \"serial\" or \"replay\"");
-            return None;
-        }
+        _ => SourceKind::Mqtt(Box::new(mqtt?)),
     };
     let name = name?;
     Some(SourceConfig {
@@ -1138,6 +1231,394 @@ fn build_source(s: &mut Section<'_>, base: &Path, p: &mut Problems) -> Option<So
         group,
         suppress,
         scan_type,
+        deadband,
+        heartbeat,
+    })
+}
+
+/// Keys only an MQTT source has.
+const MQTT_KEYS: [&str; 16] = [
+    "broker",
+    "topics",
+    "client_id",
+    "qos",
+    "username",
+    "password_file",
+    "ca_file",
+    "client_cert_file",
+    "client_key_file",
+    "keep_alive_s",
+    "max_payload_bytes",
+    "broker_max_inflight",
+    "reconnect_min_ms",
+    "reconnect_max_ms",
+    "reader_clock",
+    "json",
+];
+
+/// Default `max_payload_bytes`: well above rumqttc's 10 KiB default (a reader's batch of a
+/// few hundred tags is 50–100 KB).
+pub const MQTT_PAYLOAD_DEFAULT: u64 = 1 << 20;
+
+/// The largest MQTT packet read at all (payloads between `max_payload_bytes` and this are
+/// read, counted and acknowledged). A bigger one makes rumqttc drop the connection before its
+/// packet id is known, so it cannot be acknowledged; the broker's `message_size_limit` keeps
+/// such messages out (README).
+pub const MQTT_PACKET_MAX: u64 = 64 << 20;
+
+fn mqtt_source(
+    s: &mut Section<'_>,
+    base: &Path,
+    p: &mut Problems,
+    payload_name: Option<&str>,
+    stream: Option<&ProtocolConfig>,
+) -> Option<MqttSource> {
+    let broker = s.required_string(p, "broker");
+    let mut ok = true;
+    let (mut host, mut port, mut tls) = (String::new(), 0u16, false);
+    if let Some(b) = &broker {
+        match reqwest::Url::parse(b) {
+            Ok(u) if matches!(u.scheme(), "mqtt" | "mqtts" | "tcp" | "ssl") => {
+                tls = matches!(u.scheme(), "mqtts" | "ssl");
+                port = u.port().unwrap_or(if tls { 8883 } else { 1883 });
+                host = u
+                    .host_str()
+                    .unwrap_or("")
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string();
+                if !u.username().is_empty() || u.password().is_some() {
+                    p.push(
+                        s.span_of("broker"),
+                        &s.key_path("broker"),
+                        "must not hold credentials: use `username` and `password_file`",
+                    );
+                    ok = false;
+                } else if host.is_empty() {
+                    p.push(
+                        s.span_of("broker"),
+                        &s.key_path("broker"),
+                        "has no host (mqtt://host:1883)",
+                    );
+                    ok = false;
+                } else if !matches!(u.path(), "" | "/") || u.query().is_some() {
+                    p.push(
+                        s.span_of("broker"),
+                        &s.key_path("broker"),
+                        "takes a host and a port only (mqtt://host:1883); topics go in `topics`",
+                    );
+                    ok = false;
+                }
+            }
+            _ => {
+                p.push(
+                    s.span_of("broker"),
+                    &s.key_path("broker"),
+                    format!(
+                        "\"{b}\" is not an mqtt:// or mqtts:// URL (e.g. mqtt://127.0.0.1:1883)"
+                    ),
+                );
+                ok = false;
+            }
+        }
+    }
+    let json = match s.table(p, "json") {
+        Some(mut j) => {
+            let mut ptr = |j: &mut Section<'_>, key: &'static str| {
+                let v = j.string(p, key)?;
+                if v.starts_with('/') {
+                    Some(v)
+                } else {
+                    p.push(
+                        j.span_of(key),
+                        &j.key_path(key),
+                        format!(
+                            "\"{v}\" is not a JSON pointer: it starts with / (e.g. \"/data/id\")"
+                        ),
+                    );
+                    None
+                }
+            };
+            let mut m = crate::protocol::json_map::JsonMapping {
+                items: ptr(&mut j, "items"),
+                tag: ptr(&mut j, "tag"),
+                rssi: ptr(&mut j, "rssi"),
+                antenna: ptr(&mut j, "antenna"),
+                timestamp: ptr(&mut j, "timestamp"),
+                value: ptr(&mut j, "value"),
+                ..Default::default()
+            };
+            use crate::protocol::json_map::Field;
+            m.sensor_type = j.string(p, "sensor_type").map(|v| Field::parse(&v));
+            m.unit = j.string(p, "unit").map(|v| Field::parse(&v));
+            m.device = j.string(p, "device").map(|v| Field::parse(&v));
+            m.tag_kind = j
+                .choice(p, "tag_kind", &["epc", "barcode", "em4100", "text"])
+                .map(|k| match k {
+                    "barcode" => crate::event::ReadKind::Barcode,
+                    "em4100" => crate::event::ReadKind::Em4100,
+                    "text" => crate::event::ReadKind::Text,
+                    _ => crate::event::ReadKind::Epc,
+                });
+            if m.tag.is_none() && m.value.is_none() {
+                p.push(
+                    j.own_span(),
+                    &j.key_path("tag"),
+                    "a JSON mapping needs `tag` (tag reads) or `value` (sensor readings), or both",
+                );
+            }
+            j.finish(p);
+            Some(m)
+        }
+        None => None,
+    };
+    let payload_of = |name: &str| -> Option<PayloadProtocol> {
+        match name {
+            "impinj-iot" => Some(PayloadProtocol::ImpinjIot),
+            "zebra-iotc" => Some(PayloadProtocol::ZebraIotc),
+            "json" => json.clone().map(|m| PayloadProtocol::Json(Box::new(m))),
+            other => {
+                let k = ProtocolKind::parse(other)?;
+                Some(PayloadProtocol::Stream(match stream {
+                    Some(c) if c.kind == k => c.clone(),
+                    _ => ProtocolConfig::from(k),
+                }))
+            }
+        }
+    };
+    let default_payload = match payload_name {
+        Some(n) => payload_of(n),
+        None => stream.cloned().map(PayloadProtocol::Stream),
+    };
+    if payload_name == Some("json") && json.is_none() {
+        p.push(s.own_span(), &s.key_path("json"), "protocol = \"json\" needs a [source.json] table naming where the tag or value is (e.g. tag = \"/id\")");
+        ok = false;
+    }
+    let mut topics = Vec::new();
+    match s.item("topics") {
+        None => {
+            p.push(
+                s.own_span(),
+                &s.key_path("topics"),
+                "an MQTT source needs `topics` (e.g. [\"readers/+/events\"])",
+            );
+            ok = false;
+        }
+        Some(item) => match item.as_array() {
+            Some(arr) if !arr.is_empty() => {
+                for v in arr.iter() {
+                    let (filter, proto) = if let Some(f) = v.as_str() {
+                        (Some(f.to_string()), None)
+                    } else if let Some(t) = v.as_inline_table() {
+                        let mut known = true;
+                        for (k, _) in t.iter() {
+                            if !matches!(k, "filter" | "protocol") {
+                                p.push(v.span(), &s.key_path("topics"), format!("unknown key \"{k}\" in a topic (it takes `filter` and `protocol`)"));
+                                known = false;
+                            }
+                        }
+                        let f = t.get("filter").and_then(|f| f.as_str()).map(str::to_string);
+                        if f.is_none() {
+                            p.push(
+                                v.span(),
+                                &s.key_path("topics"),
+                                "a topic table needs `filter` (a string)",
+                            );
+                        }
+                        let pr = match t.get("protocol") {
+                            None => None,
+                            Some(x) => match x.as_str() {
+                                Some(n) => Some(n.to_string()),
+                                None => {
+                                    p.push(
+                                        x.span(),
+                                        &s.key_path("topics"),
+                                        "`protocol` is a string",
+                                    );
+                                    known = false;
+                                    None
+                                }
+                            },
+                        };
+                        if !known {
+                            ok = false;
+                        }
+                        (f, pr)
+                    } else {
+                        p.push(v.span(), &s.key_path("topics"), "every topic is a filter string or { filter = \"…\", protocol = \"…\" }");
+                        ok = false;
+                        continue;
+                    };
+                    let Some(filter) = filter else {
+                        ok = false;
+                        continue;
+                    };
+                    if filter.len() > 65_535
+                        || filter.contains('\0')
+                        || !rumqttc::valid_filter(&filter)
+                    {
+                        p.push(v.span(), &s.key_path("topics"), format!("\"{filter}\" is not a valid MQTT topic filter (levels split by /; + stands for a whole level, # only at the end)"));
+                        ok = false;
+                        continue;
+                    }
+                    let payload = match &proto {
+                        Some(n) => match payload_of(n) {
+                            Some(pp) => Some(pp),
+                            None if n == "json" => {
+                                p.push(
+                                    v.span(),
+                                    &s.key_path("topics"),
+                                    "protocol = \"json\" needs a [source.json] table",
+                                );
+                                None
+                            }
+                            None => {
+                                let mut names: Vec<&str> = PayloadProtocol::NAMES.to_vec();
+                                names.extend(ProtocolKind::ALL.iter().map(|(n, _)| *n));
+                                p.push(
+                                    v.span(),
+                                    &s.key_path("topics"),
+                                    format!(
+                                        "unknown protocol \"{n}\": one of {}",
+                                        names.join(", ")
+                                    ),
+                                );
+                                None
+                            }
+                        },
+                        None if default_payload.is_none() => {
+                            p.push(v.span(), &s.key_path("topics"), format!("\"{filter}\" has no protocol: set the source's `protocol` or give this topic {{ filter = \"…\", protocol = \"impinj-iot\" }}"));
+                            None
+                        }
+                        None => default_payload.clone(),
+                    };
+                    match payload {
+                        Some(payload) => topics.push(MqttTopic { filter, payload }),
+                        None => ok = false,
+                    }
+                }
+            }
+            _ => {
+                p.push(
+                    s.span_of("topics"),
+                    &s.key_path("topics"),
+                    "expected a non-empty array of topic filters",
+                );
+                ok = false;
+            }
+        },
+    }
+    for (i, a) in topics.iter().enumerate() {
+        if topics[..i].iter().any(|b| b.filter == a.filter) {
+            p.push(
+                s.span_of("topics"),
+                &s.key_path("topics"),
+                format!("\"{}\" is listed twice", a.filter),
+            );
+            ok = false;
+        }
+    }
+    let client_id = s.string(p, "client_id");
+    if client_id
+        .as_ref()
+        .is_some_and(|c| c.is_empty() || c.len() > 256 || !is_clean_text(c))
+    {
+        p.push(s.span_of("client_id"), &s.key_path("client_id"), "must be 1 to 256 characters without control characters (unset: scangate-<gateway>-<source>)");
+        ok = false;
+    }
+    let qos = s.integer(p, "qos", 0, 2).unwrap_or(1);
+    if qos == 2 {
+        p.push(s.span_of("qos"), &s.key_path("qos"), "QoS 2 is not supported: use 1 (each event has a stable id, so a message delivered twice is one event upstream)");
+        ok = false;
+    }
+    let username = s.string(p, "username");
+    let password_file = s.string(p, "password_file").map(|f| secret_path(base, &f));
+    if password_file.is_some() && username.is_none() {
+        p.push(
+            s.span_of("password_file"),
+            &s.key_path("password_file"),
+            "MQTT sends a password only with a `username`: set it too",
+        );
+        ok = false;
+    }
+    let ca_file = s.string(p, "ca_file").map(|f| resolve(base, &f));
+    let client_cert_file = s.string(p, "client_cert_file").map(|f| resolve(base, &f));
+    let client_key_file = s.string(p, "client_key_file").map(|f| resolve(base, &f));
+    if !tls && (ca_file.is_some() || client_cert_file.is_some() || client_key_file.is_some()) {
+        let key = if ca_file.is_some() {
+            "ca_file"
+        } else if client_cert_file.is_some() {
+            "client_cert_file"
+        } else {
+            "client_key_file"
+        };
+        p.push(
+            s.span_of(key),
+            &s.key_path(key),
+            "is used with TLS only: the broker must start with mqtts://",
+        );
+        ok = false;
+    }
+    if client_cert_file.is_some() != client_key_file.is_some() {
+        let key = if client_cert_file.is_some() {
+            "client_cert_file"
+        } else {
+            "client_key_file"
+        };
+        p.push(
+            s.span_of(key),
+            &s.key_path(key),
+            "a client certificate needs both client_cert_file and client_key_file",
+        );
+        ok = false;
+    }
+    let keep_alive = s.integer(p, "keep_alive_s", 5, 3600).unwrap_or(30);
+    let max_payload = s
+        .size(p, "max_payload_bytes", 1024)
+        .unwrap_or(MQTT_PAYLOAD_DEFAULT);
+    if max_payload > MQTT_PACKET_MAX {
+        p.push(
+            s.span_of("max_payload_bytes"),
+            &s.key_path("max_payload_bytes"),
+            format!("at most {} MiB", MQTT_PACKET_MAX >> 20),
+        );
+        ok = false;
+    }
+    let inflight = s.integer(p, "broker_max_inflight", 1, 65_535).unwrap_or(20);
+    let rmin = s.integer(p, "reconnect_min_ms", 10, 600_000).unwrap_or(500);
+    let rmax = s
+        .integer(p, "reconnect_max_ms", 10, 3_600_000)
+        .unwrap_or(30_000);
+    if rmax < rmin {
+        p.push(
+            s.span_of("reconnect_max_ms"),
+            &s.key_path("reconnect_max_ms"),
+            "must not be below reconnect_min_ms",
+        );
+        ok = false;
+    }
+    let reader_clock = s.choice(p, "reader_clock", &["gateway", "reader"]) == Some("reader");
+    if !ok || broker.is_none() {
+        return None;
+    }
+    Some(MqttSource {
+        host,
+        port,
+        tls,
+        client_id,
+        topics,
+        qos: qos as u8,
+        username,
+        password_file,
+        ca_file,
+        client_cert_file,
+        client_key_file,
+        keep_alive: Duration::from_secs(keep_alive as u64),
+        max_payload_bytes: max_payload as usize,
+        broker_max_inflight: inflight as usize,
+        reconnect_min: Duration::from_millis(rmin as u64),
+        reconnect_max: Duration::from_millis(rmax as u64),
+        reader_clock,
     })
 }
 

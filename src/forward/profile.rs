@@ -52,6 +52,8 @@ pub fn event_keys(profile: Profile) -> &'static [&'static str] {
             "location",
             "device_id",
             "value",
+            "sensor_type",
+            "unit",
             "bag_id",
             "scan_type",
             "signal_strength",
@@ -110,10 +112,12 @@ enum K {
     RssiDbm,
     BootId,
     Version,
+    SensorType,
+    Unit,
 }
 
 impl K {
-    const ALL: [K; 28] = [
+    const ALL: [K; 30] = [
         K::EventId,
         K::Timestamp,
         K::SensorId,
@@ -142,6 +146,8 @@ impl K {
         K::RssiDbm,
         K::BootId,
         K::Version,
+        K::SensorType,
+        K::Unit,
     ];
 
     fn name(self) -> &'static str {
@@ -173,6 +179,8 @@ impl K {
             K::Source => "source",
             K::RssiDbm => "rssi_dbm",
             K::BootId => "boot_id",
+            K::SensorType => "sensor_type",
+            K::Unit => "unit",
             K::Version => "version",
         }
     }
@@ -501,6 +509,12 @@ impl Encoder {
             o.json(K::DeviceId, self.names.get(&b.device));
             let value = b.value.map(fmt_f64);
             o.json(K::Value, value.as_deref().unwrap_or("null").as_bytes());
+            // The contract's sensor_type (kept in the scan_type slot) and the unit.
+            match &b.scan_type {
+                Some(t) => o.json(K::SensorType, self.names.get(t)),
+                None => o.json(K::SensorType, b"null"),
+            }
+            o.opt_str(K::Unit, b.symbology.as_deref());
         } else {
             o.str(K::BagId, &b.tag);
             // location, device_id, scan_type
@@ -550,9 +564,12 @@ impl Encoder {
             d.json(K::Location, self.names.get(&b.location));
             d.json(K::DeviceId, self.names.get(&b.device));
             d.json(K::Source, self.names.get(&b.source));
-            match &b.scan_type {
-                Some(t) => d.json(K::ScanType, self.names.get(t)),
-                None => d.str(K::ScanType, b.kind.default_scan_type()),
+            let sensor = b.kind == ReadKind::Sensor;
+            match (&b.scan_type, sensor) {
+                (Some(t), false) => d.json(K::ScanType, self.names.get(t)),
+                (None, false) => d.str(K::ScanType, b.kind.default_scan_type()),
+                (Some(t), true) => d.json(K::SensorType, self.names.get(t)),
+                (None, true) => {}
             }
             if let Some(a) = b.antenna {
                 d.int(K::Antenna, a as i64);
@@ -563,7 +580,10 @@ impl Encoder {
             d.int(K::ReadCount, b.read_count as i64);
             d.json(K::FirstSeen, &first);
             d.json(K::LastSeen, &last);
-            d.opt_str(K::Symbology, b.symbology.as_deref());
+            d.opt_str(
+                if sensor { K::Unit } else { K::Symbology },
+                b.symbology.as_deref(),
+            );
             if let Some(v) = b.value {
                 d.json(K::Value, fmt_f64(v).as_bytes());
             }
@@ -843,6 +863,10 @@ mod tests {
                             p.push(("location", json!(&*b.location)));
                             p.push(("device_id", json!(&*b.device)));
                             p.push(("value", num(b.value)));
+                            p.push(("sensor_type", json!(b.scan_type.as_deref())));
+                            if let Some(u) = &b.symbology {
+                                p.push(("unit", json!(u)));
+                            }
                         } else {
                             p.push(("bag_id", json!(b.tag)));
                             p.push(("location", json!(&*b.location)));
@@ -899,6 +923,17 @@ mod tests {
                         }
                         if let Some(s) = &b.symbology {
                             data["symbology"] = json!(s);
+                        }
+                        if b.kind == ReadKind::Sensor {
+                            if let Some(m) = data.as_object_mut() {
+                                m.remove("scan_type");
+                                if let Some(t) = &b.scan_type {
+                                    m.insert("sensor_type".into(), json!(&**t));
+                                }
+                                if let Some(u) = m.remove("symbology") {
+                                    m.insert("unit".into(), u);
+                                }
+                            }
                         }
                         if let Some(v) = b.value {
                             data["value"] = num(Some(v));

@@ -64,6 +64,7 @@ impl Chafon {
             rssi_raw: raw.map(i32::from),
             symbology: None,
             value: None,
+            sensor: None,
         })
     }
 

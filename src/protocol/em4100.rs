@@ -71,6 +71,7 @@ impl Framing for Em4100 {
             rssi_raw: None,
             symbology: None,
             value: None,
+            sensor: None,
         }));
     }
 }

@@ -186,6 +186,7 @@ impl LinesDecoder {
             rssi_dbm: None,
             symbology,
             value: None,
+            sensor: None,
             rssi_raw: None,
         })
     }
@@ -231,6 +232,7 @@ impl LinesDecoder {
             rssi_raw: None,
             symbology: None,
             value: None,
+            sensor: None,
         })
     }
 

@@ -18,9 +18,13 @@
 pub mod chafon;
 pub mod em4100;
 pub mod framed;
+pub mod impinj_iot;
+pub mod json_map;
 pub mod lines;
+pub mod payload;
 pub mod thingmagic;
 pub mod uhf_bb;
+pub mod zebra_iotc;
 
 pub use crate::config::{ProtocolConfig, ProtocolKind};
 use crate::event::Read;
@@ -195,5 +199,6 @@ pub(crate) fn epc_read(epc: &[u8], rssi_dbm: Option<f32>, antenna: Option<u16>) 
         rssi_raw: None,
         symbology: None,
         value: None,
+        sensor: None,
     })
 }

@@ -53,13 +53,42 @@ const PENDING: u32 = 1;
 const DONE: u32 = 2;
 
 /// How far each source's journal is committed, shared by the spool thread (which sets it after
-/// each commit) and the serial threads (which delete settled files).
+/// each commit) and the serial threads (which delete settled files). MQTT sources use the same
+/// marks for message positions, and are told of every settled group in order ([`Settled`]),
+/// since they acknowledge messages to the broker.
 #[derive(Debug, Default)]
-pub struct JournalMarks(Vec<(Arc<str>, AtomicU64)>);
+pub struct JournalMarks(Vec<Mark>);
+
+#[derive(Debug)]
+struct Mark {
+    name: Arc<str>,
+    pos: AtomicU64,
+    /// An MQTT source's receiver of settled positions.
+    settled: Option<tokio::sync::mpsc::UnboundedSender<Settled>>,
+}
+
+/// What became of a commit group that carried a source's position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Committed: everything handed over up to this position is durable.
+    Committed(u64),
+    /// Refused by the spool (full with `when_full = "reject"`, disk full): what was handed
+    /// over up to this position and not committed before is not in the spool.
+    Refused(u64),
+}
 
 impl JournalMarks {
     /// Marks for `names`, starting at the committed positions the spool recorded.
     pub fn new(names: &[Arc<str>], committed: &[(String, u64)]) -> Self {
+        Self::with_settled(names, committed, Vec::new())
+    }
+
+    /// [`JournalMarks::new`], with sources told of each settled group through their sender.
+    pub fn with_settled(
+        names: &[Arc<str>],
+        committed: &[(String, u64)],
+        mut settled: Vec<(Arc<str>, tokio::sync::mpsc::UnboundedSender<Settled>)>,
+    ) -> Self {
         JournalMarks(
             names
                 .iter()
@@ -68,7 +97,15 @@ impl JournalMarks {
                         .iter()
                         .find(|(k, _)| **k == **n)
                         .map_or(0, |(_, v)| *v);
-                    (n.clone(), AtomicU64::new(c))
+                    let tx = settled
+                        .iter()
+                        .position(|(k, _)| k == n)
+                        .map(|i| settled.swap_remove(i).1);
+                    Mark {
+                        name: n.clone(),
+                        pos: AtomicU64::new(c),
+                        settled: tx,
+                    }
                 })
                 .collect(),
         )
@@ -78,14 +115,33 @@ impl JournalMarks {
     pub fn get(&self, name: &str) -> u64 {
         self.0
             .iter()
-            .find(|(n, _)| **n == *name)
-            .map_or(0, |(_, v)| v.load(Ordering::Acquire))
+            .find(|m| *m.name == *name)
+            .map_or(0, |m| m.pos.load(Ordering::Acquire))
     }
 
     /// Record a committed position (never moves back).
     pub fn set(&self, name: &str, pos: u64) {
-        if let Some((_, v)) = self.0.iter().find(|(n, _)| **n == *name) {
-            v.fetch_max(pos, Ordering::AcqRel);
+        if let Some(m) = self.0.iter().find(|m| *m.name == *name) {
+            m.pos.fetch_max(pos, Ordering::AcqRel);
+            if let Some(tx) = &m.settled {
+                let _ = tx.send(Settled::Committed(pos));
+            }
+        }
+    }
+
+    /// The spool refused a group holding reads up to `pos`. A serial source's bytes are
+    /// settled all the same (a port cannot be paused: the reads are dropped and counted); an
+    /// MQTT source is told, keeps those messages unacknowledged and hands them over again.
+    pub fn refuse(&self, name: &str, pos: u64) {
+        if let Some(m) = self.0.iter().find(|m| *m.name == *name) {
+            match &m.settled {
+                Some(tx) => {
+                    let _ = tx.send(Settled::Refused(pos));
+                }
+                None => {
+                    m.pos.fetch_max(pos, Ordering::AcqRel);
+                }
+            }
         }
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod capture;
 pub mod journal;
+pub mod mqtt;
 pub mod replay;
 pub mod serial;
 
@@ -219,6 +220,12 @@ impl Feed {
         if let Some((_, mono)) = at {
             r.mono_ms = mono;
         }
+        self.send(r).await
+    }
+
+    /// Hand a read to the pipeline, waiting while the read channel is full (by count or by
+    /// bytes). Returns false once the pipeline is gone.
+    pub async fn send(&self, mut r: SourceRead) -> bool {
         loop {
             // Registered before the check, so a drain in between is not missed.
             let drained = self.budget.drained.notified();
@@ -309,6 +316,9 @@ impl Stopped {
     }
 }
 
+/// MQTT sources' receivers of settled positions, by source index.
+pub type SettledReceivers = Vec<(usize, mpsc::UnboundedReceiver<journal::Settled>)>;
+
 /// The pipeline's input, shared by every source.
 #[derive(Clone)]
 pub struct Pipe {
@@ -334,6 +344,11 @@ pub struct Pipe {
     /// With several replays in capture time: plays them in step (see
     /// [`replay::ReplaySync`]).
     pub replay_sync: Option<Arc<replay::ReplaySync>>,
+    /// MQTT sources' receivers of settled positions, by source index (each taken once).
+    pub settled: Arc<std::sync::Mutex<SettledReceivers>>,
+    /// Set by an MQTT source to end the ingest stage's group at once (see `mqtt`).
+    pub commit_now: Arc<std::sync::atomic::AtomicBool>,
+    pub gateway_id: Arc<str>,
 }
 
 /// Run one source until `shutdown` (or, for a replay, until the capture is played).
@@ -348,6 +363,16 @@ pub async fn run(
         .suppress
         .mode
         .map_or(pipe.first_mode, |m| m == crate::config::SuppressMode::First);
+    let settled = pipe.settled.lock().ok().and_then(|mut v| {
+        let i = v.iter().position(|(s, _)| *s == index)?;
+        Some(v.swap_remove(i).1)
+    });
+    let start_pos = pipe
+        .journal
+        .as_ref()
+        .map_or(0, |(_, marks)| marks.get(&cfg.name));
+    let commit_now = pipe.commit_now.clone();
+    let gateway_id = pipe.gateway_id.clone();
     let feed = Feed {
         source: index,
         name: Arc::from(cfg.name.as_str()),
@@ -398,6 +423,19 @@ pub async fn run(
                 tracing::error!(source = %cfg.name, error = %e, "Replay source stopped");
             }
         }
+        SourceKind::Mqtt(m) => {
+            let Some(settled) = settled else {
+                tracing::error!(source = %cfg.name, "MQTT source has no commit reports (internal wiring); not started");
+                return;
+            };
+            let wiring = mqtt::Wiring {
+                settled,
+                start_pos,
+                commit_now,
+                gateway_id,
+            };
+            mqtt::run(&cfg, m, feed, wiring, shutdown).await
+        }
     }
 }
 
@@ -437,6 +475,7 @@ mod tests {
                 rssi_raw: None,
                 symbology: None,
                 value: None,
+                sensor: None,
             },
             wall_ms: 0,
             mono_ms: 0,

@@ -297,7 +297,7 @@ pub fn spawn_with(
                                     tracing::debug!(error = %me, "Cannot record journal positions of refused reads");
                                 }
                                 for (name, pos) in &marks {
-                                    journal.set(name, *pos);
+                                    journal.refuse(name, *pos);
                                 }
                             }
                             Err(e)

@@ -64,6 +64,9 @@ struct Src {
     group: u16,
     /// Antenna → interned reader (a reader has a handful of antennas: a scan beats a hash).
     readers: Vec<(Option<u16>, u16)>,
+    /// Sensor deadband (value units) and heartbeat (ms).
+    deadband: f64,
+    heartbeat_ms: i64,
 }
 
 /// One row of the spool's pass log (postcard, zstd; see the module docs).
@@ -174,7 +177,13 @@ pub struct Stage {
     /// of the clock, and its passes end on its own timeline.
     latest: i64,
     codec: zstd::bulk::Compressor<'static>,
+    /// Sensors' last emitted value and when (boot ms), by source and sensor (id and type).
+    sensors: HashMap<(u16, Box<str>), (f64, i64)>,
 }
+
+/// Sensors whose last value is remembered for the deadband; beyond it the one emitted longest
+/// ago is forgotten (its next reading is emitted whatever its value).
+const SENSORS_MAX: usize = 10_000;
 
 fn cdb(db: f64) -> i64 {
     (db * 100.0).round() as i64
@@ -252,6 +261,8 @@ impl Stage {
                     .collect(),
                 group,
                 readers: Vec::new(),
+                deadband: s.deadband,
+                heartbeat_ms: s.heartbeat.as_millis().min(i64::MAX as u128) as i64,
             });
         }
         let settings = Settings {
@@ -299,6 +310,7 @@ impl Stage {
             // here once, at start, not per commit.
             codec: zstd::bulk::Compressor::new(1)
                 .unwrap_or_else(|_| zstd::bulk::Compressor::default()),
+            sensors: HashMap::new(),
         }
     }
 
@@ -380,6 +392,11 @@ impl Stage {
                 }
             }
             self.metrics.suppress_reads.inc();
+            if r.read.kind == ReadKind::Sensor && !self.sensor_moved(&r) {
+                self.metrics.suppress_deadband.inc();
+                return;
+            }
+            let src = &self.srcs[r.source];
             self.metrics.suppress_passes.inc();
             let zone = r
                 .read
@@ -390,19 +407,31 @@ impl Stage {
             let calibrated = r.read.rssi_dbm.map(|d| {
                 (d as f64 * 100.0).round() as i32 + self.sup.rule(r.source as u16).offset_cdb as i32
             });
+            // A sensor event's scan_type slot holds its sensor_type, symbology its unit.
+            let (device, scan_type, symbology) = match r.read.sensor {
+                Some(meta) => (
+                    meta.device
+                        .map_or_else(|| src.device.clone(), |d| Arc::from(d.as_str())),
+                    meta.sensor_type
+                        .map(|t| crate::event::intern(&t))
+                        .or_else(|| src.scan_type.clone()),
+                    meta.unit,
+                ),
+                None => (src.device.clone(), src.scan_type.clone(), r.read.symbology),
+            };
             out.push(EventBody {
                 kind: r.read.kind,
                 tag: r.read.tag,
                 source: src.name.clone(),
                 location: self.zones[zone as usize].clone(),
-                device: src.device.clone(),
-                scan_type: src.scan_type.clone(),
+                device,
+                scan_type,
                 antenna: r.read.antenna,
                 rssi_cdbm: calibrated,
                 read_count: 1,
                 first_seen_ms: first,
                 last_seen_ms: first,
-                symbology: r.read.symbology,
+                symbology,
                 value: r.read.value,
                 clock,
             });
@@ -435,6 +464,52 @@ impl Stage {
             out.push(self.body(p));
         }
         self.passes = passes;
+    }
+
+    /// Deadband of sensor readings: true when this reading is to be emitted (its sensor's
+    /// first, a move beyond the source's `deadband` from the last one emitted, or the
+    /// `heartbeat` passed since), and then remembered as the last one emitted.
+    fn sensor_moved(&mut self, r: &SourceRead) -> bool {
+        let Some(src) = self.srcs.get(r.source) else {
+            return true;
+        };
+        let Some(value) = r.read.value else {
+            return true;
+        };
+        let (deadband, heartbeat) = (src.deadband, src.heartbeat_ms);
+        let kind = r
+            .read
+            .sensor
+            .as_ref()
+            .and_then(|m| m.sensor_type.as_deref())
+            .unwrap_or("");
+        let key = (
+            r.source as u16,
+            format!("{}\u{0}{kind}", r.read.tag).into_boxed_str(),
+        );
+        let now = r.mono_ms;
+        if let Some((last, at)) = self.sensors.get_mut(&key) {
+            let emit = (value - *last).abs() > deadband
+                || now.saturating_sub(*at) >= heartbeat
+                || now < *at;
+            if emit {
+                *last = value;
+                *at = now;
+            }
+            return emit;
+        }
+        if self.sensors.len() >= SENSORS_MAX {
+            if let Some(oldest) = self
+                .sensors
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(k, _)| k.clone())
+            {
+                self.sensors.remove(&oldest);
+            }
+        }
+        self.sensors.insert(key, (value, now));
+        true
     }
 
     /// True once since a `first`-mode event was emitted: its group should be committed at
@@ -936,6 +1011,7 @@ mod tests {
                 rssi_raw: None,
                 symbology: None,
                 value: None,
+                sensor: None,
             },
             wall_ms: at,
             mono_ms: at,
