@@ -188,6 +188,9 @@ fn validate(path: &str, v: &Value) -> Result<Vec<Value>, (u16, String)> {
                     return Err((422, format!("{k}: field required")));
                 }
             }
+            if et == "sensor" && !e.get("value").is_some_and(|x| x.is_number()) {
+                return Err((422, "value: must be a number".into()));
+            }
             if et == "scan" {
                 if e.get("bag_id").and_then(|x| x.as_str()).is_none() {
                     return Err((422, "bag_id: field required".into()));

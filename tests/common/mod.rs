@@ -4,6 +4,7 @@
 pub mod daemon;
 pub mod frames;
 pub mod ingest;
+pub mod mosquitto;
 pub mod redis_server;
 
 use scangate::config::{Config, UpstreamConfig};

@@ -1,0 +1,456 @@
+//! MQTT sources against a real `mosquitto` on loopback (started, stopped and restarted by each
+//! test) and the real `scangate` binary: each payload protocol end to end, `kill -9` while
+//! 20,000 QoS 1 messages are published, a broker restart while messages flow, and malformed,
+//! oversize and garbage payloads.
+
+mod common;
+
+use common::daemon::{free_port, metric, write_config, Daemon};
+use common::ingest::{wait_until, Ingest};
+use common::mosquitto::{impinj_event, zebra_event, Mosquitto, Publisher};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+/// One MQTT source with a topic per protocol.
+fn source(broker: &Mosquitto, extra: &str) -> String {
+    format!(
+        r#"[[source]]
+name = "dock"
+kind = "mqtt"
+broker = "{}"
+topics = [{{ filter = "impinj/+/events", protocol = "impinj-iot" }}, {{ filter = "zebra/#", protocol = "zebra-iotc" }}, {{ filter = "sensors/#", protocol = "json" }}]
+location = "DOCK_3"
+suppress = "off"
+broker_max_inflight = 1000
+reconnect_min_ms = 50
+reconnect_max_ms = 500
+{extra}
+[source.antennas]
+2 = "DOCK_3_OUT"
+[source.json]
+tag = "/sensor"
+value = "/v"
+sensor_type = "/type"
+unit = "/unit"
+"#,
+        broker.url()
+    )
+}
+
+fn events(ingest: &Ingest) -> Vec<Value> {
+    ingest.with(|s| s.events.clone())
+}
+
+fn field<'a>(e: &'a Value, k: &str) -> &'a Value {
+    e.get(k).unwrap_or(&Value::Null)
+}
+
+/// Tag (bag_id) → how many events carry it.
+fn tag_counts(ingest: &Ingest) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for e in events(ingest) {
+        if let Some(t) = e.get("bag_id").and_then(|t| t.as_str()) {
+            *m.entry(t.to_string()).or_default() += 1;
+        }
+    }
+    m
+}
+
+async fn wait_connected(admin: u16, n: u64) {
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    while metric(admin, "scangate_mqtt_connects_total")
+        .await
+        .unwrap_or(0)
+        < n
+    {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "no MQTT connection within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Each protocol's messages arrive at the ingest server with the right tag, RSSI, antenna and
+/// location; sensor readings as sensor events with their type and unit, thinned by the
+/// deadband.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_protocol_end_to_end() {
+    let broker = Mosquitto::start("");
+    let ingest = Ingest::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = write_config(
+        dir.path(),
+        &dir.path().join("state"),
+        &source(&broker, "deadband = 0.5\nheartbeat_ms = 3600000"),
+        &ingest.base_url(),
+        "",
+        Some(admin),
+    );
+    let _d = Daemon::spawn(&cfg, &dir.path().join("log"));
+    wait_connected(admin, 1).await;
+    let p = Publisher::connect(broker.port, "test-pub-e2e").await;
+    p.send(
+        "impinj/r700-1/events",
+        impinj_event("E2801190A5021F80055817CA", 1, -2650),
+    )
+    .await;
+    // Zebra: lowercase id, an array, and two objects concatenated with no separator.
+    p.send(
+        "zebra/fx9600/data",
+        format!(
+            "[{}]{}",
+            zebra_event("7eda9038051002710002c0ae", 2, -60),
+            zebra_event("7EDA9038051002710002C0AF", 1, -71)
+        ),
+    )
+    .await;
+    for v in [21.5, 21.6, 21.9, 23.0, 22.8] {
+        p.send(
+            "sensors/belt-3",
+            format!(r#"{{"sensor":"belt-3-temp","v":{v},"type":"temperature","unit":"C"}}"#),
+        )
+        .await;
+    }
+    wait_until(
+        "3 scans and 2 sensor events",
+        Duration::from_secs(30),
+        || events(&ingest).len() >= 5,
+    )
+    .await;
+    let evs = events(&ingest);
+    let by_tag = |t: &str| {
+        evs.iter()
+            .find(|e| field(e, "bag_id") == t)
+            .unwrap_or_else(|| panic!("no event for {t}: {evs:?}"))
+    };
+    let i = by_tag("E2801190A5021F80055817CA");
+    // bag-events: signal_strength is the peak RSSI in whole dBm (−26.50 → −27 rounds away).
+    assert_eq!(field(i, "signal_strength"), -27);
+    assert_eq!(field(i, "antenna"), 1);
+    assert_eq!(field(i, "location"), "DOCK_3");
+    assert_eq!(field(i, "device_id"), "dock");
+    let z = by_tag("7EDA9038051002710002C0AE");
+    assert_eq!(
+        (
+            field(z, "signal_strength"),
+            field(z, "antenna"),
+            field(z, "location")
+        ),
+        (
+            &Value::from(-60),
+            &Value::from(2),
+            &Value::from("DOCK_3_OUT")
+        )
+    );
+    let z2 = by_tag("7EDA9038051002710002C0AF");
+    assert_eq!(
+        (field(z2, "antenna"), field(z2, "location")),
+        (&Value::from(1), &Value::from("DOCK_3"))
+    );
+    // Deadband 0.5: 21.5 (first), 21.6 and 21.9 within it, 23.0 beyond, 22.8 within.
+    let sensors: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e.get("sensor_id").is_some())
+        .collect();
+    let values: Vec<f64> = sensors
+        .iter()
+        .map(|e| field(e, "value").as_f64().unwrap())
+        .collect();
+    assert_eq!(values, vec![21.5, 23.0], "{sensors:?}");
+    assert_eq!(field(sensors[0], "sensor_type"), "temperature");
+    assert_eq!(field(sensors[0], "unit"), "C");
+    assert_eq!(field(sensors[0], "sensor_id"), "belt-3-temp");
+    assert_eq!(field(sensors[0], "location"), "DOCK_3");
+    assert_eq!(
+        metric(admin, "scangate_suppress_deadband_total").await,
+        Some(3)
+    );
+    let envelopes = ingest.with(|s| s.envelopes.clone());
+    assert!(envelopes.iter().any(|e| field(e, "event_type") == "sensor"));
+    // Every message was acknowledged once committed.
+    assert_eq!(metric(admin, "scangate_mqtt_messages_total").await, Some(7));
+    wait_until_metric(admin, "scangate_mqtt_acked_total", 7).await;
+    assert_eq!(metric(admin, "scangate_mqtt_unacked").await, Some(0));
+}
+
+async fn wait_until_metric(admin: u16, name: &str, want: u64) {
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = metric(admin, name).await;
+        if v == Some(want) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "{name} stayed {v:?}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `kill -9` of the real process at random moments while 20,000 QoS 1 messages are published;
+/// each restart takes the persistent session back. Every message's tag reaches the ingest
+/// server: repeats are allowed (and counted), loss is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_20000_qos1_messages_are_published_loses_none() {
+    const N: usize = 20_000;
+    let broker = Mosquitto::start("");
+    let ingest = Ingest::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = write_config(
+        dir.path(),
+        &dir.path().join("state"),
+        &source(&broker, ""),
+        &ingest.base_url(),
+        "",
+        Some(admin),
+    );
+    let log = dir.path().join("log");
+    let mut daemon = Some(Daemon::spawn(&cfg, &log));
+    wait_connected(admin, 1).await;
+    let publisher = Publisher::connect(broker.port, "test-pub-kill").await;
+    let client = publisher.client.clone();
+    let publishing = tokio::spawn(async move {
+        for i in 0..N {
+            let epc = format!("E280{i:020X}");
+            client
+                .publish(
+                    "impinj/r700-1/events",
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    impinj_event(&epc, 1 + (i % 4) as u16, -4000 - (i % 900) as i32),
+                )
+                .await
+                .expect("publish");
+            if i % 500 == 499 {
+                // Spread over a few seconds, so kills land while messages flow.
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        }
+    });
+    let mut next = common::random_moments("mqtt kill -9");
+    let mut kills = 0;
+    while !publishing.is_finished() || kills < 3 {
+        tokio::time::sleep(Duration::from_millis(50 + next() % 600)).await;
+        if let Some(d) = daemon.take() {
+            d.kill9();
+            kills += 1;
+        }
+        daemon = Some(Daemon::spawn(&cfg, &log));
+        if kills >= 8 {
+            break;
+        }
+    }
+    publishing.await.unwrap();
+    publisher
+        .wait_acked(N as u64, Duration::from_secs(60))
+        .await;
+    let want: HashSet<String> = (0..N).map(|i| format!("E280{i:020X}")).collect();
+    let end = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let got = tag_counts(&ingest);
+        let missing = want.iter().filter(|t| !got.contains_key(*t)).count();
+        if missing == 0 {
+            let repeats: usize = got.values().map(|n| n - 1).sum();
+            eprintln!("{kills} kills: {N} messages, every tag arrived; {repeats} repeated");
+            assert!(
+                got.keys().all(|t| want.contains(t)),
+                "a tag nobody published"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "{missing} of {N} tags never arrived after {kills} kills; log:\n{}",
+            daemon.as_ref().map(|d| d.log_text()).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        kills >= 3,
+        "the test must kill at least 3 times, killed {kills}"
+    );
+}
+
+/// The broker restarts while messages flow: scangate reconnects by itself and nothing the
+/// broker acknowledged to the publisher is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_while_messages_flow_loses_none() {
+    const N: usize = 5_000;
+    let mut broker = Mosquitto::start("");
+    let ingest = Ingest::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = write_config(
+        dir.path(),
+        &dir.path().join("state"),
+        &source(&broker, ""),
+        &ingest.base_url(),
+        "",
+        Some(admin),
+    );
+    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
+    wait_connected(admin, 1).await;
+    let publisher = Publisher::connect(broker.port, "test-pub-restart").await;
+    let client = publisher.client.clone();
+    let publishing = tokio::spawn(async move {
+        for i in 0..N {
+            client
+                .publish(
+                    "zebra/fx9600/data",
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    zebra_event(&format!("AB{i:022X}"), 1, -55),
+                )
+                .await
+                .expect("publish");
+            if i % 250 == 249 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    publisher
+        .wait_acked(N as u64 / 3, Duration::from_secs(30))
+        .await;
+    broker.restart();
+    publishing.await.unwrap();
+    wait_until_metric_at_least(admin, "scangate_mqtt_connects_total", 2).await;
+    publisher
+        .wait_acked(N as u64, Duration::from_secs(60))
+        .await;
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = tag_counts(&ingest);
+        let missing = (0..N)
+            .filter(|i| !got.contains_key(&format!("AB{i:022X}")))
+            .count();
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "{missing} of {N} tags lost across a broker restart; log:\n{}\nbroker:\n{}",
+            d.log_text(),
+            broker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_until_metric_at_least(admin: u16, name: &str, want: u64) {
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    while metric(admin, name).await.unwrap_or(0) < want {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "{name} stayed below {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Malformed JSON, wrong types, a 10 MB payload, binary garbage and a 50 KB valid reader
+/// batch: the bad ones are counted and acknowledged (so a persistent session does not send
+/// them again), the batch arrives whole, the connection is never torn down, and a restart
+/// finds nothing left over at the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_oversize_and_garbage_payloads_are_counted_and_acknowledged() {
+    let broker = Mosquitto::start("");
+    let ingest = Ingest::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = write_config(
+        dir.path(),
+        &dir.path().join("state"),
+        &source(&broker, ""),
+        &ingest.base_url(),
+        "",
+        Some(admin),
+    );
+    let log = dir.path().join("log");
+    let mut d = Daemon::spawn(&cfg, &log);
+    wait_connected(admin, 1).await;
+    let p = Publisher::connect(broker.port, "test-pub-bad").await;
+    let topic = "impinj/r700-1/events";
+    p.send(topic, r#"{"tagInventoryEvent":{"epcHex":"E2"#).await;
+    p.send(
+        topic,
+        r#"{"tagInventoryEvent":{"epcHex":12,"antennaPort":1}}"#,
+    )
+    .await;
+    p.send(
+        topic,
+        r#"{"tagInventoryEvent":{"epcHex":"E280","antennaPort":"one"}}"#,
+    )
+    .await;
+    p.send(topic, vec![b'['; 10 * 1024 * 1024]).await;
+    p.send(topic, (0..=255u8).cycle().take(4096).collect::<Vec<u8>>())
+        .await;
+    p.send("sensors/x", r#"{"sensor":"s","v":"warm"}"#).await;
+    // A 50 KB batch of 300 events, as the webhook form posts them.
+    let batch: Vec<String> = (0..300)
+        .map(|i| impinj_event(&format!("E200{i:020X}"), 1, -5000))
+        .collect();
+    let batch = format!("[{}]", batch.join(","));
+    assert!(batch.len() > 50_000, "{}", batch.len());
+    p.send(topic, batch).await;
+    p.send(topic, impinj_event("E2FFFFFFFFFFFFFFFFFFFFFF", 3, -3000))
+        .await;
+    p.wait_acked(8, Duration::from_secs(30)).await;
+    wait_until(
+        "the batch and the last event",
+        Duration::from_secs(30),
+        || tag_counts(&ingest).len() == 301,
+    )
+    .await;
+    wait_until_metric(admin, "scangate_mqtt_acked_total", 8).await;
+    assert_eq!(metric(admin, "scangate_mqtt_unacked").await, Some(0));
+    assert_eq!(
+        metric(admin, "scangate_mqtt_connects_total").await,
+        Some(1),
+        "a bad payload tore the connection down"
+    );
+    for (reason, n) in [
+        ("bad_json", 2),
+        ("bad_epc", 1),
+        ("bad_field", 1),
+        ("payload_too_large", 1),
+        ("bad_value", 1),
+    ] {
+        assert_eq!(
+            metric(
+                admin,
+                &format!("scangate_dropped_total{{reason=\"{reason}\"}}")
+            )
+            .await,
+            Some(n),
+            "{reason}"
+        );
+    }
+    let text = d.log_text();
+    assert!(text.contains("max_payload_bytes"), "{text}");
+    // Rate-limited: seven bad payloads in a burst give one line about their content.
+    assert_eq!(
+        text.matches("is not what its protocol expects").count(),
+        1,
+        "{text}"
+    );
+    // A restart finds nothing left at the broker: only the new message comes.
+    d.sigterm();
+    d.wait_exit(Duration::from_secs(20)).await;
+    let d2 = Daemon::spawn(&cfg, &log);
+    wait_connected(admin, 1).await;
+    p.send(topic, impinj_event("E2EEEEEEEEEEEEEEEEEEEEEE", 1, -3000))
+        .await;
+    wait_until(
+        "the message after the restart",
+        Duration::from_secs(30),
+        || tag_counts(&ingest).contains_key("E2EEEEEEEEEEEEEEEEEEEEEE"),
+    )
+    .await;
+    assert_eq!(metric(admin, "scangate_mqtt_messages_total").await, Some(1));
+    drop(d2);
+}
