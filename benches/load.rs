@@ -11,7 +11,8 @@
 //! 5,000 frames/s, then recovery time), drain (1,000,000 events backlog: startup time, RSS,
 //! drain rate), idle (idle RSS), protocols (each binary reader protocol at full speed), redis
 //! (draining a backlog into a loopback redis-server through the Redis Streams sink, against a
-//! plain pipelined XADD loop).
+//! plain pipelined XADD loop), mqtt (a QoS 1 backlog drained from a loopback mosquitto into
+//! the spool, against a plain subscriber; then CPU and memory at 5,000 messages/s).
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)] // wall-clock measurement of real processes
 
 #[path = "../tests/common/daemon.rs"]
@@ -20,6 +21,8 @@ mod daemon;
 mod frames;
 #[path = "../tests/common/ingest.rs"]
 mod ingest;
+#[path = "../tests/common/mosquitto.rs"]
+mod mosquitto;
 #[path = "../tests/common/redis_server.rs"]
 mod redis_server;
 
@@ -989,6 +992,181 @@ async fn redis_sink() {
     );
 }
 
+/// An MQTT source for the bench: Impinj events on one topic, repeat suppression off (every
+/// message is one event), the broker's window as `Mosquitto::start` sets it.
+fn mqtt_source(broker: &mosquitto::Mosquitto, name: &str) -> String {
+    format!(
+        "[[source]]\nname = \"{name}\"\nkind = \"mqtt\"\nbroker = \"{}\"\ntopics = [\"impinj/+/events\"]\nprotocol = \"impinj-iot\"\nsuppress = \"off\"\nbroker_max_inflight = 1000\n",
+        broker.url()
+    )
+}
+
+/// Publish `n` QoS 1 Impinj events (unique EPCs from `base`), at most `rate` per second (0: as
+/// fast as the broker acknowledges), and wait for the broker's acknowledgements.
+async fn mqtt_publish(port: u16, id: &str, base: u64, n: u64, rate: u64) {
+    let p = mosquitto::Publisher::connect(port, id).await;
+    let t = Instant::now();
+    for i in 0..n {
+        if rate > 0 && i % 50 == 0 {
+            let due = t + Duration::from_secs_f64(i as f64 / rate as f64);
+            if let Some(w) = due.checked_duration_since(Instant::now()) {
+                tokio::time::sleep(w).await;
+            }
+        }
+        p.send(
+            "impinj/r700-1/events",
+            mosquitto::impinj_event(
+                &format!("E280{:020X}", base + i),
+                1 + (i % 4) as u16,
+                -4000 - (i % 900) as i32,
+            ),
+        )
+        .await;
+    }
+    p.wait_acked(n, Duration::from_secs(600)).await;
+}
+
+/// A plain QoS 1 subscriber (rumqttc, automatic acknowledgements, persistent session): how
+/// fast it drains `n` queued messages. Its session is made first (`subscribe_only`), the
+/// backlog published, then it connects again and drains.
+async fn plain_subscriber(port: u16, id: &str, n: Option<u64>) -> f64 {
+    let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    o.set_clean_session(false)
+        .set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut ev) = rumqttc::AsyncClient::new(o, 1000);
+    client
+        .subscribe("impinj/+/events", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut got = 0u64;
+    let mut t = None;
+    loop {
+        match ev.poll().await {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) if n.is_none() => {
+                let _ = client.disconnect().await;
+            }
+            Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return 0.0,
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(_))) => {
+                t.get_or_insert_with(Instant::now);
+                got += 1;
+                if Some(got) == n {
+                    let rate = got as f64 / t.map_or(1.0, |t| t.elapsed().as_secs_f64());
+                    let _ = client.disconnect().await;
+                    return rate;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => panic!("plain subscriber: {e}"),
+        }
+    }
+}
+
+/// Issue 12: QoS 1 messages from a loopback mosquitto to committed events, acknowledged after
+/// commit; the plain subscriber's rate on the same broker before and after; then CPU per
+/// message and memory at 5,000 messages/s with forwarding to the loopback receiver.
+async fn mqtt() {
+    let n = env_or("BENCH_MESSAGES", 300_000);
+    println!("\n## issue 12: {n} queued QoS 1 messages (Impinj events, ~230 B) from a loopback mosquitto");
+    let broker = mosquitto::Mosquitto::start("persistence false");
+    plain_subscriber(broker.port, "plain-1", None).await;
+    mqtt_publish(broker.port, "pub-plain-1", 0, n, 0).await;
+    let plain1 = plain_subscriber(broker.port, "plain-1", Some(n)).await;
+
+    // scangate: its session first, then the backlog, then the drain to committed events (the
+    // upstream is down: only the MQTT → spool path runs).
+    let dir = bench_dir();
+    let state = dir.path().join("state");
+    let src = mqtt_source(&broker, "r700");
+    let d = start_daemon(dir.path(), &state, &src, "http://127.0.0.1:9/", "", "");
+    wait_metric_ge(d.admin, "scangate_mqtt_connects_total", 1, || {}).await;
+    drop(d);
+    mqtt_publish(broker.port, "pub-sg", 0, n, 0).await;
+    let d = start_daemon(dir.path(), &state, &src, "http://127.0.0.1:9/", "", "");
+    let (cpu0, w0) = (d.proc.cpu(), d.proc.write_bytes());
+    let mut anon_peak = 0u64;
+    let mut first: Option<Instant> = None;
+    wait_metric_ge(d.admin, "scangate_mqtt_connects_total", 1, || {}).await;
+    first.get_or_insert_with(Instant::now);
+    wait_metric_ge(d.admin, "scangate_mqtt_acked_total", n, || {
+        anon_peak = anon_peak.max(d.proc.anon_kb());
+    })
+    .await;
+    let secs = first.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    let committed = metric(d.admin, "scangate_spool_committed_total")
+        .await
+        .unwrap_or(0);
+    let cpu = d.proc.cpu() - cpu0;
+    let written = d.proc.write_bytes() - w0;
+    drop(d);
+    plain_subscriber(broker.port, "plain-2", None).await;
+    mqtt_publish(broker.port, "pub-plain-2", 0, n, 0).await;
+    let plain2 = plain_subscriber(broker.port, "plain-2", Some(n)).await;
+    let rate = n as f64 / secs;
+    println!("plain subscriber (auto ack): {plain1:>8.0} and {plain2:>8.0} messages/s");
+    println!(
+        "scangate (ack after commit):  {rate:>8.0} messages/s = {:.2}× the plain subscriber; {committed} events committed ({}); CPU {:.2} µs/message, {:.0} B written/message, peak private {:.1} MB",
+        rate / ((plain1 + plain2) / 2.0),
+        if committed >= n { "none lost" } else { "LOST SOME" },
+        1e6 * cpu / n as f64,
+        written as f64 / n as f64,
+        anon_peak as f64 / 1024.0
+    );
+
+    // 5,000 messages/s for 20 s, forwarded to the loopback receiver (a source of another
+    // name: a new session, with no backlog queued for it).
+    let src = mqtt_source(&broker, "r700-live");
+    let rate = 5000;
+    let m = env_or("BENCH_FRAMES", 100_000);
+    let mut ing = Ingest::start().await;
+    ing.with(|s| s.light = true);
+    let dir = bench_dir();
+    let d = start_daemon(
+        dir.path(),
+        &dir.path().join("state"),
+        &src,
+        &ing.base_url(),
+        "",
+        "",
+    );
+    wait_metric_ge(d.admin, "scangate_mqtt_connects_total", 1, || {}).await;
+    let (cpu0, w0) = (d.proc.cpu(), d.proc.write_bytes());
+    let t0 = Instant::now();
+    let publish = tokio::spawn(mqtt_publish(broker.port, "pub-rate", 10_000_000, m, rate));
+    let mut anon_peak = 0u64;
+    wait_for("delivered", Duration::from_secs(120 + m / rate), || {
+        anon_peak = anon_peak.max(d.proc.anon_kb());
+        ing.with(|s| s.light_count) >= m
+    })
+    .await;
+    publish.await.unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "{rate} messages/s, {m} messages, forwarded: CPU {:.2} µs/message ({:.1} % of one core), {:.0} B written/message, RSS {} kB (VmHWM {} kB), peak private {:.1} MB; {:.1} s",
+        1e6 * (d.proc.cpu() - cpu0) / m as f64,
+        100.0 * (d.proc.cpu() - cpu0) / secs,
+        (d.proc.write_bytes() - w0) as f64 / m as f64,
+        d.proc.rss_kb(),
+        d.proc.hwm_kb(),
+        anon_peak as f64 / 1024.0,
+        secs
+    );
+    ing.stop().await;
+}
+
+/// Poll the daemon's metric until it reaches `want` (at most 15 min), calling `each` at
+/// every poll.
+async fn wait_metric_ge(admin: u16, name: &str, want: u64, mut each: impl FnMut()) {
+    let t = Instant::now();
+    while metric(admin, name).await.unwrap_or(0) < want {
+        each();
+        assert!(
+            t.elapsed() < Duration::from_secs(900),
+            "timed out: {name} < {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Issue 15: draining over a link with a round trip (the receiver adds 50 ms to every answer),
 /// one batch at a time against adaptive concurrency, in the same run; then outages at
 /// 2,000 events/s on loopback and over the 50 ms link.
@@ -1393,6 +1571,9 @@ fn main() {
         }
         if want("redis") {
             redis_sink().await;
+        }
+        if want("mqtt") {
+            mqtt().await;
         }
     });
     let _ = std::fs::remove_dir_all(Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-tmp"));

@@ -810,3 +810,158 @@ fn validate_refuses_an_admin_token_file_that_cannot_be_used() {
     std::fs::write(&token, "s3cret-admin\n").unwrap();
     assert_eq!(run().status.code(), Some(0));
 }
+
+const MQTT_BROKEN: &str = r#"[gateway]
+id = "gw"
+state_dir = "/tmp/x"
+
+[[source]]
+name = "a"
+kind = "mqtt"
+broker = "http://broker:1883"
+topics = ["readers/#/events", { filter = "z/#", protocol = "zebra" }, 7]
+protocol = "impinj-iot"
+qos = 2
+password_file = "/etc/scangate/mqtt.pass"
+ca_file = "/etc/ca.pem"
+baud = 9600
+
+[[source]]
+name = "b"
+kind = "mqtt"
+broker = "mqtt://user:secret@broker:1883"
+protocol = "json"
+topics = []
+
+[[source]]
+name = "c"
+kind = "mqtt"
+broker = "mqtts://broker"
+topics = ["s/#"]
+protocol = "json"
+client_cert_file = "/etc/c.pem"
+[source.json]
+tag = "id"
+colour = "/x"
+
+[[source]]
+name = "d"
+kind = "mqtt"
+broker = "mqtt://broker"
+topics = ["x/y", "x/y"]
+max_payload_bytes = "1 GiB"
+reconnect_min_ms = 5000
+reconnect_max_ms = 100
+
+[[source]]
+name = "e"
+kind = "serial"
+protocol = "lines"
+path = "/dev/ttyUSB0"
+broker = "mqtt://broker"
+
+[upstream]
+url = "http://ingest:8000"
+profile = "bag-events"
+"#;
+
+/// MQTT source mistakes, each named with its line and key: not an MQTT URL, an invalid
+/// filter, an unknown protocol, a topic that is not a string or table, QoS 2, a password
+/// without a user, TLS keys without mqtts://, a serial key on an MQTT source, credentials in
+/// the URL, no topics, json without its table, a pointer that is not one, an unknown mapping
+/// key, a certificate without its key, a topic listed twice, an oversize payload limit,
+/// backoff bounds crossed, and an MQTT key on a serial source.
+#[test]
+fn mqtt_source_errors_are_located() {
+    let errs = Config::parse(MQTT_BROKEN, Path::new("/etc/scangate")).unwrap_err();
+    let got: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.key.as_str())).collect();
+    for want in [
+        (8, "source[0].broker"),
+        (9, "source[0].topics"),
+        (11, "source[0].qos"),
+        (12, "source[0].password_file"),
+        (13, "source[0].ca_file"),
+        (14, "source[0].baud"),
+        (19, "source[1].broker"),
+        (21, "source[1].topics"),
+        (29, "source[2].client_cert_file"),
+        (31, "source[2].json.tag"),
+        (32, "source[2].json.colour"),
+        (38, "source[3].topics"),
+        (39, "source[3].max_payload_bytes"),
+        (41, "source[3].reconnect_max_ms"),
+        (48, "source[4].broker"),
+    ] {
+        assert!(got.contains(&want), "{want:?} missing from {got:?}");
+    }
+    let text: Vec<String> = errs.iter().map(|e| e.message.clone()).collect();
+    let all = text.join("\n");
+    for needle in [
+        "not an mqtt:// or mqtts:// URL",
+        "\"readers/#/events\" is not a valid MQTT topic filter",
+        "unknown protocol \"zebra\"",
+        "QoS 2 is not supported",
+        "must not hold credentials",
+        "needs a [source.json] table",
+        "is not a JSON pointer",
+    ] {
+        assert!(all.contains(needle), "{needle:?} not in:\n{all}");
+    }
+}
+
+/// A valid MQTT source: defaults (QoS 1, persistent session id left to the gateway, 1 MiB
+/// payloads, the broker window of 20) and per-topic protocols.
+#[test]
+fn mqtt_source_defaults_and_topic_protocols() {
+    let cfg = Config::parse(
+        r#"[gateway]
+id = "gw"
+state_dir = "/tmp/x"
+[[source]]
+name = "dock"
+kind = "mqtt"
+broker = "mqtts://broker.local"
+topics = ["impinj/+/events", { filter = "sensors/#", protocol = "json" }]
+protocol = "impinj-iot"
+username = "gw"
+password_file = "mqtt.pass"
+deadband = 0.25
+[source.json]
+value = "/v"
+sensor_type = "temperature"
+[upstream]
+url = "http://ingest:8000"
+profile = "bag-events"
+"#,
+        Path::new("/etc/scangate"),
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let s = &cfg.sources[0];
+    let scangate::config::SourceKind::Mqtt(m) = &s.kind else {
+        panic!("{:?}", s.kind)
+    };
+    assert_eq!(
+        (m.host.as_str(), m.port, m.tls, m.qos),
+        ("broker.local", 8883, true, 1)
+    );
+    assert_eq!(m.client_id, None);
+    assert_eq!(m.max_payload_bytes, 1 << 20);
+    assert_eq!(m.broker_max_inflight, 20);
+    assert_eq!(
+        m.password_file.as_deref(),
+        Some(Path::new("/etc/scangate/mqtt.pass"))
+    );
+    assert!(matches!(
+        m.topics[0].payload,
+        scangate::config::PayloadProtocol::ImpinjIot
+    ));
+    assert!(matches!(
+        m.topics[1].payload,
+        scangate::config::PayloadProtocol::Json(_)
+    ));
+    assert_eq!(s.deadband, 0.25);
+    assert_eq!(
+        scangate::source::mqtt::default_client_id(&cfg.gateway.id, &s.name),
+        "scangate-gw-dock"
+    );
+}

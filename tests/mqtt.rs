@@ -454,3 +454,64 @@ async fn malformed_oversize_and_garbage_payloads_are_counted_and_acknowledged() 
     assert_eq!(metric(admin, "scangate_mqtt_messages_total").await, Some(1));
     drop(d2);
 }
+
+/// A backlog the broker queued while scangate was stopped drains whole at the next start, at
+/// full speed. Regression: held messages stopped the decoder taking more, which stopped the
+/// connection polling, which is what sends acknowledgements: the drain stalled for good after
+/// ~14,000 messages (the broker sends a resumed session's queue far past its window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_queued_at_the_broker_drains_whole() {
+    const N: usize = 60_000;
+    let broker = Mosquitto::start("");
+    let ingest = Ingest::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = write_config(
+        dir.path(),
+        &dir.path().join("state"),
+        &source(&broker, "").replace("broker_max_inflight = 1000\n", ""),
+        &ingest.base_url(),
+        "",
+        Some(admin),
+    );
+    let log = dir.path().join("log");
+    // The session first, then the backlog while scangate is stopped.
+    let mut d = Daemon::spawn(&cfg, &log);
+    wait_connected(admin, 1).await;
+    d.sigterm();
+    d.wait_exit(Duration::from_secs(20)).await;
+    let p = Publisher::connect(broker.port, "test-pub-backlog").await;
+    for i in 0..N {
+        p.send(
+            "impinj/r700-1/events",
+            impinj_event(&format!("E2B0{i:020X}"), 1, -4500),
+        )
+        .await;
+    }
+    p.wait_acked(N as u64, Duration::from_secs(60)).await;
+    let d = Daemon::spawn(&cfg, &log);
+    let end = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let committed = metric(admin, "scangate_spool_committed_total")
+            .await
+            .unwrap_or(0);
+        if committed >= N as u64 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the backlog stalled: {committed} of {N} committed; log:\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_until_metric(admin, "scangate_mqtt_acked_total", N as u64).await;
+    assert_eq!(
+        metric(admin, "scangate_spool_committed_total").await,
+        Some(N as u64)
+    );
+    wait_until("every tag delivered", Duration::from_secs(60), || {
+        tag_counts(&ingest).len() == N
+    })
+    .await;
+}

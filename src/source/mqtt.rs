@@ -36,13 +36,18 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Messages the connection task may hand over ahead of the decoder. Beyond it the connection
-/// waits (TCP pushes back on the broker); the broker's own window of unacknowledged messages
-/// (`max_inflight_messages`) normally keeps far below it.
-const HANDOFF: usize = 4096;
+/// waits (TCP pushes back on the broker).
+const HANDOFF: usize = 1024;
 
 /// Payload bytes held unacknowledged (waiting for their commit) before the decoder stops
-/// taking messages: bounds memory when a broker's window is unlimited.
-const UNACKED_MAX_BYTES: usize = 64 << 20;
+/// taking messages (one larger message is still taken alone).
+const UNACKED_MAX_BYTES: usize = 16 << 20;
+
+/// Messages held unacknowledged before the decoder stops taking more, beyond twice the
+/// broker's window: mosquitto sends a resumed session's queue well past its
+/// `max_inflight_messages` (13,000 unacknowledged seen with a window of 1,000), and every held
+/// message pins its payload and the read buffer it came in.
+const UNACKED_EXTRA: usize = 1024;
 
 /// How long a refused message waits before it is handed over again.
 const RESEND_AFTER: Duration = Duration::from_secs(1);
@@ -118,6 +123,11 @@ struct Decoder {
     client: Arc<std::sync::Mutex<Option<(u64, AsyncClient)>>>,
     held: VecDeque<Held>,
     held_bytes: usize,
+    /// Acknowledgements of settled messages not yet passed to the connection: (connection,
+    /// packet id).
+    acks: VecDeque<(u64, u16)>,
+    /// See [`UNACKED_EXTRA`].
+    held_max: usize,
     /// Messages handed over and not yet committed (for `commit_now`).
     waiting: usize,
     next_pos: u64,
@@ -155,6 +165,8 @@ impl Decoder {
             client,
             held: VecDeque::new(),
             held_bytes: 0,
+            acks: VecDeque::new(),
+            held_max: 2 * m.broker_max_inflight + UNACKED_EXTRA,
             waiting: 0,
             next_pos: wiring.start_pos + 1,
             committed: wiring.start_pos,
@@ -177,7 +189,7 @@ impl Decoder {
                     Some(s) => self.on_settled(s),
                     None => break,
                 },
-                msg = rx.recv(), if self.held_bytes < UNACKED_MAX_BYTES => match msg {
+                msg = rx.recv(), if self.held_bytes < UNACKED_MAX_BYTES && self.held.len() < self.held_max => match msg {
                     Some((conn, p)) => {
                         if !self.on_message(conn, p).await {
                             break;
@@ -191,7 +203,7 @@ impl Decoder {
                         break;
                     }
                 }
-                _ = ack_retry.tick(), if !self.held.is_empty() => {}
+                _ = ack_retry.tick(), if !self.held.is_empty() || !self.acks.is_empty() => {}
             }
             self.ack_ready();
         }
@@ -211,6 +223,11 @@ impl Decoder {
             self.ack_ready();
         }
         self.ack_ready();
+        // Acknowledgements the connection had no room for yet.
+        while !self.acks.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            self.ack_ready();
+        }
         self.feed.metrics.mqtt_unacked.sub(self.held.len() as u64);
         if !self.held.is_empty() {
             tracing::info!(source = %self.name, messages = self.held.len(), "MQTT messages not yet committed stay unacknowledged: the broker sends them again at the next start");
@@ -252,7 +269,8 @@ impl Decoder {
             .count();
     }
 
-    /// Acknowledge, from the front, every message that is settled.
+    /// Release, from the front, every message that is settled, queueing its acknowledgement;
+    /// then pass queued acknowledgements to the connection.
     fn ack_ready(&mut self) {
         let current = self.client.lock().ok().and_then(|c| c.clone());
         while let Some(h) = self.held.pop_front() {
@@ -265,20 +283,33 @@ impl Decoder {
                 break;
             }
             if !stale && h.publish.qos != QoS::AtMostOnce {
-                if let Some((_, c)) = &current {
-                    // The request queue is full: try again at the next wake.
-                    if c.try_ack(&h.publish).is_err() {
-                        self.held.push_front(h);
-                        break;
-                    }
-                }
-                self.feed.metrics.mqtt_acked.inc();
+                self.acks.push_back((h.conn, h.publish.pkid));
             }
             if unsettled && !h.refused {
                 self.waiting = self.waiting.saturating_sub(1);
             }
             self.held_bytes -= h.publish.payload.len();
             self.feed.metrics.mqtt_unacked.sub(1);
+        }
+        // The acknowledgements wait here, not the messages: a held message would stop the
+        // decoder taking more, which stops the connection task polling, which is what sends
+        // the acknowledgements (rumqttc sends requests from its poll). At most one per packet
+        // id, two bytes each.
+        while let Some(&(conn, pkid)) = self.acks.front() {
+            match &current {
+                Some((c, client)) if *c == conn => {
+                    let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
+                    p.pkid = pkid;
+                    if client.try_ack(&p).is_err() {
+                        // Its request queue is full: again at the next wake.
+                        break;
+                    }
+                    self.feed.metrics.mqtt_acked.inc();
+                }
+                // The connection it came on is gone: the broker sends the message again.
+                _ => {}
+            }
+            self.acks.pop_front();
         }
     }
 
