@@ -996,8 +996,9 @@ async fn redis_sink() {
 /// message is one event), the broker's window as `Mosquitto::start` sets it.
 fn mqtt_source(broker: &mosquitto::Mosquitto, name: &str) -> String {
     format!(
-        "[[source]]\nname = \"{name}\"\nkind = \"mqtt\"\nbroker = \"{}\"\ntopics = [\"impinj/+/events\"]\nprotocol = \"impinj-iot\"\nsuppress = \"off\"\nbroker_max_inflight = 1000\n",
-        broker.url()
+        "[[source]]\nname = \"{name}\"\nkind = \"mqtt\"\nbroker = \"{}\"\ntopics = [\"impinj/+/events\"]\nprotocol = \"impinj-iot\"\nsuppress = \"off\"\nbroker_max_inflight = {}\n",
+        broker.url(),
+        env_or("BENCH_INFLIGHT", 1000)
     )
 }
 
@@ -1067,7 +1068,11 @@ async fn plain_subscriber(port: u16, id: &str, n: Option<u64>) -> f64 {
 async fn mqtt() {
     let n = env_or("BENCH_MESSAGES", 300_000);
     println!("\n## issue 12: {n} queued QoS 1 messages (Impinj events, ~230 B) from a loopback mosquitto");
-    let broker = mosquitto::Mosquitto::start("persistence false");
+    // BENCH_INFLIGHT: the broker's window (max_inflight_messages; 1000 as README recommends),
+    // told to scangate as broker_max_inflight.
+    let inflight = env_or("BENCH_INFLIGHT", 1000);
+    println!("(mosquitto max_inflight_messages {inflight})");
+    let broker = mosquitto::Mosquitto::start(&format!("persistence false\nmax_inflight_messages {inflight}"));
     plain_subscriber(broker.port, "plain-1", None).await;
     mqtt_publish(broker.port, "pub-plain-1", 0, n, 0).await;
     let plain1 = plain_subscriber(broker.port, "plain-1", Some(n)).await;
