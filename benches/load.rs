@@ -1072,7 +1072,9 @@ async fn mqtt() {
     // told to scangate as broker_max_inflight.
     let inflight = env_or("BENCH_INFLIGHT", 1000);
     println!("(mosquitto max_inflight_messages {inflight})");
-    let broker = mosquitto::Mosquitto::start(&format!("persistence false\nmax_inflight_messages {inflight}"));
+    let broker = mosquitto::Mosquitto::start(&format!(
+        "persistence false\nmax_inflight_messages {inflight}"
+    ));
     plain_subscriber(broker.port, "plain-1", None).await;
     mqtt_publish(broker.port, "pub-plain-1", 0, n, 0).await;
     let plain1 = plain_subscriber(broker.port, "plain-1", Some(n)).await;

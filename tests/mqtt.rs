@@ -515,3 +515,151 @@ async fn a_backlog_queued_at_the_broker_drains_whole() {
     })
     .await;
 }
+
+/// mqtts:// with a private CA, a client certificate the broker requires, and a user whose
+/// password file is wrong at first: the refusal is named (health, log) and nothing starts;
+/// once the file is right, the next reconnect reads it and messages flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificate_and_a_password_fixed_while_running() {
+    let certs = tempfile::tempdir().unwrap();
+    let w = |name: &str, text: &str| {
+        let p = certs.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let server = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let client = rcgen::generate_simple_self_signed(vec!["gw-test".to_string()]).unwrap();
+    let server_pem = w("server.pem", &server.cert.pem());
+    let server_key = w("server.key", &server.signing_key.serialize_pem());
+    let client_pem = w("client.pem", &client.cert.pem());
+    let client_key = w("client.key", &client.signing_key.serialize_pem());
+    let passwords = certs.path().join("passwords");
+    let made = std::process::Command::new("mosquitto_passwd")
+        .args(["-c", "-b"])
+        .arg(&passwords)
+        .args(["gateway", "s3cret"])
+        .status()
+        .expect("mosquitto_passwd");
+    assert!(made.success());
+    // The TLS listener (the gateway's), then a plain one for the test's publisher.
+    let plain = free_port();
+    let broker = Mosquitto::start(&format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nallow_anonymous false\npassword_file {}\nlistener {plain} 127.0.0.1",
+        client_pem.display(),
+        server_pem.display(),
+        server_key.display(),
+        passwords.display()
+    ));
+    let ingest = Ingest::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("mqtt.pass");
+    std::fs::write(&password_file, "not-it\n").unwrap();
+    let admin = free_port();
+    let src = format!(
+        "[[source]]\nname = \"secure\"\nkind = \"mqtt\"\nbroker = \"mqtts://127.0.0.1:{}\"\ntopics = [\"impinj/+/events\"]\nprotocol = \"impinj-iot\"\nsuppress = \"off\"\nusername = \"gateway\"\npassword_file = \"{}\"\nca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"\nreconnect_min_ms = 50\nreconnect_max_ms = 300\n",
+        broker.port,
+        password_file.display(),
+        server_pem.display(),
+        client_pem.display(),
+        client_key.display()
+    );
+    let cfg = write_config(
+        dir.path(),
+        &dir.path().join("state"),
+        &src,
+        &ingest.base_url(),
+        "",
+        Some(admin),
+    );
+    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = match reqwest::get(format!("http://127.0.0.1:{admin}/status")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if text.contains("refused the user name or password") && text.contains("\"kind\":\"mqtt\"")
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the refused password is not reported: {text}\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(admin, "scangate_mqtt_connects_total").await, Some(0));
+    assert!(d
+        .log_text()
+        .contains("check `username` and `password_file`"));
+    std::fs::write(&password_file, "s3cret\n").unwrap();
+    wait_connected(admin, 1).await;
+    let p = Publisher::connect_as(plain, "test-pub-tls", Some(("gateway", "s3cret"))).await;
+    p.send(
+        "impinj/r1/events",
+        impinj_event("E2A1A1A1A1A1A1A1A1A1A1A1", 1, -5000),
+    )
+    .await;
+    wait_until("a message over TLS", Duration::from_secs(30), || {
+        tag_counts(&ingest).contains_key("E2A1A1A1A1A1A1A1A1A1A1A1")
+    })
+    .await;
+}
+
+/// The spool is full with `when_full = "reject"` while the upstream is down: the refused
+/// messages stay unacknowledged and are handed over again (backpressure to the broker), and
+/// once the upstream drains the spool every message's tag arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_with_reject_keeps_messages_at_the_broker() {
+    const N: usize = 20_000;
+    let broker = Mosquitto::start("");
+    let ingest = Ingest::start().await;
+    ingest.with(|s| s.down = true);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = write_config(
+        dir.path(),
+        &dir.path().join("state"),
+        &format!(
+            "max_bytes = \"1 MiB\"\nwhen_full = \"reject\"\n{}",
+            source(&broker, "")
+        ),
+        &ingest.base_url(),
+        "",
+        Some(admin),
+    );
+    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
+    wait_connected(admin, 1).await;
+    let p = Publisher::connect(broker.port, "test-pub-full").await;
+    // EPCs of 120 random hex digits: they do not compress, 1 MiB holds far fewer than N.
+    let mut rng = common::random_moments("full spool tags");
+    let tags: Vec<String> = (0..N)
+        .map(|_| (0..8).map(|_| format!("{:015X}", rng() >> 4)).collect())
+        .collect();
+    for t in &tags {
+        p.send("impinj/r1/events", impinj_event(t, 1, -5000)).await;
+    }
+    p.wait_acked(N as u64, Duration::from_secs(60)).await;
+    wait_until_metric_at_least(admin, "scangate_mqtt_resent_total", 1).await;
+    let unacked = metric(admin, "scangate_mqtt_unacked").await.unwrap_or(0);
+    assert!(unacked > 0, "refused messages were acknowledged");
+    assert!(d
+        .log_text()
+        .contains("The spool refused reads of MQTT messages"));
+    ingest.with(|s| s.down = false);
+    let end = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let got = tag_counts(&ingest);
+        let missing = tags.iter().filter(|t| !got.contains_key(*t)).count();
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "{missing} of {N} tags lost to a full spool; log:\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

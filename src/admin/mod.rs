@@ -13,7 +13,8 @@ use axum::{Json, Router};
 #[derive(Clone)]
 struct Ctx {
     running: Running,
-    sources: Vec<(String, String)>,
+    /// Name, location and kind (`serial`, `mqtt`, `replay`) of each source.
+    sources: Vec<(String, String, &'static str)>,
     /// Sources with a connection (serial ports, MQTT brokers): /health reports them down.
     serial: Vec<String>,
     gateway: String,
@@ -229,7 +230,14 @@ pub async fn serve(listener: tokio::net::TcpListener, running: Running, cfg: Con
         sources: cfg
             .sources
             .iter()
-            .map(|s| (s.name.clone(), s.location.clone()))
+            .map(|s| {
+                let kind = match s.kind {
+                    crate::config::SourceKind::Serial { .. } => "serial",
+                    crate::config::SourceKind::Mqtt(_) => "mqtt",
+                    crate::config::SourceKind::Replay { .. } => "replay",
+                };
+                (s.name.clone(), s.location.clone(), kind)
+            })
             .collect(),
         serial: cfg
             .sources
@@ -436,10 +444,10 @@ async fn snapshot(c: &Ctx) -> serde_json::Value {
         "now_ms": crate::event::wall_now_ms(),
         "gateway_id": c.gateway,
         "upstream": c.upstream,
-        "sources": c.sources.iter().map(|(n, l)| {
+        "sources": c.sources.iter().map(|(n, l, kind)| {
             let mut v = m.source(n).json(n);
             v["location"] = l.as_str().into();
-            v["kind"] = if c.serial.contains(n) { "serial" } else { "replay" }.into();
+            v["kind"] = (*kind).into();
             v
         }).collect::<Vec<_>>(),
         "reads": m.reads_in.get(),

@@ -579,8 +579,9 @@ fn describe(e: &rumqttc::ConnectionError, m: &MqttSource) -> String {
         E::ConnectionRefused(C::BadUserNamePassword) => {
             "the broker refused the user name or password: check `username` and `password_file`".into()
         }
+        // mosquitto answers a wrong password with this code too.
         E::ConnectionRefused(C::NotAuthorized) => {
-            "the broker refused this client (not authorized): check its ACL, `username` and `client_id`".into()
+            "the broker refused the user name or password, or this client (not authorized): check `username` and `password_file`, and the broker's ACL for this `client_id`".into()
         }
         E::ConnectionRefused(C::BadClientId) => "the broker refused the client id: set `client_id`".into(),
         E::ConnectionRefused(code) => format!("the broker refused the connection: {code:?}"),

@@ -116,7 +116,15 @@ pub struct Publisher {
 
 impl Publisher {
     pub async fn connect(port: u16, id: &str) -> Publisher {
+        Self::connect_as(port, id, None).await
+    }
+
+    /// [`Publisher::connect`] with a user name and password.
+    pub async fn connect_as(port: u16, id: &str, login: Option<(&str, &str)>) -> Publisher {
         let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        if let Some((u, p)) = login {
+            o.set_credentials(u, p);
+        }
         o.set_clean_session(false)
             .set_keep_alive(Duration::from_secs(10))
             .set_max_packet_size(32 << 20, 32 << 20)
