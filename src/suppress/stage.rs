@@ -996,6 +996,72 @@ mod tests {
         Stage::new(cfg, Arc::new(Fixed), Arc::default(), true)
     }
 
+    /// Sensor readings: the first is emitted; then one beyond `deadband` of the last emitted,
+    /// or one `heartbeat_ms` after it; per sensor (id and type); with the reading's type, unit
+    /// and device on the event.
+    #[test]
+    fn sensor_deadband_and_heartbeat() {
+        let cfg = config(
+            "[[source]]\nname = \"s\"\nkind = \"replay\"\nprotocol = \"lines\"\nfile = \"/x.cap\"\ndeadband = 0.5\nheartbeat_ms = 10000\nlocation = \"HALL\"\n",
+        );
+        let mut st = stage(&cfg);
+        let reading = |id: &str, kind: &str, v: f64, at: i64| SourceRead {
+            source: 2,
+            read: Read {
+                kind: ReadKind::Sensor,
+                tag: id.into(),
+                antenna: None,
+                rssi_dbm: None,
+                rssi_raw: None,
+                symbology: None,
+                value: Some(v),
+                sensor: Some(Box::new(crate::event::SensorMeta {
+                    sensor_type: Some(kind.into()),
+                    unit: Some("C".into()),
+                    device: Some("plc-7".into()),
+                })),
+            },
+            wall_ms: at,
+            mono_ms: at,
+            time_unknown: false,
+            journal_end: 0,
+            frame_more: false,
+        };
+        let mut out = Vec::new();
+        for (id, kind, v, at) in [
+            ("t1", "temperature", 20.0, 1_000),
+            ("t1", "temperature", 20.4, 2_000),  // within 0.5
+            ("t1", "temperature", 19.6, 3_000),  // within 0.5 of 20.0
+            ("t1", "humidity", 20.2, 3_500),     // another sensor type: its first
+            ("t1", "temperature", 20.6, 4_000),  // beyond
+            ("t1", "temperature", 20.7, 13_999), // within, heartbeat not yet
+            ("t1", "temperature", 20.7, 14_000), // heartbeat since 20.6 at 4,000
+            ("t2", "temperature", 20.7, 14_001), // another sensor id
+        ] {
+            st.read(reading(id, kind, v, at), &mut out);
+        }
+        let got: Vec<(String, Option<f64>, i64)> = out
+            .iter()
+            .map(|b| (b.tag.clone(), b.value, b.first_seen_ms - 1_800_000_000_000))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("t1".into(), Some(20.0), 1_000),
+                ("t1".into(), Some(20.2), 3_500),
+                ("t1".into(), Some(20.6), 4_000),
+                ("t1".into(), Some(20.7), 14_000),
+                ("t2".into(), Some(20.7), 14_001),
+            ]
+        );
+        let b = &out[1];
+        assert_eq!(b.scan_type.as_deref(), Some("humidity"));
+        assert_eq!(
+            (b.symbology.as_deref(), &*b.device, &*b.location),
+            (Some("C"), "plc-7", "HALL")
+        );
+    }
+
     /// (source, tag, RSSI dBm, antenna, ms since the previous read)
     type R = (usize, u8, i8, u16, u16);
 
