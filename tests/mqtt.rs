@@ -38,6 +38,45 @@ unit = "/unit"
     )
 }
 
+/// A test's gateway: a config for `sources` (TOML under `[spool]`) in a temporary directory,
+/// the ingest server it forwards to, and its admin port.
+struct Gateway {
+    ingest: Ingest,
+    dir: tempfile::TempDir,
+    admin: u16,
+    cfg: std::path::PathBuf,
+}
+
+impl Gateway {
+    async fn new(sources: &str) -> Gateway {
+        let ingest = Ingest::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let admin = free_port();
+        let cfg = write_config(
+            dir.path(),
+            &dir.path().join("state"),
+            sources,
+            &ingest.base_url(),
+            "",
+            Some(admin),
+        );
+        Gateway {
+            ingest,
+            dir,
+            admin,
+            cfg,
+        }
+    }
+
+    fn log(&self) -> std::path::PathBuf {
+        self.dir.path().join("log")
+    }
+
+    fn spawn(&self) -> Daemon {
+        Daemon::spawn(&self.cfg, &self.log())
+    }
+}
+
 fn events(ingest: &Ingest) -> Vec<Value> {
     ingest.with(|s| s.events.clone())
 }
@@ -78,18 +117,9 @@ async fn wait_connected(admin: u16, n: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_protocol_end_to_end() {
     let broker = Mosquitto::start("");
-    let ingest = Ingest::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
-    let cfg = write_config(
-        dir.path(),
-        &dir.path().join("state"),
-        &source(&broker, "deadband = 0.5\nheartbeat_ms = 3600000"),
-        &ingest.base_url(),
-        "",
-        Some(admin),
-    );
-    let _d = Daemon::spawn(&cfg, &dir.path().join("log"));
+    let gw = Gateway::new(&source(&broker, "deadband = 0.5\nheartbeat_ms = 3600000")).await;
+    let (ingest, admin) = (&gw.ingest, gw.admin);
+    let _d = gw.spawn();
     wait_connected(admin, 1).await;
     let p = Publisher::connect(broker.port, "test-pub-e2e").await;
     p.send(
@@ -117,10 +147,10 @@ async fn each_protocol_end_to_end() {
     wait_until(
         "3 scans and 2 sensor events",
         Duration::from_secs(30),
-        || events(&ingest).len() >= 5,
+        || events(ingest).len() >= 5,
     )
     .await;
-    let evs = events(&ingest);
+    let evs = events(ingest);
     let by_tag = |t: &str| {
         evs.iter()
             .find(|e| field(e, "bag_id") == t)
@@ -198,19 +228,10 @@ async fn wait_until_metric(admin: u16, name: &str, want: u64) {
 async fn kill_9_while_20000_qos1_messages_are_published_loses_none() {
     const N: usize = 20_000;
     let broker = Mosquitto::start("");
-    let ingest = Ingest::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
-    let cfg = write_config(
-        dir.path(),
-        &dir.path().join("state"),
-        &source(&broker, ""),
-        &ingest.base_url(),
-        "",
-        Some(admin),
-    );
-    let log = dir.path().join("log");
-    let mut daemon = Some(Daemon::spawn(&cfg, &log));
+    let gw = Gateway::new(&source(&broker, "")).await;
+    let (ingest, admin, cfg) = (&gw.ingest, gw.admin, &gw.cfg);
+    let log = gw.log();
+    let mut daemon = Some(Daemon::spawn(cfg, &log));
     wait_connected(admin, 1).await;
     let publisher = Publisher::connect(broker.port, "test-pub-kill").await;
     let client = publisher.client.clone();
@@ -240,7 +261,7 @@ async fn kill_9_while_20000_qos1_messages_are_published_loses_none() {
             d.kill9();
             kills += 1;
         }
-        daemon = Some(Daemon::spawn(&cfg, &log));
+        daemon = Some(Daemon::spawn(cfg, &log));
         if kills >= 8 {
             break;
         }
@@ -252,7 +273,7 @@ async fn kill_9_while_20000_qos1_messages_are_published_loses_none() {
     let want: HashSet<String> = (0..N).map(|i| format!("E280{i:020X}")).collect();
     let end = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let got = tag_counts(&ingest);
+        let got = tag_counts(ingest);
         let missing = want.iter().filter(|t| !got.contains_key(*t)).count();
         if missing == 0 {
             let repeats: usize = got.values().map(|n| n - 1).sum();
@@ -282,18 +303,9 @@ async fn kill_9_while_20000_qos1_messages_are_published_loses_none() {
 async fn broker_restart_while_messages_flow_loses_none() {
     const N: usize = 5_000;
     let mut broker = Mosquitto::start("");
-    let ingest = Ingest::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
-    let cfg = write_config(
-        dir.path(),
-        &dir.path().join("state"),
-        &source(&broker, ""),
-        &ingest.base_url(),
-        "",
-        Some(admin),
-    );
-    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
+    let gw = Gateway::new(&source(&broker, "")).await;
+    let (ingest, admin) = (&gw.ingest, gw.admin);
+    let d = gw.spawn();
     wait_connected(admin, 1).await;
     let publisher = Publisher::connect(broker.port, "test-pub-restart").await;
     let client = publisher.client.clone();
@@ -324,7 +336,7 @@ async fn broker_restart_while_messages_flow_loses_none() {
         .await;
     let end = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let got = tag_counts(&ingest);
+        let got = tag_counts(ingest);
         let missing = (0..N)
             .filter(|i| !got.contains_key(&format!("AB{i:022X}")))
             .count();
@@ -359,19 +371,10 @@ async fn wait_until_metric_at_least(admin: u16, name: &str, want: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_oversize_and_garbage_payloads_are_counted_and_acknowledged() {
     let broker = Mosquitto::start("");
-    let ingest = Ingest::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
-    let cfg = write_config(
-        dir.path(),
-        &dir.path().join("state"),
-        &source(&broker, ""),
-        &ingest.base_url(),
-        "",
-        Some(admin),
-    );
-    let log = dir.path().join("log");
-    let mut d = Daemon::spawn(&cfg, &log);
+    let gw = Gateway::new(&source(&broker, "")).await;
+    let (ingest, admin, cfg) = (&gw.ingest, gw.admin, &gw.cfg);
+    let log = gw.log();
+    let mut d = Daemon::spawn(cfg, &log);
     wait_connected(admin, 1).await;
     let p = Publisher::connect(broker.port, "test-pub-bad").await;
     let topic = "impinj/r700-1/events";
@@ -403,7 +406,7 @@ async fn malformed_oversize_and_garbage_payloads_are_counted_and_acknowledged() 
     wait_until(
         "the batch and the last event",
         Duration::from_secs(30),
-        || tag_counts(&ingest).len() == 301,
+        || tag_counts(ingest).len() == 301,
     )
     .await;
     wait_until_metric(admin, "scangate_mqtt_acked_total", 8).await;
@@ -441,14 +444,14 @@ async fn malformed_oversize_and_garbage_payloads_are_counted_and_acknowledged() 
     // A restart finds nothing left at the broker: only the new message comes.
     d.sigterm();
     d.wait_exit(Duration::from_secs(20)).await;
-    let d2 = Daemon::spawn(&cfg, &log);
+    let d2 = Daemon::spawn(cfg, &log);
     wait_connected(admin, 1).await;
     p.send(topic, impinj_event("E2EEEEEEEEEEEEEEEEEEEEEE", 1, -3000))
         .await;
     wait_until(
         "the message after the restart",
         Duration::from_secs(30),
-        || tag_counts(&ingest).contains_key("E2EEEEEEEEEEEEEEEEEEEEEE"),
+        || tag_counts(ingest).contains_key("E2EEEEEEEEEEEEEEEEEEEEEE"),
     )
     .await;
     assert_eq!(metric(admin, "scangate_mqtt_messages_total").await, Some(1));
@@ -463,20 +466,11 @@ async fn malformed_oversize_and_garbage_payloads_are_counted_and_acknowledged() 
 async fn a_backlog_queued_at_the_broker_drains_whole() {
     const N: usize = 60_000;
     let broker = Mosquitto::start("");
-    let ingest = Ingest::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
-    let cfg = write_config(
-        dir.path(),
-        &dir.path().join("state"),
-        &source(&broker, "").replace("broker_max_inflight = 1000\n", ""),
-        &ingest.base_url(),
-        "",
-        Some(admin),
-    );
-    let log = dir.path().join("log");
+    let gw = Gateway::new(&source(&broker, "").replace("broker_max_inflight = 1000\n", "")).await;
+    let (ingest, admin, cfg) = (&gw.ingest, gw.admin, &gw.cfg);
+    let log = gw.log();
     // The session first, then the backlog while scangate is stopped.
-    let mut d = Daemon::spawn(&cfg, &log);
+    let mut d = Daemon::spawn(cfg, &log);
     wait_connected(admin, 1).await;
     d.sigterm();
     d.wait_exit(Duration::from_secs(20)).await;
@@ -489,7 +483,7 @@ async fn a_backlog_queued_at_the_broker_drains_whole() {
         .await;
     }
     p.wait_acked(N as u64, Duration::from_secs(60)).await;
-    let d = Daemon::spawn(&cfg, &log);
+    let d = Daemon::spawn(cfg, &log);
     let end = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         let committed = metric(admin, "scangate_spool_committed_total")
@@ -511,7 +505,7 @@ async fn a_backlog_queued_at_the_broker_drains_whole() {
         Some(N as u64)
     );
     wait_until("every tag delivered", Duration::from_secs(60), || {
-        tag_counts(&ingest).len() == N
+        tag_counts(ingest).len() == N
     })
     .await;
 }
@@ -614,22 +608,14 @@ async fn tls_with_client_certificate_and_a_password_fixed_while_running() {
 async fn a_full_spool_with_reject_keeps_messages_at_the_broker() {
     const N: usize = 20_000;
     let broker = Mosquitto::start("");
-    let ingest = Ingest::start().await;
+    let gw = Gateway::new(&format!(
+        "max_bytes = \"1 MiB\"\nwhen_full = \"reject\"\n{}",
+        source(&broker, "")
+    ))
+    .await;
+    let (ingest, admin) = (&gw.ingest, gw.admin);
     ingest.with(|s| s.down = true);
-    let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
-    let cfg = write_config(
-        dir.path(),
-        &dir.path().join("state"),
-        &format!(
-            "max_bytes = \"1 MiB\"\nwhen_full = \"reject\"\n{}",
-            source(&broker, "")
-        ),
-        &ingest.base_url(),
-        "",
-        Some(admin),
-    );
-    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
+    let d = gw.spawn();
     wait_connected(admin, 1).await;
     let p = Publisher::connect(broker.port, "test-pub-full").await;
     // EPCs of 120 random hex digits: they do not compress, 1 MiB holds far fewer than N.
@@ -650,7 +636,7 @@ async fn a_full_spool_with_reject_keeps_messages_at_the_broker() {
     ingest.with(|s| s.down = false);
     let end = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let got = tag_counts(&ingest);
+        let got = tag_counts(ingest);
         let missing = tags.iter().filter(|t| !got.contains_key(*t)).count();
         if missing == 0 {
             break;

@@ -14,9 +14,8 @@
 //! itself dropped reads and is counted as `reader_overflow`. The `hostname` is not used: an
 //! event's `device_id` is its source's `device` (one `[[source]]` per reader).
 
-use super::payload::{each_event, hex_id, int_field, timestamp_ms, Item};
-use super::Decoded;
-use crate::event::{Read, ReadKind};
+use super::payload::{each_event, hex_id, int_field, tag_item, timestamp_ms, Item};
+use crate::event::ReadKind;
 use base64::Engine;
 use serde_json::Value;
 
@@ -71,24 +70,19 @@ fn event(v: &Value, out: &mut Vec<Item>) {
         out.push(Item::skipped("bad_field", 0));
         return;
     };
-    out.push(Item {
-        decoded: Decoded::Read(Read {
-            kind: ReadKind::Epc,
-            tag,
-            antenna: antenna.map(|a| a as u16),
-            rssi_dbm: rssi.map(|c| c as f32 / 100.0),
-            rssi_raw: None,
-            symbology: None,
-            value: None,
-            sensor: None,
-        }),
+    out.push(tag_item(
+        ReadKind::Epc,
+        tag,
+        antenna.map(|a| a as u16),
+        rssi.map(|c| c as f32 / 100.0),
         reader_ms,
-    });
+    ));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Decoded;
 
     fn reads(p: &str) -> Vec<Item> {
         let mut out = Vec::new();

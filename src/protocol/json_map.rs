@@ -8,7 +8,7 @@
 //! reading (the tag, when mapped, is its sensor id); otherwise `tag` must be there and the
 //! message is a tag read.
 
-use super::payload::{each_event, hex_id, name_field, number_in, timestamp_ms, Item};
+use super::payload::{each_event, hex_id, name_field, number_in, tag_item, timestamp_ms, Item};
 use super::Decoded;
 use crate::event::{Read, ReadKind, SensorMeta};
 use serde_json::Value;
@@ -171,19 +171,7 @@ impl JsonMapping {
             out.push(Item::skipped("bad_tag", 0));
             return;
         };
-        out.push(Item {
-            decoded: Decoded::Read(Read {
-                kind,
-                tag,
-                antenna,
-                rssi_dbm: rssi,
-                rssi_raw: None,
-                symbology: None,
-                value: None,
-                sensor: None,
-            }),
-            reader_ms,
-        });
+        out.push(tag_item(kind, tag, antenna, rssi, reader_ms));
     }
 }
 

@@ -34,6 +34,29 @@ impl Item {
     }
 }
 
+/// A tag read item (no symbology, no sensor fields).
+pub fn tag_item(
+    kind: crate::event::ReadKind,
+    tag: String,
+    antenna: Option<u16>,
+    rssi_dbm: Option<f32>,
+    reader_ms: Option<i64>,
+) -> Item {
+    Item {
+        decoded: Decoded::Read(crate::event::Read {
+            kind,
+            tag,
+            antenna,
+            rssi_dbm,
+            rssi_raw: None,
+            symbology: None,
+            value: None,
+            sensor: None,
+        }),
+        reader_ms,
+    }
+}
+
 /// Most events one payload may give: a 10 MB array of tiny objects must not become millions
 /// of reads held at once. Events past it are one `too_many_events` item.
 pub const EVENTS_MAX: usize = 100_000;

@@ -9,9 +9,8 @@
 //! all three are accepted. Timestamps carry a `±hhmm` offset without a colon. Management and
 //! heartbeat events have no `idHex`: they are frames without a read (`no_tag`).
 
-use super::payload::{each_event, hex_id, int_field, timestamp_ms, Item};
-use super::Decoded;
-use crate::event::{Read, ReadKind};
+use super::payload::{each_event, hex_id, int_field, tag_item, timestamp_ms, Item};
+use crate::event::ReadKind;
 use serde_json::Value;
 
 /// Decode one payload; never panics.
@@ -64,24 +63,19 @@ fn event(v: &Value, out: &mut Vec<Item>) {
         out.push(Item::skipped("bad_field", 0));
         return;
     };
-    out.push(Item {
-        decoded: Decoded::Read(Read {
-            kind: ReadKind::Epc,
-            tag,
-            antenna: antenna.map(|a| a as u16),
-            rssi_dbm: rssi,
-            rssi_raw: None,
-            symbology: None,
-            value: None,
-            sensor: None,
-        }),
-        reader_ms: obj.get("timestamp").and_then(timestamp_ms),
-    });
+    out.push(tag_item(
+        ReadKind::Epc,
+        tag,
+        antenna.map(|a| a as u16),
+        rssi,
+        obj.get("timestamp").and_then(timestamp_ms),
+    ));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Decoded;
 
     fn reads(p: &str) -> Vec<Item> {
         let mut out = Vec::new();
