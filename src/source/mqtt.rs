@@ -348,6 +348,14 @@ impl Decoder {
             h.pos = 0;
             return true;
         }
+        // A retained message is the broker's copy of an old one, sent again at every
+        // subscription: not a read happening now (a phantom tag read, a stale sensor value).
+        if p.retain {
+            self.feed.health.other_frame("retained");
+            tracing::debug!(source = %self.name, topic = %p.topic, "Retained MQTT message skipped (not a live read)");
+            h.pos = 0;
+            return true;
+        }
         let topic = self
             .m
             .topics

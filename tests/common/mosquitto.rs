@@ -158,6 +158,14 @@ impl Publisher {
             .expect("publish request");
     }
 
+    /// A retained message (the broker keeps it and sends it at every new subscription).
+    pub async fn send_retained(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, true, payload.into())
+            .await
+            .expect("publish request");
+    }
+
     pub fn acked(&self) -> u64 {
         self.acked.load(std::sync::atomic::Ordering::Relaxed)
     }
