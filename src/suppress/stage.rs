@@ -489,9 +489,10 @@ impl Stage {
         );
         let now = r.mono_ms;
         if let Some((last, at)) = self.sensors.get_mut(&key) {
-            let emit = (value - *last).abs() > deadband
-                || now.saturating_sub(*at) >= heartbeat
-                || now < *at;
+            // Times of readings handed over together may be out of order by a millisecond
+            // (each is placed from the wall clock): a reading "before" the last one emitted
+            // is judged by its value only.
+            let emit = (value - *last).abs() > deadband || now.saturating_sub(*at) >= heartbeat;
             if emit {
                 *last = value;
                 *at = now;
@@ -1030,10 +1031,11 @@ mod tests {
         let mut out = Vec::new();
         for (id, kind, v, at) in [
             ("t1", "temperature", 20.0, 1_000),
-            ("t1", "temperature", 20.4, 2_000),  // within 0.5
-            ("t1", "temperature", 19.6, 3_000),  // within 0.5 of 20.0
-            ("t1", "humidity", 20.2, 3_500),     // another sensor type: its first
-            ("t1", "temperature", 20.6, 4_000),  // beyond
+            ("t1", "temperature", 20.3, 999), // placed a millisecond earlier: within
+            ("t1", "temperature", 20.4, 2_000), // within 0.5
+            ("t1", "temperature", 19.6, 3_000), // within 0.5 of 20.0
+            ("t1", "humidity", 20.2, 3_500),  // another sensor type: its first
+            ("t1", "temperature", 20.6, 4_000), // beyond
             ("t1", "temperature", 20.7, 13_999), // within, heartbeat not yet
             ("t1", "temperature", 20.7, 14_000), // heartbeat since 20.6 at 4,000
             ("t2", "temperature", 20.7, 14_001), // another sensor id
