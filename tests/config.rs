@@ -965,3 +965,71 @@ profile = "bag-events"
         "scangate-gw-dock"
     );
 }
+
+/// More MQTT mistakes: port 0, a fragment, two sources with one client id on one broker (they
+/// would take the session from each other), and filters too long for one subscription.
+#[test]
+fn mqtt_session_and_subscription_mistakes_are_refused() {
+    let long = "a/".repeat(16_000);
+    let text = format!(
+        r#"[gateway]
+id = "gw"
+state_dir = "/tmp/x"
+[[source]]
+name = "a"
+kind = "mqtt"
+broker = "mqtt://broker:0"
+topics = ["x"]
+protocol = "impinj-iot"
+[[source]]
+name = "b"
+kind = "mqtt"
+broker = "mqtt://broker:1883#here"
+topics = ["x"]
+protocol = "impinj-iot"
+[[source]]
+name = "c"
+kind = "mqtt"
+broker = "mqtt://broker"
+client_id = "gw-17"
+topics = ["x"]
+protocol = "impinj-iot"
+[[source]]
+name = "d"
+kind = "mqtt"
+broker = "mqtt://broker:1883"
+client_id = "gw-17"
+topics = ["x"]
+protocol = "impinj-iot"
+[[source]]
+name = "e"
+kind = "mqtt"
+broker = "mqtt://broker:1883"
+topics = ["{long}x", "{long}y"]
+protocol = "impinj-iot"
+[upstream]
+url = "http://ingest:8000"
+profile = "bag-events"
+"#
+    );
+    let errs = Config::parse(&text, Path::new("/etc/scangate")).unwrap_err();
+    let got: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.key.as_str())).collect();
+    for want in [
+        (7, "source[0].broker"),
+        (13, "source[1].broker"),
+        (27, "source[3].client_id"),
+        (34, "source[4].topics"),
+    ] {
+        assert!(got.contains(&want), "{want:?} missing from {got:?}");
+    }
+    let all: Vec<&str> = errs.iter().map(|e| e.message.as_str()).collect();
+    assert!(
+        all.iter()
+            .any(|m| m.contains("the same client id as source \"c\"")),
+        "{all:?}"
+    );
+    assert!(
+        all.iter().any(|m| m.contains("fit one subscription")),
+        "{all:?}"
+    );
+}

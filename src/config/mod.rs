@@ -890,6 +890,27 @@ fn build(doc: &toml_edit::Table, base: &Path, p: &mut Problems) -> Option<Config
                                 );
                             }
                         }
+                        // One client id, one session: two would take it from each other.
+                        if let SourceKind::Mqtt(m) = &src.kind {
+                            let id = |src: &SourceConfig, m: &MqttSource| {
+                                m.client_id
+                                    .clone()
+                                    .unwrap_or_else(|| format!("\u{0}{}", src.name))
+                            };
+                            let mine = id(&src, m);
+                            if let Some(o) = sources.iter().find(|o| match &o.kind {
+                                SourceKind::Mqtt(om) => {
+                                    id(o, om) == mine && om.host == m.host && om.port == m.port
+                                }
+                                _ => false,
+                            }) {
+                                p.push(
+                                    s.span_of("client_id"),
+                                    &s.key_path("client_id"),
+                                    format!("the same client id as source \"{}\" on the same broker: the broker keeps one session per client id, and the two would take it from each other", o.name),
+                                );
+                            }
+                        }
                         sources.push(src);
                     }
                     s.finish(p);
@@ -1260,6 +1281,10 @@ const MQTT_KEYS: [&str; 16] = [
 /// few hundred tags is 50–100 KB).
 pub const MQTT_PAYLOAD_DEFAULT: u64 = 1 << 20;
 
+/// Most bytes the topic filters of one source may take in its SUBSCRIBE packet (scangate's
+/// outgoing packet limit is above it).
+pub const MQTT_SUBSCRIBE_MAX: usize = 60 * 1024;
+
 /// The largest MQTT packet read at all (payloads between `max_payload_bytes` and this are
 /// read, counted and acknowledged). A bigger one makes rumqttc drop the connection before its
 /// packet id is known, so it cannot be acknowledged; the broker's `message_size_limit` keeps
@@ -1301,7 +1326,17 @@ fn mqtt_source(
                         "has no host (mqtt://host:1883)",
                     );
                     ok = false;
-                } else if !matches!(u.path(), "" | "/") || u.query().is_some() {
+                } else if u.port() == Some(0) {
+                    p.push(
+                        s.span_of("broker"),
+                        &s.key_path("broker"),
+                        "port 0 is not a broker's port (1883, or 8883 for mqtts://)",
+                    );
+                    ok = false;
+                } else if !matches!(u.path(), "" | "/")
+                    || u.query().is_some()
+                    || u.fragment().is_some()
+                {
                     p.push(
                         s.span_of("broker"),
                         &s.key_path("broker"),
@@ -1507,6 +1542,12 @@ fn mqtt_source(
                 ok = false;
             }
         },
+    }
+    // The SUBSCRIBE packet carries every filter (2 bytes of length and a QoS byte each).
+    let subscribe_bytes: usize = topics.iter().map(|t| t.filter.len() + 3).sum();
+    if subscribe_bytes > MQTT_SUBSCRIBE_MAX {
+        p.push(s.span_of("topics"), &s.key_path("topics"), format!("the filters take {subscribe_bytes} bytes; at most {MQTT_SUBSCRIBE_MAX} fit one subscription: use wildcards (+, #)"));
+        ok = false;
     }
     for (i, a) in topics.iter().enumerate() {
         if topics[..i].iter().any(|b| b.filter == a.filter) {

@@ -160,17 +160,35 @@ impl Decoder for Protocol {
 
 /// Decode a complete byte buffer (a replay record or an MQTT payload) into outputs.
 pub fn decode_all(proto: &mut Protocol, bytes: &[u8], eof: bool) -> Vec<Decoded> {
+    decode_at_most(proto, bytes, eof, usize::MAX).0
+}
+
+/// [`decode_all`], stopping after `max` outputs; also returns the bytes left undecoded then
+/// (0 when everything was decoded).
+pub fn decode_at_most(
+    proto: &mut Protocol,
+    bytes: &[u8],
+    eof: bool,
+    max: usize,
+) -> (Vec<Decoded>, usize) {
     let mut buf = BytesMut::from(bytes);
     let mut out = Vec::new();
-    while let Ok(Some(d)) = proto.decode(&mut buf) {
-        out.push(d);
-    }
-    if eof {
-        while let Ok(Some(d)) = proto.decode_eof(&mut buf) {
-            out.push(d);
+    while out.len() < max {
+        match proto.decode(&mut buf) {
+            Ok(Some(d)) => out.push(d),
+            _ => break,
         }
     }
-    out
+    if eof {
+        while out.len() < max {
+            match proto.decode_eof(&mut buf) {
+                Ok(Some(d)) => out.push(d),
+                _ => break,
+            }
+        }
+    }
+    let left = if out.len() >= max { buf.len() } else { 0 };
+    (out, left)
 }
 
 /// Uppercase hex of `bytes` (EPCs and ids are reported this way).

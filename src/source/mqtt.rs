@@ -25,7 +25,7 @@ use super::{Feed, SourceRead};
 use crate::config::{MqttSource, PayloadProtocol, SourceConfig};
 use crate::metrics::LogThrottle;
 use crate::protocol::payload::Item;
-use crate::protocol::{decode_all, Decoded, Protocol};
+use crate::protocol::{decode_at_most, Decoded, Protocol};
 use backon::BackoffBuilder;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use std::collections::VecDeque;
@@ -48,6 +48,23 @@ const UNACKED_MAX_BYTES: usize = 16 << 20;
 /// `max_inflight_messages` (13,000 unacknowledged seen with a window of 1,000), and every held
 /// message pins its payload and the read buffer it came in.
 const UNACKED_EXTRA: usize = 1024;
+
+/// Publishes the connection task keeps for the decoder while it keeps polling the broker:
+/// by count and by payload bytes (payloads above `max_payload_bytes` are not kept).
+const OVERFLOW_MAX: usize = 65_536;
+const OVERFLOW_MAX_BYTES: usize = 16 << 20;
+
+/// A connection that has lasted this long (or passed a message on) is working: the reconnect
+/// backoff starts small again.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+/// Most reads one message may give (a stream protocol's payload of short lines, a reader
+/// batch): beyond it the rest of the message is counted (`too_many_reads`) and not read. A
+/// message's reads are committed together, so this also bounds one commit group.
+pub const MESSAGE_READS_MAX: usize = 100_000;
+
+/// Most bytes of reads (as the read channel counts them) one message may give.
+pub const MESSAGE_READ_BYTES_MAX: usize = 8 << 20;
 
 /// How long a refused message waits before it is handed over again.
 const RESEND_AFTER: Duration = Duration::from_secs(1);
@@ -81,6 +98,8 @@ struct Held {
     pos: u64,
     /// The spool refused its reads: to be handed over again.
     refused: bool,
+    /// Its payload's length as received.
+    size: usize,
 }
 
 /// Run the source until `shutdown`.
@@ -95,7 +114,7 @@ pub async fn run(
         .client_id
         .clone()
         .unwrap_or_else(|| default_client_id(&wiring.gateway_id, &cfg.name));
-    let (tx, rx) = mpsc::channel::<(u64, Publish)>(HANDOFF);
+    let (tx, rx) = mpsc::channel::<(u64, Publish, usize)>(HANDOFF);
     let client: Arc<std::sync::Mutex<Option<(u64, AsyncClient)>>> = Arc::default();
     let decoder_done = CancellationToken::new();
     let conn = tokio::spawn(connection(
@@ -177,7 +196,11 @@ impl Decoder {
         }
     }
 
-    async fn run(&mut self, mut rx: mpsc::Receiver<(u64, Publish)>, shutdown: &CancellationToken) {
+    async fn run(
+        &mut self,
+        mut rx: mpsc::Receiver<(u64, Publish, usize)>,
+        shutdown: &CancellationToken,
+    ) {
         let mut ack_retry = tokio::time::interval(Duration::from_millis(20));
         ack_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -190,8 +213,8 @@ impl Decoder {
                     None => break,
                 },
                 msg = rx.recv(), if self.held_bytes < UNACKED_MAX_BYTES && self.held.len() < self.held_max => match msg {
-                    Some((conn, p)) => {
-                        if !self.on_message(conn, p).await {
+                    Some((conn, p, size)) => {
+                        if !self.on_message(conn, p, size).await {
                             break;
                         }
                     }
@@ -314,12 +337,14 @@ impl Decoder {
     }
 
     /// Handle one message; false once the pipeline is gone.
-    async fn on_message(&mut self, conn: u64, p: Publish) -> bool {
+    /// `size`: the payload's length as received (a payload above `max_payload_bytes` arrives
+    /// emptied by the connection task).
+    async fn on_message(&mut self, conn: u64, p: Publish, size: usize) -> bool {
         let metrics = &self.feed.metrics;
         metrics.mqtt_messages.inc();
         metrics.mqtt_unacked.add(1);
-        metrics.bytes_in.add(p.payload.len() as u64);
-        self.feed.health.bytes.add(p.payload.len() as u64);
+        metrics.bytes_in.add(size as u64);
+        self.feed.health.bytes.add(size as u64);
         if p.dup {
             metrics.mqtt_redelivered.inc();
         }
@@ -329,8 +354,15 @@ impl Decoder {
             conn,
             pos: 0,
             refused: false,
+            size,
         };
         let ok = self.hand_over(&mut h).await;
+        // Not to be decoded again (nothing to wait for, or a payload not read): its payload
+        // need not be held until its turn to be acknowledged.
+        if h.pos == 0 {
+            self.held_bytes -= h.publish.payload.len();
+            h.publish.payload = bytes::Bytes::new();
+        }
         self.held.push_back(h);
         ok
     }
@@ -339,11 +371,11 @@ impl Decoder {
     async fn hand_over(&mut self, h: &mut Held) -> bool {
         let now = crate::event::wall_now_ms();
         let p = &h.publish;
-        if p.payload.len() > self.m.max_payload_bytes {
+        if h.size > self.m.max_payload_bytes {
             self.feed.metrics.count_drop("payload_too_large", 1);
             self.feed.health.bad_frame("payload_too_large");
             if let Some(held) = self.big.allow() {
-                tracing::warn!(source = %self.name, topic = %p.topic, bytes = p.payload.len(), max_payload_bytes = self.m.max_payload_bytes, similar_not_logged = held, "MQTT payload above max_payload_bytes: counted and acknowledged without decoding (raise max_payload_bytes if the reader's batches are this large)");
+                tracing::warn!(source = %self.name, topic = %p.topic, bytes = h.size, max_payload_bytes = self.m.max_payload_bytes, similar_not_logged = held, "MQTT payload above max_payload_bytes: counted and acknowledged without decoding (raise max_payload_bytes if the reader's batches are this large)");
             }
             h.pos = 0;
             return true;
@@ -356,12 +388,17 @@ impl Decoder {
             h.pos = 0;
             return true;
         }
-        let topic = self
-            .m
-            .topics
-            .iter()
-            .position(|t| rumqttc::matches(&p.topic, &t.filter))
-            .unwrap_or(0);
+        // The most specific configured filter that matches; none: a subscription the
+        // persistent session kept from an earlier config (the broker does not forget it).
+        let Some(topic) = most_specific(&self.m.topics, &p.topic) else {
+            self.feed.metrics.count_drop("unsubscribed_topic", 1);
+            self.feed.health.bad_frame("unsubscribed_topic");
+            if let Some(held) = self.bad.allow() {
+                tracing::warn!(source = %self.name, topic = %p.topic, similar_not_logged = held, "MQTT message on a topic no configured filter matches: the broker keeps this session's subscriptions from an earlier config. Counted and acknowledged; to end it, remove the session at the broker (or change client_id)");
+            }
+            h.pos = 0;
+            return true;
+        };
         let mut items: Vec<Item> = Vec::new();
         match self.m.topics.get(topic).map(|t| &t.payload) {
             Some(PayloadProtocol::ImpinjIot) => {
@@ -373,22 +410,37 @@ impl Decoder {
             Some(PayloadProtocol::Json(map)) => map.decode(&p.payload, &mut items),
             Some(PayloadProtocol::Stream(_)) | None => {
                 if let Some(Some(proto)) = self.streams.get_mut(topic) {
-                    items.extend(
-                        decode_all(proto, &p.payload, true)
-                            .into_iter()
-                            .map(|decoded| Item {
-                                decoded,
-                                reader_ms: None,
-                            }),
-                    );
+                    let (decoded, left) =
+                        decode_at_most(proto, &p.payload, true, MESSAGE_READS_MAX);
+                    items.extend(decoded.into_iter().map(|decoded| Item {
+                        decoded,
+                        reader_ms: None,
+                    }));
+                    if left > 0 {
+                        items.push(Item::skipped("too_many_reads", left));
+                    }
+                    // The next payload starts afresh (no partial frame carried over).
+                    if let Some(PayloadProtocol::Stream(c)) =
+                        self.m.topics.get(topic).map(|t| &t.payload)
+                    {
+                        *proto = Protocol::new(c);
+                    }
                 }
             }
         }
-        let mut reads: Vec<SourceRead> = Vec::with_capacity(items.len());
+        let mut reads: Vec<SourceRead> = Vec::with_capacity(items.len().min(MESSAGE_READS_MAX));
         let mut skipped: Option<&'static str> = None;
+        let mut read_bytes = 0usize;
         for it in items {
             if let Decoded::Skipped { reason, .. } = it.decoded {
                 skipped.get_or_insert(reason);
+            }
+            if matches!(it.decoded, Decoded::Read(_))
+                && (reads.len() >= MESSAGE_READS_MAX || read_bytes >= MESSAGE_READ_BYTES_MAX)
+            {
+                self.feed.metrics.count_drop("too_many_reads", 1);
+                skipped.get_or_insert("too_many_reads");
+                continue;
             }
             let wall = match it.reader_ms {
                 Some(r) if self.m.reader_clock => {
@@ -405,6 +457,7 @@ impl Decoder {
                 _ => now,
             };
             if let Some(r) = self.feed.read_of(it.decoded, wall, 0) {
+                read_bytes += r.size();
                 reads.push(r);
             }
         }
@@ -461,7 +514,7 @@ async fn connection(
     m: MqttSource,
     client_id: String,
     feed: Feed,
-    tx: mpsc::Sender<(u64, Publish)>,
+    tx: mpsc::Sender<(u64, Publish, usize)>,
     current: Arc<std::sync::Mutex<Option<(u64, AsyncClient)>>>,
     done: CancellationToken,
 ) {
@@ -489,7 +542,21 @@ async fn connection(
             *c = Some((conn, client.clone()));
         }
         let mut up = false;
+        // Publishes not yet taken by the decoder: the event loop is polled meanwhile (keep-
+        // alives, acknowledgements going out) until this holds OVERFLOW_MAX_BYTES or
+        // OVERFLOW_MAX messages; only then does reading stop (TCP pushes back on the broker).
+        let mut overflow: VecDeque<(u64, Publish, usize)> = VecDeque::new();
+        let mut overflow_bytes = 0usize;
+        let mut stalled = LogThrottle::new(Duration::from_secs(60));
+        let connected_at = tokio::time::Instant::now();
+        let mut handed = false;
         let reason = loop {
+            let room = overflow_bytes < OVERFLOW_MAX_BYTES && overflow.len() < OVERFLOW_MAX;
+            if !room {
+                if let Some(held) = stalled.allow() {
+                    tracing::warn!(source = %name, messages = overflow.len(), similar_not_logged = held, "MQTT messages arrive faster than they are committed: reading from the broker pauses (if it lasts beyond 1.5 × keep_alive_s the broker drops the connection; unacknowledged messages come again)");
+                }
+            }
             let ev = tokio::select! {
                 _ = done.cancelled() => {
                     // The decoder asked for a disconnect: let it go out.
@@ -502,7 +569,19 @@ async fn connection(
                     }).await;
                     break None;
                 }
-                ev = eventloop.poll() => ev,
+                permit = tx.reserve(), if !overflow.is_empty() => {
+                    match permit {
+                        Ok(permit) => {
+                            if let Some((c, p, size)) = overflow.pop_front() {
+                                overflow_bytes -= p.payload.len();
+                                permit.send((c, p, size));
+                            }
+                        }
+                        Err(_) => break None,
+                    }
+                    continue;
+                }
+                ev = eventloop.poll(), if room => ev,
             };
             match ev {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -512,7 +591,6 @@ async fn connection(
                     feed.health.set_connected(true, crate::event::wall_now_ms());
                     feed.health.set_error(None);
                     feed.health.reopens.inc();
-                    backoff = new_backoff(&m);
                     tracing::info!(source = %name, session_present = ack.session_present, "MQTT connected");
                     let subs: Vec<rumqttc::SubscribeFilter> = m
                         .topics
@@ -535,12 +613,29 @@ async fn connection(
                         }
                     }
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if tx.send((conn, p)).await.is_err() {
-                        break None;
+                Ok(Event::Incoming(Packet::Publish(mut p))) => {
+                    // Too large to decode: only its size is kept (not 64 MiB per queued
+                    // message); the decoder counts it and acknowledges it.
+                    let size = p.payload.len();
+                    if size > m.max_payload_bytes {
+                        p.payload = bytes::Bytes::new();
+                    }
+                    // A connection is working (the backoff starts small again) once a
+                    // message went through, not at its CONNACK: a message it cannot read
+                    // (above the packet limit) drops each new connection right away.
+                    if !handed {
+                        handed = true;
+                        backoff = new_backoff(&m);
+                    }
+                    overflow_bytes += p.payload.len();
+                    overflow.push_back((conn, p, size));
+                }
+                Ok(_) => {
+                    if !handed && connected_at.elapsed() >= STABLE_AFTER {
+                        handed = true;
+                        backoff = new_backoff(&m);
                     }
                 }
-                Ok(_) => {}
                 Err(e) => break Some(describe(&e, &m)),
             }
         };
@@ -561,6 +656,24 @@ async fn connection(
         }
         pause(&mut backoff, &m, &done).await;
     }
+}
+
+/// The index of the most specific topic filter matching `topic`: the most levels named
+/// exactly, then the fewest `+`, a filter without `#` before one with it.
+fn most_specific(topics: &[crate::config::MqttTopic], topic: &str) -> Option<usize> {
+    topics
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| rumqttc::matches(topic, &t.filter))
+        .max_by_key(|(i, t)| {
+            let levels = t.filter.split('/');
+            let exact = levels.clone().filter(|l| *l != "+" && *l != "#").count();
+            let plus = levels.clone().filter(|l| *l == "+").count();
+            let hash = t.filter.ends_with('#');
+            // Earlier listed wins a tie.
+            (exact, std::cmp::Reverse(plus), !hash, std::cmp::Reverse(*i))
+        })
+        .map(|(i, _)| i)
 }
 
 fn new_backoff(m: &MqttSource) -> backon::ExponentialBackoff {
@@ -609,7 +722,10 @@ fn options(name: &str, m: &MqttSource, client_id: &str) -> Result<MqttOptions, S
     o.set_clean_session(false)
         .set_manual_acks(true)
         .set_keep_alive(m.keep_alive)
-        .set_max_packet_size(crate::config::MQTT_PACKET_MAX as usize, 64 * 1024)
+        .set_max_packet_size(
+            crate::config::MQTT_PACKET_MAX as usize,
+            crate::config::MQTT_SUBSCRIBE_MAX + 4096,
+        )
         .set_request_channel_capacity(10_000);
     if let Some(user) = &m.username {
         let password = match &m.password_file {
@@ -668,5 +784,41 @@ fn tls_config(m: &MqttSource) -> Result<rustls::ClientConfig, String> {
                 .map_err(|e| format!("client certificate: {e}"))
         }
         _ => Ok(builder.with_no_client_auth()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{MqttTopic, PayloadProtocol};
+
+    fn topics(filters: &[&str]) -> Vec<MqttTopic> {
+        filters
+            .iter()
+            .map(|f| MqttTopic {
+                filter: f.to_string(),
+                payload: PayloadProtocol::ImpinjIot,
+            })
+            .collect()
+    }
+
+    /// Overlapping filters: the most specific one decodes the message; none matching is None.
+    #[test]
+    fn the_most_specific_filter_wins() {
+        let t = topics(&[
+            "readers/#",
+            "readers/zebra/+",
+            "readers/+/fx",
+            "#",
+            "readers/zebra/fx",
+        ]);
+        assert_eq!(most_specific(&t, "readers/zebra/fx"), Some(4));
+        assert_eq!(most_specific(&t, "readers/zebra/x"), Some(1));
+        assert_eq!(most_specific(&t, "readers/impinj/fx"), Some(2));
+        assert_eq!(most_specific(&t, "readers/a/b/c"), Some(0));
+        assert_eq!(most_specific(&t, "other"), Some(3));
+        let t = topics(&["readers/#", "readers/zebra/+"]);
+        assert_eq!(most_specific(&t, "other/x"), None);
+        assert_eq!(most_specific(&topics(&["a/+", "+/b"]), "a/b"), Some(0));
     }
 }

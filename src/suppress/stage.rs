@@ -179,6 +179,8 @@ pub struct Stage {
     codec: zstd::bulk::Compressor<'static>,
     /// Sensors' last emitted value and when (boot ms), by source and sensor (id and type).
     sensors: HashMap<(u16, Box<str>), (f64, i64)>,
+    /// The sensors' keys in the order they were first seen (for forgetting when full).
+    sensor_order: std::collections::VecDeque<(u16, Box<str>)>,
 }
 
 /// Sensors whose last value is remembered for the deadband; beyond it the one emitted longest
@@ -311,6 +313,7 @@ impl Stage {
             codec: zstd::bulk::Compressor::new(1)
                 .unwrap_or_else(|_| zstd::bulk::Compressor::default()),
             sensors: HashMap::new(),
+            sensor_order: std::collections::VecDeque::new(),
         }
     }
 
@@ -477,15 +480,19 @@ impl Stage {
             return true;
         };
         let (deadband, heartbeat) = (src.deadband, src.heartbeat_ms);
-        let kind = r
-            .read
-            .sensor
-            .as_ref()
-            .and_then(|m| m.sensor_type.as_deref())
-            .unwrap_or("");
+        // One sensor: its id, type, unit and device (two devices reporting the same id, or one
+        // id in two units, are different series).
+        let meta = r.read.sensor.as_deref();
         let key = (
             r.source as u16,
-            format!("{}\u{0}{kind}", r.read.tag).into_boxed_str(),
+            format!(
+                "{}\u{0}{}\u{0}{}\u{0}{}",
+                r.read.tag,
+                meta.and_then(|m| m.sensor_type.as_deref()).unwrap_or(""),
+                meta.and_then(|m| m.unit.as_deref()).unwrap_or(""),
+                meta.and_then(|m| m.device.as_deref()).unwrap_or("")
+            )
+            .into_boxed_str(),
         );
         let now = r.mono_ms;
         if let Some((last, at)) = self.sensors.get_mut(&key) {
@@ -499,16 +506,13 @@ impl Stage {
             }
             return emit;
         }
+        // Full: the sensor seen first is forgotten (in O(1): sensors come and go rarely).
         if self.sensors.len() >= SENSORS_MAX {
-            if let Some(oldest) = self
-                .sensors
-                .iter()
-                .min_by_key(|(_, (_, at))| *at)
-                .map(|(k, _)| k.clone())
-            {
+            if let Some(oldest) = self.sensor_order.pop_front() {
                 self.sensors.remove(&oldest);
             }
         }
+        self.sensor_order.push_back(key.clone());
         self.sensors.insert(key, (value, now));
         true
     }
@@ -1042,6 +1046,12 @@ mod tests {
         ] {
             st.read(reading(id, kind, v, at), &mut out);
         }
+        // The same id, type and value from another device is another sensor.
+        let mut other = reading("t1", "temperature", 20.7, 14_002);
+        if let Some(m) = other.read.sensor.as_mut() {
+            m.device = Some("plc-8".into());
+        }
+        st.read(other, &mut out);
         let got: Vec<(String, Option<f64>, i64)> = out
             .iter()
             .map(|b| (b.tag.clone(), b.value, b.first_seen_ms - 1_800_000_000_000))
@@ -1054,6 +1064,7 @@ mod tests {
                 ("t1".into(), Some(20.6), 4_000),
                 ("t1".into(), Some(20.7), 14_000),
                 ("t2".into(), Some(20.7), 14_001),
+                ("t1".into(), Some(20.7), 14_002),
             ]
         );
         let b = &out[1];
