@@ -87,6 +87,9 @@ pub struct SourceRead {
     /// the frame's *start* as `journal_end`, and the ingest stage does not end a commit group
     /// before the frame's last read, so a crash neither loses nor repeats part of a frame.
     pub frame_more: bool,
+    /// Handed over again after the spool refused it (an MQTT message kept unacknowledged):
+    /// the deadband does not judge it a repeat of the reading it was (never committed).
+    pub resent: bool,
 }
 
 impl SourceRead {
@@ -183,6 +186,7 @@ impl Feed {
                     time_unknown,
                     journal_end,
                     frame_more: false,
+                    resent: false,
                 })
             }
         }
@@ -482,6 +486,7 @@ mod tests {
             time_unknown: false,
             journal_end: 1,
             frame_more: false,
+            resent: false,
         }
     }
 

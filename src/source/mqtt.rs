@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Messages the connection task may hand over ahead of the decoder. Beyond it the connection
 /// waits (TCP pushes back on the broker).
-const HANDOFF: usize = 1024;
+const HANDOFF: usize = 16;
 
 /// Payload bytes held unacknowledged (waiting for their commit) before the decoder stops
 /// taking messages (one larger message is still taken alone).
@@ -54,8 +54,8 @@ const UNACKED_EXTRA: usize = 1024;
 const OVERFLOW_MAX: usize = 65_536;
 const OVERFLOW_MAX_BYTES: usize = 16 << 20;
 
-/// A connection that has lasted this long (or passed a message on) is working: the reconnect
-/// backoff starts small again.
+/// A connection that has lasted this long is working: the reconnect backoff starts small
+/// again.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
 
 /// Most reads one message may give (a stream protocol's payload of short lines, a reader
@@ -356,7 +356,7 @@ impl Decoder {
             refused: false,
             size,
         };
-        let ok = self.hand_over(&mut h).await;
+        let ok = self.hand_over(&mut h, false).await;
         // Not to be decoded again (nothing to wait for, or a payload not read): its payload
         // need not be held until its turn to be acknowledged.
         if h.pos == 0 {
@@ -368,7 +368,7 @@ impl Decoder {
     }
 
     /// Decode a held message and hand its reads over, setting its position.
-    async fn hand_over(&mut self, h: &mut Held) -> bool {
+    async fn hand_over(&mut self, h: &mut Held, resent: bool) -> bool {
         let now = crate::event::wall_now_ms();
         let p = &h.publish;
         if h.size > self.m.max_payload_bytes {
@@ -476,13 +476,19 @@ impl Decoder {
         let last = reads.len() - 1;
         for (i, mut r) in reads.into_iter().enumerate() {
             r.frame_more = i < last;
+            r.resent = resent;
             r.journal_end = if i < last { pos - 1 } else { pos };
             if !self.feed.send(r).await {
                 return false;
             }
         }
         self.waiting += 1;
-        if self.waiting * 2 >= self.m.broker_max_inflight {
+        // Commit now when half the broker's window waits, or half of what this source may
+        // hold: waiting for the commit interval would stall the broker (or this source).
+        if self.waiting * 2 >= self.m.broker_max_inflight
+            || self.held_bytes * 2 >= UNACKED_MAX_BYTES
+            || self.held.len() * 2 >= self.held_max
+        {
             self.commit_now.store(true, Ordering::Release);
             self.feed.wake.notify_one();
         }
@@ -497,7 +503,7 @@ impl Decoder {
         for h in held.iter_mut().filter(|h| h.refused) {
             h.refused = false;
             n += 1;
-            if ok && !self.hand_over(h).await {
+            if ok && !self.hand_over(h, true).await {
                 ok = false;
             }
         }
@@ -549,8 +555,15 @@ async fn connection(
         let mut overflow_bytes = 0usize;
         let mut stalled = LogThrottle::new(Duration::from_secs(60));
         let connected_at = tokio::time::Instant::now();
-        let mut handed = false;
+        let mut stable = false;
         let reason = loop {
+            // A connection is working (the backoff starts small again) once it has lasted,
+            // not at its CONNACK: a message it cannot read (above the packet limit) drops
+            // each new connection after whatever came before it.
+            if !stable && up && connected_at.elapsed() >= STABLE_AFTER {
+                stable = true;
+                backoff = new_backoff(&m);
+            }
             let room = overflow_bytes < OVERFLOW_MAX_BYTES && overflow.len() < OVERFLOW_MAX;
             if !room {
                 if let Some(held) = stalled.allow() {
@@ -620,22 +633,10 @@ async fn connection(
                     if size > m.max_payload_bytes {
                         p.payload = bytes::Bytes::new();
                     }
-                    // A connection is working (the backoff starts small again) once a
-                    // message went through, not at its CONNACK: a message it cannot read
-                    // (above the packet limit) drops each new connection right away.
-                    if !handed {
-                        handed = true;
-                        backoff = new_backoff(&m);
-                    }
                     overflow_bytes += p.payload.len();
                     overflow.push_back((conn, p, size));
                 }
-                Ok(_) => {
-                    if !handed && connected_at.elapsed() >= STABLE_AFTER {
-                        handed = true;
-                        backoff = new_backoff(&m);
-                    }
-                }
+                Ok(_) => {}
                 Err(e) => break Some(describe(&e, &m)),
             }
         };

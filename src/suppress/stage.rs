@@ -479,6 +479,7 @@ impl Stage {
         let Some(value) = r.read.value else {
             return true;
         };
+        let resent = r.resent;
         let (deadband, heartbeat) = (src.deadband, src.heartbeat_ms);
         // One sensor: its id, type, unit and device (two devices reporting the same id, or one
         // id in two units, are different series).
@@ -499,7 +500,8 @@ impl Stage {
             // Times of readings handed over together may be out of order by a millisecond
             // (each is placed from the wall clock): a reading "before" the last one emitted
             // is judged by its value only.
-            let emit = (value - *last).abs() > deadband || now.saturating_sub(*at) >= heartbeat;
+            let emit =
+                resent || (value - *last).abs() > deadband || now.saturating_sub(*at) >= heartbeat;
             if emit {
                 *last = value;
                 *at = now;
@@ -1031,6 +1033,7 @@ mod tests {
             time_unknown: false,
             journal_end: 0,
             frame_more: false,
+            resent: false,
         };
         let mut out = Vec::new();
         for (id, kind, v, at) in [
@@ -1046,6 +1049,10 @@ mod tests {
         ] {
             st.read(reading(id, kind, v, at), &mut out);
         }
+        // A reading handed over again after the spool refused it is not a repeat of itself.
+        let mut again = reading("t2", "temperature", 20.7, 14_001);
+        again.resent = true;
+        st.read(again, &mut out);
         // The same id, type and value from another device is another sensor.
         let mut other = reading("t1", "temperature", 20.7, 14_002);
         if let Some(m) = other.read.sensor.as_mut() {
@@ -1063,6 +1070,7 @@ mod tests {
                 ("t1".into(), Some(20.2), 3_500),
                 ("t1".into(), Some(20.6), 4_000),
                 ("t1".into(), Some(20.7), 14_000),
+                ("t2".into(), Some(20.7), 14_001),
                 ("t2".into(), Some(20.7), 14_001),
                 ("t1".into(), Some(20.7), 14_002),
             ]
@@ -1097,6 +1105,7 @@ mod tests {
             time_unknown: false,
             journal_end: 0,
             frame_more: false,
+            resent: false,
         }
     }
 
