@@ -660,11 +660,21 @@ async fn tls_with_client_certificate_and_a_password_fixed_while_running() {
 /// once the upstream drains the spool every message's tag arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_spool_with_reject_keeps_messages_at_the_broker() {
+    full_spool(true).await;
+}
+
+/// `suppress_off`: with repeat suppression on, a pass that ends while the spool is full has
+/// its event refused after its reads' messages were acknowledged (README, known limit), so
+/// only the `off` case can promise every tag.
+async fn full_spool(suppress_off: bool) {
     const N: usize = 20_000;
     let broker = Mosquitto::start("");
+    let mut src = source(&broker, "");
+    if !suppress_off {
+        src = src.replace("suppress = \"off\"\n", "window_ms = 300\n");
+    }
     let gw = Gateway::new(&format!(
-        "max_bytes = \"1 MiB\"\nwhen_full = \"reject\"\n{}",
-        source(&broker, "")
+        "max_bytes = \"1 MiB\"\nwhen_full = \"reject\"\n{src}"
     ))
     .await;
     let (ingest, admin) = (&gw.ingest, gw.admin);

@@ -129,6 +129,13 @@ impl JournalMarks {
         }
     }
 
+    /// `name` acknowledges what it hands over once it is committed (an MQTT source).
+    pub fn acknowledges(&self, name: &str) -> bool {
+        self.0
+            .iter()
+            .any(|m| *m.name == *name && m.settled.is_some())
+    }
+
     /// The spool refused a group holding reads up to `pos`. A serial source's bytes are
     /// settled all the same (a port cannot be paused: the reads are dropped and counted); an
     /// MQTT source is told, keeps those messages unacknowledged and hands them over again.

@@ -277,7 +277,21 @@ pub fn spawn_with(
                     }
                     let total = bodies.len() as u64;
                     let keep = |chunk, n| offer.accepts(chunk, n);
-                    let result = match spool.append_marked(bodies, wall_now_ms(), &marks, keep) {
+                    // Full with `reject`: a group without events would still commit its
+                    // positions, and an MQTT source would acknowledge messages whose reads
+                    // joined open passes, whose events could then be refused. Refused too:
+                    // the broker keeps those messages until there is room.
+                    let hold = bodies.is_empty()
+                        && marks.iter().any(|(n, _)| journal.acknowledges(n))
+                        && spool.refusing();
+                    let appended = if hold {
+                        Err(SpoolError::Full {
+                            max_bytes: spool.max_bytes(),
+                        })
+                    } else {
+                        spool.append_marked(bodies, wall_now_ms(), &marks, keep)
+                    };
+                    let result = match appended {
                         Ok((r, events)) => {
                             if let Some(events) = events {
                                 offer.offer(events);

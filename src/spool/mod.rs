@@ -1241,6 +1241,18 @@ impl Spool {
     /// Bytes that count against `max_bytes`: the file but the dead letters. A write-ahead log
     /// grown by blocked checkpoints is reported (metric, WARN, `/health`) but not counted:
     /// evicting events cannot shrink it, so counting it would destroy the backlog for nothing.
+    /// `max_bytes` of the spool's config.
+    pub fn max_bytes(&self) -> u64 {
+        self.opts.max_bytes
+    }
+
+    /// Full with `when_full = "reject"`: a group that adds no event but would acknowledge
+    /// MQTT messages is refused too (see `actor`), so the broker keeps them while full.
+    pub fn refusing(&self) -> bool {
+        self.opts.when_full == WhenFull::Reject
+            && self.live_bytes() + 2 * self.page_size > self.opts.max_bytes
+    }
+
     fn live_bytes(&self) -> u64 {
         self.used_bytes.saturating_sub(self.dl_bytes)
     }
