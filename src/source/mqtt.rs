@@ -51,8 +51,8 @@ const UNACKED_EXTRA: usize = 1024;
 
 /// Publishes the connection task keeps for the decoder while it keeps polling the broker:
 /// by count and by payload bytes (payloads above `max_payload_bytes` are not kept).
-const OVERFLOW_MAX: usize = 65_536;
-const OVERFLOW_MAX_BYTES: usize = 16 << 20;
+const OVERFLOW_MAX: usize = 8192;
+const OVERFLOW_MAX_BYTES: usize = 4 << 20;
 
 /// A connection that has lasted this long is working: the reconnect backoff starts small
 /// again.
