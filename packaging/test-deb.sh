@@ -24,7 +24,11 @@ su -s /bin/sh scangate -c "/usr/bin/scangate validate --config /etc/scangate/sca
 echo "== systemd-analyze verify / security of the installed unit"
 if command -v systemd-analyze >/dev/null; then
     systemd-analyze verify /usr/lib/systemd/system/scangate.service || fail "unit does not verify"
-    systemd-analyze security --offline=yes /usr/lib/systemd/system/scangate.service | tail -1
+    score=$(systemd-analyze security --offline=yes /usr/lib/systemd/system/scangate.service | tail -1)
+    echo "$score"
+    # The unit's exposure must stay at or below 2.0.
+    exposure=$(echo "$score" | grep -oE '[0-9]+\.[0-9]+' | head -1)
+    awk -v e="$exposure" 'BEGIN { exit !(e != "" && e <= 2.0) }' || fail "exposure $exposure is above 2.0"
 fi
 
 # A technician's edit survives an upgrade (conffile), then remove and purge.
