@@ -411,7 +411,8 @@ type PerSource = (
     fn(&SourceHealth) -> u64,
 );
 
-/// A Prometheus label value: backslash, double quote and newline escaped.
+/// A label value escaped for the text format (`\\`, `\"`, `\n`): `prometheus-client` writes
+/// label values as given, and source names are a technician's text.
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -469,10 +470,25 @@ impl Metrics {
         }
     }
 
+    /// `/metrics`: every counter and gauge in the OpenMetrics text format, written by the
+    /// Prometheus project's `prometheus-client` (content type [`EXPOSITION_CONTENT_TYPE`]).
+    /// Counters are named `scangate_<family>_total`; every family has HELP and TYPE lines.
     pub fn render(&self) -> String {
-        let mut s = String::with_capacity(2048);
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(Exposition(self.families())));
+        let mut out = String::with_capacity(16 * 1024);
+        if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+            // Writing to a String cannot fail; an encoder error would be a bug of ours.
+            tracing::warn!("Cannot encode the metrics");
+        }
+        out
+    }
+
+    /// Every metric family now, for [`Metrics::render`].
+    fn families(&self) -> Vec<Family> {
+        let mut out: Vec<Family> = Vec::with_capacity(128);
         let mut line = |name: &str, kind: &str, help: &str, v: u64| {
-            s.push_str(&format!("# HELP scangate_{name} {help}\n# TYPE scangate_{name} {kind}\nscangate_{name} {v}\n"));
+            out.push(Family::one(name, kind, help, v));
         };
         line(
             "frames_in_total",
@@ -755,14 +771,17 @@ impl Metrics {
             "Dead letters that could not be recorded in the dead-letter stream (kept in the spool).",
             self.redis_dlq_failed.get(),
         );
-        s.push_str("# HELP scangate_dropped_total Reads or events dropped, by reason.\n# TYPE scangate_dropped_total counter\n");
+        let mut dropped = Family::new(
+            "dropped_total",
+            "counter",
+            "Reads or events dropped, by reason.",
+        );
         if let Ok(m) = self.dropped.lock() {
             for (reason, v) in m.iter() {
-                s.push_str(&format!(
-                    "scangate_dropped_total{{reason=\"{reason}\"}} {v}\n"
-                ));
+                dropped.sample(vec![("reason", label(reason))], *v);
             }
         }
+        out.push(dropped);
         let sources = self.sources();
         let per_source: [PerSource; 6] = [
             (
@@ -803,16 +822,11 @@ impl Metrics {
             ),
         ];
         for (name, kind, help, get) in per_source {
-            s.push_str(&format!(
-                "# HELP scangate_{name} {help}\n# TYPE scangate_{name} {kind}\n"
-            ));
+            let mut f = Family::new(name, kind, help);
             for (n, h) in &sources {
-                s.push_str(&format!(
-                    "scangate_{name}{{source=\"{}\"}} {}\n",
-                    label(n),
-                    get(h)
-                ));
+                f.sample(vec![("source", label(n))], get(h));
             }
+            out.push(f);
         }
         // Per source and reason (or kind): counters kept as maps.
         type ByKey = fn(&SourceHealth) -> BTreeMap<&'static str, u64>;
@@ -831,35 +845,118 @@ impl Metrics {
             ),
         ];
         for (name, key, help, get) in by_key {
-            s.push_str(&format!(
-                "# HELP scangate_{name} {help}\n# TYPE scangate_{name} counter\n"
-            ));
+            let mut f = Family::new(name, "counter", help);
             for (n, h) in &sources {
                 for (k, v) in get(h) {
-                    s.push_str(&format!(
-                        "scangate_{name}{{source=\"{}\",{key}=\"{k}\"}} {v}\n",
-                        label(n)
-                    ));
+                    f.sample(vec![("source", label(n)), (key, label(k))], v);
+                }
+            }
+            out.push(f);
+        }
+        let mut redis = Family::new(
+            "redis_errors_total",
+            "counter",
+            "Redis sink failures by code (io, timeout, auth, or the server's error code).",
+        );
+        if let Ok(m) = self.redis_errors.lock() {
+            for (code, v) in m.iter() {
+                redis.sample(vec![("code", label(code))], *v);
+            }
+        }
+        out.push(redis);
+        let mut responses = Family::new(
+            "upstream_responses_total",
+            "counter",
+            "Upstream answers by HTTP status.",
+        );
+        if let Ok(m) = self.responses.lock() {
+            for (status, v) in m.iter() {
+                responses.sample(vec![("status", status.to_string())], *v);
+            }
+        }
+        out.push(responses);
+        out
+    }
+}
+
+/// The content type of [`Metrics::render`]'s text (OpenMetrics 1.0, which Prometheus reads).
+pub const EXPOSITION_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// One metric family of `/metrics`: its name after `scangate_` (counters end in `_total`),
+/// kind (`counter` or `gauge`), HELP text, and samples (labels, value).
+#[derive(Debug)]
+struct Family {
+    name: String,
+    counter: bool,
+    help: String,
+    samples: Vec<(Vec<(&'static str, String)>, u64)>,
+}
+
+impl Family {
+    fn new(name: &str, kind: &str, help: &str) -> Family {
+        Family {
+            name: name.to_string(),
+            counter: kind == "counter",
+            help: help.to_string(),
+            samples: Vec::new(),
+        }
+    }
+
+    fn one(name: &str, kind: &str, help: &str, v: u64) -> Family {
+        let mut f = Family::new(name, kind, help);
+        f.sample(Vec::new(), v);
+        f
+    }
+
+    fn sample(&mut self, labels: Vec<(&'static str, String)>, v: u64) {
+        self.samples.push((labels, v));
+    }
+}
+
+/// A scrape's [`Metrics`] as a `prometheus-client` collector.
+#[derive(Debug)]
+struct Exposition(Vec<Family>);
+
+impl prometheus_client::collector::Collector for Exposition {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        use prometheus_client::metrics::MetricType;
+        for f in &self.0 {
+            // The encoder adds `_total` to a counter's samples (OpenMetrics).
+            let family = format!("scangate_{}", f.name);
+            let (name, kind) = match family.strip_suffix("_total") {
+                Some(base) if f.counter => (base, MetricType::Counter),
+                _ => (family.as_str(), MetricType::Gauge),
+            };
+            let mut d = encoder.encode_descriptor(name, &f.help, None, kind)?;
+            match f.samples.as_slice() {
+                // One unlabelled sample: encoded in place.
+                [(labels, v)] if labels.is_empty() => {
+                    if f.counter {
+                        ConstCounter::new(*v).encode(d)?
+                    } else {
+                        ConstGauge::new(*v).encode(d)?
+                    }
+                }
+                samples => {
+                    for (labels, v) in samples {
+                        let m = d.encode_family(labels)?;
+                        if f.counter {
+                            ConstCounter::new(*v).encode(m)?
+                        } else {
+                            ConstGauge::new(*v).encode(m)?
+                        }
+                    }
                 }
             }
         }
-        s.push_str("# HELP scangate_redis_errors_total Redis sink failures by code (io, timeout, auth, or the server's error code).\n# TYPE scangate_redis_errors_total counter\n");
-        if let Ok(m) = self.redis_errors.lock() {
-            for (code, v) in m.iter() {
-                s.push_str(&format!(
-                    "scangate_redis_errors_total{{code=\"{code}\"}} {v}\n"
-                ));
-            }
-        }
-        s.push_str("# HELP scangate_upstream_responses_total Upstream answers by HTTP status.\n# TYPE scangate_upstream_responses_total counter\n");
-        if let Ok(m) = self.responses.lock() {
-            for (status, v) in m.iter() {
-                s.push_str(&format!(
-                    "scangate_upstream_responses_total{{status=\"{status}\"}} {v}\n"
-                ));
-            }
-        }
-        s
+        Ok(())
     }
 }
 

@@ -741,7 +741,9 @@ async fn metrics_parse_as_prometheus_text_and_move_with_reads() {
             .text()
             .await
             .unwrap();
-        for line in text.lines() {
+        // OpenMetrics ends with `# EOF`, which a Prometheus text parser does not know.
+        let body = text.strip_suffix("# EOF\n").expect("ends with # EOF");
+        for line in body.lines() {
             assert!(
                 !matches!(LineInfo::parse(line), LineInfo::Ignored),
                 "not Prometheus text: {line:?}"
@@ -783,14 +785,25 @@ async fn metrics_parse_as_prometheus_text_and_move_with_reads() {
             .filter(|s| s.metric == "scangate_source_reads_total")
             .collect::<Vec<_>>()
     );
-    // Every family is typed and documented.
+    // Every family is typed and documented (OpenMetrics: a counter family's samples are
+    // named `<family>_total`).
     for s in &after.samples {
+        let family = s.metric.strip_suffix("_total").unwrap_or(&s.metric);
         assert!(
-            after.docs.contains_key(&s.metric),
+            after.docs.contains_key(family) || after.docs.contains_key(&s.metric),
             "no HELP for {}",
             s.metric
         );
     }
+    // Written by prometheus-client: an OpenMetrics exposition ends with `# EOF`.
+    let resp = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .unwrap();
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    assert_eq!(resp.text().await.unwrap().lines().last(), Some("# EOF"));
     d.sigterm();
     drop(slave);
 }

@@ -351,7 +351,7 @@ async fn health(State(c): State<Ctx>) -> impl IntoResponse {
 
 async fn metrics(State(c): State<Ctx>) -> impl IntoResponse {
     (
-        [("content-type", "text/plain; version=0.0.4")],
+        [("content-type", crate::metrics::EXPOSITION_CONTENT_TYPE)],
         c.running.metrics.render(),
     )
 }
