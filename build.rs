@@ -15,4 +15,10 @@ fn main() {
                 .unwrap_or(0)
         });
     println!("cargo:rustc-env=SCANGATE_BUILD_UNIX={secs}");
+    // Fault injection for the watchdog's tests (`SCANGATE_FAULT_WEDGE`, see
+    // `service::progress`): in dev and test builds only, never in a release or bench build.
+    println!("cargo::rustc-check-cfg=cfg(scangate_fault_injection)");
+    if std::env::var("PROFILE").as_deref() == Ok("debug") {
+        println!("cargo:rustc-cfg=scangate_fault_injection");
+    }
 }

@@ -206,10 +206,15 @@ async fn ingest(
         }
     }
     let tick_every = spool_cfg.commit_interval.max(Duration::from_millis(10));
+    // A group takes at most its commit interval, plus the rest of a frame.
+    let beat = metrics.progress.beat("ingest");
+    let group_time = spool_cfg.commit_interval + FRAME_REST_MAX;
     loop {
         if closed && carry.is_empty() {
             break;
         }
+        beat.busy_for(group_time);
+        beat.fault_point().await;
         let mut group: Vec<EventBody> = std::mem::take(&mut pending);
         group.reserve(256);
         let mut size: usize = group.iter().map(actor::body_size).sum();
@@ -220,7 +225,8 @@ async fn ingest(
             None => {
                 // Idle: wake for the next read, or to end passes whose window runs out.
                 let timer = tokio::time::sleep(tick_every);
-                tokio::select! {
+                beat.idle();
+                let first = tokio::select! {
                     r = rx.recv() => match r {
                         Some(r) => Some((r, false)),
                         None => {
@@ -229,7 +235,9 @@ async fn ingest(
                         }
                     },
                     _ = timer, if stage.tracked() > 0 => None,
-                }
+                };
+                beat.busy_for(group_time);
+                first
             }
         };
         if let Some((first, carried)) = first {
@@ -384,16 +392,19 @@ async fn ingest(
             continue;
         }
         metrics.ingest_groups.inc();
-        if spool
+        // Waiting for room in the spool thread's queue: the spool is checked on its own.
+        beat.idle();
+        let handed = spool
             .append_detached(group, group_marks, row.into_iter().collect())
-            .await
-            .is_err()
-        {
+            .await;
+        beat.busy_for(group_time);
+        if handed.is_err() {
             metrics.count_drop("spool_unavailable", n);
             tracing::error!(events = n, "Spool is gone; reads dropped");
             break;
         }
     }
+    beat.retire();
 }
 
 /// How long a commit group waits past its deadline for the rest of a frame with several reads
@@ -592,7 +603,7 @@ pub async fn run(
         metrics: metrics.clone(),
     });
     crate::service::notify_ready(&format!("running; backlog {}", report.backlog));
-    let watchdog = crate::service::spawn_watchdog(handle.clone());
+    let watchdog = crate::service::spawn_watchdog(handle.clone(), metrics.clone());
 
     // Wait for a reason to stop.
     let mut committed = handle.committed();

@@ -166,6 +166,8 @@ pub struct Metrics {
     /// implausible (unsynced reader, or ahead of the gateway).
     pub reader_clock_rejected: Counter,
     sources: Mutex<Vec<(String, std::sync::Arc<SourceHealth>)>>,
+    /// Every stage's progress, for the watchdog.
+    pub progress: crate::service::progress::Progress,
 }
 
 /// A repeated warning said at most once per interval, with how many were held back since:

@@ -335,6 +335,8 @@ pub struct Forwarder {
     json: Vec<u8>,
     spool: SpoolHandle,
     metrics: Arc<Metrics>,
+    /// The forwarder's progress, for the watchdog (`crate::service::progress`).
+    beat: Arc<crate::service::progress::Beat>,
     /// Largest batch size known to pass after a 413 (None until a 413 is seen). A hint, not a
     /// verdict: after [`PROBE_AFTER`] deliveries at it, the next batches may be twice as
     /// large, until `batch_max_events` (then the hint is dropped) or another 413.
@@ -531,7 +533,9 @@ impl Forwarder {
         let compressor = BodyCompressor::new(cfg.compression);
         // Everything committed before the forwarder exists is backlog (live-first).
         let live_floor = *spool.committed().borrow() + 1;
+        let beat = metrics.progress.beat("forwarder");
         Ok(Forwarder {
+            beat,
             cfg,
             sender,
             limiter,
@@ -689,6 +693,8 @@ impl Forwarder {
     }
 
     async fn pause(&self, d: Duration, shutdown: &CancellationToken) -> Wait {
+        // The wait, then a request.
+        self.beat.busy_for(d + self.cfg.timeout);
         tokio::select! {
             _ = sleep(d) => Wait::Done,
             _ = shutdown.cancelled() => Wait::Shutdown,
@@ -703,6 +709,7 @@ impl Forwarder {
         if self.run_loop(&mut fl, &shutdown).await.is_err() {
             self.finish(&mut fl).await;
         }
+        self.beat.retire();
     }
 
     /// The loop of [`Forwarder::run`]; Err on shutdown.
@@ -726,6 +733,9 @@ impl Forwarder {
             if shutdown.is_cancelled() {
                 return Err(());
             }
+            // At most a request (spool reads and writes are the spool's to answer).
+            self.beat.busy_for(self.cfg.timeout);
+            self.beat.fault_point().await;
             if self.spool.take_rewind() || std::mem::take(&mut self.rewind) {
                 // Everything in flight is settled first: the cursors restart behind it.
                 self.settle(fl, shutdown).await?;
@@ -881,6 +891,8 @@ impl Forwarder {
             if live_first && slot {
                 wait = wait.min(Duration::from_millis(100));
             }
+            // Waiting for answers (each request has its own timeout), commits or a timer.
+            self.beat.idle();
             tokio::select! {
                 _ = shutdown.cancelled() => return Err(()),
                 Some(r) = fl.set.join_next(), if !fl.set.is_empty() => {
@@ -1325,6 +1337,7 @@ impl Forwarder {
                     None => {
                         let healthy = self.down_since.is_none();
                         self.metrics.upstream_in_flight.set(1);
+                        self.beat.busy_for(self.cfg.timeout);
                         let o = self.sender.send(body.clone(), key, healthy).await;
                         self.metrics.upstream_in_flight.set(0);
                         o

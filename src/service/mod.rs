@@ -1,6 +1,8 @@
 //! Running as a service: logging (journald under systemd, human text on a terminal),
 //! sd_notify (READY, STATUS, STOPPING, WATCHDOG), and signals.
 
+pub mod progress;
+
 use crate::spool::actor::SpoolHandle;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -82,30 +84,62 @@ pub fn notify_stopping() {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
 }
 
-/// Feed the systemd watchdog (when enabled) only while the spool thread answers; report the
-/// backlog in STATUS.
-pub fn spawn_watchdog(spool: SpoolHandle) -> Option<tokio::task::JoinHandle<()>> {
+/// Feed the systemd watchdog (when enabled, `WATCHDOG_USEC`) every half interval, only while
+/// every stage makes progress or waits for a known reason: the spool thread answers, and no
+/// stage is busy past its allowance ([`progress::Progress::wedged`]: a wedged forwarder, a
+/// stuck source thread). Otherwise the pings stop, each wedged stage is named in an ERROR and
+/// in STATUS, and systemd restarts the daemon. STATUS also reports the backlog.
+pub fn spawn_watchdog(
+    spool: SpoolHandle,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) -> Option<tokio::task::JoinHandle<()>> {
     let mut usec = 0u64;
     if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
         return None;
     }
-    let period = Duration::from_micros(usec / 2);
+    let interval = Duration::from_micros(usec);
+    metrics.progress.set_allowance(interval);
+    let period = interval / 2;
     Some(tokio::spawn(async move {
+        let mut said: Vec<String> = Vec::new();
         loop {
             tokio::time::sleep(period).await;
-            if let Ok(Ok(s)) = tokio::time::timeout(period, spool.stats()).await {
-                let status = format!(
-                    "backlog {} events, {} dead letters",
-                    s.backlog, s.dead_letters
-                );
-                let _ = sd_notify::notify(
-                    false,
-                    &[
-                        sd_notify::NotifyState::Watchdog,
-                        sd_notify::NotifyState::Status(&status),
-                    ],
-                );
+            let stats = tokio::time::timeout(period, spool.stats()).await;
+            let wedged = metrics.progress.wedged();
+            let status = match (&stats, wedged.first()) {
+                (Ok(Ok(s)), None) => {
+                    said.clear();
+                    let status = format!(
+                        "backlog {} events, {} dead letters",
+                        s.backlog, s.dead_letters
+                    );
+                    let _ = sd_notify::notify(
+                        false,
+                        &[
+                            sd_notify::NotifyState::Watchdog,
+                            sd_notify::NotifyState::Status(&status),
+                        ],
+                    );
+                    continue;
+                }
+                (_, Some(w)) => format!(
+                    "{} made no progress for {} s; the watchdog restarts scangate",
+                    w.stage,
+                    w.busy_for.as_secs()
+                ),
+                (_, None) => "the spool does not answer; the watchdog restarts scangate".into(),
+            };
+            for w in &wedged {
+                if !said.contains(&w.stage) {
+                    tracing::error!(stage = %w.stage, busy_s = w.busy_for.as_secs(), "A stage made no progress within the watchdog interval; no more watchdog pings: systemd restarts the daemon (what was accepted is in the spool and the port journals)");
+                    said.push(w.stage.clone());
+                }
             }
+            if wedged.is_empty() && !said.iter().any(|s| s == "spool") {
+                tracing::error!("The spool thread did not answer within half the watchdog interval; no more watchdog pings: systemd restarts the daemon");
+                said.push("spool".into());
+            }
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(&status)]);
         }
     }))
 }

@@ -157,6 +157,8 @@ struct Decoder {
     big: LogThrottle,
     clock: LogThrottle,
     resend_at: Option<tokio::time::Instant>,
+    /// The decoder's progress, for the watchdog (`crate::service::progress`).
+    beat: Arc<crate::service::progress::Beat>,
 }
 
 impl Decoder {
@@ -168,6 +170,7 @@ impl Decoder {
         client: Arc<std::sync::Mutex<Option<(u64, AsyncClient)>>>,
     ) -> Self {
         Decoder {
+            beat: feed.metrics.progress.beat(&format!("source {}", cfg.name)),
             name: Arc::from(cfg.name.as_str()),
             m: m.clone(),
             streams: m
@@ -205,6 +208,8 @@ impl Decoder {
         ack_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let resend = self.resend_at;
+            // Waiting for messages, commits or a timer.
+            self.beat.idle();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -228,8 +233,11 @@ impl Decoder {
                 }
                 _ = ack_retry.tick(), if !self.held.is_empty() || !self.acks.is_empty() => {}
             }
+            self.beat.busy();
+            self.beat.fault_point().await;
             self.ack_ready();
         }
+        self.beat.retire();
         // Stopping: what was handed over is committed by the ingest stage's last groups;
         // acknowledge it before going (else the broker sends it again at the next start).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -474,6 +482,8 @@ impl Decoder {
         self.next_pos += 1;
         h.pos = pos;
         let last = reads.len() - 1;
+        // Waiting for room in the read channel: the ingest stage is checked on its own.
+        self.beat.idle();
         for (i, mut r) in reads.into_iter().enumerate() {
             r.frame_more = i < last;
             r.resent = resent;
@@ -482,6 +492,7 @@ impl Decoder {
                 return false;
             }
         }
+        self.beat.busy();
         self.waiting += 1;
         // Commit now when half the broker's window waits, or half of what this source may
         // hold: waiting for the commit interval would stall the broker (or this source).

@@ -85,10 +85,12 @@ pub async fn run(
         protocol: cfg.protocol.clone(),
         idle_reopen: cfg.reopen_after_idle,
     };
+    let beat = feed.metrics.progress.beat(&format!("source {name}"));
     let spawned = std::thread::Builder::new()
         .name(format!("serial:{name}"))
         .spawn(move || {
-            serve(&name, &port_cfg, &feed, &stopped);
+            serve(&name, &port_cfg, &feed, &stopped, &beat);
+            beat.retire();
             let _ = done_tx.send(());
         });
     if let Err(e) = spawned {
@@ -263,7 +265,15 @@ fn jitter(d: Duration) -> Duration {
 
 /// The reader thread: recover the journal, open, read, journal, decode, hand over; reopen with
 /// backoff; until stopped.
-fn serve(name: &str, port_cfg: &Port, feed: &Feed, stopped: &super::Stopped) {
+/// `beat`: the thread's progress for the watchdog (idle while recovering the journal, which
+/// waits for the ingest stage; busy around each read, which returns within `VTIME`).
+fn serve(
+    name: &str,
+    port_cfg: &Port,
+    feed: &Feed,
+    stopped: &super::Stopped,
+    beat: &crate::service::progress::Beat,
+) {
     let path = port_cfg.path.as_path();
     let protocol = &port_cfg.protocol;
     let health = feed.health.clone();
@@ -332,6 +342,7 @@ fn serve(name: &str, port_cfg: &Port, feed: &Feed, stopped: &super::Stopped) {
     };
     // Held reads still go out while the port is away; true when stopped.
     let pause = |out: &mut Handover<'_>, d: Duration| -> bool {
+        beat.busy_for(d);
         let deadline = tokio::time::Instant::now() + d;
         loop {
             out.drain();
@@ -345,6 +356,7 @@ fn serve(name: &str, port_cfg: &Port, feed: &Feed, stopped: &super::Stopped) {
         }
     };
     while !stopped.is_stopped() && !out.closed {
+        beat.busy();
         // A missing path (unplugged USB adapter) is watched, not opened in a loop.
         if !path.exists() {
             let msg = "device path does not exist (unplugged?)".to_string();
@@ -385,6 +397,8 @@ fn serve(name: &str, port_cfg: &Port, feed: &Feed, stopped: &super::Stopped) {
                         out.finish();
                         return;
                     }
+                    beat.busy();
+                    beat.fault_point_blocking();
                     let started = tokio::time::Instant::now();
                     // Straight into the journal's mapped file: from the read on, a crash
                     // loses nothing (`source::journal`).
