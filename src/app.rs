@@ -52,6 +52,8 @@ pub struct RunOptions {
     pub exit_when_idle: bool,
     /// Wall and boot time (the system's; tests inject an unsynced clock).
     pub clock: Arc<dyn crate::clock::Clock>,
+    /// Reload on SIGHUP (`scangate run`).
+    pub reload: Option<Reload>,
 }
 
 impl Default for RunOptions {
@@ -60,6 +62,7 @@ impl Default for RunOptions {
             grace: Duration::from_secs(10),
             exit_when_idle: false,
             clock: Arc::new(crate::clock::SystemClock),
+            reload: None,
         }
     }
 }
@@ -69,6 +72,182 @@ impl Default for RunOptions {
 pub struct RunSummary {
     pub backlog_left: u64,
     pub dead_letters: u64,
+}
+
+/// SIGHUP: the config file to read again, and the signal handler's wake-up.
+#[derive(Debug, Clone)]
+pub struct Reload {
+    pub path: std::path::PathBuf,
+    pub asked: Arc<tokio::sync::Notify>,
+}
+
+/// A source's task, as started.
+struct RunningSource {
+    name: String,
+    /// Its index at start (the ingest stage's tables are by index).
+    index: usize,
+    stop: CancellationToken,
+    /// Cancelled once the source's task has ended.
+    done: CancellationToken,
+    abort: tokio::task::AbortHandle,
+}
+
+/// What a reload may start again while the pipeline runs: the sources' tasks and the
+/// forwarder (see [`crate::reload`]).
+struct Live {
+    /// The configuration in effect.
+    cfg: Config,
+    sources: JoinSet<()>,
+    running: Vec<RunningSource>,
+    pipe: Option<source::Pipe>,
+    source_stop: CancellationToken,
+    forward_stop: CancellationToken,
+    forward_task: tokio::task::JoinHandle<()>,
+    spool: SpoolHandle,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn crate::clock::Clock>,
+    boot_offsets: std::collections::HashMap<[u8; 16], i64>,
+    grace: Duration,
+}
+
+impl Live {
+    fn start_source(
+        &mut self,
+        index: usize,
+        cfg: crate::config::SourceConfig,
+        pipe: &source::Pipe,
+    ) {
+        let stop = self.source_stop.child_token();
+        let done = CancellationToken::new();
+        let ended = done.clone();
+        let name = cfg.name.clone();
+        let run = source::run(index, cfg, pipe.clone(), self.metrics.clone(), stop.clone());
+        let abort = self.sources.spawn(async move {
+            run.await;
+            ended.cancel();
+        });
+        self.running.push(RunningSource {
+            name,
+            index,
+            stop,
+            done,
+            abort,
+        });
+    }
+
+    /// Stop source `name` (within the grace period); its index at start, or None when it did
+    /// not stop (or was not running).
+    async fn stop_source(&mut self, name: &str) -> Option<usize> {
+        let k = self.running.iter().position(|r| r.name == name)?;
+        let r = self.running.remove(k);
+        r.stop.cancel();
+        if tokio::time::timeout(self.grace, r.done.cancelled())
+            .await
+            .is_err()
+        {
+            r.abort.abort();
+            tracing::error!(source = %name, "The source did not stop within the grace period; it is not started again: restart scangate (systemctl restart scangate)");
+            return None;
+        }
+        Some(r.index)
+    }
+
+    /// Read `path` again; if valid, apply what can be applied now (see [`crate::reload`]), else
+    /// keep everything as it runs and log every error with its line.
+    async fn reload(&mut self, path: &std::path::Path) {
+        crate::service::notify_reloading();
+        tracing::info!(config = %path.display(), "SIGHUP: reading the configuration again");
+        let new = match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                let n = match &e {
+                    crate::config::ConfigError::Invalid { errors, .. } => {
+                        for x in errors {
+                            tracing::error!(config = %path.display(), line = x.line, column = x.column, key = %x.key, "{}", x.message);
+                        }
+                        errors.len()
+                    }
+                    crate::config::ConfigError::Read { .. } => {
+                        tracing::error!(error = %e, "Cannot read the configuration");
+                        1
+                    }
+                };
+                tracing::error!(config = %path.display(), errors = n, "The configuration is not valid: nothing was changed, the running configuration stays in effect. Fix it (`scangate validate`) and reload again");
+                self.metrics.config_reloads_failed.inc();
+                crate::service::notify_ready(&format!(
+                    "reload refused: {n} error(s) in {}; running the previous configuration",
+                    path.display()
+                ));
+                return;
+            }
+        };
+        let plan = crate::reload::plan(&self.cfg, &new);
+        for what in &plan.needs_restart {
+            tracing::warn!(change = %what, "Changed in the configuration; takes effect at the next start (systemctl restart scangate), the running value stays until then");
+        }
+        let mut done: Vec<String> = Vec::new();
+        for name in &plan.stop {
+            if self.stop_source(name).await.is_some() {
+                tracing::info!(source = %name, "Source removed from the configuration: stopped");
+                done.push(format!("stopped {name}"));
+            }
+            self.cfg.sources.retain(|s| s.name != *name);
+        }
+        for s in &plan.restart {
+            let Some(index) = self.stop_source(&s.name).await else {
+                continue;
+            };
+            if let Some(pipe) = self.pipe.take() {
+                self.start_source(index, s.clone(), &pipe);
+                self.pipe = Some(pipe);
+            }
+            tracing::info!(source = %s.name, "Source started again with its new settings");
+            done.push(format!("restarted {}", s.name));
+            if let Some(c) = self.cfg.sources.iter_mut().find(|c| c.name == s.name) {
+                *c = s.clone();
+            }
+        }
+        if let Some(up) = &plan.upstream {
+            match Forwarder::new(
+                up.clone(),
+                self.cfg.gateway.id.clone(),
+                self.cfg.gateway.site.clone(),
+                self.spool.clone(),
+                self.metrics.clone(),
+            ) {
+                Ok(f) => {
+                    // The old forwarder settles what it has in flight; the rest stays in the
+                    // spool, and the new one reads it from the start (same event ids).
+                    self.forward_stop.cancel();
+                    if tokio::time::timeout(self.grace, &mut self.forward_task)
+                        .await
+                        .is_err()
+                    {
+                        self.forward_task.abort();
+                        let _ = (&mut self.forward_task).await;
+                    }
+                    self.spool.want_fresh(None);
+                    let f = f.with_clock(self.clock.clone(), self.boot_offsets.clone());
+                    self.forward_stop = CancellationToken::new();
+                    self.forward_task = tokio::spawn(f.run(self.forward_stop.clone()));
+                    self.cfg.upstream = up.clone();
+                    tracing::info!(upstream = %up.endpoint, "Forwarder started again with the new [upstream] settings");
+                    done.push("restarted the forwarder".into());
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "The new [upstream] settings cannot be used; the forwarder keeps the previous ones");
+                }
+            }
+        }
+        self.metrics.config_reloads.inc();
+        let summary = if done.is_empty() {
+            "nothing to start again".to_string()
+        } else {
+            done.join(", ")
+        };
+        tracing::info!(applied = %summary, at_next_start = plan.needs_restart.len(), "Configuration reloaded");
+        crate::service::notify_ready(&format!("reloaded: {summary}"));
+    }
 }
 
 /// A running pipeline's handle for status pages and the demo's progress line.
@@ -462,7 +641,7 @@ pub async fn run(
             let (tx, rx) = mpsc::unbounded_channel();
             marked_names.push(name.clone());
             settled_tx.push((name, tx));
-            settled_rx.push((i, rx));
+            settled_rx.push((i, rx, 0));
         }
     }
     let journal_marks = Arc::new(JournalMarks::with_settled(
@@ -511,7 +690,7 @@ pub async fn run(
         handle.clone(),
         metrics.clone(),
     )?
-    .with_clock(opts.clock.clone(), boot_offsets);
+    .with_clock(opts.clock.clone(), boot_offsets.clone());
     let forward_stop = CancellationToken::new();
     let forward_task = tokio::spawn(forwarder.run(forward_stop.clone()));
 
@@ -587,17 +766,26 @@ pub async fn run(
             }
         })
     };
-    let mut sources = JoinSet::new();
+    let mut live = Live {
+        sources: JoinSet::new(),
+        running: Vec::new(),
+        pipe: None,
+        source_stop: source_stop.clone(),
+        forward_stop,
+        forward_task,
+        spool: handle.clone(),
+        metrics: metrics.clone(),
+        clock: opts.clock.clone(),
+        boot_offsets,
+        grace: opts.grace,
+        cfg: cfg.clone(),
+    };
     for (i, s) in cfg.sources.iter().enumerate() {
-        sources.spawn(source::run(
-            i,
-            s.clone(),
-            pipe.clone(),
-            metrics.clone(),
-            source_stop.clone(),
-        ));
+        live.start_source(i, s.clone(), &pipe);
     }
-    drop(pipe);
+    // Kept for the sources a reload starts again; dropped when stopping (the read channel
+    // closes once the last source has ended).
+    live.pipe = Some(pipe);
     on_start(Running {
         spool: handle.clone(),
         metrics: metrics.clone(),
@@ -605,13 +793,14 @@ pub async fn run(
     crate::service::notify_ready(&format!("running; backlog {}", report.backlog));
     let watchdog = crate::service::spawn_watchdog(handle.clone(), metrics.clone());
 
-    // Wait for a reason to stop.
+    // Wait for a reason to stop, reloading on SIGHUP.
     let mut committed = handle.committed();
+    let reload = opts.reload.clone();
     loop {
         // Asked of the spool thread itself (after the ingest stage's last group in its queue),
         // not read from the backlog gauge, which lags the last commit.
         if opts.exit_when_idle
-            && sources.is_empty()
+            && live.sources.is_empty()
             && ingest_task.is_finished()
             && handle.stats().await.is_ok_and(|s| s.backlog == 0)
         {
@@ -619,11 +808,23 @@ pub async fn run(
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(_) = sources.join_next(), if !sources.is_empty() => {}
+            Some(_) = live.sources.join_next(), if !live.sources.is_empty() => {}
+            _ = async { match &reload { Some(r) => r.asked.notified().await, None => std::future::pending().await } } => {
+                if let Some(r) = &reload {
+                    live.reload(&r.path).await;
+                }
+            }
             _ = committed.changed(), if opts.exit_when_idle => {}
             _ = tokio::time::sleep(Duration::from_millis(100)), if opts.exit_when_idle => {}
         }
     }
+    live.pipe = None;
+    let Live {
+        mut sources,
+        forward_stop,
+        forward_task,
+        ..
+    } = live;
 
     crate::service::notify_stopping();
     tracing::info!(grace = ?opts.grace, "Stopping: sources first, then the spool flushes, then the forwarder");

@@ -89,6 +89,7 @@ pub mod event;
 pub mod forward;
 pub mod metrics;
 pub mod protocol;
+pub mod reload;
 pub mod service;
 pub mod sniff;
 pub mod source;

@@ -178,7 +178,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            run_daemon(cfg, Duration::from_secs(grace_secs), false)
+            run_daemon(cfg, Duration::from_secs(grace_secs), false, Some(config))
         }
         Cmd::Replay {
             config,
@@ -212,7 +212,7 @@ fn main() -> ExitCode {
                 repeat: 1,
             };
             cfg.sources = vec![src];
-            run_daemon(cfg, Duration::from_secs(10), true)
+            run_daemon(cfg, Duration::from_secs(10), true, None)
         }
         Cmd::Demo { speed } => {
             if !(scangate::config::MIN_SPEED_FACTOR..=10_000.0).contains(&speed) {
@@ -456,7 +456,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn run_daemon(cfg: Config, grace: Duration, exit_when_idle: bool) -> ExitCode {
+/// `config`: the file to read again on SIGHUP (`scangate run`).
+fn run_daemon(
+    cfg: Config,
+    grace: Duration,
+    exit_when_idle: bool,
+    config: Option<PathBuf>,
+) -> ExitCode {
     scangate::service::init_logging();
     let rt = match runtime() {
         Ok(rt) => rt,
@@ -464,10 +470,23 @@ fn run_daemon(cfg: Config, grace: Duration, exit_when_idle: bool) -> ExitCode {
     };
     rt.block_on(async move {
         let token = CancellationToken::new();
-        scangate::service::spawn_signal_handler(token.clone());
+        let reload = config.map(|path| scangate::app::Reload {
+            path,
+            asked: Arc::new(tokio::sync::Notify::new()),
+        });
+        scangate::service::spawn_signal_handler_with_reload(
+            token.clone(),
+            reload.as_ref().map(|r| r.asked.clone()),
+        );
         let metrics = Arc::new(Metrics::default());
         tracing::info!(gateway = %cfg.gateway.id, sources = cfg.sources.len(), upstream = %cfg.upstream.endpoint, "scangate starting");
-        match scangate::app::run(cfg, metrics, token, scangate::app::RunOptions { grace, exit_when_idle, ..Default::default() }, |_| {}).await {
+        let opts = scangate::app::RunOptions {
+            grace,
+            exit_when_idle,
+            reload,
+            ..Default::default()
+        };
+        match scangate::app::run(cfg, metrics, token, opts, |_| {}).await {
             Ok(_) => ExitCode::SUCCESS,
             Err(e @ scangate::app::AppError::Spool(spool::SpoolError::StateDir { .. } | spool::SpoolError::Open { .. } | spool::SpoolError::ReadOnly(_))) => {
                 tracing::error!(error = %e, "Cannot open the spool");

@@ -166,6 +166,10 @@ pub struct Metrics {
     /// implausible (unsynced reader, or ahead of the gateway).
     pub reader_clock_rejected: Counter,
     sources: Mutex<Vec<(String, std::sync::Arc<SourceHealth>)>>,
+    /// Configurations reloaded (SIGHUP) and applied.
+    pub config_reloads: Counter,
+    /// Reloads refused: the file was not valid (the running configuration stayed).
+    pub config_reloads_failed: Counter,
     /// Every stage's progress, for the watchdog.
     pub progress: crate::service::progress::Progress,
 }
@@ -529,6 +533,8 @@ impl Metrics {
             ("mqtt_unacked", "gauge", "MQTT messages received and not yet acknowledged (waiting for their commit).", self.mqtt_unacked.get()),
             ("mqtt_connects_total", "counter", "MQTT connections made.", self.mqtt_connects.get()),
             ("reader_clock_rejected_total", "counter", "Reads whose reader timestamp was implausible and not used (reader_clock = \"reader\").", self.reader_clock_rejected.get()),
+            ("config_reloads_total", "counter", "Configurations reloaded (SIGHUP) and applied.", self.config_reloads.get()),
+            ("config_reloads_failed_total", "counter", "Reloads refused because the file was not valid (the running configuration stayed).", self.config_reloads_failed.get()),
             ("clock_unsynced", "gauge", "1 while the wall clock is before the build time (not synced): delivery is held, reads are stamped on boot time.", self.clock_unsynced.get()),
         ] {
             line(name, kind, help, v);

@@ -63,9 +63,11 @@ pub fn init_logging() {
             }
         }
     }
+    // Colour only on a terminal: a log file or a pipe gets plain text.
     let _ = tracing_subscriber::fmt()
         .with_max_level(level(&filter, tracing::Level::INFO))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }
@@ -78,6 +80,16 @@ pub fn notify_ready(status: &str) {
             sd_notify::NotifyState::Status(status),
         ],
     );
+}
+
+/// `RELOADING=1` (with `MONOTONIC_USEC`, which systemd 253+ requires): a reload began; it ends
+/// with [`notify_ready`].
+pub fn notify_reloading() {
+    let mut states = vec![sd_notify::NotifyState::Reloading];
+    if let Ok(t) = sd_notify::NotifyState::monotonic_usec_now() {
+        states.push(t);
+    }
+    let _ = sd_notify::notify(false, &states);
 }
 
 pub fn notify_stopping() {
@@ -152,6 +164,15 @@ pub fn spawn_watchdog(
 /// (config reload comes with the operations work).
 /// Call inside the runtime.
 pub fn spawn_signal_handler(token: CancellationToken) {
+    spawn_signal_handler_with_reload(token, None)
+}
+
+/// [`spawn_signal_handler`], and on SIGHUP wake `reload` (the running pipeline reads its
+/// configuration again).
+pub fn spawn_signal_handler_with_reload(
+    token: CancellationToken,
+    reload: Option<std::sync::Arc<tokio::sync::Notify>>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
@@ -198,7 +219,10 @@ pub fn spawn_signal_handler(token: CancellationToken) {
                 _ = term.recv() => { tracing::info!("SIGTERM received"); break; }
                 _ = int.recv() => { tracing::info!("SIGINT received"); break; }
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                    tracing::info!("SIGHUP received; configuration reload is not supported yet, the running configuration stays in effect");
+                    match &reload {
+                        Some(r) => r.notify_one(),
+                        None => tracing::info!("SIGHUP received and ignored (no configuration to reload here)"),
+                    }
                 }
                 Some(()) = wait(usr1.as_mut()) => { tracing::info!("SIGUSR1 received and ignored"); }
                 Some(()) = wait(usr2.as_mut()) => { tracing::info!("SIGUSR2 received and ignored"); }
@@ -222,6 +246,7 @@ pub fn init_logging_quiet() {
     let _ = tracing_subscriber::fmt()
         .with_max_level(level(&filter, tracing::Level::ERROR))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }

@@ -320,8 +320,10 @@ impl Stopped {
     }
 }
 
-/// MQTT sources' receivers of settled positions, by source index.
-pub type SettledReceivers = Vec<(usize, mpsc::UnboundedReceiver<journal::Settled>)>;
+/// MQTT sources' receivers of settled positions, by source index, with the last position the
+/// source used (0 at start): a source started again by a reload takes its receiver back and
+/// numbers its messages after every position its previous run handed over.
+pub type SettledReceivers = Vec<(usize, mpsc::UnboundedReceiver<journal::Settled>, u64)>;
 
 /// The pipeline's input, shared by every source.
 #[derive(Clone)]
@@ -367,14 +369,17 @@ pub async fn run(
         .suppress
         .mode
         .map_or(pipe.first_mode, |m| m == crate::config::SuppressMode::First);
+    let settled_slot = pipe.settled.clone();
     let settled = pipe.settled.lock().ok().and_then(|mut v| {
-        let i = v.iter().position(|(s, _)| *s == index)?;
-        Some(v.swap_remove(i).1)
+        let i = v.iter().position(|(s, _, _)| *s == index)?;
+        let (_, rx, used) = v.swap_remove(i);
+        Some((rx, used))
     });
     let start_pos = pipe
         .journal
         .as_ref()
-        .map_or(0, |(_, marks)| marks.get(&cfg.name));
+        .map_or(0, |(_, marks)| marks.get(&cfg.name))
+        .max(settled.as_ref().map_or(0, |(_, used)| *used));
     let commit_now = pipe.commit_now.clone();
     let gateway_id = pipe.gateway_id.clone();
     let feed = Feed {
@@ -428,7 +433,7 @@ pub async fn run(
             }
         }
         SourceKind::Mqtt(m) => {
-            let Some(settled) = settled else {
+            let Some((settled, _)) = settled else {
                 tracing::error!(source = %cfg.name, "MQTT source has no commit reports (internal wiring); not started");
                 return;
             };
@@ -438,7 +443,11 @@ pub async fn run(
                 commit_now,
                 gateway_id,
             };
-            mqtt::run(&cfg, m, feed, wiring, shutdown).await
+            let (settled, used) = mqtt::run(&cfg, m, feed, wiring, shutdown).await;
+            // For a start again (reload).
+            if let Ok(mut v) = settled_slot.lock() {
+                v.push((index, settled, used));
+            }
         }
     }
 }

@@ -102,14 +102,15 @@ struct Held {
     size: usize,
 }
 
-/// Run the source until `shutdown`.
+/// Run the source until `shutdown`. Returns the receiver of settled positions and the last
+/// position handed over (for a start again, see [`super::SettledReceivers`]).
 pub async fn run(
     cfg: &SourceConfig,
     m: &MqttSource,
     feed: Feed,
     wiring: Wiring,
     shutdown: CancellationToken,
-) {
+) -> (mpsc::UnboundedReceiver<Settled>, u64) {
     let client_id = m
         .client_id
         .clone()
@@ -131,6 +132,7 @@ pub async fn run(
     d.run(rx, &shutdown).await;
     decoder_done.cancel();
     let _ = conn.await;
+    (d.settled, d.next_pos.saturating_sub(1))
 }
 
 struct Decoder {

@@ -1,0 +1,207 @@
+//! SIGHUP reload through the real binary, while reads flow from a pty: an invalid file is
+//! refused (every error logged with its line, the running configuration kept); a valid one
+//! starts again only what changed (a source's port, the upstream), and nothing read is lost.
+
+mod common;
+
+use common::daemon::{free_port, metric, pty_pair, wait_metric, write_config, Daemon};
+use common::frames;
+use common::ingest::{wait_until, Ingest};
+use serialport::SerialPort;
+use std::collections::HashSet;
+use std::io::Write;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+fn serial(name: &str, path: &str) -> String {
+    format!("[[source]]\nname = \"{name}\"\nkind = \"serial\"\nprotocol = \"uhf-bb\"\npath = \"{path}\"\n")
+}
+
+fn hup(d: &Daemon) {
+    let ok = Command::new("kill")
+        .args(["-HUP", &d.pid().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -HUP failed");
+}
+
+/// The tags (EPC hex) both servers received.
+fn delivered(a: &Ingest, b: &Ingest) -> HashSet<String> {
+    let mut tags = HashSet::new();
+    for i in [a, b] {
+        i.with(|s| {
+            for e in &s.events {
+                if let Some(t) = e["bag_id"].as_str() {
+                    tags.insert(t.to_string());
+                }
+            }
+        });
+    }
+    tags
+}
+
+/// A uhf-bb notice for read number `n` of source `prefix` (EPC `<prefix><n as 4 bytes>`).
+fn read(prefix: u8, n: u32) -> (Vec<u8>, String) {
+    let b = n.to_be_bytes();
+    let epc = [prefix, b[0], b[1], b[2], b[3]];
+    let hex: String = epc.iter().map(|x| format!("{x:02X}")).collect();
+    (frames::uhf_bb_notice(-50, &epc), hex)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_keeps_the_old_config_when_invalid_and_restarts_only_what_changed() {
+    let a = Ingest::start().await;
+    let b = Ingest::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (dock_master, dock) = pty_pair();
+    let (mut gate_master, gate) = pty_pair();
+    let (mut gate2_master, gate2) = pty_pair();
+    let admin = free_port();
+    let dock_path = dock.name().unwrap();
+    let sources = |gate_path: &str| {
+        format!(
+            "{}{}",
+            serial("dock", &dock_path),
+            serial("gate", gate_path)
+        )
+    };
+    let cfg = write_config(
+        dir.path(),
+        &state,
+        &sources(&gate.name().unwrap()),
+        &a.base_url(),
+        "",
+        Some(admin),
+    );
+    let valid_first = std::fs::read_to_string(&cfg).unwrap();
+    let log = dir.path().join("daemon.log");
+    let d = Daemon::spawn(&cfg, &log);
+    wait_until("both ports open", T, || {
+        d.log_text().matches("Serial port open").count() == 2
+    })
+    .await;
+
+    // Reads flow on the dock reader for the whole test, one every millisecond or so.
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU32::new(0));
+    let writer = {
+        let (stop, written) = (stop.clone(), written.clone());
+        let mut master = dock_master;
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let (frame, _) = read(0xD0, n);
+                master.write_all(&frame).unwrap();
+                n += 1;
+                written.store(n, Ordering::Relaxed);
+                // A reader's pace (a load, not a wait for something).
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let mut gate_tags = Vec::new();
+    for n in 0..50 {
+        let (frame, tag) = read(0x6A, n);
+        gate_master.write_all(&frame).unwrap();
+        gate_tags.push(tag);
+    }
+    wait_until("the gate's first reads delivered", T, || {
+        let got = delivered(&a, &b);
+        gate_tags.iter().all(|t| got.contains(t))
+    })
+    .await;
+
+    // 1. An invalid file (a value of the wrong type on line 5): refused, nothing changes.
+    let invalid = valid_first.replace("commit_interval_ms = 5", "commit_interval_ms = \"soon\"");
+    assert_ne!(invalid, valid_first);
+    std::fs::write(&cfg, &invalid).unwrap();
+    hup(&d);
+    assert!(
+        wait_metric(admin, "scangate_config_reloads_failed_total", 1, T).await,
+        "the invalid file is counted"
+    );
+    let text = d.log_text();
+    assert!(
+        text.contains("The configuration is not valid") && text.contains("commit_interval_ms"),
+        "the error is logged with its key:\n{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("commit_interval_ms") && l.contains("line=5")),
+        "the error is logged with its line:\n{text}"
+    );
+    assert_eq!(
+        metric(admin, "scangate_config_reloads_total").await,
+        Some(0)
+    );
+    // Still the old configuration: the dock's reads go on reaching the first server.
+    let before = a.unique();
+    wait_until("reads still delivered to the first server", T, || {
+        a.unique() > before + 100
+    })
+    .await;
+
+    // 2. A valid file: the gate moved to another port, and another upstream.
+    let moved = write_config(
+        dir.path(),
+        &state,
+        &sources(&gate2.name().unwrap()),
+        &b.base_url(),
+        "",
+        Some(admin),
+    );
+    assert_eq!(moved, cfg);
+    hup(&d);
+    assert!(
+        wait_metric(admin, "scangate_config_reloads_total", 1, T).await,
+        "the valid file is applied:\n{}",
+        d.log_text()
+    );
+    for n in 50..100 {
+        let (frame, tag) = read(0x6A, n);
+        gate2_master.write_all(&frame).unwrap();
+        gate_tags.push(tag);
+    }
+    wait_until("the gate's reads from its new port delivered", T, || {
+        let got = delivered(&a, &b);
+        gate_tags.iter().all(|t| got.contains(t))
+    })
+    .await;
+    let b_before = b.unique();
+    wait_until("the dock's reads now reach the second server", T, || {
+        b.unique() > b_before + 100
+    })
+    .await;
+
+    // Nothing read was lost across both reloads.
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let n = written.load(Ordering::Relaxed);
+    assert!(n > 500, "reads flowed throughout ({n})");
+    let want: Vec<String> = (0..n).map(|i| read(0xD0, i).1).collect();
+    wait_until("every dock read delivered", T, || {
+        let got = delivered(&a, &b);
+        want.iter().all(|t| got.contains(t))
+    })
+    .await;
+    // Only what changed was started again: the dock's port was opened once.
+    assert_eq!(
+        metric(admin, "scangate_source_reopens_total{source=\"dock\"}").await,
+        Some(0)
+    );
+    let text = d.log_text();
+    assert_eq!(
+        text.matches("Serial port open").count(),
+        3,
+        "dock once, gate twice:\n{text}"
+    );
+    assert!(text.contains("Forwarder started again"), "{text}");
+    d.sigterm();
+    drop((dock, gate, gate2));
+}
