@@ -108,6 +108,8 @@ struct Live {
     clock: Arc<dyn crate::clock::Clock>,
     boot_offsets: std::collections::HashMap<[u8; 16], i64>,
     grace: Duration,
+    /// What the admin pages show of the configuration in effect.
+    admin_view: tokio::sync::watch::Sender<crate::admin::View>,
 }
 
 impl Live {
@@ -239,6 +241,8 @@ impl Live {
                 }
             }
         }
+        self.admin_view
+            .send_replace(crate::admin::View::of(&self.cfg));
         self.metrics.config_reloads.inc();
         let summary = if done.is_empty() {
             "nothing to start again".to_string()
@@ -694,6 +698,7 @@ pub async fn run(
     let forward_stop = CancellationToken::new();
     let forward_task = tokio::spawn(forwarder.run(forward_stop.clone()));
 
+    let admin_view = tokio::sync::watch::Sender::new(crate::admin::View::of(&cfg));
     let admin_task = match cfg.admin.listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -707,6 +712,7 @@ pub async fn run(
                     metrics: metrics.clone(),
                 },
                 cfg.clone(),
+                admin_view.subscribe(),
             )))
         }
         None => None,
@@ -779,6 +785,7 @@ pub async fn run(
         boot_offsets,
         grace: opts.grace,
         cfg: cfg.clone(),
+        admin_view,
     };
     for (i, s) in cfg.sources.iter().enumerate() {
         live.start_source(i, s.clone(), &pipe);

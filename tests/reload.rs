@@ -202,6 +202,20 @@ async fn reload_keeps_the_old_config_when_invalid_and_restarts_only_what_changed
         "dock once, gate twice:\n{text}"
     );
     assert!(text.contains("Forwarder started again"), "{text}");
+    // The admin pages follow: /status names the new upstream.
+    let body = reqwest::get(format!("http://127.0.0.1:{admin}/status"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let target = status["upstream"]["target"].as_str().unwrap_or_default();
+    assert!(
+        target.starts_with(&b.base_url()),
+        "{target} is not {}",
+        b.base_url()
+    );
     d.sigterm();
     drop((dock, gate, gate2));
 }

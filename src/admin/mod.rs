@@ -13,15 +13,54 @@ use axum::{Json, Router};
 #[derive(Clone)]
 struct Ctx {
     running: Running,
+    /// The sources and upstream in effect (a reload changes them).
+    view: tokio::sync::watch::Receiver<View>,
+    gateway: String,
+    admin: crate::config::AdminConfig,
+    token: Option<Result<String, String>>,
+}
+
+/// What the admin pages say of the configuration in effect: it follows reloads.
+#[derive(Debug, Clone)]
+pub struct View {
     /// Name, location and kind (`serial`, `mqtt`, `replay`) of each source.
     sources: Vec<(String, String, &'static str)>,
     /// Sources with a connection (serial ports, MQTT brokers): /health reports them down.
     serial: Vec<String>,
-    gateway: String,
-    admin: crate::config::AdminConfig,
-    token: Option<Result<String, String>>,
     /// `{"kind", "target", …}` of the upstream, for `/status`.
     upstream: serde_json::Value,
+}
+
+impl View {
+    pub fn of(cfg: &Config) -> View {
+        View {
+            upstream: upstream_json(&cfg.upstream),
+            sources: cfg
+                .sources
+                .iter()
+                .map(|s| {
+                    let kind = match s.kind {
+                        crate::config::SourceKind::Serial { .. } => "serial",
+                        crate::config::SourceKind::Mqtt(_) => "mqtt",
+                        crate::config::SourceKind::Replay { .. } => "replay",
+                    };
+                    (s.name.clone(), s.location.clone(), kind)
+                })
+                .collect(),
+            serial: cfg
+                .sources
+                .iter()
+                .filter(|s| {
+                    matches!(
+                        s.kind,
+                        crate::config::SourceKind::Serial { .. }
+                            | crate::config::SourceKind::Mqtt(_)
+                    )
+                })
+                .map(|s| s.name.clone())
+                .collect(),
+        }
+    }
 }
 
 /// What `/status` says the upstream is: its kind and where events go (no credentials: the
@@ -223,33 +262,16 @@ async fn require_token(
     }
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, running: Running, cfg: Config) {
+/// Serve the admin HTTP on `listener`; `view` follows the configuration in effect.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    running: Running,
+    cfg: Config,
+    view: tokio::sync::watch::Receiver<View>,
+) {
     let ctx = Ctx {
-        upstream: upstream_json(&cfg.upstream),
         running,
-        sources: cfg
-            .sources
-            .iter()
-            .map(|s| {
-                let kind = match s.kind {
-                    crate::config::SourceKind::Serial { .. } => "serial",
-                    crate::config::SourceKind::Mqtt(_) => "mqtt",
-                    crate::config::SourceKind::Replay { .. } => "replay",
-                };
-                (s.name.clone(), s.location.clone(), kind)
-            })
-            .collect(),
-        serial: cfg
-            .sources
-            .iter()
-            .filter(|s| {
-                matches!(
-                    s.kind,
-                    crate::config::SourceKind::Serial { .. } | crate::config::SourceKind::Mqtt(_)
-                )
-            })
-            .map(|s| s.name.clone())
-            .collect(),
+        view,
         gateway: cfg.gateway.id.clone(),
         admin: cfg.admin.clone(),
         token: admin_token(&cfg).map(|t| {
@@ -320,7 +342,8 @@ async fn health(State(c): State<Ctx>) -> impl IntoResponse {
             now.saturating_sub(since) / 1000
         ));
     }
-    for name in &c.serial {
+    let serial = c.view.borrow().serial.clone();
+    for name in &serial {
         let h = m.source(name);
         if h.connected.get() == 1 {
             continue;
@@ -440,11 +463,12 @@ async fn snapshot(c: &Ctx) -> serde_json::Value {
         .ok()
         .and_then(|r| r.ok());
     let m = &c.running.metrics;
+    let view = c.view.borrow().clone();
     serde_json::json!({
         "now_ms": crate::event::wall_now_ms(),
         "gateway_id": c.gateway,
-        "upstream": c.upstream,
-        "sources": c.sources.iter().map(|(n, l, kind)| {
+        "upstream": view.upstream,
+        "sources": view.sources.iter().map(|(n, l, kind)| {
             let mut v = m.source(n).json(n);
             v["location"] = l.as_str().into();
             v["kind"] = (*kind).into();
