@@ -1,6 +1,7 @@
 //! Running as a service: logging (journald under systemd, human text on a terminal),
 //! sd_notify (READY, STATUS, STOPPING, WATCHDOG), and signals.
 
+pub mod logging;
 pub mod progress;
 
 use crate::spool::actor::SpoolHandle;
@@ -37,38 +38,62 @@ fn level(text: &str, default: tracing::Level) -> tracing::Level {
     }
 }
 
-/// Journald when started by systemd (JOURNAL_STREAM is set), else text on stderr.
+/// Journald when started by systemd (JOURNAL_STREAM is set), with each event's fields as
+/// journal fields ([`logging::JournalLayer`]); else text on stderr, coloured only on a
+/// terminal. Repeated lines are held back and counted ([`logging::Repeats`]).
 /// `RUST_LOG` / `SCANGATE_LOG` choose the level (default info).
 pub fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = std::env::var("SCANGATE_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".into());
+    let max = level(&filter, tracing::Level::INFO);
+    let level_filter = tracing_subscriber::filter::LevelFilter::from_level(max);
     if std::env::var_os("JOURNAL_STREAM").is_some() {
-        if let Ok(logger) = systemd_journal_logger::JournalLog::new() {
-            if logger
-                .with_syslog_identifier("scangate".into())
-                .install()
+        if let Ok(journal) = logging::JournalLayer::new() {
+            // Libraries that log through `log` (rustls, rumqttc) go to the journal as well.
+            if let Ok(logger) = systemd_journal_logger::JournalLog::new() {
+                if logger
+                    .with_syslog_identifier("scangate".into())
+                    .install()
+                    .is_ok()
+                {
+                    log::set_max_level(match max {
+                        tracing::Level::TRACE => log::LevelFilter::Trace,
+                        tracing::Level::DEBUG => log::LevelFilter::Debug,
+                        tracing::Level::INFO => log::LevelFilter::Info,
+                        tracing::Level::WARN => log::LevelFilter::Warn,
+                        tracing::Level::ERROR => log::LevelFilter::Error,
+                    });
+                }
+            }
+            let summaries = systemd_journal_logger::JournalLog::new()
+                .map(|j| j.with_syslog_identifier("scangate".into()));
+            let repeats = match summaries {
+                Ok(j) => logging::Repeats::to_journal(j),
+                Err(_) => logging::Repeats::new(|_, _| {}),
+            };
+            if tracing_subscriber::registry()
+                .with(journal.with_filter(repeats).with_filter(level_filter))
+                .try_init()
                 .is_ok()
             {
-                let level = match filter.to_ascii_lowercase().as_str() {
-                    "trace" => log::LevelFilter::Trace,
-                    "debug" => log::LevelFilter::Debug,
-                    "warn" => log::LevelFilter::Warn,
-                    "error" => log::LevelFilter::Error,
-                    _ => log::LevelFilter::Info,
-                };
-                log::set_max_level(level);
-                // No tracing subscriber: tracing's `log` feature forwards every event to journald.
                 return;
             }
         }
     }
     // Colour only on a terminal: a log file or a pipe gets plain text.
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(level(&filter, tracing::Level::INFO))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_target(false)
+                .with_filter(logging::Repeats::to_stderr())
+                .with_filter(level_filter),
+        )
         .try_init();
 }
 
