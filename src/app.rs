@@ -199,10 +199,12 @@ impl Live {
             let Some(index) = self.stop_source(&s.name).await else {
                 continue;
             };
-            if let Some(pipe) = self.pipe.take() {
-                self.start_source(index, s.clone(), &pipe);
-                self.pipe = Some(pipe);
-            }
+            let Some(pipe) = self.pipe.take() else {
+                tracing::error!(source = %s.name, "Every source had ended, so the pipeline no longer takes reads: restart scangate (systemctl restart scangate) to start this source");
+                continue;
+            };
+            self.start_source(index, s.clone(), &pipe);
+            self.pipe = Some(pipe);
             tracing::info!(source = %s.name, "Source started again with its new settings");
             done.push(format!("restarted {}", s.name));
             if let Some(c) = self.cfg.sources.iter_mut().find(|c| c.name == s.name) {
@@ -815,7 +817,13 @@ pub async fn run(
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(_) = live.sources.join_next(), if !live.sources.is_empty() => {}
+            Some(_) = live.sources.join_next(), if !live.sources.is_empty() => {
+                // Every source ended by itself (replays played out): the read channel closes,
+                // so the ingest stage completes the open passes and ends.
+                if live.sources.is_empty() {
+                    live.pipe = None;
+                }
+            }
             _ = async { match &reload { Some(r) => r.asked.notified().await, None => std::future::pending().await } } => {
                 if let Some(r) = &reload {
                     live.reload(&r.path).await;
