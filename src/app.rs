@@ -833,13 +833,17 @@ pub async fn run(
             _ = tokio::time::sleep(Duration::from_millis(100)), if opts.exit_when_idle => {}
         }
     }
-    live.pipe = None;
+    // Nothing of `live` may outlive this: its spool handle would keep the spool thread from
+    // finishing.
     let Live {
         mut sources,
         forward_stop,
         forward_task,
+        pipe,
+        spool,
         ..
     } = live;
+    drop((pipe, spool));
 
     crate::service::notify_stopping();
     tracing::info!(grace = ?opts.grace, "Stopping: sources first, then the spool flushes, then the forwarder");
