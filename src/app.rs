@@ -184,8 +184,30 @@ impl Live {
             }
         };
         let plan = crate::reload::plan(&self.cfg, &new);
-        for what in &plan.needs_restart {
-            tracing::warn!(change = %what, "Changed in the configuration; takes effect at the next start (systemctl restart scangate), the running value stays until then");
+        // The new forwarder is made first: if its settings cannot be used (a CA file that is
+        // missing or not PEM), nothing is changed at all.
+        let forwarder = match &plan.upstream {
+            Some(up) => match Forwarder::new(
+                up.clone(),
+                self.cfg.gateway.id.clone(),
+                self.cfg.gateway.site.clone(),
+                self.spool.clone(),
+                self.metrics.clone(),
+            ) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::error!(config = %path.display(), error = %e, "The new [upstream] settings cannot be used: nothing was changed, the running configuration stays in effect");
+                    self.metrics.config_reloads_failed.inc();
+                    crate::service::notify_ready(&format!(
+                        "reload refused: [upstream] unusable ({e}); running the previous configuration"
+                    ));
+                    return;
+                }
+            },
+            None => None,
+        };
+        if !plan.needs_restart.is_empty() {
+            tracing::warn!(changes = %plan.needs_restart.join("; "), "Changed in the configuration, taking effect at the next start (systemctl restart scangate); until then these run as before");
         }
         let mut done: Vec<String> = Vec::new();
         for name in &plan.stop {
@@ -211,37 +233,35 @@ impl Live {
                 *c = s.clone();
             }
         }
-        if let Some(up) = &plan.upstream {
-            match Forwarder::new(
-                up.clone(),
-                self.cfg.gateway.id.clone(),
-                self.cfg.gateway.site.clone(),
-                self.spool.clone(),
-                self.metrics.clone(),
-            ) {
-                Ok(f) => {
-                    // The old forwarder settles what it has in flight; the rest stays in the
-                    // spool, and the new one reads it from the start (same event ids).
-                    self.forward_stop.cancel();
-                    if tokio::time::timeout(self.grace, &mut self.forward_task)
-                        .await
-                        .is_err()
-                    {
-                        self.forward_task.abort();
-                        let _ = (&mut self.forward_task).await;
-                    }
-                    self.spool.want_fresh(None);
-                    let f = f.with_clock(self.clock.clone(), self.boot_offsets.clone());
-                    self.forward_stop = CancellationToken::new();
-                    self.forward_task = tokio::spawn(f.run(self.forward_stop.clone()));
-                    self.cfg.upstream = up.clone();
-                    tracing::info!(upstream = %up.endpoint, "Forwarder started again with the new [upstream] settings");
-                    done.push("restarted the forwarder".into());
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "The new [upstream] settings cannot be used; the forwarder keeps the previous ones");
-                }
+        if let (Some(up), Some(f)) = (&plan.upstream, forwarder) {
+            // The old forwarder settles what it has in flight; the rest stays in the spool,
+            // and the new one reads it from the start (same event ids).
+            self.forward_stop.cancel();
+            if tokio::time::timeout(self.grace, &mut self.forward_task)
+                .await
+                .is_err()
+            {
+                self.forward_task.abort();
+                let _ = (&mut self.forward_task).await;
             }
+            // The old upstream's state goes with it: the new one starts as up (its first
+            // failure says otherwise).
+            for g in [
+                &self.metrics.upstream_down,
+                &self.metrics.upstream_down_since_ms,
+                &self.metrics.upstream_misconfigured,
+                &self.metrics.upstream_rejecting_all,
+            ] {
+                g.set(0);
+            }
+            self.spool.set_upstream_error(None).await;
+            self.spool.want_fresh(None);
+            let f = f.with_clock(self.clock.clone(), self.boot_offsets.clone());
+            self.forward_stop = CancellationToken::new();
+            self.forward_task = tokio::spawn(f.run(self.forward_stop.clone()));
+            self.cfg.upstream = up.clone();
+            tracing::info!(upstream = %up.endpoint, "Forwarder started again with the new [upstream] settings");
+            done.push("restarted the forwarder".into());
         }
         self.admin_view
             .send_replace(crate::admin::View::of(&self.cfg));
@@ -826,7 +846,11 @@ pub async fn run(
             }
             _ = async { match &reload { Some(r) => r.asked.notified().await, None => std::future::pending().await } } => {
                 if let Some(r) = &reload {
-                    live.reload(&r.path).await;
+                    // A stop asked for during a reload does not wait for it.
+                    tokio::select! {
+                        _ = live.reload(&r.path) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
                 }
             }
             _ = committed.changed(), if opts.exit_when_idle => {}

@@ -4,14 +4,16 @@
 //! - a source whose reading settings changed (`kind` and its keys: path, port settings, init
 //!   bytes, broker, topics, credentials…; `protocol`; `reopen_after_idle_ms`) is stopped and
 //!   started again with the new ones; every other source keeps running untouched;
-//! - a source no longer in the file is stopped;
+//! - a source no longer in the file is stopped (unless a source was added in the same file: a
+//!   rename keeps the old one reading until the restart);
 //! - changed `[upstream]` settings start the forwarder again with them (what it had in flight
 //!   stays in the spool and is sent again, same event ids).
 //!
 //! Taken at the next start, and named in a WARN: `[gateway]`, `[spool]`, `[suppress]`,
-//! `[admin]`, a new source, and a source's settings that its open passes depend on
-//! (`location`, `antenna_locations`, `device`, `group`, `suppress`, `scan_type`, `deadband`,
-//! `heartbeat_ms`). The running values of those stay in effect until then.
+//! `[admin]`, a new source, another `kind` for a source, and a source's settings that its open
+//! passes depend on (`location`, `antenna_locations`, `device`, `group`, `suppress`,
+//! `scan_type`, `deadband`, `heartbeat_ms`; its reading settings changed in the same edit wait
+//! with them). The running values of those stay in effect until then.
 
 use crate::config::{Config, SourceConfig, UpstreamConfig};
 use std::fmt::Debug;
@@ -73,32 +75,49 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
             p.needs_restart.push(section.to_string());
         }
     }
+    let mut added = false;
     for s in &new.sources {
         let Some(o) = old.sources.iter().find(|o| o.name == s.name) else {
             p.needs_restart.push(format!("source \"{}\" added", s.name));
+            added = true;
             continue;
         };
-        let stage: Vec<&str> = stage_keys(o)
+        let mut later: Vec<&str> = stage_keys(o)
             .iter()
             .zip(stage_keys(s).iter())
             .filter(|(a, b)| a.1 != b.1)
             .map(|(a, _)| a.0)
             .collect();
-        if !stage.is_empty() {
+        let reading = !same(&o.kind, &s.kind)
+            || !same(&o.protocol, &s.protocol)
+            || o.reopen_after_idle != s.reopen_after_idle;
+        // Another kind of source (serial, mqtt, replay) is wired differently from the start.
+        if std::mem::discriminant(&o.kind) != std::mem::discriminant(&s.kind) {
+            later.push("kind");
+        }
+        if !later.is_empty() {
+            if reading && !later.contains(&"kind") {
+                later.push("its reading settings");
+            }
             p.needs_restart
-                .push(format!("source \"{}\": {}", s.name, stage.join(", ")));
+                .push(format!("source \"{}\": {}", s.name, later.join(", ")));
             continue;
         }
-        if !same(&o.kind, &s.kind)
-            || !same(&o.protocol, &s.protocol)
-            || o.reopen_after_idle != s.reopen_after_idle
-        {
+        if reading {
             p.restart.push(s.clone());
         }
     }
     for o in &old.sources {
         if !new.sources.iter().any(|s| s.name == o.name) {
-            p.stop.push(o.name.clone());
+            // A source renamed or replaced (another one added in the same file) keeps reading
+            // under its old name until the restart starts the new one: stopping it now would
+            // leave its reader unread.
+            if added {
+                p.needs_restart
+                    .push(format!("source \"{}\" removed", o.name));
+            } else {
+                p.stop.push(o.name.clone());
+            }
         }
     }
     if !same(&old.upstream, &new.upstream) {
@@ -161,7 +180,12 @@ profile = "bag-events"
             .replace("[upstream]", "[[source]]\nname = \"new\"\nkind = \"serial\"\nprotocol = \"em4100\"\npath = \"/dev/ttyACM0\"\n[spool]\nmax_bytes = 10000000\n[upstream]");
         let p = plan(&cfg(BASE), &cfg(&new));
         assert!(p.upstream.is_some());
-        assert_eq!(p.stop, vec!["gate".to_string()]);
+        // A source added in the same edit: the removed one keeps reading until the restart.
+        assert!(p.stop.is_empty(), "{p:?}");
+        assert!(p
+            .needs_restart
+            .iter()
+            .any(|n| n == "source \"gate\" removed"));
         assert!(p.restart.is_empty(), "{p:?}");
         assert!(p.needs_restart.iter().any(|n| n == "[spool]"), "{p:?}");
         assert!(
@@ -172,6 +196,42 @@ profile = "bag-events"
         );
         assert!(
             p.needs_restart.iter().any(|n| n == "source \"new\" added"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn a_rename_keeps_the_old_source_reading_until_the_restart() {
+        let new = BASE.replace("name = \"gate\"", "name = \"gate-b\"");
+        let p = plan(&cfg(BASE), &cfg(&new));
+        assert!(p.stop.is_empty(), "{p:?}");
+        assert!(p
+            .needs_restart
+            .iter()
+            .any(|n| n == "source \"gate\" removed"));
+        assert!(p
+            .needs_restart
+            .iter()
+            .any(|n| n == "source \"gate-b\" added"));
+        // Removed alone: stopped now.
+        let gone = BASE.replace(
+            "[[source]]\nname = \"gate\"\nkind = \"serial\"\nprotocol = \"chafon\"\npath = \"/dev/ttyUSB1\"\n",
+            "",
+        );
+        assert_eq!(plan(&cfg(BASE), &cfg(&gone)).stop, vec!["gate".to_string()]);
+    }
+
+    #[test]
+    fn a_port_changed_with_the_location_waits_for_the_restart_and_is_named() {
+        let new = BASE
+            .replace("/dev/ttyUSB0", "/dev/ttyUSB9")
+            .replace("dock-1", "dock-2");
+        let p = plan(&cfg(BASE), &cfg(&new));
+        assert!(p.restart.is_empty(), "{p:?}");
+        assert!(
+            p.needs_restart
+                .iter()
+                .any(|n| n == "source \"dock\": location, its reading settings"),
             "{p:?}"
         );
     }

@@ -147,6 +147,33 @@ async fn reload_keeps_the_old_config_when_invalid_and_restarts_only_what_changed
     })
     .await;
 
+    // 1b. A valid file whose new [upstream] cannot be used (its CA file is missing): refused
+    // as a whole, the gate's port change in it is not applied either.
+    write_config(
+        dir.path(),
+        &state,
+        &sources(&gate2.name().unwrap()),
+        &b.base_url(),
+        &format!(
+            "ca_file = \"{}\"",
+            dir.path().join("missing-ca.pem").display()
+        ),
+        Some(admin),
+    );
+    hup(&d);
+    assert!(
+        wait_metric(admin, "scangate_config_reloads_failed_total", 2, T).await,
+        "an unusable upstream is refused:\n{}",
+        d.log_text()
+    );
+    assert_eq!(
+        metric(admin, "scangate_config_reloads_total").await,
+        Some(0)
+    );
+    assert!(d
+        .log_text()
+        .contains("The new [upstream] settings cannot be used"));
+
     // 2. A valid file: the gate moved to another port, and another upstream.
     let moved = write_config(
         dir.path(),

@@ -507,6 +507,9 @@ pub struct AdminConfig {
 }
 
 /// Every problem found in a config file, each with file, line, column and key.
+/// The largest config file read (1 MiB: a gateway's config is a few KB).
+pub const CONFIG_MAX_BYTES: u64 = 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -597,8 +600,26 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 impl Config {
     /// Read and validate a config file.
+    /// Read and validate the file at `path`: a regular file of at most [`CONFIG_MAX_BYTES`]
+    /// (a FIFO or `/dev/zero` linked in by mistake is refused, not read for ever).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read = || -> std::io::Result<String> {
+            use std::io::Read;
+            let f = std::fs::File::open(path)?;
+            let meta = f.metadata()?;
+            if !meta.is_file() {
+                return Err(std::io::Error::other("not a regular file"));
+            }
+            let mut text = String::new();
+            f.take(CONFIG_MAX_BYTES + 1).read_to_string(&mut text)?;
+            if text.len() as u64 > CONFIG_MAX_BYTES {
+                return Err(std::io::Error::other(format!(
+                    "larger than {CONFIG_MAX_BYTES} bytes: is this the config file?"
+                )));
+            }
+            Ok(text)
+        };
+        let text = read().map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;

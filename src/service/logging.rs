@@ -90,17 +90,20 @@ pub const REPEAT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60
 const REPEAT_KEYS_MAX: usize = 4096;
 
 /// Repeated log lines held back: a reader that drops every half second, or an upstream that
-/// fails every retry, writes [`REPEAT_BURST`] lines a minute per call site and source, then one
-/// line saying how many were not written (and like what), when the next minute begins. The
-/// counters in `/metrics` have every one.
-/// Windows by (call site, source).
-type Seen = std::collections::HashMap<(tracing::callsite::Identifier, String), Window>;
+/// fails every retry, writes [`REPEAT_BURST`] lines a minute per call site, source and message,
+/// then one line saying how many were not written (and like what) once the minute is over
+/// (with the next line logged anywhere). ERRORs (data loss, operator action) are never held
+/// back. The counters in `/metrics` have every one.
+/// Windows by (call site, source, message).
+type Seen = std::collections::HashMap<(tracing::callsite::Identifier, String, String), Window>;
 
 /// Writes a summary: how many lines were held back, and the last one's message.
 type Say = Box<dyn Fn(u64, &str) + Send + Sync>;
 
 pub struct Repeats {
     seen: std::sync::Mutex<Seen>,
+    /// When windows that ended with lines held back were last looked for.
+    swept: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// Writes a summary line (held back, like what) where the log goes (it cannot be an
     /// event: `tracing` does not dispatch from inside a filter).
     say: Say,
@@ -114,6 +117,7 @@ impl Repeats {
     pub fn new(say: impl Fn(u64, &str) + Send + Sync + 'static) -> Repeats {
         Repeats {
             seen: Default::default(),
+            swept: Default::default(),
             say: Box::new(say),
         }
     }
@@ -179,33 +183,36 @@ impl Visit for Key {
 }
 
 impl Repeats {
-    /// Whether to write `event`; Some((held, message)) when lines like it were held back
-    /// in the window that ended (to be said first).
-    fn admit(&self, event: &tracing::Event<'_>) -> (bool, Option<(u64, String)>) {
+    /// Whether to write `event`, and the summaries due (held back, like what) of windows
+    /// that ended with lines held back (to be said first).
+    fn admit(&self, event: &tracing::Event<'_>) -> (bool, Vec<(u64, String)>) {
+        let now = tokio::time::Instant::now();
+        let said = self.sweep(now);
+        if *event.metadata().level() == tracing::Level::ERROR {
+            return (true, said);
+        }
         let mut k = Key::default();
         event.record(&mut k);
         let id = event.metadata().callsite();
-        let now = tokio::time::Instant::now();
         let Ok(mut seen) = self.seen.lock() else {
-            return (true, None);
+            return (true, said);
         };
         if seen.len() >= REPEAT_KEYS_MAX {
             seen.retain(|_, w| now.duration_since(w.start) < REPEAT_WINDOW || w.held > 0);
             if seen.len() >= REPEAT_KEYS_MAX {
-                return (true, None);
+                return (true, said);
             }
         }
-        let w = seen.entry((id, k.source)).or_insert(Window {
-            start: now,
-            written: 0,
-            held: 0,
-            message: String::new(),
-        });
-        let mut said = None;
+        let w = seen
+            .entry((id, k.source, k.message.clone()))
+            .or_insert(Window {
+                start: now,
+                written: 0,
+                held: 0,
+                message: String::new(),
+            });
         if now.duration_since(w.start) >= REPEAT_WINDOW {
-            if w.held > 0 {
-                said = Some((w.held, std::mem::take(&mut w.message)));
-            }
+            // A held-back count of this window was said by the sweep.
             w.start = now;
             w.written = 0;
             w.held = 0;
@@ -219,6 +226,29 @@ impl Repeats {
             (false, said)
         }
     }
+
+    /// At most once a second: the windows over with lines held back, whose counts are taken.
+    fn sweep(&self, now: tokio::time::Instant) -> Vec<(u64, String)> {
+        {
+            let Ok(mut swept) = self.swept.lock() else {
+                return Vec::new();
+            };
+            if swept.is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1)) {
+                return Vec::new();
+            }
+            *swept = Some(now);
+        }
+        let Ok(mut seen) = self.seen.lock() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for w in seen.values_mut() {
+            if w.held > 0 && now.duration_since(w.start) >= REPEAT_WINDOW {
+                out.push((std::mem::take(&mut w.held), std::mem::take(&mut w.message)));
+            }
+        }
+        out
+    }
 }
 
 impl<S: tracing::Subscriber> tracing_subscriber::layer::Filter<S> for Repeats {
@@ -228,7 +258,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::layer::Filter<S> for Repeats {
 
     fn event_enabled(&self, event: &tracing::Event<'_>, _cx: &Context<'_, S>) -> bool {
         let (write, said) = self.admit(event);
-        if let Some((held, like)) = said {
+        for (held, like) in said {
             (self.say)(held, &like);
         }
         write
@@ -276,16 +306,26 @@ mod tests {
             closed("dock");
             closed("gate");
         }
-        // Another call site is not held back by this one.
+        // Another call site is not held back by this one, nor an ERROR.
         tracing::warn!(source = "dock", "Something else");
-        assert_eq!(lines.0.lock().unwrap().len(), 2 * REPEAT_BURST as usize + 1);
+        for _ in 0..5 {
+            tracing::error!(source = "dock", "Spool commit failed; reads dropped");
+        }
+        assert_eq!(
+            lines.0.lock().unwrap().len(),
+            2 * REPEAT_BURST as usize + 1 + 5
+        );
         assert!(!lines.0.lock().unwrap().iter().any(|l| l.contains(SUMMARY)));
         tokio::time::advance(REPEAT_WINDOW).await;
         closed("dock");
+        // Both readers' summaries (7 held back each), then the line itself.
         let got = lines.0.lock().unwrap().clone();
-        let summary = &got[got.len() - 2];
+        let summaries: Vec<&String> = got.iter().filter(|l| l.contains(SUMMARY)).collect();
+        assert_eq!(summaries.len(), 2, "{got:?}");
         assert!(
-            summary.contains("held=7") && summary.contains("like=Serial port closed"),
+            summaries
+                .iter()
+                .all(|l| l.contains("held=7") && l.contains("like=Serial port closed")),
             "{got:?}"
         );
         assert!(got.last().unwrap().starts_with("Serial port closed"));

@@ -136,15 +136,23 @@ pub fn spawn_watchdog(
     }
     let interval = Duration::from_micros(usec);
     metrics.progress.set_allowance(interval);
-    let period = interval / 2;
+    // Checked four times an interval; a ping needs the spool to have answered within half of
+    // it, so one slow answer (an fsync on a slow SD card) does not cost the next ping.
+    let period = interval / 4;
     Some(tokio::spawn(async move {
         let mut said: Vec<String> = Vec::new();
+        let mut answered = tokio::time::Instant::now();
+        let mut last = None;
         loop {
             tokio::time::sleep(period).await;
-            let stats = tokio::time::timeout(period, spool.stats()).await;
+            if let Ok(Ok(s)) = tokio::time::timeout(period, spool.stats()).await {
+                answered = tokio::time::Instant::now();
+                last = Some(s);
+            }
+            let spool_ok = answered.elapsed() <= interval / 2;
             let wedged = metrics.progress.wedged();
-            let status = match (&stats, wedged.first()) {
-                (Ok(Ok(s)), None) => {
+            let status = match (last.as_ref().filter(|_| spool_ok), wedged.first()) {
+                (Some(s), None) => {
                     said.clear();
                     let status = format!(
                         "backlog {} events, {} dead letters",

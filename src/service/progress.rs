@@ -46,8 +46,9 @@ pub struct Wedged {
 
 impl Progress {
     /// The beat of stage `name` (`ingest`, `forwarder`, `source <name>`…), registered for
-    /// [`Progress::wedged`]. A stage started again (a source restarted) gets a new beat;
-    /// call [`Beat::retire`] on the old one when its stage ends.
+    /// [`Progress::wedged`]. A stage started again (a source or the forwarder restarted by a
+    /// reload) gets a new beat that replaces the old one, which is no longer checked (an old
+    /// stage that was aborted never retires its beat).
     pub fn beat(&self, name: &str) -> Arc<Beat> {
         let beat = Arc::new(Beat {
             name: name.to_string(),
@@ -57,7 +58,7 @@ impl Progress {
             fault: fault_for(name),
         });
         if let Ok(mut v) = self.beats.lock() {
-            v.retain(|b| b.allowance_ms.load(Ordering::Relaxed) != RETIRED);
+            v.retain(|b| b.allowance_ms.load(Ordering::Relaxed) != RETIRED && b.name != name);
             v.push(beat.clone());
         }
         beat
@@ -206,5 +207,11 @@ mod tests {
         // A retired beat is forgotten when the next one is made.
         let _c = p.beat("source x");
         assert_eq!(p.beats.lock().unwrap().len(), 2);
+        // A stage started again replaces its old beat, even one left busy (aborted).
+        let old = p.beat("forwarder2");
+        old.busy();
+        let _new = p.beat("forwarder2");
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(p.wedged().is_empty());
     }
 }
