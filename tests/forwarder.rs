@@ -298,8 +298,10 @@ async fn unauthorized_401_keeps_everything_and_recovers_when_the_token_file_is_f
     let extra = format!("token_file = \"{}\"\nauth_retry_ms = 100", token.display());
     let rig = Rig::new(|d| config(d, &url, "bag-events", &extra)).await;
     rig.commit("a", 5, 5).await;
+    // Answered by the server and taken by the forwarder (which counts after the answer).
     wait_until("three 401s", T, || {
         ingest.with(|s| s.requests.iter().filter(|r| r.status == 401).count() >= 3)
+            && rig.metrics.upstream_auth_failures.get() >= 3
     })
     .await;
     assert_eq!(
