@@ -174,6 +174,10 @@ async fn serial_crash(
     let dir = tempfile::tempdir().unwrap();
     let (mut master, slave) = common::daemon::pty_pair();
     let slave_path = serialport::SerialPort::name(&slave).expect("pty name");
+    // While the daemon is dead (and on a loaded machine its restart takes a while), nobody
+    // reads the tty and its buffer fills: the writer waits, as a reader's UART would stall,
+    // rather than failing the run (serialport's default write timeout is 0).
+    serialport::SerialPort::set_timeout(&mut master, Duration::from_secs(60)).expect("timeout");
     // The test keeps the slave open (without reading it) so the tty and its buffer live on
     // while the daemon is dead, as a real UART's driver does.
     let state = dir.path().join("state");
@@ -322,6 +326,10 @@ async fn kill_9_during_passes_emits_every_pass_once_with_every_read() {
     let dir = tempfile::tempdir().unwrap();
     let (mut master, slave) = common::daemon::pty_pair();
     let slave_path = serialport::SerialPort::name(&slave).expect("pty name");
+    // While the daemon is dead (and on a loaded machine its restart takes a while), nobody
+    // reads the tty and its buffer fills: the writer waits, as a reader's UART would stall,
+    // rather than failing the run (serialport's default write timeout is 0).
+    serialport::SerialPort::set_timeout(&mut master, Duration::from_secs(60)).expect("timeout");
     let state = dir.path().join("state");
     // A window far longer than a restart takes: a pass cut by a kill goes on after it.
     let sources = format!("[[source]]\nname = \"portal\"\nkind = \"serial\"\nprotocol = \"lines\"\nbaud = 115200\nfields = [\"tag\", \"rssi\", \"antenna\"]\nseparator = \",\"\nwindow_ms = 3000\nlocation = \"GATE_7\"\npath = \"{slave_path}\"\n");

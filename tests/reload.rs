@@ -10,7 +10,6 @@ use common::ingest::{wait_until, Ingest};
 use serialport::SerialPort;
 use std::collections::HashSet;
 use std::io::Write;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,12 +21,7 @@ fn serial(name: &str, path: &str) -> String {
 }
 
 fn hup(d: &Daemon) {
-    let ok = Command::new("kill")
-        .args(["-HUP", &d.pid().to_string()])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok, "kill -HUP failed");
+    d.signal("-HUP");
 }
 
 /// The tags (EPC hex) both servers received.

@@ -70,12 +70,17 @@ impl Daemon {
     }
 
     pub fn sigterm(&self) {
+        self.signal("-TERM");
+    }
+
+    /// `kill <sig> <pid>` (`sig`: `-HUP`, `-TERM`, …).
+    pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([sig, &self.pid().to_string()])
             .status()
             .expect("kill")
             .success();
-        assert!(ok, "kill -TERM failed");
+        assert!(ok, "kill {sig} failed");
     }
 
     /// A real `kill -9`.
