@@ -244,17 +244,19 @@ impl Live {
                 self.forward_task.abort();
                 let _ = (&mut self.forward_task).await;
             }
-            // The old upstream's state goes with it: the new one starts as up (its first
-            // failure says otherwise).
-            for g in [
-                &self.metrics.upstream_down,
-                &self.metrics.upstream_down_since_ms,
-                &self.metrics.upstream_misconfigured,
-                &self.metrics.upstream_rejecting_all,
-            ] {
-                g.set(0);
+            // Another server: the old one's state goes with it, the new one starts as up (its
+            // first failure says otherwise). The same server keeps its outage and its clock.
+            if up.endpoint != self.cfg.upstream.endpoint {
+                for g in [
+                    &self.metrics.upstream_down,
+                    &self.metrics.upstream_down_since_ms,
+                    &self.metrics.upstream_misconfigured,
+                    &self.metrics.upstream_rejecting_all,
+                ] {
+                    g.set(0);
+                }
+                self.spool.set_upstream_error(None).await;
             }
-            self.spool.set_upstream_error(None).await;
             self.spool.want_fresh(None);
             let f = f.with_clock(self.clock.clone(), self.boot_offsets.clone());
             self.forward_stop = CancellationToken::new();

@@ -1033,3 +1033,22 @@ profile = "bag-events"
         "{all:?}"
     );
 }
+
+/// A config path that is a FIFO, a device or too large a file is refused at once, not read
+/// for ever (opening a FIFO for reading would block `validate` and a reload).
+#[test]
+fn only_a_regular_file_of_sane_size_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("scangate.toml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for path in [fifo.as_path(), Path::new("/dev/zero")] {
+        let err = Config::load(path).expect_err("refused");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, vec![b'#'; 2 * 1024 * 1024]).unwrap();
+    let err = Config::load(&big).expect_err("refused");
+    assert!(err.to_string().contains("larger than"), "{err}");
+}

@@ -605,11 +605,11 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let read = || -> std::io::Result<String> {
             use std::io::Read;
-            let f = std::fs::File::open(path)?;
-            let meta = f.metadata()?;
-            if !meta.is_file() {
+            // Looked at before opening: opening a FIFO for reading blocks.
+            if !std::fs::metadata(path)?.is_file() {
                 return Err(std::io::Error::other("not a regular file"));
             }
+            let f = std::fs::File::open(path)?;
             let mut text = String::new();
             f.take(CONFIG_MAX_BYTES + 1).read_to_string(&mut text)?;
             if text.len() as u64 > CONFIG_MAX_BYTES {

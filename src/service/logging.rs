@@ -81,19 +81,22 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for JournalLayer {
     }
 }
 
-/// How many lines one call site may write for one source in [`REPEAT_WINDOW`]; more are
+/// How many WARN lines one call site may write for one source in [`REPEAT_WINDOW`]; more are
 /// counted, not written.
 pub const REPEAT_BURST: u32 = 3;
+/// The same for ERROR lines (data loss, operator action: more of them are shown, but a commit
+/// failing forty times a second does not flood the journal).
+pub const REPEAT_BURST_ERROR: u32 = 20;
 /// See [`REPEAT_BURST`].
 pub const REPEAT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 /// At most this many (call site, source) pairs are tracked; beyond it nothing is held back.
 const REPEAT_KEYS_MAX: usize = 4096;
 
 /// Repeated log lines held back: a reader that drops every half second, or an upstream that
-/// fails every retry, writes [`REPEAT_BURST`] lines a minute per call site, source and message,
-/// then one line saying how many were not written (and like what) once the minute is over
-/// (with the next line logged anywhere). ERRORs (data loss, operator action) are never held
-/// back. The counters in `/metrics` have every one.
+/// fails every retry, writes [`REPEAT_BURST`] WARN lines ([`REPEAT_BURST_ERROR`] ERROR lines) a
+/// minute per call site, source and message, then one line saying how many were not written
+/// (and like what) once the minute is over (with the next line logged anywhere). INFO and
+/// below are never held back. The counters in `/metrics` have every one.
 /// Windows by (call site, source, message).
 type Seen = std::collections::HashMap<(tracing::callsite::Identifier, String, String), Window>;
 
@@ -188,9 +191,12 @@ impl Repeats {
     fn admit(&self, event: &tracing::Event<'_>) -> (bool, Vec<(u64, String)>) {
         let now = tokio::time::Instant::now();
         let said = self.sweep(now);
-        if *event.metadata().level() == tracing::Level::ERROR {
-            return (true, said);
-        }
+        // INFO and below are not repeated lines by nature (a reload, a port opening).
+        let burst = match *event.metadata().level() {
+            tracing::Level::ERROR => REPEAT_BURST_ERROR,
+            tracing::Level::WARN => REPEAT_BURST,
+            _ => return (true, said),
+        };
         let mut k = Key::default();
         event.record(&mut k);
         let id = event.metadata().callsite();
@@ -217,7 +223,7 @@ impl Repeats {
             w.written = 0;
             w.held = 0;
         }
-        if w.written < REPEAT_BURST {
+        if w.written < burst {
             w.written += 1;
             (true, said)
         } else {
@@ -306,14 +312,17 @@ mod tests {
             closed("dock");
             closed("gate");
         }
-        // Another call site is not held back by this one, nor an ERROR.
+        // Another call site is not held back by this one; INFO never; ERRORs after 20.
         tracing::warn!(source = "dock", "Something else");
         for _ in 0..5 {
+            tracing::info!("Configuration reloaded");
+        }
+        for _ in 0..30 {
             tracing::error!(source = "dock", "Spool commit failed; reads dropped");
         }
         assert_eq!(
             lines.0.lock().unwrap().len(),
-            2 * REPEAT_BURST as usize + 1 + 5
+            2 * REPEAT_BURST as usize + 1 + 5 + REPEAT_BURST_ERROR as usize
         );
         assert!(!lines.0.lock().unwrap().iter().any(|l| l.contains(SUMMARY)));
         tokio::time::advance(REPEAT_WINDOW).await;
@@ -321,11 +330,19 @@ mod tests {
         // Both readers' summaries (7 held back each), then the line itself.
         let got = lines.0.lock().unwrap().clone();
         let summaries: Vec<&String> = got.iter().filter(|l| l.contains(SUMMARY)).collect();
-        assert_eq!(summaries.len(), 2, "{got:?}");
+        assert_eq!(summaries.len(), 3, "{got:?}");
+        assert_eq!(
+            summaries
+                .iter()
+                .filter(|l| l.contains("held=7") && l.contains("like=Serial port closed"))
+                .count(),
+            2,
+            "{got:?}"
+        );
         assert!(
             summaries
                 .iter()
-                .all(|l| l.contains("held=7") && l.contains("like=Serial port closed")),
+                .any(|l| l.contains("held=10") && l.contains("like=Spool commit failed")),
             "{got:?}"
         );
         assert!(got.last().unwrap().starts_with("Serial port closed"));

@@ -136,8 +136,8 @@ pub fn spawn_watchdog(
     }
     let interval = Duration::from_micros(usec);
     metrics.progress.set_allowance(interval);
-    // Checked four times an interval; a ping needs the spool to have answered within half of
-    // it, so one slow answer (an fsync on a slow SD card) does not cost the next ping.
+    // Checked every quarter interval; a ping needs the spool to have answered within half of
+    // it (an fsync on a slow SD card), and the loop, at most three quarters long, pings in time.
     let period = interval / 4;
     Some(tokio::spawn(async move {
         let mut said: Vec<String> = Vec::new();
@@ -145,7 +145,8 @@ pub fn spawn_watchdog(
         let mut last = None;
         loop {
             tokio::time::sleep(period).await;
-            if let Ok(Ok(s)) = tokio::time::timeout(period, spool.stats()).await {
+            // Waited for up to half the interval: an answer that slow still counts.
+            if let Ok(Ok(s)) = tokio::time::timeout(interval / 2, spool.stats()).await {
                 answered = tokio::time::Instant::now();
                 last = Some(s);
             }
