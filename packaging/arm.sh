@@ -20,24 +20,24 @@ export CARGO_TERM_COLOR=never
 targets=(aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
-  if ! grep -rqs "bullseye" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    cat > /etc/apt/sources.list.d/scangate-bullseye-cross.sources <<'EOF'
+  cat > /etc/apt/sources.list.d/scangate-bullseye-cross.sources <<'EOF'
 Types: deb
 URIs: http://deb.debian.org/debian
 Suites: bullseye
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
-    # Only what is asked for by name comes from bullseye.
-    cat > /etc/apt/preferences.d/scangate-bullseye-cross <<'EOF'
+  # Nothing comes from bullseye unless asked for (-t bullseye below).
+  cat > /etc/apt/preferences.d/scangate-bullseye-cross <<'EOF'
 Package: *
 Pin: release n=bullseye
 Pin-Priority: 100
 EOF
-  fi
   apt-get update -qq
-  # bullseye's cross gcc and glibc 2.31; the host's own binutils (bullseye's pin the host's
-  # binutils-common to an older version).
+  # bullseye's cross gcc 10 and glibc 2.31 (-t: they and what they need come from bullseye);
+  # the host's own binutils (bullseye's pin binutils-common to an older version). On a machine
+  # that already has a newer Debian's cross packages these stay, and the glibc check below
+  # fails: CI starts from a fresh machine.
   codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
   binutils=(binutils-aarch64-linux-gnu binutils-arm-linux-gnueabihf)
   if [ -n "$codename" ] && [ "$codename" != bullseye ]; then
