@@ -217,11 +217,14 @@ impl Repeats {
                 held: 0,
                 message: String::new(),
             });
+        let mut said = said;
         if now.duration_since(w.start) >= REPEAT_WINDOW {
-            // A held-back count of this window was said by the sweep.
+            // Not yet swept (sweeps are a second apart): said now.
+            if w.held > 0 {
+                said.push((std::mem::take(&mut w.held), std::mem::take(&mut w.message)));
+            }
             w.start = now;
             w.written = 0;
-            w.held = 0;
         }
         if w.written < burst {
             w.written += 1;
