@@ -11,7 +11,6 @@ use common::ingest::{wait_until, Ingest};
 use serialport::SerialPort;
 use std::collections::HashMap;
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -86,19 +85,12 @@ async fn journal_entries_carry_each_field() {
         "",
         None,
     );
-    let log = dir.path().join("stderr.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_scangate"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .env("JOURNAL_STREAM", "0:0")
-        .env("SCANGATE_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .expect("spawn scangate");
-    let d = Daemon { child, log };
+    let d = Daemon::spawn_env(
+        &cfg,
+        &dir.path().join("stderr.log"),
+        &[],
+        &[("JOURNAL_STREAM", "0:0"), ("SCANGATE_LOG", "info")],
+    );
     wait_until("the port's opening in the journal", T, || {
         entries.lock().unwrap().iter().any(|e| {
             e.get("MESSAGE")

@@ -39,6 +39,12 @@ impl Daemon {
 
     /// [`Daemon::spawn`] with more arguments to `scangate run`.
     pub fn spawn_with(config: &Path, log: &Path, args: &[&str]) -> Daemon {
+        Self::spawn_env(config, log, args, &[])
+    }
+
+    /// [`Daemon::spawn_with`] with environment variables set (after the defaults, so they
+    /// win: `JOURNAL_STREAM` for a journald run).
+    pub fn spawn_env(config: &Path, log: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -54,6 +60,7 @@ impl Daemon {
                 std::env::var("TEST_SCANGATE_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env_remove("JOURNAL_STREAM")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
