@@ -1052,3 +1052,27 @@ fn only_a_regular_file_of_sane_size_is_read() {
     let err = Config::load(&big).expect_err("refused");
     assert!(err.to_string().contains("larger than"), "{err}");
 }
+
+/// Regression (review): a `ca_file` or `token_file` pointing at `/dev/zero` filled the memory
+/// on a reload, and one pointing at a FIFO hung it. Every file the config names is read like
+/// the config itself: a regular file, bounded.
+#[test]
+fn files_the_config_names_are_read_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("token");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for path in [fifo.as_path(), Path::new("/dev/zero")] {
+        let err = scangate::config::read_named_text(path).expect_err("refused");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
+    let ok = dir.path().join("ca.pem");
+    std::fs::write(&ok, "-----BEGIN CERTIFICATE-----\n").unwrap();
+    assert!(scangate::config::read_named_text(&ok).is_ok());
+    let big = dir.path().join("big.pem");
+    std::fs::write(&big, vec![b'A'; 2 * 1024 * 1024]).unwrap();
+    assert!(
+        scangate::config::read_small_file(&big, scangate::config::NAMED_FILE_MAX_BYTES).is_err()
+    );
+}

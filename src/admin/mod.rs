@@ -82,7 +82,7 @@ pub fn upstream_json(u: &crate::config::UpstreamConfig) -> serde_json::Value {
 /// rather than opening the listener.
 pub fn admin_token(cfg: &Config) -> Option<Result<String, String>> {
     let path = cfg.admin.token_file.as_ref()?;
-    Some(match std::fs::read_to_string(path) {
+    Some(match crate::config::read_named_text(path) {
         Ok(t) if !t.trim().is_empty() && t.trim().bytes().all(|b| b.is_ascii_graphic()) => {
             Ok(t.trim().to_string())
         }

@@ -510,6 +510,35 @@ pub struct AdminConfig {
 /// The largest config file read (1 MiB: a gateway's config is a few KB).
 pub const CONFIG_MAX_BYTES: u64 = 1024 * 1024;
 
+/// The largest file the config names (a CA bundle, a token, a password): 1 MiB.
+pub const NAMED_FILE_MAX_BYTES: u64 = 1024 * 1024;
+
+/// Read `path` if it is a regular file of at most `max` bytes. The type is looked at before
+/// opening (opening a FIFO for reading blocks for ever) and the read is bounded (`/dev/zero`
+/// would fill the memory). Used for the config file and every file it names.
+pub fn read_small_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::other(format!(
+            "larger than {max} bytes: is this the right file?"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// [`read_small_file`] of at most [`NAMED_FILE_MAX_BYTES`], as UTF-8 text.
+pub fn read_named_text(path: &Path) -> std::io::Result<String> {
+    String::from_utf8(read_small_file(path, NAMED_FILE_MAX_BYTES)?)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -604,20 +633,8 @@ impl Config {
     /// (a FIFO or `/dev/zero` linked in by mistake is refused, not read for ever).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let read = || -> std::io::Result<String> {
-            use std::io::Read;
-            // Looked at before opening: opening a FIFO for reading blocks.
-            if !std::fs::metadata(path)?.is_file() {
-                return Err(std::io::Error::other("not a regular file"));
-            }
-            let f = std::fs::File::open(path)?;
-            let mut text = String::new();
-            f.take(CONFIG_MAX_BYTES + 1).read_to_string(&mut text)?;
-            if text.len() as u64 > CONFIG_MAX_BYTES {
-                return Err(std::io::Error::other(format!(
-                    "larger than {CONFIG_MAX_BYTES} bytes: is this the config file?"
-                )));
-            }
-            Ok(text)
+            String::from_utf8(read_small_file(path, CONFIG_MAX_BYTES)?)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
         };
         let text = read().map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),

@@ -445,7 +445,7 @@ fn read_token(path: &std::path::Path) -> Option<String> {
 /// scangate reads (an editor's newline, a stray space). None when it cannot be read: logged
 /// as an error naming `what` and what happens `instead`.
 fn read_secret(path: &std::path::Path, what: &str, instead: &str) -> Option<String> {
-    match std::fs::read_to_string(path) {
+    match crate::config::read_named_text(path) {
         Ok(t) => Some(t.trim().to_string()),
         Err(e) => {
             tracing::error!(path = %path.display(), error = %e, "Cannot read {what}; {instead}");
@@ -480,7 +480,8 @@ impl Forwarder {
                 b = b.pool_max_idle_per_host(0);
             }
             if let Some(ca) = &cfg.ca_file {
-                let pem = std::fs::read(ca).map_err(|source| ForwardError::CaFile {
+                let pem = crate::config::read_small_file(ca, crate::config::NAMED_FILE_MAX_BYTES)
+                    .map_err(|source| ForwardError::CaFile {
                     path: ca.clone(),
                     source,
                 })?;

@@ -308,11 +308,13 @@ impl RedisSender {
             .into_connection_info()
             .map_err(SetupError::Url)?;
         let read = |what: &'static str, p: &std::path::Path| {
-            std::fs::read(p).map_err(|source| SetupError::File {
-                what,
-                path: p.to_path_buf(),
-                source,
-            })
+            crate::config::read_small_file(p, crate::config::NAMED_FILE_MAX_BYTES).map_err(
+                |source| SetupError::File {
+                    what,
+                    path: p.to_path_buf(),
+                    source,
+                },
+            )
         };
         let tls = if cfg.url.starts_with("rediss://") {
             let client_tls = match (&cfg.client_cert_file, &cfg.client_key_file) {

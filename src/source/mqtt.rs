@@ -743,7 +743,7 @@ fn options(name: &str, m: &MqttSource, client_id: &str) -> Result<MqttOptions, S
         .set_request_channel_capacity(10_000);
     if let Some(user) = &m.username {
         let password = match &m.password_file {
-            Some(f) => std::fs::read_to_string(f)
+            Some(f) => crate::config::read_named_text(f)
                 .map(|t| t.trim().to_string())
                 .map_err(|e| format!("cannot read password_file {}: {e}", f.display()))?,
             None => String::new(),
