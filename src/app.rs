@@ -246,7 +246,8 @@ impl Live {
             }
             // Another server: the old one's state goes with it, the new one starts as up (its
             // first failure says otherwise). The same server keeps its outage and its clock.
-            if up.endpoint != self.cfg.upstream.endpoint {
+            let same_server = up.endpoint == self.cfg.upstream.endpoint;
+            if !same_server {
                 for g in [
                     &self.metrics.upstream_down,
                     &self.metrics.upstream_down_since_ms,
@@ -258,7 +259,10 @@ impl Live {
                 self.spool.set_upstream_error(None).await;
             }
             self.spool.want_fresh(None);
-            let f = f.with_clock(self.clock.clone(), self.boot_offsets.clone());
+            let mut f = f.with_clock(self.clock.clone(), self.boot_offsets.clone());
+            if same_server {
+                f = f.continuing_outage();
+            }
             self.forward_stop = CancellationToken::new();
             self.forward_task = tokio::spawn(f.run(self.forward_stop.clone()));
             self.cfg.upstream = up.clone();

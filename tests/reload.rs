@@ -240,3 +240,57 @@ async fn reload_keeps_the_old_config_when_invalid_and_restarts_only_what_changed
     d.sigterm();
     drop((dock, gate, gate2));
 }
+
+/// Regression (review): a reload that changed only `timeout_ms` during an outage restarted the
+/// outage clock: `/health` said "ok" until `upstream_down_after_ms` had passed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_of_the_same_upstream_keeps_the_outage_clock() {
+    let a = Ingest::start().await;
+    a.with(|s| s.down = true);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (mut master, port) = pty_pair();
+    let admin = free_port();
+    let write = |extra: &str| {
+        let cfg = write_config(
+            dir.path(),
+            &state,
+            &serial("dock", &port.name().unwrap()),
+            &a.base_url(),
+            extra,
+            Some(admin),
+        );
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("[admin]\n", "[admin]\nupstream_down_after_ms = 1000\n");
+        std::fs::write(&cfg, text).unwrap();
+        cfg
+    };
+    let cfg = write("");
+    let d = Daemon::spawn(&cfg, &dir.path().join("log"));
+    let health = || async move {
+        reqwest::get(format!("http://127.0.0.1:{admin}/health"))
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    let (frame, _) = read(0xD0, 1);
+    master.write_all(&frame).unwrap();
+    let deadline = tokio::time::Instant::now() + T;
+    while health().await != 503 {
+        assert!(tokio::time::Instant::now() < deadline, "{}", d.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    write("timeout_ms = 3000");
+    hup(&d);
+    assert!(wait_metric(admin, "scangate_config_reloads_total", 1, T).await);
+    // After the new forwarder's own first failures too.
+    let tried = a.with(|s| s.requests.len());
+    wait_until("the new forwarder tried", T, || {
+        a.with(|s| s.requests.len()) >= tried + 2
+    })
+    .await;
+    assert_eq!(health().await, 503, "the outage goes on:\n{}", d.log_text());
+    d.sigterm();
+    drop(port);
+}

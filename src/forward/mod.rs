@@ -702,6 +702,17 @@ impl Forwarder {
         }
     }
 
+    /// A forwarder started again (reload) for the same upstream: the outage that was going on
+    /// continues, with its start (`/health`'s clock) where the old forwarder had it.
+    pub fn continuing_outage(mut self) -> Self {
+        let since_ms = self.metrics.upstream_down_since_ms.get();
+        if self.metrics.upstream_down.get() == 1 && since_ms > 0 {
+            let ago = crate::metrics::mono_ms().saturating_sub(since_ms - 1);
+            self.down_since = Instant::now().checked_sub(Duration::from_millis(ago));
+        }
+        self
+    }
+
     /// Run until `shutdown` is cancelled. Requests in flight are allowed to finish (each
     /// bounded by `timeout_ms`) and what they delivered is acknowledged; everything not yet
     /// acknowledged stays in the spool.
