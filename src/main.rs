@@ -127,6 +127,28 @@ fn fmt_ms(ms: Option<i64>) -> String {
         .unwrap_or_else(|| "never".into())
 }
 
+/// The files `cfg` names that a start or a reload would trip on, one message each (the unit's
+/// `ExecStartPre` and `ExecReload` run `validate`): the admin token (one that cannot be read
+/// refuses every admin request, even /health), and the CA bundles, client certificates and
+/// keys, tokens and passwords of the upstream and the MQTT sources. A systemd credential
+/// exists only inside the service: not checked outside it.
+fn unusable_files(cfg: &scangate::config::Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    if cfg.admin.listen.is_some()
+        && !cfg
+            .admin
+            .token_file
+            .as_ref()
+            .is_some_and(|p| p.starts_with("$CREDENTIALS_DIRECTORY"))
+    {
+        if let Some(Err(e)) = scangate::admin::admin_token(cfg) {
+            problems.push(format!("admin.token_file: {e}"));
+        }
+    }
+    problems.extend(scangate::config::check_named_files(cfg));
+    problems
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(
@@ -145,20 +167,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Cmd::Validate { config } => match load(&config) {
-            // The admin token is read at start: one that cannot be read refuses every admin
-            // request (even /health), so it is checked here too (ExecStartPre runs this). A
-            // systemd credential exists only inside the service: not checked outside it.
-            Ok(cfg)
-                if cfg.admin.listen.is_some()
-                    && !cfg
-                        .admin
-                        .token_file
-                        .as_ref()
-                        .is_some_and(|p| p.starts_with("$CREDENTIALS_DIRECTORY"))
-                    && matches!(scangate::admin::admin_token(&cfg), Some(Err(_))) =>
-            {
-                if let Some(Err(e)) = scangate::admin::admin_token(&cfg) {
-                    eprintln!("{}: admin.token_file: {e}", config.display());
+            Ok(cfg) if !unusable_files(&cfg).is_empty() => {
+                for problem in unusable_files(&cfg) {
+                    eprintln!("{}: {problem}", config.display());
                 }
                 ExitCode::from(EXIT_CONFIG)
             }

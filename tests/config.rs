@@ -1076,3 +1076,74 @@ fn files_the_config_names_are_read_bounded() {
         scangate::config::read_small_file(&big, scangate::config::NAMED_FILE_MAX_BYTES).is_err()
     );
 }
+
+/// Every file the config names is checked by `validate` (the unit's ExecStartPre and
+/// ExecReload), each problem on its own line naming its key: a CA bundle that is missing, not
+/// PEM, or a FIFO (refused at once, not waited on), an MQTT client key that is no key, an
+/// upstream token that cannot be read. Before, all of these passed and the start or the
+/// reload failed (or an MQTT connect hung on the FIFO).
+#[test]
+fn validate_names_every_unusable_file_the_config_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(p("ca.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(p("client.key"), cert.signing_key.serialize_pem()).unwrap();
+    std::fs::write(p("token"), "t0ken\n").unwrap();
+    std::fs::write(p("notes.txt"), "this is not a certificate\n").unwrap();
+    let fifo = p("ca.fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let cfg = p("gw.toml");
+    let write = |up_ca: &str, token: &str, mqtt_ca: &str, key: &str| {
+        let text = format!(
+            "[gateway]\nid = \"gw\"\nstate_dir = \"/tmp/x\"\n\
+             [[source]]\nname = \"dock\"\nkind = \"mqtt\"\nbroker = \"mqtts://broker:8883\"\n\
+             topics = [\"readers/+/events\"]\nprotocol = \"impinj-iot\"\n\
+             ca_file = \"{mqtt_ca}\"\nclient_cert_file = \"ca.pem\"\nclient_key_file = \"{key}\"\n\
+             [upstream]\nurl = \"https://ingest:8443\"\nprofile = \"bag-events\"\n\
+             ca_file = \"{up_ca}\"\ntoken_file = \"{token}\"\n"
+        );
+        std::fs::write(&cfg, text).unwrap();
+    };
+    let run = || {
+        let out = bin()
+            .args(["validate", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    write("ca.pem", "token", "ca.pem", "client.key");
+    let (code, err) = run();
+    assert_eq!(code, Some(0), "all usable: {err}");
+
+    write("missing.pem", "no-token", "ca.fifo", "ca.pem");
+    let (code, err) = run();
+    assert_eq!(code, Some(78), "{err}");
+    for expected in [
+        "upstream: cannot read ca_file",
+        "upstream: cannot read token_file",
+        "source \"dock\": cannot read ca_file",
+        "not a regular file",
+        "source \"dock\": client_key_file",
+        "holds no PEM private key",
+    ] {
+        assert!(err.contains(expected), "{expected:?} in {err}");
+    }
+    assert_eq!(err.lines().count(), 4, "one line per file: {err}");
+
+    write("notes.txt", "token", "ca.pem", "client.key");
+    let (code, err) = run();
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("upstream: ca_file") && err.contains("holds no PEM certificate"),
+        "{err}"
+    );
+}

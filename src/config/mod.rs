@@ -6,7 +6,10 @@
 //! The commented example `config/scangate.toml` is the technician's reference; `print-config`
 //! prints it, and a test loads every file in `config/`.
 
+mod named_files;
 mod walk;
+
+pub use named_files::{check_named_files, pem_certificates, pem_private_key};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -595,16 +598,32 @@ fn first_of_duplicate(text: &str, message: &str, again: usize) -> Option<usize> 
     first
 }
 
+/// Errors listed in full by [`render_invalid`]; past these, a count (a file this broken is
+/// not the one meant, or its first errors cause the rest).
+const RENDERED_ERRORS_MAX: usize = 200;
+/// Characters of a key shown in an error (a 10,000-character key is shown by its start).
+const RENDERED_KEY_MAX: usize = 80;
+
 fn render_invalid(path: &Path, errors: &[LocatedError]) -> String {
     let mut s = format!("{} has {} error(s):", path.display(), errors.len());
-    for e in errors {
+    for e in errors.iter().take(RENDERED_ERRORS_MAX) {
+        let key = match e.key.char_indices().nth(RENDERED_KEY_MAX) {
+            Some((cut, _)) => format!("{}…", &e.key[..cut]),
+            None => e.key.clone(),
+        };
         s.push_str(&format!(
             "\n  {}:{}:{}: {}: {}",
             path.display(),
             e.line,
             e.column,
-            e.key,
+            key,
             e.message
+        ));
+    }
+    if errors.len() > RENDERED_ERRORS_MAX {
+        s.push_str(&format!(
+            "\n  … and {} more error(s) not shown: fix the ones above first",
+            errors.len() - RENDERED_ERRORS_MAX
         ));
     }
     s
@@ -619,12 +638,28 @@ impl ConfigError {
     }
 }
 
+/// Where each line of a text starts, to turn byte offsets into lines and columns without
+/// rescanning the text for each (a file with tens of thousands of errors stays fast).
+struct LineIndex(Vec<usize>);
+
+impl LineIndex {
+    fn new(text: &str) -> Self {
+        let starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(at, _)| at + 1))
+            .collect();
+        LineIndex(starts)
+    }
+
+    /// Line and column (both from 1; the column in bytes) of byte `offset`.
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let line = self.0.partition_point(|&start| start <= offset).max(1);
+        (line, offset - self.0[line - 1] + 1)
+    }
+}
+
+#[cfg(test)]
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rfind('\n').map(|i| offset - i).unwrap_or(offset + 1);
-    (line, col)
+    LineIndex::new(text).line_col(offset.min(text.len()))
 }
 
 impl Config {
@@ -653,13 +688,15 @@ impl Config {
         // One further in is two files joined: named as such, at its place, rather than left
         // to the TOML parser's "invalid key".
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let lines = LineIndex::new(text);
+        let line_col = |_: &str, at: usize| lines.line_col(at.min(text.len()));
         // Only a BOM that starts a line (after blanks) is the start of a joined file; one
         // inside a value or a comment is that value's business.
         let boms: Vec<LocatedError> = text
             .match_indices('\u{feff}')
             .filter(|(at, _)| {
-                let line_start = text[..*at].rfind('\n').map_or(0, |n| n + 1);
-                text[line_start..*at].trim().is_empty()
+                let (_, column) = line_col(text, *at);
+                text[*at + 1 - column..*at].trim().is_empty()
             })
             .map(|(at, _)| {
                 let (line, column) = line_col(text, at);
@@ -2409,6 +2446,69 @@ mod tests {
     fn line_col_counts_from_one() {
         assert_eq!(line_col("ab\ncd", 0), (1, 1));
         assert_eq!(line_col("ab\ncd", 4), (2, 2));
+        assert_eq!(line_col("ab\ncd", 2), (1, 3), "the newline is on its line");
+        assert_eq!(line_col("ab\ncd", 3), (2, 1));
+        assert_eq!(
+            line_col("ab\n\n", 4),
+            (3, 1),
+            "the end, after a last newline"
+        );
+        assert_eq!(line_col("", 0), (1, 1));
+    }
+
+    /// Against a plain rescan of the text, for every offset of texts with empty lines,
+    /// CRLF and multi-byte characters.
+    #[test]
+    fn line_index_agrees_with_a_rescan() {
+        for text in [
+            "",
+            "\n",
+            "a",
+            "\n\nx\r\ny",
+            "é\n€€\n\n🦀x\n",
+            "[a]\nb = 1\n",
+        ] {
+            for offset in (0..=text.len()).filter(|&o| text.is_char_boundary(o)) {
+                let before = &text[..offset];
+                let line = before.matches('\n').count() + 1;
+                let col = before.rfind('\n').map_or(offset + 1, |i| offset - i);
+                assert_eq!(line_col(text, offset), (line, col), "{text:?} at {offset}");
+            }
+        }
+    }
+
+    /// A file that is mostly errors: the first 200 listed, the rest counted; a huge key shown
+    /// by its first 80 characters (whole characters, here multi-byte).
+    #[test]
+    fn a_flood_of_errors_is_listed_in_part_with_short_keys() {
+        let long_key = "é".repeat(10_000);
+        let text: String = std::iter::once(format!("\"{long_key}\" = 1\n"))
+            .chain((0..5_000).map(|i| format!("[x{i}]\n")))
+            .collect();
+        let errors = Config::parse(&text, Path::new("/etc")).unwrap_err();
+        assert!(errors.len() > RENDERED_ERRORS_MAX, "{}", errors.len());
+        assert!(
+            errors.iter().any(|e| e.line == 5_001),
+            "the last line's error is located"
+        );
+        let shown = render_invalid(Path::new("gw.toml"), &errors);
+        assert_eq!(
+            shown.lines().count(),
+            1 + RENDERED_ERRORS_MAX + 1,
+            "{shown:.300}"
+        );
+        assert!(shown.ends_with(&format!(
+            "… and {} more error(s) not shown: fix the ones above first",
+            errors.len() - RENDERED_ERRORS_MAX
+        )));
+        let mut keys: Vec<&LocatedError> = errors.iter().collect();
+        keys.sort_by_key(|e| std::cmp::Reverse(e.key.len()));
+        let one = render_invalid(Path::new("gw.toml"), &[keys[0].clone()]);
+        assert!(one.len() < 1_000, "{one:.300}");
+        assert!(
+            one.contains(&format!("{}…", "é".repeat(RENDERED_KEY_MAX))),
+            "{one:.300}"
+        );
     }
 
     #[test]

@@ -45,16 +45,10 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
-    #[error("cannot read CA file {path}: {source}")]
-    CaFile {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error("CA file {path} is not a PEM certificate: {source}")]
-    CaPem {
-        path: std::path::PathBuf,
-        source: reqwest::Error,
-    },
+    /// `ca_file` cannot be read or holds no PEM certificate (`config::pem_certificates`), or
+    /// one of its certificates is not X.509 DER.
+    #[error("upstream.{0}")]
+    Ca(String),
     #[error("cannot build the HTTP client: {0}")]
     Client(reqwest::Error),
     #[error("Redis sink: {0}")]
@@ -480,17 +474,17 @@ impl Forwarder {
                 b = b.pool_max_idle_per_host(0);
             }
             if let Some(ca) = &cfg.ca_file {
-                let pem = crate::config::read_small_file(ca, crate::config::NAMED_FILE_MAX_BYTES)
-                    .map_err(|source| ForwardError::CaFile {
-                    path: ca.clone(),
-                    source,
-                })?;
-                let cert =
-                    reqwest::Certificate::from_pem(&pem).map_err(|source| ForwardError::CaPem {
-                        path: ca.clone(),
-                        source,
+                for der in
+                    crate::config::pem_certificates("ca_file", ca).map_err(ForwardError::Ca)?
+                {
+                    let cert = reqwest::Certificate::from_der(&der).map_err(|e| {
+                        ForwardError::Ca(format!(
+                            "ca_file {}: a certificate is not X.509: {e}",
+                            ca.display()
+                        ))
                     })?;
-                b = b.add_root_certificate(cert);
+                    b = b.add_root_certificate(cert);
+                }
             }
             b.build().map_err(ForwardError::Client)
         };

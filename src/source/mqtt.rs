@@ -759,18 +759,19 @@ fn options(name: &str, m: &MqttSource, client_id: &str) -> Result<MqttOptions, S
     Ok(o)
 }
 
+/// The TLS settings of an `mqtts://` source. Its files are read like the config (regular
+/// files of at most 1 MiB: `config::pem_certificates`), at every connect.
 fn tls_config(m: &MqttSource) -> Result<rustls::ClientConfig, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
     match &m.ca_file {
         Some(f) => {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(f)
-                .and_then(|i| i.collect::<Result<_, _>>())
-                .map_err(|e| format!("cannot read ca_file {}: {e}", f.display()))?;
+            let certs = crate::config::pem_certificates("ca_file", f)?;
             let (added, _) = roots.add_parsable_certificates(certs);
             if added == 0 {
-                return Err(format!("ca_file {} holds no PEM certificate", f.display()));
+                return Err(format!(
+                    "ca_file {} holds no usable X.509 certificate",
+                    f.display()
+                ));
             }
         }
         None => {
@@ -788,11 +789,8 @@ fn tls_config(m: &MqttSource) -> Result<rustls::ClientConfig, String> {
         .with_root_certificates(roots);
     match (&m.client_cert_file, &m.client_key_file) {
         (Some(c), Some(k)) => {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(c)
-                .and_then(|i| i.collect::<Result<_, _>>())
-                .map_err(|e| format!("cannot read client_cert_file {}: {e}", c.display()))?;
-            let key = PrivateKeyDer::from_pem_file(k)
-                .map_err(|e| format!("cannot read client_key_file {}: {e}", k.display()))?;
+            let certs = crate::config::pem_certificates("client_cert_file", c)?;
+            let key = crate::config::pem_private_key("client_key_file", k)?;
             builder
                 .with_client_auth_cert(certs, key)
                 .map_err(|e| format!("client certificate: {e}"))
