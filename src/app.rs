@@ -154,6 +154,30 @@ impl Live {
         Some(r.index)
     }
 
+    /// Wait (at most the grace period) until the ingest stage has committed every read the
+    /// stopped serial source `name` handed over. Its next run starts from the journal's
+    /// committed position: what was handed over and not yet committed would be taken from the
+    /// journal again, and sent twice (as new events, with new ids).
+    async fn settle_handed(&self, name: &str) {
+        let Some(pipe) = &self.pipe else { return };
+        let Some((_, marks)) = &pipe.journal else {
+            return;
+        };
+        let handed = marks.handed(name);
+        let deadline = tokio::time::Instant::now() + self.grace;
+        while marks.get(name) < handed {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(source = %name, handed, committed = marks.get(name), "The reads this source handed over before its restart are not yet committed (the spool refuses or is slow): the new run takes them from the port journal again, so some may be sent twice");
+                return;
+            }
+            // The ingest stage commits its group at once rather than at its deadline.
+            pipe.commit_now
+                .store(true, std::sync::atomic::Ordering::Release);
+            pipe.wake.notify_one();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Read `path` again; if valid, apply what can be applied now (see [`crate::reload`]), else
     /// keep everything as it runs and log every error with its line.
     async fn reload(&mut self, path: &std::path::Path) {
@@ -221,6 +245,7 @@ impl Live {
             let Some(index) = self.stop_source(&s.name).await else {
                 continue;
             };
+            self.settle_handed(&s.name).await;
             let Some(pipe) = self.pipe.take() else {
                 tracing::error!(source = %s.name, "Every source had ended, so the pipeline no longer takes reads: restart scangate (systemctl restart scangate) to start this source");
                 continue;

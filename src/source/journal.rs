@@ -63,6 +63,8 @@ pub struct JournalMarks(Vec<Mark>);
 struct Mark {
     name: Arc<str>,
     pos: AtomicU64,
+    /// The position of the last read a serial source's run handed over (set as the run ends).
+    handed: AtomicU64,
     /// An MQTT source's receiver of settled positions.
     settled: Option<tokio::sync::mpsc::UnboundedSender<Settled>>,
 }
@@ -104,6 +106,7 @@ impl JournalMarks {
                     Mark {
                         name: n.clone(),
                         pos: AtomicU64::new(c),
+                        handed: AtomicU64::new(0),
                         settled: tx,
                     }
                 })
@@ -117,6 +120,22 @@ impl JournalMarks {
             .iter()
             .find(|m| *m.name == *name)
             .map_or(0, |m| m.pos.load(Ordering::Acquire))
+    }
+
+    /// Record, as a serial source's run ends, the position of the last read it handed over to
+    /// the pipeline (never moves back).
+    pub fn set_handed(&self, name: &str, pos: u64) {
+        if let Some(m) = self.0.iter().find(|m| *m.name == *name) {
+            m.handed.fetch_max(pos, Ordering::AcqRel);
+        }
+    }
+
+    /// The position of the last read a finished run of `name` handed over (0 when none).
+    pub fn handed(&self, name: &str) -> u64 {
+        self.0
+            .iter()
+            .find(|m| *m.name == *name)
+            .map_or(0, |m| m.handed.load(Ordering::Acquire))
     }
 
     /// Record a committed position (never moves back).

@@ -585,14 +585,7 @@ async fn connection(
             }
             let ev = tokio::select! {
                 _ = done.cancelled() => {
-                    // The decoder asked for a disconnect: let it go out.
-                    let _ = tokio::time::timeout(Duration::from_millis(500), async {
-                        while let Ok(e) = eventloop.poll().await {
-                            if matches!(e, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                                break;
-                            }
-                        }
-                    }).await;
+                    send_last_requests(&mut eventloop).await;
                     break None;
                 }
                 permit = tx.reserve(), if !overflow.is_empty() => {
@@ -603,7 +596,12 @@ async fn connection(
                                 permit.send((c, p, size));
                             }
                         }
-                        Err(_) => break None,
+                        // The decoder has ended (it may end a moment before `done`): its
+                        // last acknowledgements and the disconnect still go out.
+                        Err(_) => {
+                            send_last_requests(&mut eventloop).await;
+                            break None;
+                        }
                     }
                     continue;
                 }
@@ -670,6 +668,21 @@ async fn connection(
         }
         pause(&mut backoff, &m, &done).await;
     }
+}
+
+/// The decoder has ended: the requests it queued (the acknowledgements of what was committed,
+/// then a DISCONNECT) are sent, and the broker is given the time to read them and close the
+/// connection itself (MQTT 3.1.1, 3.14), within 1 s. Without this, the broker would send those
+/// messages again to the next run, as new reads: dropped before it, the connection could lose
+/// what was written; and a next run connecting at once takes the session over (the broker
+/// drops the old connection with whatever of it was still unread).
+async fn send_last_requests(eventloop: &mut rumqttc::EventLoop) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        // Until the broker closes the connection after the DISCONNECT (or it broke before).
+        // Publishes arriving meanwhile are not taken: never acknowledged, they come again.
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
 }
 
 /// The index of the most specific topic filter matching `topic`: the most levels named

@@ -216,9 +216,17 @@ impl<'a> Handover<'a> {
         self.feed.metrics.serial_held.sub(self.held.len() as u64);
         self.held_bytes = 0;
         while let Some(r) = self.held.pop_front() {
-            if !self.feed.send_blocking(r) {
+            let pos = r.journal_end;
+            if self.feed.send_blocking(r) {
+                self.last_sent = pos;
+            } else {
                 self.held.clear();
             }
+        }
+        // A run started again (a reload) waits until all of this is committed, so that it
+        // does not take these reads from the port journal a second time.
+        if let Some((_, marks)) = &self.feed.journal {
+            marks.set_handed(&self.feed.name, self.last_sent);
         }
     }
 }
