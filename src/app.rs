@@ -137,21 +137,39 @@ impl Live {
         });
     }
 
-    /// Stop source `name` (within the grace period); its index at start, or None when it did
-    /// not stop (or was not running).
-    async fn stop_source(&mut self, name: &str) -> Option<usize> {
-        let k = self.running.iter().position(|r| r.name == name)?;
-        let r = self.running.remove(k);
-        r.stop.cancel();
-        if tokio::time::timeout(self.grace, r.done.cancelled())
-            .await
-            .is_err()
-        {
-            r.abort.abort();
-            tracing::error!(source = %name, "The source did not stop within the grace period; it is not started again: restart scangate (systemctl restart scangate)");
-            return None;
+    /// Stop the sources `names` together (each may take a while to settle: an MQTT source
+    /// acknowledges what was committed and waits for the broker to close its session), within
+    /// one grace period; for each, its index at start, or None when it did not stop in time
+    /// (or was not running).
+    async fn stop_sources(&mut self, names: &[&str]) -> Vec<Option<usize>> {
+        let stopping: Vec<Option<RunningSource>> = names
+            .iter()
+            .map(|name| {
+                let k = self.running.iter().position(|r| r.name == *name)?;
+                let r = self.running.remove(k);
+                r.stop.cancel();
+                Some(r)
+            })
+            .collect();
+        let deadline = tokio::time::Instant::now() + self.grace;
+        let mut stopped = Vec::with_capacity(stopping.len());
+        for r in stopping {
+            let Some(r) = r else {
+                stopped.push(None);
+                continue;
+            };
+            if tokio::time::timeout_at(deadline, r.done.cancelled())
+                .await
+                .is_err()
+            {
+                r.abort.abort();
+                tracing::error!(source = %r.name, "The source did not stop within the grace period; it is not started again: restart scangate (systemctl restart scangate)");
+                stopped.push(None);
+            } else {
+                stopped.push(Some(r.index));
+            }
         }
-        Some(r.index)
+        stopped
     }
 
     /// Wait (at most the grace period) until the ingest stage has committed every read the
@@ -234,15 +252,22 @@ impl Live {
             tracing::warn!(changes = %plan.needs_restart.join("; "), "Changed in the configuration, taking effect at the next start (systemctl restart scangate); until then these run as before");
         }
         let mut done: Vec<String> = Vec::new();
+        let names: Vec<&str> = plan
+            .stop
+            .iter()
+            .map(String::as_str)
+            .chain(plan.restart.iter().map(|s| s.name.as_str()))
+            .collect();
+        let mut stopped = self.stop_sources(&names).await.into_iter();
         for name in &plan.stop {
-            if self.stop_source(name).await.is_some() {
+            if stopped.next().flatten().is_some() {
                 tracing::info!(source = %name, "Source removed from the configuration: stopped");
                 done.push(format!("stopped {name}"));
             }
             self.cfg.sources.retain(|s| s.name != *name);
         }
         for s in &plan.restart {
-            let Some(index) = self.stop_source(&s.name).await else {
+            let Some(index) = stopped.next().flatten() else {
                 continue;
             };
             self.settle_handed(&s.name).await;

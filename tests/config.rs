@@ -1147,3 +1147,73 @@ fn validate_names_every_unusable_file_the_config_names() {
         "{err}"
     );
 }
+
+/// From a review: files that are readable and look right but cannot be used, each named by
+/// `validate` with its key (before, all passed and the start or every connect failed): a CA
+/// whose PEM section holds no certificate, a client key that is another certificate's, a
+/// token of two lines (no HTTP header carries it) or of blanks only, and a PEM file cut short
+/// (its error in words, not bytes).
+#[test]
+fn validate_names_files_that_are_readable_but_unusable() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["other".to_string()]).unwrap();
+    std::fs::write(p("ca.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(p("client.key"), cert.signing_key.serialize_pem()).unwrap();
+    std::fs::write(p("other.key"), other.signing_key.serialize_pem()).unwrap();
+    std::fs::write(
+        p("garbage.pem"),
+        "-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQgdGhpcyBpcyBub3QgYSBjZXJ0\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    std::fs::write(p("cut.pem"), "-----BEGIN CERTIFICATE-----\nMIIB\n").unwrap();
+    std::fs::write(p("two-lines.token"), "tok1\ntok2\n").unwrap();
+    std::fs::write(p("blank.token"), " \n\n").unwrap();
+    std::fs::write(p("good.token"), "t0ken\n").unwrap();
+    let cfg = p("gw.toml");
+    let run = |up_ca: &str, token: &str, mqtt_ca: &str, key: &str| {
+        let text = format!(
+            "[gateway]\nid = \"gw\"\nstate_dir = \"/tmp/x\"\n\
+             [[source]]\nname = \"dock\"\nkind = \"mqtt\"\nbroker = \"mqtts://broker:8883\"\n\
+             topics = [\"readers/+/events\"]\nprotocol = \"impinj-iot\"\n\
+             ca_file = \"{mqtt_ca}\"\nclient_cert_file = \"ca.pem\"\nclient_key_file = \"{key}\"\n\
+             [upstream]\nurl = \"https://ingest:8443\"\nprofile = \"bag-events\"\n\
+             ca_file = \"{up_ca}\"\ntoken_file = \"{token}\"\n"
+        );
+        std::fs::write(&cfg, text).unwrap();
+        let out = bin()
+            .args(["validate", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run("ca.pem", "good.token", "ca.pem", "client.key");
+    assert_eq!(code, Some(0), "all usable: {err}");
+
+    let (code, err) = run("garbage.pem", "two-lines.token", "cut.pem", "other.key");
+    assert_eq!(code, Some(78), "{err}");
+    for expected in [
+        "upstream: ca_file",
+        "are not valid X.509 certificates",
+        "upstream: token_file",
+        "an HTTP header cannot carry",
+        "source \"dock\": ca_file",
+        "a PEM section is not closed (no \"-----END CERTIFICATE-----\" line",
+        "source \"dock\": client_key_file is not the key of client_cert_file",
+    ] {
+        assert!(err.contains(expected), "{expected:?} in {err}");
+    }
+    assert_eq!(err.lines().count(), 4, "one line per file: {err}");
+
+    let (code, err) = run("ca.pem", "blank.token", "ca.pem", "client.key");
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("token_file") && err.contains("is empty"),
+        "{err}"
+    );
+}

@@ -1328,7 +1328,10 @@ async fn several_batches_in_flight_converge_below_a_server_limit_and_drain_faste
     // a CI run measured 6). At most twice the server's limit, far below the 32 allowed:
     // converged, not still growing.
     let limit = rig.metrics.upstream_concurrency_limit.get();
-    assert!(limit <= 8, "the limit is {limit}, against a server limit of 4");
+    assert!(
+        limit <= 8,
+        "the limit is {limit}, against a server limit of 4"
+    );
     assert!(
         rig.metrics.upstream_throttled.get() >= 1,
         "the limit was probed"

@@ -857,3 +857,76 @@ async fn idle_admin_connections_are_bounded() {
     d.sigterm();
     drop(slave);
 }
+
+/// From a review: reads dropped at the serial hand-off (the pipeline full past the 2 MiB the
+/// thread holds) were only counted. They are data lost: one ERROR says so, with how many,
+/// besides the counter. The ingest stage is wedged from the start (the dev build's fault
+/// injection) so that the hand-off fills for certain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_dropped_at_a_full_hand_off_are_said_in_an_error() {
+    let ingest = Ingest::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (master, slave) = pty_pair();
+    let admin = free_port();
+    let sources = format!(
+        "[[source]]\nname = \"belt\"\nkind = \"serial\"\nprotocol = \"lines\"\nsuppress = \"off\"\npath = \"{}\"\n",
+        slave.name().unwrap()
+    );
+    let cfg = write_config(
+        dir.path(),
+        &dir.path().join("state"),
+        &sources,
+        &ingest.base_url(),
+        "",
+        Some(admin),
+    );
+    let trigger = dir.path().join("wedge");
+    std::fs::write(&trigger, "").unwrap();
+    let wedge = format!("ingest@{}", trigger.display());
+    let d = Daemon::spawn_env(
+        &cfg,
+        &dir.path().join("log"),
+        &[],
+        &[("SCANGATE_FAULT_WEDGE", wedge.as_str())],
+    );
+    wait_until("the port open", T, || {
+        d.log_text().contains("Serial port open")
+    })
+    .await;
+    // ~100,000 reads: far beyond what the channel and the thread's 2 MiB hold.
+    let writer = std::thread::spawn(move || {
+        let mut master = master;
+        let all: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| format!("F{i:09}\r\n").into_bytes())
+            .collect();
+        for piece in all.chunks(4096) {
+            master.write_all(piece).unwrap();
+        }
+        master
+    });
+    let _master = writer.join().unwrap();
+    let end = tokio::time::Instant::now() + T;
+    while metric(admin, "scangate_dropped_total{reason=\"pipeline_full\"}")
+        .await
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(tokio::time::Instant::now() < end, "{}", d.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_until("the drop said", T, || {
+        d.log_text()
+            .contains("Reads dropped: the pipeline stayed full")
+    })
+    .await;
+    let text = d.log_text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("Reads dropped"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("ERROR") && line.contains("source=belt"),
+        "{line}"
+    );
+    drop(slave);
+}

@@ -9,7 +9,7 @@
 mod named_files;
 mod walk;
 
-pub use named_files::{check_named_files, pem_certificates, pem_private_key};
+pub use named_files::{bearer_token, check_named_files, pem_certificates, pem_private_key};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -517,17 +517,27 @@ pub const CONFIG_MAX_BYTES: u64 = 1024 * 1024;
 pub const NAMED_FILE_MAX_BYTES: u64 = 1024 * 1024;
 
 /// Read `path` if it is a regular file of at most `max` bytes. The type is looked at before
-/// opening (opening a FIFO for reading blocks for ever) and the read is bounded (`/dev/zero`
-/// would fill the memory). Used for the config file and every file it names.
+/// opening (opening a FIFO for reading blocks for ever; opening a serial device may reset
+/// what hangs on it), again on the opened file (the path may have been swapped meanwhile), the
+/// file is opened non-blocking (a regular-looking file such as `/proc/kmsg` that would block
+/// is an error, not a hang), and the read is bounded (`/dev/zero` would fill the memory). Used
+/// for the config file and every file it names.
 pub fn read_small_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let not_regular = || std::io::Error::other("not a regular file");
     if !std::fs::metadata(path)?.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
+        return Err(not_regular());
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(not_regular());
     }
     let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(max + 1)
-        .read_to_end(&mut bytes)?;
+    file.take(max + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max {
         return Err(std::io::Error::other(format!(
             "larger than {max} bytes: is this the right file?"
@@ -638,6 +648,33 @@ impl ConfigError {
     }
 }
 
+/// `s` with what a terminal or a log would act on shown escaped instead: control characters
+/// (a newline in a quoted key splits an error line, ESC starts a colour sequence) and the
+/// bidirectional formatting characters (which reorder the text around them), as `\u{…}`.
+fn printable(s: &str) -> String {
+    let bidi = |c: char| matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !s.chars().any(|c| c.is_control() || bidi(c)) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() || bidi(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// A parser error's place is the end of the text (only blanks after it).
+fn offset_at_end(text: &str, span: Option<std::ops::Range<usize>>) -> bool {
+    span.is_none_or(|s| {
+        text.get(s.start..)
+            .is_none_or(|rest| rest.trim().is_empty())
+    })
+}
+
 /// Where each line of a text starts, to turn byte offsets into lines and columns without
 /// rescanning the text for each (a file with tens of thousands of errors stays fast).
 struct LineIndex(Vec<usize>);
@@ -715,7 +752,15 @@ impl Config {
             Ok(d) => d,
             Err(e) => {
                 let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-                let mut message = e.message().trim().to_string();
+                let mut message = printable(e.message().trim());
+                if message.is_empty() {
+                    // The parser says nothing for a file that ends inside a key, value or table.
+                    message = if offset_at_end(text, e.span()) {
+                        "the file ends in the middle of a key, value or table header: is it cut short?".into()
+                    } else {
+                        "not valid TOML here".into()
+                    };
+                }
                 if let Some(first) = first_of_duplicate(text, &message, line) {
                     message =
                         format!("{message}: first set at line {first}, again here (keep one)");
@@ -742,8 +787,8 @@ impl Config {
                     LocatedError {
                         line,
                         column,
-                        key: pr.key,
-                        message: pr.message,
+                        key: printable(&pr.key),
+                        message: printable(&pr.message),
                     }
                 })
                 .collect();
@@ -2475,6 +2520,38 @@ mod tests {
                 assert_eq!(line_col(text, offset), (line, col), "{text:?} at {offset}");
             }
         }
+    }
+
+    /// Keys and messages are shown escaped where a terminal would act on them: a newline
+    /// in a quoted key (one error over two lines), ESC (colours), a right-to-left override.
+    #[test]
+    fn keys_with_control_and_bidi_characters_are_shown_escaped() {
+        let text = "[gateway]\n\"a\\nb\" = 1\n\"\\u001b[31mRED\\r\u{202e}evil\" = 2\n";
+        let errors = Config::parse(text, Path::new("/etc")).unwrap_err();
+        let shown = render_invalid(Path::new("gw.toml"), &errors);
+        assert!(
+            !shown.contains('\u{1b}') && !shown.contains('\r') && !shown.contains('\u{202e}'),
+            "{shown:?}"
+        );
+        assert!(shown.contains("a\\u{a}b"), "{shown}");
+        assert!(
+            shown.contains("\\u{1b}[31mRED\\u{d}\\u{202e}evil"),
+            "{shown}"
+        );
+        assert_eq!(
+            shown.lines().count(),
+            1 + errors.len(),
+            "one line per error: {shown}"
+        );
+    }
+
+    /// A file cut inside a value: the parser's message is empty; ours says what happened.
+    #[test]
+    fn a_file_cut_short_is_named_as_such() {
+        let errors = Config::parse("[suppress]\nwindow_ms = ", Path::new("/etc")).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert_eq!((errors[0].line, errors[0].column), (2, 13));
+        assert!(errors[0].message.contains("cut short"), "{:?}", errors[0]);
     }
 
     /// A file that is mostly errors: the first 200 listed, the rest counted; a huge key shown

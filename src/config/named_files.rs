@@ -7,23 +7,50 @@
 use super::{read_named_text, read_small_file, Config, Sink, NAMED_FILE_MAX_BYTES};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// A PEM parser's error in words (its own `Display` shows the offending bytes as numbers).
+fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { end_marker } => format!(
+            "a PEM section is not closed (no \"-----END {}-----\" line: is the file cut short?)",
+            String::from_utf8_lossy(end_marker).trim()
+        ),
+        E::IllegalSectionStart { line } => format!(
+            "a PEM section starts with a damaged line \"{}\"",
+            String::from_utf8_lossy(line).escape_debug()
+        ),
+        E::Base64Decode(e) => format!("a PEM section's base64 text is damaged ({e})"),
+        other => other.to_string(),
+    }
+}
 
 /// The certificates of the PEM file at `path` (a CA bundle, a client certificate chain), in
-/// file order.
+/// file order, each checked to be an X.509 certificate (parsed as rustls parses one it is to
+/// trust).
 ///
 /// Errors, as a message naming the config key `key` and the path: the file cannot be read, a
-/// PEM section is malformed, or it holds no `CERTIFICATE` section at all.
+/// PEM section is malformed, it holds no `CERTIFICATE` section at all, or a section's content
+/// is not an X.509 certificate.
 pub fn pem_certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let bytes = read_small_file(path, NAMED_FILE_MAX_BYTES)
         .map_err(|e| format!("cannot read {key} {}: {e}", path.display()))?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{key} {} is not a valid PEM file: {e}", path.display()))?;
+        .map_err(|e| format!("{key} {}: {}", path.display(), pem_error(&e)))?;
     if certs.is_empty() {
         return Err(format!(
             "{key} {} holds no PEM certificate (no BEGIN CERTIFICATE section)",
             path.display()
+        ));
+    }
+    let (_, damaged) = rustls::RootCertStore::empty().add_parsable_certificates(certs.clone());
+    if damaged > 0 {
+        return Err(format!(
+            "{key} {}: {damaged} of its {} certificate(s) are not valid X.509 certificates (a damaged or mistaken file?)",
+            path.display(),
+            certs.len()
         ));
     }
     Ok(certs)
@@ -31,18 +58,46 @@ pub fn pem_certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'st
 
 /// The first private key (PKCS#8, PKCS#1 or SEC1) of the PEM file at `path`.
 ///
-/// Errors, as a message naming `key` and the path: the file cannot be read or holds no key.
+/// Errors, as a message naming `key` and the path: the file cannot be read, a PEM section is
+/// malformed, or it holds no key.
 pub fn pem_private_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     let bytes = read_small_file(path, NAMED_FILE_MAX_BYTES)
         .map_err(|e| format!("cannot read {key} {}: {e}", path.display()))?;
-    PrivateKeyDer::from_pem_slice(&bytes)
-        .map_err(|e| format!("{key} {} holds no PEM private key: {e}", path.display()))
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => format!(
+            "{key} {} holds no PEM private key (no BEGIN PRIVATE KEY section)",
+            path.display()
+        ),
+        e => format!("{key} {}: {}", path.display(), pem_error(&e)),
+    })
+}
+
+/// The bearer token in the file at `path` (the upstream's `token_file`; trimmed, as every
+/// secret file), as the forwarder sends it: `Authorization: Bearer <token>`.
+///
+/// Errors, as a message naming the key and the path: the file cannot be read, is empty, or
+/// holds what an HTTP header cannot carry (a second line, a control character).
+pub fn bearer_token(path: &Path) -> Result<String, String> {
+    let text = read_named_text(path)
+        .map_err(|e| format!("cannot read token_file {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("token_file {} is empty", path.display()));
+    }
+    if reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).is_err() {
+        return Err(format!(
+            "token_file {} holds characters an HTTP header cannot carry (a second line, a control character): put the token alone on one line",
+            path.display()
+        ));
+    }
+    Ok(token.to_string())
 }
 
 /// A `credential:NAME` outside the service: `$CREDENTIALS_DIRECTORY` is set only inside it, so
-/// such a file cannot be checked from a shell.
+/// such a file cannot be checked from a shell (inside, `credential:` names a real path).
 fn unresolved_credential(path: &Path) -> bool {
-    path.starts_with("$CREDENTIALS_DIRECTORY")
+    std::env::var_os("CREDENTIALS_DIRECTORY").is_none()
+        && path.starts_with("$CREDENTIALS_DIRECTORY")
 }
 
 fn secret(key: &str, path: &Path) -> Result<(), String> {
@@ -54,28 +109,55 @@ fn secret(key: &str, path: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot read {key} {}: {e}", path.display()))
 }
 
-fn certificates(key: &str, path: &Option<std::path::PathBuf>) -> Result<(), String> {
+fn certificates(key: &str, path: &Option<PathBuf>) -> Result<(), String> {
     match path {
-        Some(p) if !unresolved_credential(p) => pem_certificates(key, p).map(drop),
-        _ => Ok(()),
+        Some(p) => pem_certificates(key, p).map(drop),
+        None => Ok(()),
     }
 }
 
-fn private_key(key: &str, path: &Option<std::path::PathBuf>) -> Result<(), String> {
-    match path {
-        Some(p) if !unresolved_credential(p) => pem_private_key(key, p).map(drop),
-        _ => Ok(()),
+/// A client certificate and its key: each readable, and the key the certificate's own (as
+/// rustls checks it when a connection's TLS settings are made). One message per problem.
+fn client_pair(cert: &Option<PathBuf>, key: &Option<PathBuf>) -> Vec<String> {
+    let certs = cert
+        .as_ref()
+        .map(|c| pem_certificates("client_cert_file", c));
+    let private = key.as_ref().map(|k| pem_private_key("client_key_file", k));
+    match (certs, private) {
+        (Some(Ok(certs)), Some(Ok(private))) => {
+            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+            let paired = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    b.with_root_certificates(rustls::RootCertStore::empty())
+                        .with_client_auth_cert(certs, private)
+                        .map_err(|e| e.to_string())
+                });
+            match paired {
+                Ok(_) => Vec::new(),
+                Err(e) => vec![format!(
+                    "client_key_file is not the key of client_cert_file ({e}): give one certificate's own pair"
+                )],
+            }
+        }
+        (c, k) => c
+            .and_then(Result::err)
+            .into_iter()
+            .chain(k.and_then(Result::err))
+            .collect(),
     }
 }
 
 /// Every file named by `cfg` that cannot be used, one message each, prefixed with where its
-/// key is (`upstream.ca_file: …`, `source "dock": password_file: …`). Checked: the upstream's
-/// `token_file` and `ca_file`, a Redis sink's `password_file`, `client_cert_file` and
-/// `client_key_file`, and each MQTT source's `password_file`, `ca_file`, `client_cert_file` and
-/// `client_key_file`. Certificates must hold at least one PEM certificate, keys a PEM private
-/// key, secrets must be readable text. `credential:NAME` files are checked only where
-/// `$CREDENTIALS_DIRECTORY` is set (inside the service). The admin token is checked by the
-/// admin module, which owns its rules. Empty: all usable.
+/// key is (`upstream: cannot read ca_file …`, `source "dock": client_key_file …`). Checked:
+/// the upstream's `token_file` (non-empty, one header line) and `ca_file`, a Redis sink's
+/// `password_file`, `client_cert_file` and `client_key_file`, and each MQTT source's
+/// `password_file`, `ca_file`, `client_cert_file` and `client_key_file`. Certificates must be
+/// PEM X.509 certificates, a client key the private key of its certificate, secrets readable
+/// text. `credential:NAME` secrets are checked only where `$CREDENTIALS_DIRECTORY` is set
+/// (inside the service). The admin token is checked by the admin module, which owns its
+/// rules. Empty: all usable.
 pub fn check_named_files(cfg: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     let up = &cfg.upstream;
@@ -85,21 +167,18 @@ pub fn check_named_files(cfg: &Config) -> Vec<String> {
         }
     };
     if let Some(t) = &up.token_file {
-        check("upstream", secret("token_file", t));
+        if !unresolved_credential(t) {
+            check("upstream", bearer_token(t).map(drop));
+        }
     }
     check("upstream", certificates("ca_file", &up.ca_file));
     if let Sink::RedisStreams(r) = &up.sink {
         if let Some(p) = &r.password_file {
             check("upstream", secret("password_file", p));
         }
-        check(
-            "upstream",
-            certificates("client_cert_file", &r.client_cert_file),
-        );
-        check(
-            "upstream",
-            private_key("client_key_file", &r.client_key_file),
-        );
+        for e in client_pair(&r.client_cert_file, &r.client_key_file) {
+            check("upstream", Err(e));
+        }
     }
     for s in &cfg.sources {
         let place = format!("source \"{}\"", s.name);
@@ -108,11 +187,9 @@ pub fn check_named_files(cfg: &Config) -> Vec<String> {
                 check(&place, secret("password_file", p));
             }
             check(&place, certificates("ca_file", &m.ca_file));
-            check(
-                &place,
-                certificates("client_cert_file", &m.client_cert_file),
-            );
-            check(&place, private_key("client_key_file", &m.client_key_file));
+            for e in client_pair(&m.client_cert_file, &m.client_key_file) {
+                check(&place, Err(e));
+            }
         }
     }
     problems

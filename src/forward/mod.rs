@@ -432,7 +432,13 @@ fn request_error(e: &reqwest::Error) -> Outcome {
 }
 
 fn read_token(path: &std::path::Path) -> Option<String> {
-    read_secret(path, "the upstream token file", "sending without a token")
+    match crate::config::bearer_token(path) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "Cannot use the upstream token file; sending without a token");
+            None
+        }
+    }
 }
 
 /// The content of a secret file (a token, a password), trimmed like every secret file

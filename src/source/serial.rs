@@ -124,6 +124,9 @@ struct Handover<'a> {
     in_frame: bool,
     /// Dropping the rest of a frame whose first read was dropped.
     dropping: bool,
+    /// Reads dropped since the last ERROR said so, and that ERROR's pace.
+    dropped_since: u64,
+    drop_log: crate::metrics::LogThrottle,
 }
 
 impl<'a> Handover<'a> {
@@ -136,6 +139,8 @@ impl<'a> Handover<'a> {
             closed: false,
             in_frame: false,
             dropping: false,
+            dropped_since: 0,
+            drop_log: crate::metrics::LogThrottle::new(Duration::from_secs(10)),
         }
     }
 
@@ -150,7 +155,7 @@ impl<'a> Handover<'a> {
         // ingest stage waiting for the rest of it.
         if self.dropping {
             self.dropping = more;
-            self.feed.metrics.count_drop("pipeline_full", 1);
+            self.dropped();
             return;
         }
         let in_frame = std::mem::replace(&mut self.in_frame, more);
@@ -166,11 +171,21 @@ impl<'a> Handover<'a> {
         } else if self.held_bytes >= HOLD_MAX && !in_frame {
             self.in_frame = false;
             self.dropping = more;
-            self.feed.metrics.count_drop("pipeline_full", 1);
+            self.dropped();
         } else {
             // Within the bound, or the rest of a frame already partly handed over (at most
             // one frame beyond the bound).
             self.hold(r);
+        }
+    }
+
+    /// A read dropped because the pipeline stayed full past [`HOLD_MAX`]: counted, and said
+    /// (at most every 10 s, with how many since) since it is data lost.
+    fn dropped(&mut self) {
+        self.feed.metrics.count_drop("pipeline_full", 1);
+        self.dropped_since += 1;
+        if let Some(_held) = self.drop_log.allow() {
+            tracing::error!(source = %self.feed.name, reads = std::mem::take(&mut self.dropped_since), "Reads dropped: the pipeline stayed full (the spool cannot commit as fast as this port reads: a slow or full disk?); counted in scangate_dropped_total{{reason=\"pipeline_full\"}}");
         }
     }
 
