@@ -166,14 +166,17 @@ fn main() -> ExitCode {
             print!("{}", scangate::config::EXAMPLE);
             ExitCode::SUCCESS
         }
-        Cmd::Validate { config } => match load(&config) {
-            Ok(cfg) if !unusable_files(&cfg).is_empty() => {
-                for problem in unusable_files(&cfg) {
+        Cmd::Validate { config } => match load(&config).map(|cfg| {
+            let problems = unusable_files(&cfg);
+            (cfg, problems)
+        }) {
+            Ok((_, problems)) if !problems.is_empty() => {
+                for problem in problems {
                     eprintln!("{}: {problem}", config.display());
                 }
                 ExitCode::from(EXIT_CONFIG)
             }
-            Ok(cfg) => {
+            Ok((cfg, _)) => {
                 println!(
                     "{}: valid ({} source(s), upstream {})",
                     config.display(),

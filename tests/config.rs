@@ -1077,6 +1077,35 @@ fn files_the_config_names_are_read_bounded() {
     );
 }
 
+/// `validate` of a config (written to `cfg`) with an `mqtts://` source and an `https://`
+/// upstream naming these files (relative to the config's directory): its exit code and stderr.
+fn validate_tls(
+    cfg: &Path,
+    up_ca: &str,
+    token: &str,
+    mqtt_ca: &str,
+    key: &str,
+) -> (Option<i32>, String) {
+    let text = format!(
+        "[gateway]\nid = \"gw\"\nstate_dir = \"/tmp/x\"\n\
+         [[source]]\nname = \"dock\"\nkind = \"mqtt\"\nbroker = \"mqtts://broker:8883\"\n\
+         topics = [\"readers/+/events\"]\nprotocol = \"impinj-iot\"\n\
+         ca_file = \"{mqtt_ca}\"\nclient_cert_file = \"ca.pem\"\nclient_key_file = \"{key}\"\n\
+         [upstream]\nurl = \"https://ingest:8443\"\nprofile = \"bag-events\"\n\
+         ca_file = \"{up_ca}\"\ntoken_file = \"{token}\"\n"
+    );
+    std::fs::write(cfg, text).unwrap();
+    let out = bin()
+        .args(["validate", "--config"])
+        .arg(cfg)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Every file the config names is checked by `validate` (the unit's ExecStartPre and
 /// ExecReload), each problem on its own line naming its key: a CA bundle that is missing, not
 /// PEM, or a FIFO (refused at once, not waited on), an MQTT client key that is no key, an
@@ -1098,34 +1127,13 @@ fn validate_names_every_unusable_file_the_config_names() {
         .unwrap()
         .success());
     let cfg = p("gw.toml");
-    let write = |up_ca: &str, token: &str, mqtt_ca: &str, key: &str| {
-        let text = format!(
-            "[gateway]\nid = \"gw\"\nstate_dir = \"/tmp/x\"\n\
-             [[source]]\nname = \"dock\"\nkind = \"mqtt\"\nbroker = \"mqtts://broker:8883\"\n\
-             topics = [\"readers/+/events\"]\nprotocol = \"impinj-iot\"\n\
-             ca_file = \"{mqtt_ca}\"\nclient_cert_file = \"ca.pem\"\nclient_key_file = \"{key}\"\n\
-             [upstream]\nurl = \"https://ingest:8443\"\nprofile = \"bag-events\"\n\
-             ca_file = \"{up_ca}\"\ntoken_file = \"{token}\"\n"
-        );
-        std::fs::write(&cfg, text).unwrap();
+    let run = |up_ca: &str, token: &str, mqtt_ca: &str, key: &str| {
+        validate_tls(&cfg, up_ca, token, mqtt_ca, key)
     };
-    let run = || {
-        let out = bin()
-            .args(["validate", "--config"])
-            .arg(&cfg)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    write("ca.pem", "token", "ca.pem", "client.key");
-    let (code, err) = run();
+    let (code, err) = run("ca.pem", "token", "ca.pem", "client.key");
     assert_eq!(code, Some(0), "all usable: {err}");
 
-    write("missing.pem", "no-token", "ca.fifo", "ca.pem");
-    let (code, err) = run();
+    let (code, err) = run("missing.pem", "no-token", "ca.fifo", "ca.pem");
     assert_eq!(code, Some(78), "{err}");
     for expected in [
         "upstream: cannot read ca_file",
@@ -1139,8 +1147,7 @@ fn validate_names_every_unusable_file_the_config_names() {
     }
     assert_eq!(err.lines().count(), 4, "one line per file: {err}");
 
-    write("notes.txt", "token", "ca.pem", "client.key");
-    let (code, err) = run();
+    let (code, err) = run("notes.txt", "token", "ca.pem", "client.key");
     assert_eq!(code, Some(78), "{err}");
     assert!(
         err.contains("upstream: ca_file") && err.contains("holds no PEM certificate"),
@@ -1173,24 +1180,7 @@ fn validate_names_files_that_are_readable_but_unusable() {
     std::fs::write(p("good.token"), "t0ken\n").unwrap();
     let cfg = p("gw.toml");
     let run = |up_ca: &str, token: &str, mqtt_ca: &str, key: &str| {
-        let text = format!(
-            "[gateway]\nid = \"gw\"\nstate_dir = \"/tmp/x\"\n\
-             [[source]]\nname = \"dock\"\nkind = \"mqtt\"\nbroker = \"mqtts://broker:8883\"\n\
-             topics = [\"readers/+/events\"]\nprotocol = \"impinj-iot\"\n\
-             ca_file = \"{mqtt_ca}\"\nclient_cert_file = \"ca.pem\"\nclient_key_file = \"{key}\"\n\
-             [upstream]\nurl = \"https://ingest:8443\"\nprofile = \"bag-events\"\n\
-             ca_file = \"{up_ca}\"\ntoken_file = \"{token}\"\n"
-        );
-        std::fs::write(&cfg, text).unwrap();
-        let out = bin()
-            .args(["validate", "--config"])
-            .arg(&cfg)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        validate_tls(&cfg, up_ca, token, mqtt_ca, key)
     };
     let (code, err) = run("ca.pem", "good.token", "ca.pem", "client.key");
     assert_eq!(code, Some(0), "all usable: {err}");

@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 pub enum ForwardError {
     /// `ca_file` cannot be read or holds no PEM certificate (`config::pem_certificates`), or
     /// one of its certificates is not X.509 DER.
-    #[error("upstream.{0}")]
+    #[error("upstream: {0}")]
     Ca(String),
     #[error("cannot build the HTTP client: {0}")]
     Client(reqwest::Error),
