@@ -1191,7 +1191,7 @@ fn validate_names_files_that_are_readable_but_unusable() {
         "upstream: ca_file",
         "are not valid X.509 certificates",
         "upstream: token_file",
-        "an HTTP header cannot carry",
+        "holds a space or a second line",
         "source \"dock\": ca_file",
         "a PEM section is not closed (no \"-----END CERTIFICATE-----\" line",
         "source \"dock\": client_key_file is not the key of client_cert_file",
@@ -1206,4 +1206,28 @@ fn validate_names_files_that_are_readable_but_unusable() {
         err.contains("token_file") && err.contains("is empty"),
         "{err}"
     );
+    // "Bearer" written into the file (scangate adds it), and a control character.
+    for (name, text) in [
+        ("bearer.token", "Bearer t0ken\n"),
+        ("ctl.token", "t0\u{7}ken\n"),
+    ] {
+        std::fs::write(p(name), text).unwrap();
+        let (code, err) = run("ca.pem", name, "ca.pem", "client.key");
+        assert_eq!(code, Some(78), "{name}: {err}");
+        assert!(err.contains("token_file"), "{name}: {err}");
+    }
+    // An editor's byte-order mark and CRLF are not part of the token: accepted.
+    std::fs::write(p("bom.token"), "\u{feff}t0ken\r\n").unwrap();
+    let (code, err) = run("ca.pem", "bom.token", "ca.pem", "client.key");
+    assert_eq!(code, Some(0), "{err}");
+    // A path with a newline and an escape sequence is shown escaped, on one line.
+    let (code, err) = run(
+        "ca.pem",
+        "no\\nsuch\\u001b[31m.token",
+        "ca.pem",
+        "client.key",
+    );
+    assert_eq!(code, Some(78), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err:?}");
+    assert!(!err.contains('\u{1b}'), "{err:?}");
 }

@@ -859,8 +859,8 @@ async fn idle_admin_connections_are_bounded() {
 }
 
 /// From a review: reads dropped at the serial hand-off (the pipeline full past the 2 MiB the
-/// thread holds) were only counted. They are data lost: one ERROR says so, with how many,
-/// besides the counter. The ingest stage is wedged from the start (the dev build's fault
+/// thread holds) were only counted. They are data lost: an ERROR says so as it starts (and
+/// another with how many once reads get through again), besides the counter. The ingest stage is wedged from the start (the dev build's fault
 /// injection) so that the hand-off fills for certain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_dropped_at_a_full_hand_off_are_said_in_an_error() {
@@ -916,13 +916,13 @@ async fn reads_dropped_at_a_full_hand_off_are_said_in_an_error() {
     }
     wait_until("the drop said", T, || {
         d.log_text()
-            .contains("Reads dropped: the pipeline stayed full")
+            .contains("Reads are being dropped: the pipeline stays full")
     })
     .await;
     let text = d.log_text();
     let line = text
         .lines()
-        .find(|l| l.contains("Reads dropped"))
+        .find(|l| l.contains("Reads are being dropped"))
         .unwrap_or_default();
     assert!(
         line.contains("ERROR") && line.contains("source=belt"),

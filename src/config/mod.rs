@@ -649,10 +649,11 @@ impl ConfigError {
 }
 
 /// `s` with what a terminal or a log would act on shown escaped instead: control characters
-/// (a newline in a quoted key splits an error line, ESC starts a colour sequence) and the
-/// bidirectional formatting characters (which reorder the text around them), as `\u{…}`.
-fn printable(s: &str) -> String {
-    let bidi = |c: char| matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+/// (a newline in a quoted key splits an error line, ESC starts a colour sequence), the line
+/// and paragraph separators, and the bidirectional formatting characters (which reorder the
+/// text around them), as `\u{…}`.
+pub(crate) fn printable(s: &str) -> String {
+    let bidi = |c: char| matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
     if !s.chars().any(|c| c.is_control() || bidi(c)) {
         return s.to_string();
     }
@@ -752,15 +753,22 @@ impl Config {
             Ok(d) => d,
             Err(e) => {
                 let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-                let mut message = printable(e.message().trim());
-                if message.is_empty() {
-                    // The parser says nothing for a file that ends inside a key, value or table.
-                    message = if offset_at_end(text, e.span()) {
-                        "the file ends in the middle of a key, value or table header: is it cut short?".into()
+                // The parser's message may take several lines: one line here.
+                let said = printable(&e.message().trim().replace('\n', "; "));
+                let mut message = if offset_at_end(text, e.span()) {
+                    // A file that ends inside a key, a value or a table header (the parser
+                    // says nothing, or what it expected next).
+                    let cut = "the file ends in the middle of a key, value or table header: is it cut short?";
+                    if said.is_empty() {
+                        cut.to_string()
                     } else {
-                        "not valid TOML here".into()
-                    };
-                }
+                        format!("{cut} ({said})")
+                    }
+                } else if said.is_empty() {
+                    "not valid TOML here".into()
+                } else {
+                    said
+                };
                 if let Some(first) = first_of_duplicate(text, &message, line) {
                     message =
                         format!("{message}: first set at line {first}, again here (keep one)");
@@ -2552,6 +2560,31 @@ mod tests {
         assert_eq!(errors.len(), 1);
         assert_eq!((errors[0].line, errors[0].column), (2, 13));
         assert!(errors[0].message.contains("cut short"), "{:?}", errors[0]);
+        // However it is cut, with the newline an editor adds or not; the parser's own words
+        // (of several lines) on one line.
+        for end in [
+            "window_ms = \n",
+            "mode = \"aggr",
+            "x = [1, 2\n",
+            "x = { a = 1",
+            "x = \"\"\"abc\n",
+            "[suppr",
+            "window_",
+            "window_ms = 20_\n",
+        ] {
+            let errors =
+                Config::parse(&format!("[suppress]\n{end}"), Path::new("/etc")).unwrap_err();
+            assert!(
+                errors[0].message.contains("cut short"),
+                "{end:?}: {:?}",
+                errors[0]
+            );
+            assert!(
+                !errors[0].message.contains("\\u{a}"),
+                "{end:?}: {:?}",
+                errors[0]
+            );
+        }
     }
 
     /// A file that is mostly errors: the first 200 listed, the rest counted; a huge key shown

@@ -9,6 +9,11 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
 
+/// A path as messages show it: characters a terminal would act on escaped (see `printable`).
+fn shown(path: &Path) -> String {
+    super::printable(&path.display().to_string())
+}
+
 /// A PEM parser's error in words (its own `Display` shows the offending bytes as numbers).
 fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
     use rustls::pki_types::pem::Error as E;
@@ -35,21 +40,21 @@ fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
 /// is not an X.509 certificate.
 pub fn pem_certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let bytes = read_small_file(path, NAMED_FILE_MAX_BYTES)
-        .map_err(|e| format!("cannot read {key} {}: {e}", path.display()))?;
+        .map_err(|e| format!("cannot read {key} {}: {e}", shown(path)))?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{key} {}: {}", path.display(), pem_error(&e)))?;
+        .map_err(|e| format!("{key} {}: {}", shown(path), pem_error(&e)))?;
     if certs.is_empty() {
         return Err(format!(
             "{key} {} holds no PEM certificate (no BEGIN CERTIFICATE section)",
-            path.display()
+            shown(path)
         ));
     }
     let (_, damaged) = rustls::RootCertStore::empty().add_parsable_certificates(certs.clone());
     if damaged > 0 {
         return Err(format!(
             "{key} {}: {damaged} of its {} certificate(s) are not valid X.509 certificates (a damaged or mistaken file?)",
-            path.display(),
+            shown(path),
             certs.len()
         ));
     }
@@ -62,13 +67,13 @@ pub fn pem_certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'st
 /// malformed, or it holds no key.
 pub fn pem_private_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     let bytes = read_small_file(path, NAMED_FILE_MAX_BYTES)
-        .map_err(|e| format!("cannot read {key} {}: {e}", path.display()))?;
+        .map_err(|e| format!("cannot read {key} {}: {e}", shown(path)))?;
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| match e {
         rustls::pki_types::pem::Error::NoItemsFound => format!(
             "{key} {} holds no PEM private key (no BEGIN PRIVATE KEY section)",
-            path.display()
+            shown(path)
         ),
-        e => format!("{key} {}: {}", path.display(), pem_error(&e)),
+        e => format!("{key} {}: {}", shown(path), pem_error(&e)),
     })
 }
 
@@ -79,15 +84,22 @@ pub fn pem_private_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>,
 /// holds what an HTTP header cannot carry (a second line, a control character).
 pub fn bearer_token(path: &Path) -> Result<String, String> {
     let text = read_named_text(path)
-        .map_err(|e| format!("cannot read token_file {}: {e}", path.display()))?;
-    let token = text.trim();
+        .map_err(|e| format!("cannot read token_file {}: {e}", shown(path)))?;
+    // An editor's byte-order mark and newline are not part of the token.
+    let token = text.trim_start_matches('\u{feff}').trim();
     if token.is_empty() {
-        return Err(format!("token_file {} is empty", path.display()));
+        return Err(format!("token_file {} is empty", shown(path)));
+    }
+    if token.contains(char::is_whitespace) {
+        return Err(format!(
+            "token_file {} holds a space or a second line: put the token alone, without \"Bearer \" (scangate adds it)",
+            shown(path)
+        ));
     }
     if reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).is_err() {
         return Err(format!(
             "token_file {} holds characters an HTTP header cannot carry (a second line, a control character): put the token alone on one line",
-            path.display()
+            shown(path)
         ));
     }
     Ok(token.to_string())
@@ -106,7 +118,7 @@ fn secret(key: &str, path: &Path) -> Result<(), String> {
     }
     read_named_text(path)
         .map(drop)
-        .map_err(|e| format!("cannot read {key} {}: {e}", path.display()))
+        .map_err(|e| format!("cannot read {key} {}: {e}", shown(path)))
 }
 
 fn certificates(key: &str, path: &Option<PathBuf>) -> Result<(), String> {
@@ -136,8 +148,11 @@ fn client_pair(cert: &Option<PathBuf>, key: &Option<PathBuf>) -> Vec<String> {
                 });
             match paired {
                 Ok(_) => Vec::new(),
-                Err(e) => vec![format!(
+                Err(e) if e.contains("KeyMismatch") => vec![format!(
                     "client_key_file is not the key of client_cert_file ({e}): give one certificate's own pair"
+                )],
+                Err(e) => vec![format!(
+                    "client_key_file cannot be used ({e}): a key of a kind TLS here does not take (RSA, ECDSA P-256/P-384 and Ed25519 are taken)?"
                 )],
             }
         }

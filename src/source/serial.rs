@@ -124,9 +124,12 @@ struct Handover<'a> {
     in_frame: bool,
     /// Dropping the rest of a frame whose first read was dropped.
     dropping: bool,
-    /// Reads dropped since the last ERROR said so, and that ERROR's pace.
+    /// Reads dropped since reads last got through, whether that was said yet, and the pace of
+    /// saying it.
     dropped_since: u64,
+    drops_said: bool,
     drop_log: crate::metrics::LogThrottle,
+    drop_end_log: crate::metrics::LogThrottle,
 }
 
 impl<'a> Handover<'a> {
@@ -140,7 +143,9 @@ impl<'a> Handover<'a> {
             in_frame: false,
             dropping: false,
             dropped_since: 0,
+            drops_said: false,
             drop_log: crate::metrics::LogThrottle::new(Duration::from_secs(10)),
+            drop_end_log: crate::metrics::LogThrottle::new(Duration::from_secs(10)),
         }
     }
 
@@ -161,7 +166,12 @@ impl<'a> Handover<'a> {
         let in_frame = std::mem::replace(&mut self.in_frame, more);
         if self.held.is_empty() {
             match self.feed.try_put(r) {
-                Ok(()) => self.last_sent = pos,
+                Ok(()) => {
+                    self.last_sent = pos;
+                    if self.dropped_since > 0 {
+                        self.drops_ended(false);
+                    }
+                }
                 Err(TrySendError::Closed(_)) => self.closed = true,
                 Err(TrySendError::Full(r)) => {
                     self.feed.wake.notify_one();
@@ -179,13 +189,25 @@ impl<'a> Handover<'a> {
         }
     }
 
-    /// A read dropped because the pipeline stayed full past [`HOLD_MAX`]: counted, and said
-    /// (at most every 10 s, with how many since) since it is data lost.
+    /// A read dropped because the pipeline stayed full past [`HOLD_MAX`]: counted, and, since
+    /// it is data lost, said: once as the dropping starts (at most every 10 s), and with how
+    /// many were dropped once a read gets through again ([`Handover::drops_ended`]).
     fn dropped(&mut self) {
         self.feed.metrics.count_drop("pipeline_full", 1);
         self.dropped_since += 1;
-        if let Some(_held) = self.drop_log.allow() {
-            tracing::error!(source = %self.feed.name, reads = std::mem::take(&mut self.dropped_since), "Reads dropped: the pipeline stayed full (the spool cannot commit as fast as this port reads: a slow or full disk?); counted in scangate_dropped_total{{reason=\"pipeline_full\"}}");
+        if !self.drops_said && self.drop_log.allow().is_some() {
+            self.drops_said = true;
+            tracing::error!(source = %self.feed.name, "Reads are being dropped: the pipeline stays full (the spool cannot commit as fast as this port reads: a slow or full disk?); counted in scangate_dropped_total{{reason=\"pipeline_full\"}}");
+        }
+    }
+
+    /// Reads get through again: how many were dropped since it was last said, if any (at most
+    /// every 10 s; the count goes on meanwhile). `last`: the run ends, said now.
+    fn drops_ended(&mut self, last: bool) {
+        if self.dropped_since > 0 && (last || self.drop_end_log.allow().is_some()) {
+            tracing::error!(source = %self.feed.name, reads = self.dropped_since, "Reads were dropped while the pipeline was full (data lost; counted in scangate_dropped_total{{reason=\"pipeline_full\"}})");
+            self.dropped_since = 0;
+            self.drops_said = false;
         }
     }
 
@@ -204,6 +226,9 @@ impl<'a> Handover<'a> {
             match self.feed.try_put(r) {
                 Ok(()) => {
                     self.last_sent = pos;
+                    if self.dropped_since > 0 {
+                        self.drops_ended(false);
+                    }
                     self.held_bytes -= size;
                 }
                 Err(TrySendError::Full(r)) => {
@@ -238,6 +263,7 @@ impl<'a> Handover<'a> {
                 self.held.clear();
             }
         }
+        self.drops_ended(true);
         // A run started again (a reload) waits until all of this is committed, so that it
         // does not take these reads from the port journal a second time.
         if let Some((_, marks)) = &self.feed.journal {
